@@ -1,0 +1,3 @@
+from serrinj.cli import main
+
+main()

@@ -1,0 +1,267 @@
+"""Typed wrappers around the libc calls serrinj needs.
+
+This package is the only code that touches cffi. Every wrapper takes and
+returns plain Python values, and raises ``OSError`` (with ``errno`` set) when
+the call fails. Policy (what an EPERM *means*) lives in the layers above.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Optional, Tuple, Union
+
+from serrinj._native._ffi import ffi, libc
+
+__all__ = [
+    "MAP_ANONYMOUS",
+    "address_of",
+    "MAP_PRIVATE",
+    "MAP_SHARED",
+    "PROT_EXEC",
+    "PROT_READ",
+    "PROT_WRITE",
+    "Memory",
+    "ioctl_buf",
+    "ioctl_int",
+    "kcmp_file",
+    "mmap",
+    "pidfd_getfd",
+    "pidfd_open",
+    "prctl_set_name",
+    "process_vm_read",
+    "process_vm_write",
+    "ptrace",
+    "ptrace_buf",
+    "ptrace_iovec",
+    "seccomp_install_filter",
+    "waitpid",
+]
+
+# Syscall numbers that libc does not wrap (or wraps only in newer glibc).
+# pidfd_open/pidfd_getfd use the unified numbering shared by every arch.
+_SYSCALLS = {
+    "x86_64": {"ptrace": 101, "kcmp": 312, "pidfd_open": 434, "pidfd_getfd": 438},
+    "aarch64": {"ptrace": 117, "kcmp": 272, "pidfd_open": 434, "pidfd_getfd": 438},
+}
+try:
+    _NR = _SYSCALLS[platform.machine()]
+except KeyError:  # pragma: no cover - only x86_64 and aarch64 hosts are supported
+    _NR = _SYSCALLS["x86_64"]
+
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+PROT_EXEC = 0x4
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+_MAP_FAILED = (1 << 64) - 1
+
+_KCMP_FILE = 0
+_PR_SET_NAME = 15
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+def _raise(what: str) -> None:
+    err = ffi.errno
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _long(value: int) -> object:
+    return ffi.cast("long", value)
+
+
+def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
+    """``ioctl(fd, request, arg)`` with an integer argument; returns the result."""
+    ret = libc.ioctl(fd, ffi.cast("unsigned long", request), _long(arg))
+    if ret < 0:
+        _raise(f"ioctl({fd}, {request:#x})")
+    return int(ret)
+
+
+def ioctl_buf(fd: int, request: int, buf: bytearray) -> int:
+    """``ioctl(fd, request, &buf)``; ``buf`` is updated in place with what the kernel wrote."""
+    cbuf = ffi.from_buffer(buf)
+    ret = libc.ioctl(fd, ffi.cast("unsigned long", request), ffi.cast("void *", cbuf))
+    if ret < 0:
+        _raise(f"ioctl({fd}, {request:#x})")
+    return int(ret)
+
+
+def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    """The raw ptrace syscall (not glibc's PEEK-rewriting wrapper)."""
+    ret = libc.syscall(_long(_NR["ptrace"]), _long(request), _long(tid), _long(addr), _long(data))
+    if ret < 0:
+        _raise(f"ptrace({request:#x}, {tid})")
+    return int(ret)
+
+
+def ptrace_buf(request: int, tid: int, addr: int, buf: bytearray) -> int:
+    """ptrace with ``data`` pointing at ``buf`` (kept alive for the call)."""
+    cbuf = ffi.from_buffer(buf)
+    return ptrace(request, tid, addr, int(ffi.cast("uintptr_t", cbuf)))
+
+
+def ptrace_iovec(request: int, tid: int, note: int, buf: bytearray) -> int:
+    """PTRACE_GETREGSET/SETREGSET: ``data`` is a ``struct iovec`` over ``buf``.
+
+    Returns the length the kernel left in ``iov_len`` (bytes transferred).
+    """
+    cbuf = ffi.from_buffer(buf)
+    iov = ffi.new("struct iovec *")
+    iov.iov_base = ffi.cast("void *", cbuf)
+    iov.iov_len = len(buf)
+    ptrace(request, tid, note, int(ffi.cast("uintptr_t", iov)))
+    return int(iov.iov_len)
+
+
+def waitpid(pid: int, options: int) -> Tuple[int, int]:
+    """``waitpid``; returns ``(pid, status)``. EINTR is retried."""
+    status = ffi.new("int *")
+    while True:
+        ret = libc.waitpid(pid, status, options)
+        if ret >= 0:
+            return int(ret), int(status[0])
+        if ffi.errno != 4:  # EINTR
+            _raise(f"waitpid({pid})")
+
+
+def _vm_io(pid: int, addr: int, buf: bytearray, write: bool) -> int:
+    cbuf = ffi.from_buffer(buf)
+    local = ffi.new("struct iovec *")
+    local.iov_base = ffi.cast("void *", cbuf)
+    local.iov_len = len(buf)
+    remote = ffi.new("struct iovec *")
+    remote.iov_base = ffi.cast("void *", addr)
+    remote.iov_len = len(buf)
+    fn = libc.process_vm_writev if write else libc.process_vm_readv
+    ret = fn(pid, local, 1, remote, 1, 0)
+    if ret < 0:
+        _raise(f"process_vm_{'writev' if write else 'readv'}({pid}, {addr:#x}, {len(buf)})")
+    return int(ret)
+
+
+def process_vm_read(pid: int, addr: int, size: int) -> bytes:
+    """Read ``size`` bytes at ``addr`` of process ``pid``. A short read raises EFAULT."""
+    buf = bytearray(size)
+    got = _vm_io(pid, addr, buf, write=False)
+    if got != size:
+        raise OSError(14, f"process_vm_readv({pid}, {addr:#x}): short read {got}/{size}")
+    return bytes(buf)
+
+
+def process_vm_write(pid: int, addr: int, data: bytes) -> None:
+    """Write ``data`` at ``addr`` of process ``pid``. A short write raises EFAULT."""
+    buf = bytearray(data)
+    put = _vm_io(pid, addr, buf, write=True)
+    if put != len(data):
+        raise OSError(14, f"process_vm_writev({pid}, {addr:#x}): short write {put}/{len(data)}")
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd that pins ``pid`` (detects pid reuse)."""
+    ret = libc.syscall(_long(_NR["pidfd_open"]), _long(pid), _long(0))
+    if ret < 0:
+        _raise(f"pidfd_open({pid})")
+    return int(ret)
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """Duplicate the target's fd ``targetfd`` into this process."""
+    ret = libc.syscall(_long(_NR["pidfd_getfd"]), _long(pidfd), _long(targetfd), _long(0))
+    if ret < 0:
+        _raise(f"pidfd_getfd({pidfd}, {targetfd})")
+    return int(ret)
+
+
+def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> int:
+    """``kcmp(KCMP_FILE)``: 0 when both fds refer to the same open file."""
+    ret = libc.syscall(
+        _long(_NR["kcmp"]), _long(pid1), _long(pid2), _long(_KCMP_FILE), _long(fd1), _long(fd2)
+    )
+    if ret < 0:
+        _raise(f"kcmp({pid1}:{fd1}, {pid2}:{fd2})")
+    return int(ret)
+
+
+def prctl_set_name(name: str) -> None:
+    """Name the calling thread (what /proc/PID/task/TID/comm shows, 15 bytes max)."""
+    raw = name.encode()[:15]
+    cname = ffi.new("char[]", raw)
+    if libc.prctl(_long(_PR_SET_NAME), ffi.cast("char *", cname), _long(0), _long(0), _long(0)) < 0:
+        _raise("prctl(PR_SET_NAME)")
+
+
+def seccomp_install_filter(program: bytes) -> None:
+    """Install a classic-BPF seccomp filter on the calling thread only.
+
+    ``program`` is a packed array of ``struct sock_filter`` (8 bytes each).
+    Sets no_new_privs first, as an unprivileged caller needs.
+    """
+    if len(program) % 8:
+        raise ValueError("a BPF program is a whole number of 8-byte instructions")
+    if libc.prctl(_long(_PR_SET_NO_NEW_PRIVS), _long(1), _long(0), _long(0), _long(0)) < 0:
+        _raise("prctl(PR_SET_NO_NEW_PRIVS)")
+    insns = ffi.new("struct sock_filter[]", len(program) // 8)
+    ffi.memmove(insns, program, len(program))
+    prog = ffi.new("struct sock_fprog *")
+    prog.len = len(program) // 8
+    prog.filter = insns
+    ret = libc.prctl(
+        _long(_PR_SET_SECCOMP),
+        _long(_SECCOMP_MODE_FILTER),
+        ffi.cast("struct sock_fprog *", prog),
+        _long(0),
+        _long(0),
+    )
+    if ret < 0:
+        _raise("prctl(PR_SET_SECCOMP)")
+
+
+class Memory:
+    """An mmap'd region with a stable address and a writable buffer view.
+
+    Used by the built-in test VM for guest RAM and for the vCPU's
+    ``kvm_run`` page. ``fd=-1`` maps anonymous memory.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        fd: int = -1,
+        prot: int = PROT_READ | PROT_WRITE,
+        flags: Optional[int] = None,
+    ) -> None:
+        if flags is None:
+            flags = MAP_SHARED if fd >= 0 else MAP_PRIVATE | MAP_ANONYMOUS
+        ptr = libc.mmap(ffi.NULL, size, prot, flags, fd, 0)
+        if int(ffi.cast("uintptr_t", ptr)) == _MAP_FAILED:
+            _raise(f"mmap({size}, fd={fd})")
+        self._ptr = ptr
+        self.size = size
+        self.address = int(ffi.cast("uintptr_t", ptr))
+        self.view = memoryview(ffi.buffer(ptr, size))  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            self.view.release()
+            libc.munmap(self._ptr, self.size)
+            self._ptr = None
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def mmap(size: int, fd: int = -1) -> Memory:
+    """Map ``size`` bytes (anonymous, or shared from ``fd``)."""
+    return Memory(size, fd)
+
+
+def address_of(buf: Union[bytearray, memoryview]) -> int:
+    """The address of a writable Python buffer (valid while ``buf`` is alive and not resized)."""
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))

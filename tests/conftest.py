@@ -1,0 +1,72 @@
+"""Shared pytest configuration: resource markers that fail, not skip, in CI.
+
+A test marked ``kvm``, ``root``, ``qemu`` or ``cross`` needs that resource.
+Outside CI a missing resource skips the test with a reason that says how to
+enable it. With ``CI=true`` (set by ``.ci/run``) or ``SERRINJ_REQUIRE_ALL=1``
+a missing resource is a test failure: CI must never pass by skipping the
+real-KVM tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Dict, Optional
+
+import pytest
+
+
+def _strict() -> bool:
+    return os.environ.get("CI") == "true" or os.environ.get("SERRINJ_REQUIRE_ALL") == "1"
+
+
+def _kvm_missing() -> Optional[str]:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        return f"/dev/kvm is not usable ({err.strerror}); run on a host with KVM"
+    os.close(fd)
+    return None
+
+
+def _root_missing() -> Optional[str]:
+    if os.geteuid() != 0:
+        return "needs root (ptrace of another uid's VMM, seccomp filter reads); run as root"
+    return None
+
+
+def _qemu_missing() -> Optional[str]:
+    if not shutil.which("qemu-system-x86_64"):
+        return "qemu-system-x86_64 is not installed; run `make deps`"
+    return None
+
+
+def _cross_missing() -> Optional[str]:
+    if not shutil.which("aarch64-linux-gnu-gcc"):
+        return "the arm64 cross toolchain is not installed; run `make deps`"
+    if not os.path.exists("/usr/aarch64-linux-gnu/include/linux/kvm.h"):
+        return "linux-libc-dev-arm64-cross is not installed; run `make deps`"
+    return None
+
+
+_RESOURCES: Dict[str, Callable[[], Optional[str]]] = {
+    "kvm": _kvm_missing,
+    "root": _root_missing,
+    "qemu": _qemu_missing,
+    "cross": _cross_missing,
+}
+_cache: Dict[str, Optional[str]] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for name, probe in _RESOURCES.items():
+        if item.get_closest_marker(name) is None:
+            continue
+        if name not in _cache:
+            _cache[name] = probe()
+        reason = _cache[name]
+        if reason is None:
+            continue
+        if _strict():
+            pytest.fail(f"required resource '{name}' is missing in CI: {reason}", pytrace=False)
+        pytest.skip(f"{reason} (CI=true makes this a failure)")
