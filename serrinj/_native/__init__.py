@@ -15,13 +15,13 @@ from serrinj._native._ffi import ffi, libc
 
 __all__ = [
     "MAP_ANONYMOUS",
-    "address_of",
     "MAP_PRIVATE",
     "MAP_SHARED",
     "PROT_EXEC",
     "PROT_READ",
     "PROT_WRITE",
     "Memory",
+    "address_of",
     "ioctl_buf",
     "ioctl_int",
     "kcmp_file",
@@ -35,14 +35,15 @@ __all__ = [
     "ptrace_buf",
     "ptrace_iovec",
     "seccomp_install_filter",
+    "tgkill",
     "waitpid",
 ]
 
 # Syscall numbers that libc does not wrap (or wraps only in newer glibc).
 # pidfd_open/pidfd_getfd use the unified numbering shared by every arch.
 _SYSCALLS = {
-    "x86_64": {"ptrace": 101, "kcmp": 312, "pidfd_open": 434, "pidfd_getfd": 438},
-    "aarch64": {"ptrace": 117, "kcmp": 272, "pidfd_open": 434, "pidfd_getfd": 438},
+    "x86_64": {"ptrace": 101, "kcmp": 312, "tgkill": 234, "pidfd_open": 434, "pidfd_getfd": 438},
+    "aarch64": {"ptrace": 117, "kcmp": 272, "tgkill": 131, "pidfd_open": 434, "pidfd_getfd": 438},
 }
 try:
     _NR = _SYSCALLS[platform.machine()]
@@ -184,6 +185,13 @@ def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> int:
     if ret < 0:
         _raise(f"kcmp({pid1}:{fd1}, {pid2}:{fd2})")
     return int(ret)
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to thread ``tid`` of thread group ``tgid``."""
+    ret = libc.syscall(_long(_NR["tgkill"]), _long(tgid), _long(tid), _long(sig))
+    if ret < 0:
+        _raise(f"tgkill({tgid}, {tid}, {sig})")
 
 
 def prctl_set_name(name: str) -> None:

@@ -1,0 +1,211 @@
+"""Typed readers for the /proc files serrinj uses.
+
+Every reader raises ``ProcessLookupError`` when the process or thread is gone
+(the entry vanished between listing and reading, which is normal on a live
+host), and ``PermissionError`` when it may not be read. Callers decide what
+that means.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+PROC = "/proc"
+
+#: task_struct->flags bit for kernel threads (include/linux/sched.h)
+PF_KTHREAD = 0x00200000
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except FileNotFoundError as err:
+        raise ProcessLookupError(errno.ESRCH, f"{path} vanished") from err
+    except OSError as err:
+        if err.errno in (errno.ESRCH, errno.ENOENT):
+            raise ProcessLookupError(errno.ESRCH, f"{path} vanished") from err
+        raise
+
+
+def _task(pid: int, tid: Optional[int]) -> str:
+    return f"{PROC}/{pid}" if tid is None else f"{PROC}/{pid}/task/{tid}"
+
+
+def pids() -> List[int]:
+    """Every pid currently listed in /proc."""
+    return sorted(int(n) for n in os.listdir(PROC) if n.isdigit())
+
+
+def tids(pid: int) -> List[int]:
+    try:
+        return sorted(int(n) for n in os.listdir(f"{PROC}/{pid}/task"))
+    except FileNotFoundError as err:
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} vanished") from err
+
+
+def comm(pid: int, tid: Optional[int] = None) -> str:
+    return _read(f"{_task(pid, tid)}/comm").rstrip("\n")
+
+
+def cmdline(pid: int) -> List[str]:
+    raw = _read(f"{PROC}/{pid}/cmdline")
+    return [a for a in raw.split("\0") if a] if raw else []
+
+
+def exe(pid: int) -> Optional[str]:
+    try:
+        return os.readlink(f"{PROC}/{pid}/exe")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Stat:
+    """The fields of /proc/PID[/task/TID]/stat serrinj needs."""
+
+    state: str
+    flags: int
+    starttime: int
+
+    @property
+    def kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+def stat(pid: int, tid: Optional[int] = None) -> Stat:
+    raw = _read(f"{_task(pid, tid)}/stat")
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    rest = raw[raw.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); flags is field 9, starttime field 22.
+    return Stat(state=rest[0], flags=int(rest[6]), starttime=int(rest[19]))
+
+
+def status(pid: int, tid: Optional[int] = None) -> Dict[str, str]:
+    """/proc/.../status as a key -> value dict."""
+    out: Dict[str, str] = {}
+    for line in _read(f"{_task(pid, tid)}/status").splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class TaskSecurity:
+    """Ptrace- and seccomp-relevant facts of a thread."""
+
+    tracer_pid: int
+    uid: Tuple[int, int, int, int]
+    seccomp_mode: int
+    seccomp_filters: int
+
+
+def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
+    st = status(pid, tid)
+    uids = st.get("Uid", "0 0 0 0").split()
+    return TaskSecurity(
+        tracer_pid=int(st.get("TracerPid", "0")),
+        uid=(int(uids[0]), int(uids[1]), int(uids[2]), int(uids[3])),
+        seccomp_mode=int(st.get("Seccomp", "0")),
+        seccomp_filters=int(st.get("Seccomp_filters", "0")),
+    )
+
+
+@dataclass(frozen=True)
+class SyscallState:
+    """/proc/PID/task/TID/syscall: what the thread is blocked in, if anything."""
+
+    running: bool
+    nr: Optional[int] = None
+    args: Tuple[int, ...] = ()
+
+
+def syscall(pid: int, tid: int) -> SyscallState:
+    raw = _read(f"{PROC}/{pid}/task/{tid}/syscall").split()
+    if not raw or raw[0] == "running":
+        return SyscallState(running=True)
+    nr = int(raw[0])
+    if nr < 0:  # "-1 sp pc": blocked, but not in a syscall
+        return SyscallState(running=False, nr=nr)
+    return SyscallState(running=False, nr=nr, args=tuple(int(a, 16) for a in raw[1:7]))
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    path: str
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    def contains(self, addr: int, size: int = 1) -> bool:
+        return self.start <= addr and addr + size <= self.end
+
+
+def maps(pid: int) -> List[Mapping]:
+    out = []
+    for line in _read(f"{PROC}/{pid}/maps").splitlines():
+        parts = line.split(None, 5)
+        lo, hi = parts[0].split("-")
+        out.append(
+            Mapping(
+                start=int(lo, 16),
+                end=int(hi, 16),
+                perms=parts[1],
+                offset=int(parts[2], 16),
+                path=parts[5] if len(parts) > 5 else "",
+            )
+        )
+    return out
+
+
+def fd_targets(pid: int) -> Iterator[Tuple[int, str]]:
+    """``(fd, readlink target)`` for each open fd; fds that vanish are skipped."""
+    base = f"{PROC}/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError as err:
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} vanished") from err
+    for name in names:
+        try:
+            yield int(name), os.readlink(f"{base}/{name}")
+        except FileNotFoundError:
+            continue
+
+
+def ptrace_scope() -> Optional[int]:
+    """Yama's ptrace_scope, or ``None`` when Yama is not enabled."""
+    try:
+        return int(_read("/proc/sys/kernel/yama/ptrace_scope").strip())
+    except (ProcessLookupError, OSError, ValueError):
+        return None
+
+
+def has_capability(cap: int, pid: str = "self") -> bool:
+    """Whether ``pid`` has capability ``cap`` in its effective set."""
+    st = _read(f"{PROC}/{pid}/status")
+    for line in st.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21

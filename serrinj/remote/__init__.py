@@ -1,0 +1,17 @@
+"""The ptrace remote-syscall engine.
+
+KVM accepts vCPU ioctls only from the VM's creator (BRIEF section 1), so
+serrinj runs them as syscalls of a thread of the VMM:
+
+- :mod:`serrinj.remote.arch`     register layouts and syscall ABI, one class per arch
+- :mod:`serrinj.remote.ptrace`   requests, wait-status decoding
+- :mod:`serrinj.remote.session`  :class:`RemoteThread`: seize, borrow, restore, detach
+- :mod:`serrinj.remote.gadget`   finding an existing syscall instruction
+- :mod:`serrinj.remote.seccomp`  evaluating the thread's seccomp filters first
+- :mod:`serrinj.remote.executor` :class:`RemoteExecutor`, the remote half of the executor seam
+"""
+
+from serrinj.remote.executor import RemoteExecutor
+from serrinj.remote.session import EngineError, RemoteThread
+
+__all__ = ["EngineError", "RemoteExecutor", "RemoteThread"]

@@ -1,0 +1,592 @@
+"""A seized thread of another process in which serrinj runs syscalls.
+
+Lifecycle (BRIEF section 5)::
+
+    pidfd_open  ->  PTRACE_SEIZE  ->  PTRACE_INTERRUPT  ->  event stop
+        save NT_PRSTATUS (and NT_ARM_SYSTEM_CALL on aarch64)
+        for each syscall: point pc at an existing syscall instruction, set the
+        number and arguments, PTRACE_SYSCALL to the entry stop (checked), then
+        to the exit stop (result)
+    restore scratch memory and registers  ->  PTRACE_INTERRUPT + PTRACE_CONT
+        ->  event stop (the thread is back where it was, in the kernel's own
+        signal path)  ->  verify registers  ->  PTRACE_DETACH
+
+Only the one thread is stopped; the VMM's other threads keep running.
+PTRACE_O_EXITKILL is never set.
+
+Why the second stop: when the thread was interrupted inside a restartable
+syscall (futex, ppoll, nanosleep...), the kernel rewinds it *after* the
+event stop, in its signal path. Restoring the registers at the engine's own
+syscall-exit stop and detaching there would skip that path and hand the VMM
+an impossible -ERESTARTSYS. Stopping once more in the signal path and
+detaching from there lets the kernel perform the restart exactly as if
+serrinj had never been there, and leaves the registers bit-identical.
+
+Signals that arrive for the thread while its registers are borrowed are not
+delivered on the borrowed state: they are held and re-sent (tgkill) after the
+registers are restored, before the detach. SIGINT/SIGTERM/SIGHUP/SIGQUIT to
+serrinj itself are blocked for the life of a session, so Ctrl-C can never
+leave a VMM thread with borrowed registers; they are acted on once the thread
+is detached.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from types import TracebackType
+from typing import Callable, Dict, List, Optional, Sequence, Type
+
+from serrinj import _native, procfs
+from serrinj.errors import (
+    Conflict,
+    Interrupted,
+    PermissionDenied,
+    SeccompBlocked,
+    SerrinjError,
+    TargetGone,
+)
+from serrinj.remote import ptrace, seccomp
+from serrinj.remote.arch import Arch, Registers, host_arch
+from serrinj.remote.gadget import find_syscall_gadget
+
+_GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+#: the most scratch memory a session borrows below the stack pointer
+MAX_SCRATCH = 4096
+
+
+class EngineError(SerrinjError):
+    """The traced thread did something the engine did not expect."""
+
+
+def _explain_seize_eperm(pid: int, tid: int) -> SerrinjError:
+    """Why PTRACE_SEIZE said EPERM: tracer, uid, Yama or capability."""
+    try:
+        sec = procfs.task_security(pid, tid)
+    except ProcessLookupError:
+        return TargetGone(f"thread {tid} of process {pid} exited")
+    if sec.tracer_pid:
+        return Conflict(
+            f"thread {tid} of process {pid} is already traced by process {sec.tracer_pid}"
+            f" ({_comm_or_unknown(sec.tracer_pid)})",
+            hint="detach the debugger or tracer (gdb, strace) first; a thread has one tracer",
+        )
+    cap = procfs.has_capability(procfs.CAP_SYS_PTRACE)
+    scope = procfs.ptrace_scope()
+    me = os.geteuid()
+    if scope == 3:
+        return PermissionDenied(
+            f"ptrace of process {pid} denied: Yama ptrace_scope is 3 (no attach at all)",
+            hint="ptrace_scope 3 can only be lowered by a reboot",
+        )
+    if not cap:
+        if any(u != me for u in sec.uid):
+            return PermissionDenied(
+                f"ptrace of process {pid} denied: it runs as uid {sec.uid[1]}, serrinj as"
+                f" uid {me}, without CAP_SYS_PTRACE",
+                hint="run serrinj as the VMM's user, or as root / with CAP_SYS_PTRACE",
+            )
+        if scope == 2:
+            return PermissionDenied(
+                f"ptrace of process {pid} denied: Yama ptrace_scope is 2 (admin only)",
+                hint="run serrinj with CAP_SYS_PTRACE (e.g. as root)",
+            )
+        if scope == 1:
+            return PermissionDenied(
+                f"ptrace of process {pid} denied: Yama ptrace_scope is 1 (descendants only)",
+                hint="run serrinj with CAP_SYS_PTRACE, or set kernel.yama.ptrace_scope=0",
+            )
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != sec.uid[1]:
+                return PermissionDenied(
+                    f"ptrace of process {pid} denied: the VMM is not dumpable"
+                    " (PR_SET_DUMPABLE 0 or a set-uid binary)",
+                    hint="run serrinj with CAP_SYS_PTRACE",
+                )
+        except OSError:
+            pass
+    return PermissionDenied(
+        f"ptrace of process {pid} denied by a security module (SELinux, AppArmor or similar)",
+        hint="check the audit log for the denial",
+    )
+
+
+def _comm_or_unknown(pid: int) -> str:
+    try:
+        return procfs.comm(pid)
+    except (ProcessLookupError, OSError):
+        return "unknown"
+
+
+class RemoteThread:
+    """A stopped thread of process ``pid`` in which the engine runs syscalls.
+
+    Use as a context manager; leaving it always restores and detaches::
+
+        with RemoteThread(pid, tid) as t:
+            ret = t.syscall(t.arch.nr["getpid"])
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        tid: int,
+        *,
+        arch: Optional[Arch] = None,
+        stop_timeout: float = 2.0,
+        expected_starttime: Optional[int] = None,
+    ) -> None:
+        self.pid = pid
+        self.tid = tid
+        self.arch = arch or host_arch()
+        self.stop_timeout = stop_timeout
+        self.expected_starttime = expected_starttime
+        self.saved: Optional[Registers] = None
+        self.first_stop: Optional[ptrace.Stop] = None
+        self.verified: Optional[bool] = None
+        self.timings: Dict[str, int] = {}
+        self._saved_syscallno: Optional[bytes] = None
+        self._at_syscall_stop = False  # the baseline was captured at a syscall stop
+        self._pidfd = -1
+        self._seized = False
+        self._dirty = False  # the thread has run since the baseline stop
+        self._at_entry = False  # currently at one of our syscall-entry stops
+        self._deferred: List[int] = []
+        self._scratch_base = 0
+        self._scratch_saved = b""
+        self._old_mask: Optional[set[signal.Signals]] = None
+        self._filters: Optional[List[List[seccomp.Insn]]] = None
+        self._seccomp_mode = 0
+        self._gadget: Optional[int] = None
+        self._running = False  # resumed by us and not yet seen stopped
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> RemoteThread:
+        self.attach()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def attach(self) -> None:
+        """Seize and stop the thread, and save its registers."""
+        t0 = time.perf_counter_ns()
+        self._block_signals()
+        try:
+            self._attach()
+        except BaseException:
+            self.close()
+            raise
+        self.timings["attach_ns"] = time.perf_counter_ns() - t0
+
+    def _attach(self) -> None:
+        pid, tid = self.pid, self.tid
+        try:
+            sec = procfs.task_security(pid, tid)
+            self._pidfd = _native.pidfd_open(pid)
+            if self.expected_starttime is not None:
+                if procfs.stat(pid).starttime != self.expected_starttime:
+                    raise TargetGone(
+                        f"process {pid} exited and its pid was reused by another process",
+                        hint="list the VMs again",
+                    )
+        except (ProcessLookupError, FileNotFoundError) as err:
+            raise TargetGone(f"thread {tid} of process {pid} does not exist") from err
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                raise TargetGone(f"process {pid} does not exist") from err
+            raise
+        if sec.tracer_pid:
+            raise _explain_seize_eperm(pid, tid)
+        self._seccomp_mode = sec.seccomp_mode
+        try:
+            ptrace.seize(tid)
+        except OSError as err:
+            if err.errno == errno.EPERM:
+                raise _explain_seize_eperm(pid, tid) from err
+            if err.errno == errno.ESRCH:
+                raise TargetGone(f"thread {tid} of process {pid} exited") from err
+            raise
+        self._seized = True
+        t0 = time.perf_counter_ns()
+        self._ptrace(ptrace.interrupt, tid)
+        self._running = True
+        self.first_stop = self._wait_event_stop(deliver_signals=True)
+        self.timings["interrupt_ns"] = time.perf_counter_ns() - t0
+        self.saved = self.get_registers()
+        if self.arch.name == "aarch64":
+            self._saved_syscallno = ptrace.get_regset(tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
+
+    def close(self) -> None:
+        """Restore everything that was changed and detach. Idempotent; never raises
+        for a thread that has exited (the restore is then moot)."""
+        try:
+            if self._seized:
+                t0 = time.perf_counter_ns()
+                try:
+                    self._restore_and_detach()
+                except TargetGone:
+                    pass
+                finally:
+                    self._seized = False
+                self.timings["restore_detach_ns"] = time.perf_counter_ns() - t0
+        finally:
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+            self._unblock_signals()
+
+    # ------------------------------------------------------------------ public ops
+    def get_registers(self) -> Registers:
+        raw = self._ptrace(ptrace.get_regset, self.tid, ptrace.NT_PRSTATUS, self.arch.regs_size)
+        return Registers.unpack(self.arch, raw)
+
+    @property
+    def gadget(self) -> int:
+        """The address of the syscall instruction the engine executes."""
+        if self._gadget is None:
+            assert self.saved is not None
+            avoid = (self.saved[self.arch.pc_reg],)
+            self._gadget = find_syscall_gadget(self.pid, self.arch, avoid=avoid)
+        return self._gadget
+
+    def check_seccomp(self, nr: int, args: Sequence[int]) -> None:
+        """Raise :class:`SeccompBlocked` unless the thread's filters let the call through."""
+        if self._seccomp_mode == 0:
+            return
+        if self._seccomp_mode == 1:
+            raise SeccompBlocked(
+                f"thread {self.tid} of process {self.pid} runs in strict seccomp mode",
+                hint="only read/write/exit are allowed there; pick another thread",
+            )
+        if self._filters is None:
+            self._filters = self._read_filters()
+        ip = self.gadget + len(self.arch.syscall_insn)
+        data = seccomp.seccomp_data(nr, self.arch.audit_arch, ip, args)
+        verdict = seccomp.evaluate(self._filters, data)
+        if not verdict.action.lets_through:
+            raise SeccompBlocked(
+                f"the seccomp filter of thread {self.tid} in process {self.pid}"
+                f" ({_comm_or_unknown(self.pid)}) would answer syscall {nr} with"
+                f" {verdict.action.value.upper()} (filter #{verdict.filter_index})",
+                hint="nothing was sent; the VMM allows this call only on other threads",
+            )
+
+    def _read_filters(self) -> List[List[seccomp.Insn]]:
+        filters = []
+        for index in range(64):
+            try:
+                raw = self._ptrace(ptrace.seccomp_filter, self.tid, index)
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    break
+                if err.errno in (errno.EACCES, errno.EPERM):
+                    raise SeccompBlocked(
+                        f"thread {self.tid} of process {self.pid} has seccomp filters and"
+                        " serrinj may not read them",
+                        hint="reading filters needs CAP_SYS_ADMIN; nothing was sent",
+                    ) from err
+                raise SeccompBlocked(
+                    f"cannot read the seccomp filters of thread {self.tid}: {err.strerror}",
+                    hint="the kernel needs CONFIG_CHECKPOINT_RESTORE; nothing was sent",
+                ) from err
+            filters.append(seccomp.decode_program(raw))
+        return filters
+
+    def syscall(self, nr: int, *args: int) -> int:
+        """Run syscall ``nr`` in the thread; returns the raw (signed) result."""
+        assert self.saved is not None, "attach() first"
+        self.check_seccomp(nr, args)
+        gadget = self.gadget
+        regs = self.arch.prepare_syscall(self.saved, gadget, nr, args)
+        t0 = time.perf_counter_ns()
+        self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
+        self._dirty = True
+        self._resume(ptrace.resume_syscall, 0)
+        self._wait_syscall_stop()
+        self._at_entry = True
+        entry = self.get_registers()
+        if not self.arch.entry_matches(entry, gadget, nr):
+            raise EngineError(
+                f"thread {self.tid} stopped in an unexpected syscall"
+                f" ({self.arch.entry_call(entry)[0]}) instead of {nr}"
+            )
+        self._resume(ptrace.resume_syscall, 0)
+        self._wait_syscall_stop()
+        self._at_entry = False
+        result = self.arch.syscall_result(self.get_registers())
+        self.timings["syscall_ns"] = time.perf_counter_ns() - t0
+        return result
+
+    def scratch(self, size: int) -> int:
+        """An address below the thread's stack pointer with ``size`` bytes of room.
+
+        The original bytes are saved on first use and written back on close.
+        The region lies past the red zone and inside the thread's stack mapping.
+        """
+        assert self.saved is not None
+        need = (size + 15) & ~15
+        if need > MAX_SCRATCH:
+            raise ValueError(f"scratch of {size} bytes exceeds {MAX_SCRATCH}")
+        sp = self.saved[self.arch.sp_reg]
+        top = sp - self.arch.red_zone
+        base = (top - need) & ~15
+        if self._scratch_base and base >= self._scratch_base:
+            return base
+        mapping = next((m for m in procfs.maps(self.pid) if m.contains(base, top - base)), None)
+        if mapping is None or not mapping.writable:
+            raise EngineError(
+                f"no writable memory below the stack pointer {sp:#x} of thread {self.tid}"
+            )
+        old_base = self._scratch_base or top
+        extra = self.read_memory(base, old_base - base)
+        self._scratch_saved = extra + self._scratch_saved
+        self._scratch_base = base
+        return base
+
+    def read_memory(self, addr: int, size: int) -> bytes:
+        return self._vm(_native.process_vm_read, self.pid, addr, size)
+
+    def write_memory(self, addr: int, data: bytes) -> None:
+        self._vm(_native.process_vm_write, self.pid, addr, data)
+
+    def step_to_kvm_run_exit(self, accept: Callable[[int], bool], timeout: float) -> Optional[int]:
+        """Let the thread run under syscall tracing until an ``ioctl(fd, KVM_RUN)``
+        returns and ``accept(fd)`` holds; the thread is then stopped right there,
+        before the VMM sees the exit, and that point becomes the new baseline.
+
+        Returns the fd, or ``None`` on timeout (the thread is then stopped at
+        some other point, which is equally safe to restore and detach from).
+        Only valid before the engine has borrowed the registers.
+        """
+        assert self.saved is not None and not self._dirty
+        deadline = time.monotonic() + timeout
+        entry_fd: Optional[int] = None
+        in_syscall = False
+        self._resume(ptrace.resume_syscall, 0)
+        while True:
+            remaining = deadline - time.monotonic()
+            stop = self._wait(max(remaining, 0.0), allow_timeout=True)
+            if stop is None:
+                # Bring it to a clean event stop so the restore path is the usual one.
+                self._ptrace(ptrace.interrupt, self.tid)
+                self._wait_event_stop(deliver_signals=True, resume=ptrace.resume_syscall)
+                self._rebase()
+                return None
+            if stop.kind is ptrace.StopKind.SYSCALL:
+                regs = self.get_registers()
+                if not in_syscall:
+                    entry_fd = self.arch.kvm_run_fd_at_entry(regs)
+                    in_syscall = True
+                else:
+                    in_syscall = False
+                    if entry_fd is not None and accept(entry_fd):
+                        self._rebase(at_syscall_stop=True)
+                        return entry_fd
+                    entry_fd = None
+                self._resume(ptrace.resume_syscall, 0)
+            elif stop.kind is ptrace.StopKind.SIGNAL:
+                # The thread's own life: deliver its signals normally.
+                self._resume(ptrace.resume_syscall, stop.signo)
+            else:
+                self._resume(ptrace.resume_syscall, 0)
+
+    def _rebase(self, at_syscall_stop: bool = False) -> None:
+        self.saved = self.get_registers()
+        self._at_syscall_stop = at_syscall_stop
+        if self.arch.name == "aarch64":
+            self._saved_syscallno = ptrace.get_regset(self.tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
+
+    # ------------------------------------------------------------------ restore
+    def _restore_and_detach(self) -> None:
+        tid = self.tid
+        if self._running:
+            if not self._dirty:
+                # Seized but never stopped (e.g. uninterruptible sleep) and
+                # unchanged: detaching needs a stop, and the kernel detaches
+                # for us harmlessly when serrinj exits.
+                return
+            # Our syscall is still running on borrowed registers: stop it first.
+            self._ptrace(ptrace.interrupt, tid)
+            stop = self._wait(self.stop_timeout)
+            assert stop is not None
+        failure: Optional[EngineError] = None
+        try:
+            if self._scratch_saved:
+                self.write_memory(self._scratch_base, self._scratch_saved)
+                self._scratch_saved = b""
+            if self._at_entry:
+                self._skip_current_syscall()
+            if self.saved is not None and self._dirty:
+                self._put_baseline()
+                if not self._at_syscall_stop:
+                    # Back into the kernel's signal path (see the module docstring).
+                    self._ptrace(ptrace.interrupt, tid)
+                    self._resume(ptrace.cont, 0)
+                    self._wait_event_stop(deliver_signals=False)
+                after = self.get_registers()
+                self.verified = self._same_registers(self.saved, after)
+                if not self.verified:
+                    failure = EngineError(
+                        f"thread {tid} registers differed after restore: {self.saved.diff(after)}"
+                    )
+                    self._put_baseline()
+                self._dirty = False
+            elif self.saved is not None:
+                self.verified = True
+        finally:
+            for sig in self._deferred:
+                try:
+                    _native.tgkill(self.pid, tid, sig)
+                except ProcessLookupError:
+                    pass
+            self._deferred.clear()
+            self._ptrace(ptrace.detach, tid, 0)
+        if failure is not None:
+            raise failure
+
+    def _put_baseline(self) -> None:
+        assert self.saved is not None
+        self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, self.saved.pack())
+        if self._saved_syscallno is not None:
+            self._ptrace(
+                ptrace.set_regset, self.tid, ptrace.NT_ARM_SYSTEM_CALL, self._saved_syscallno
+            )
+
+    def _same_registers(self, a: Registers, b: Registers) -> bool:
+        if a == b:
+            return True
+        if self._at_syscall_stop and self.arch.name == "aarch64":
+            # At syscall stops x7 reads as the entry/exit flag, not its value;
+            # the kernel puts the real value back itself (BRIEF section 9).
+            return set(a.diff(b)) <= {"x7"}
+        return False
+
+    def _skip_current_syscall(self) -> None:
+        """At one of our entry stops: cancel the syscall and reach its exit stop."""
+        if self.arch.name == "x86_64":
+            regs = self.get_registers().replace(orig_rax=(1 << 64) - 1)
+            self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
+        else:
+            self._ptrace(
+                ptrace.set_regset,
+                self.tid,
+                ptrace.NT_ARM_SYSTEM_CALL,
+                (-1).to_bytes(4, "little", signed=True),
+            )
+        self._resume(ptrace.resume_syscall, 0)
+        self._wait_syscall_stop()
+        self._at_entry = False
+
+    # ------------------------------------------------------------------ waiting
+    def _wait(self, timeout: float, allow_timeout: bool = False) -> Optional[ptrace.Stop]:
+        stop = ptrace.wait_stop(self.tid, timeout)
+        if stop is not None:
+            self._running = False
+        if stop is None:
+            if allow_timeout:
+                return None
+            state = "?"
+            try:
+                state = procfs.stat(self.pid, self.tid).state
+            except ProcessLookupError:
+                pass
+            raise EngineError(
+                f"thread {self.tid} of process {self.pid} did not stop within"
+                f" {timeout:.1f} s (state {state})",
+                hint="a thread in uninterruptible sleep (D) cannot be stopped; try again",
+            )
+        if stop.kind is ptrace.StopKind.EXITED:
+            self._seized = False
+            raise TargetGone(f"thread {self.tid} of process {self.pid} exited")
+        return stop
+
+    def _wait_event_stop(
+        self,
+        deliver_signals: bool,
+        resume: Callable[[int, int], None] = ptrace.cont,
+    ) -> ptrace.Stop:
+        while True:
+            stop = self._wait(self.stop_timeout)
+            assert stop is not None
+            if stop.kind is ptrace.StopKind.EVENT_STOP:
+                return stop
+            sig = 0
+            if stop.kind is ptrace.StopKind.SIGNAL:
+                if deliver_signals:
+                    sig = stop.signo
+                else:
+                    self._deferred.append(stop.signo)
+            self._resume(resume, sig)
+
+    def _wait_syscall_stop(self) -> None:
+        while True:
+            stop = self._wait(self.stop_timeout)
+            assert stop is not None
+            if stop.kind is ptrace.StopKind.SYSCALL:
+                return
+            if stop.kind is ptrace.StopKind.SIGNAL:
+                # Never deliver a signal on borrowed registers.
+                self._deferred.append(stop.signo)
+            self._resume(ptrace.resume_syscall, 0)
+
+    # ------------------------------------------------------------------ plumbing
+    def _resume(self, fn: Callable[[int, int], None], sig: int) -> None:
+        self._ptrace(fn, self.tid, sig)
+        self._running = True
+
+    def _ptrace(self, fn: Callable[..., object], *args: object) -> bytes:
+        try:
+            return fn(*args)  # type: ignore[return-value]
+        except OSError as err:
+            if err.errno == errno.ESRCH and not self._alive():
+                self._seized = False
+                raise TargetGone(f"thread {self.tid} of process {self.pid} exited") from err
+            raise
+
+    def _vm(self, fn: Callable[..., object], *args: object) -> bytes:
+        try:
+            return fn(*args)  # type: ignore[return-value]
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                self._seized = False
+                raise TargetGone(f"process {self.pid} exited") from err
+            raise
+
+    def _alive(self) -> bool:
+        try:
+            procfs.stat(self.pid, self.tid)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _block_signals(self) -> None:
+        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _GUARDED_SIGNALS)
+
+    def _unblock_signals(self) -> None:
+        if self._old_mask is None:
+            return
+        old, self._old_mask = self._old_mask, None
+        pending = signal.sigpending() & _GUARDED_SIGNALS
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if pending and not (old & pending):
+            # Unblocking delivered them (KeyboardInterrupt or the default
+            # action) already; this line runs only if a handler returned.
+            pass
+
+    def interrupt_pending(self) -> bool:
+        """Whether SIGINT/SIGTERM arrived for serrinj during the session."""
+        return bool(signal.sigpending() & _GUARDED_SIGNALS)
+
+    def raise_if_interrupted(self) -> None:
+        if self.interrupt_pending():
+            raise Interrupted(
+                "interrupted", hint="the thread was restored and detached before exiting"
+            )
