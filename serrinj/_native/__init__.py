@@ -250,7 +250,7 @@ class Memory:
         self._ptr = ptr
         self.size = size
         self.address = int(ffi.cast("uintptr_t", ptr))
-        self.view = memoryview(ffi.buffer(ptr, size))  # type: ignore[arg-type]
+        self.view = memoryview(ffi.buffer(ptr, size))
 
     def close(self) -> None:
         if self._ptr is not None:

@@ -125,7 +125,7 @@ class VcpuEvents:
         )
 
     @classmethod
-    def serror(cls, esr: "int | None") -> VcpuEvents:
+    def serror(cls, esr: int | None) -> VcpuEvents:
         """The SET argument that makes an SError pending, with ``esr`` or a CPU-chosen syndrome."""
         if esr is None:
             return cls(serror_pending=1)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import platform
 import struct
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from types import MappingProxyType
+from typing import ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 from serrinj.kvm.api import KVM_RUN
 
@@ -75,20 +76,20 @@ class Registers:
 class Arch:
     """The interface both architectures implement."""
 
-    name: str
-    reg_names: Tuple[str, ...]
-    reg_index: Mapping[str, int]
-    pc_reg: str
-    sp_reg: str
+    name: ClassVar[str]
+    reg_names: ClassVar[Tuple[str, ...]]
+    reg_index: ClassVar[Mapping[str, int]]
+    pc_reg: ClassVar[str]
+    sp_reg: ClassVar[str]
     #: the machine code of the syscall instruction, and its alignment
-    syscall_insn: bytes
-    insn_align: int
+    syscall_insn: ClassVar[bytes]
+    insn_align: ClassVar[int]
     #: bytes below the stack pointer the ABI lets leaf code use without moving sp
-    red_zone: int
+    red_zone: ClassVar[int]
     #: AUDIT_ARCH_* as seen by seccomp filters in ``seccomp_data.arch``
-    audit_arch: int
+    audit_arch: ClassVar[int]
     #: syscall numbers the engine and discovery use
-    nr: Mapping[str, int]
+    nr: ClassVar[Mapping[str, int]]
 
     @property
     def regs_size(self) -> int:
@@ -138,20 +139,22 @@ class X86_64(Arch):
         "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
         "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
     )  # fmt: skip
-    reg_index = {n: i for i, n in enumerate(reg_names)}
+    reg_index = MappingProxyType({n: i for i, n in enumerate(reg_names)})
     pc_reg = "rip"
     sp_reg = "rsp"
     syscall_insn = b"\x0f\x05"
     insn_align = 1
     red_zone = 128
     audit_arch = 0xC000003E
-    nr = {
-        "ioctl": 16,
-        "getpid": 39,
-        "gettid": 186,
-        "nanosleep": 35,
-        "restart_syscall": 219,
-    }
+    nr = MappingProxyType(
+        {
+            "ioctl": 16,
+            "getpid": 39,
+            "gettid": 186,
+            "nanosleep": 35,
+            "restart_syscall": 219,
+        }
+    )
     _ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
     def prepare_syscall(
@@ -183,8 +186,8 @@ class Aarch64(Arch):
     """aarch64: ``svc #0`` is d4000001; nr in x8; args x0..x5; result in x0."""
 
     name = "aarch64"
-    reg_names = tuple(f"x{i}" for i in range(31)) + ("sp", "pc", "pstate")
-    reg_index = {n: i for i, n in enumerate(reg_names)}
+    reg_names = (*(f"x{i}" for i in range(31)), "sp", "pc", "pstate")
+    reg_index = MappingProxyType({n: i for i, n in enumerate(reg_names)})
     pc_reg = "pc"
     sp_reg = "sp"
     syscall_insn = struct.pack("<I", 0xD4000001)
@@ -193,13 +196,15 @@ class Aarch64(Arch):
     # below sp in hand-written code; stay clear of it anyway.
     red_zone = 128
     audit_arch = 0xC00000B7
-    nr = {
-        "ioctl": 29,
-        "getpid": 172,
-        "gettid": 178,
-        "nanosleep": 101,
-        "restart_syscall": 128,
-    }
+    nr = MappingProxyType(
+        {
+            "ioctl": 29,
+            "getpid": 172,
+            "gettid": 178,
+            "nanosleep": 101,
+            "restart_syscall": 128,
+        }
+    )
     #: PSTATE.BTYPE: a stale branch type would make a non-BTI gadget fault in a
     #: BTI-guarded page, so it is cleared while the engine's syscall runs.
     PSTATE_BTYPE = 0x3 << 10
@@ -222,7 +227,7 @@ class Aarch64(Arch):
         return to_signed(regs["x8"]), tuple(regs[f"x{i}"] for i in range(6))
 
 
-_ARCHES: Mapping[str, Arch] = {"x86_64": X86_64(), "aarch64": Aarch64()}
+_ARCHES: Mapping[str, Arch] = MappingProxyType({"x86_64": X86_64(), "aarch64": Aarch64()})
 
 
 def host_arch() -> Arch:

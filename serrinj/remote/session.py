@@ -32,6 +32,7 @@ is detached.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -156,7 +157,7 @@ class RemoteThread:
         self._deferred: List[int] = []
         self._scratch_base = 0
         self._scratch_saved = b""
-        self._old_mask: Optional[set[signal.Signals]] = None
+        self._old_mask: Optional[set[int | signal.Signals]] = None
         self._filters: Optional[List[List[seccomp.Insn]]] = None
         self._seccomp_mode = 0
         self._gadget: Optional[int] = None
@@ -191,12 +192,14 @@ class RemoteThread:
         try:
             sec = procfs.task_security(pid, tid)
             self._pidfd = _native.pidfd_open(pid)
-            if self.expected_starttime is not None:
-                if procfs.stat(pid).starttime != self.expected_starttime:
-                    raise TargetGone(
-                        f"process {pid} exited and its pid was reused by another process",
-                        hint="list the VMs again",
-                    )
+            if (
+                self.expected_starttime is not None
+                and procfs.stat(pid).starttime != self.expected_starttime
+            ):
+                raise TargetGone(
+                    f"process {pid} exited and its pid was reused by another process",
+                    hint="list the VMs again",
+                )
         except (ProcessLookupError, FileNotFoundError) as err:
             raise TargetGone(f"thread {tid} of process {pid} does not exist") from err
         except OSError as err:
@@ -443,10 +446,8 @@ class RemoteThread:
                 self.verified = True
         finally:
             for sig in self._deferred:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     _native.tgkill(self.pid, tid, sig)
-                except ProcessLookupError:
-                    pass
             self._deferred.clear()
             self._ptrace(ptrace.detach, tid, 0)
         if failure is not None:
@@ -494,10 +495,8 @@ class RemoteThread:
             if allow_timeout:
                 return None
             state = "?"
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 state = procfs.stat(self.pid, self.tid).state
-            except ProcessLookupError:
-                pass
             raise EngineError(
                 f"thread {self.tid} of process {self.pid} did not stop within"
                 f" {timeout:.1f} s (state {state})",
