@@ -360,46 +360,65 @@ class RemoteThread:
     def write_memory(self, addr: int, data: bytes) -> None:
         self._vm(_native.process_vm_write, self.pid, addr, data)
 
-    def step_to_kvm_run_exit(self, accept: Callable[[int], bool], timeout: float) -> Optional[int]:
-        """Let the thread run under syscall tracing until an ``ioctl(fd, KVM_RUN)``
-        returns and ``accept(fd)`` holds; the thread is then stopped right there,
-        before the VMM sees the exit, and that point becomes the new baseline.
+    def step_syscalls(self, want: Callable[[bool, Registers], bool], timeout: float) -> bool:
+        """Let the thread live on under syscall tracing until ``want(is_entry, regs)``
+        holds at a syscall stop; the thread stays stopped there and that point
+        becomes the new baseline. Returns ``False`` on timeout (the thread is then
+        brought to an ordinary event stop, equally safe to restore from).
 
-        Returns the fd, or ``None`` on timeout (the thread is then stopped at
-        some other point, which is equally safe to restore and detach from).
-        Only valid before the engine has borrowed the registers.
+        Signals meant for the thread are delivered as usual: its registers are
+        its own during stepping. Only valid before the engine borrowed them.
         """
         assert self.saved is not None and not self._dirty
         deadline = time.monotonic() + timeout
-        entry_fd: Optional[int] = None
-        in_syscall = False
+        entry = True
         self._resume(ptrace.resume_syscall, 0)
         while True:
-            remaining = deadline - time.monotonic()
-            stop = self._wait(max(remaining, 0.0), allow_timeout=True)
+            stop = self._wait(max(deadline - time.monotonic(), 0.0), allow_timeout=True)
             if stop is None:
-                # Bring it to a clean event stop so the restore path is the usual one.
                 self._ptrace(ptrace.interrupt, self.tid)
                 self._wait_event_stop(deliver_signals=True, resume=ptrace.resume_syscall)
                 self._rebase()
-                return None
+                return False
             if stop.kind is ptrace.StopKind.SYSCALL:
-                regs = self.get_registers()
-                if not in_syscall:
-                    entry_fd = self.arch.kvm_run_fd_at_entry(regs)
-                    in_syscall = True
-                else:
-                    in_syscall = False
-                    if entry_fd is not None and accept(entry_fd):
-                        self._rebase(at_syscall_stop=True)
-                        return entry_fd
-                    entry_fd = None
+                if want(entry, self.get_registers()):
+                    self._rebase(at_syscall_stop=True)
+                    return True
+                entry = not entry
                 self._resume(ptrace.resume_syscall, 0)
             elif stop.kind is ptrace.StopKind.SIGNAL:
-                # The thread's own life: deliver its signals normally.
                 self._resume(ptrace.resume_syscall, stop.signo)
             else:
                 self._resume(ptrace.resume_syscall, 0)
+
+    def step_to_kvm_run_entry(self, timeout: float) -> Optional[int]:
+        """Step to the thread's next ``ioctl(fd, KVM_RUN)`` entry; returns ``fd``."""
+        found: List[int] = []
+
+        def want(is_entry: bool, regs: Registers) -> bool:
+            fd = self.arch.kvm_run_fd_at_entry(regs) if is_entry else None
+            if fd is not None:
+                found.append(fd)
+            return fd is not None
+
+        return found[0] if self.step_syscalls(want, timeout) else None
+
+    def step_to_kvm_run_exit(self, accept: Callable[[int], bool], timeout: float) -> Optional[int]:
+        """Step until an ``ioctl(fd, KVM_RUN)`` returns with ``accept(fd)`` true;
+        the thread is held right there, before the VMM sees the exit."""
+        state: Dict[str, Optional[int]] = {"fd": None, "hit": None}
+
+        def want(is_entry: bool, regs: Registers) -> bool:
+            if is_entry:
+                state["fd"] = self.arch.kvm_run_fd_at_entry(regs)
+                return False
+            fd, state["fd"] = state["fd"], None
+            if fd is not None and accept(fd):
+                state["hit"] = fd
+                return True
+            return False
+
+        return state["hit"] if self.step_syscalls(want, timeout) else None
 
     def _rebase(self, at_syscall_stop: bool = False) -> None:
         self.saved = self.get_registers()

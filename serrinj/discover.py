@@ -1,0 +1,465 @@
+"""Find KVM VMs, their vCPU fds and the thread that runs each vCPU.
+
+Everything comes from /proc (BRIEF section 6), in this order of trust:
+
+1. debugfs ``/sys/kernel/debug/kvm/<pid>-<vmfd>/vcpu<N>/pid``, when mounted
+   and readable: KVM's own record of the thread that last ran the vCPU;
+2. ``/proc/PID/task/TID/syscall``: a thread blocked in
+   ``ioctl(fd, KVM_RUN)`` names its vCPU fd (idle guests);
+3. a ptrace probe of the remaining threads, only when asked: the thread is
+   stopped, and the KVM_RUN it left (x86_64) or the next one it enters
+   (aarch64) names the fd; nothing of the thread is changed;
+4. the VMM's thread names (``CPU 1/KVM``, ``fc_vcpu 1``...), only as a
+   consistent hint;
+5. a VM with one vCPU and one candidate thread.
+
+Kernel threads that live in a VMM's task list (``kvm-nx-lpage-recovery``)
+are skipped: they cannot be traced.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from serrinj import _native, procfs
+from serrinj.errors import InvalidInput, PermissionDenied, TargetGone, TargetNotFound
+from serrinj.kvm.api import KVM_RUN
+from serrinj.remote.arch import Arch, host_arch
+
+_VM_LINK = "anon_inode:kvm-vm"
+_VCPU_LINK = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
+_DEBUGFS_KVM = "/sys/kernel/debug/kvm"
+
+#: thread-name patterns of known VMMs -> (vmm kind, regex with the vCPU index)
+_THREAD_NAMES: Sequence[Tuple[str, re.Pattern[str]]] = (
+    ("qemu", re.compile(r"^CPU (\d+)/KVM$")),
+    ("kvmtool", re.compile(r"^kvm-vcpu-(\d+)$")),
+    ("firecracker", re.compile(r"^fc_vcpu (\d+)$")),
+    ("cloud-hypervisor", re.compile(r"^vcpu(\d+)$")),
+    ("crosvm", re.compile(r"^crosvm_vcpu(\d+)$")),
+)
+
+
+@dataclass(frozen=True)
+class Thread:
+    """A (non-kernel) thread of a VMM."""
+
+    tid: int
+    name: str
+    #: "in-kvm-run" (blocked inside KVM_RUN: a halted/idle vCPU), "running"
+    #: (on a CPU: in the guest or in VMM code), "blocked" (in another syscall)
+    state: str
+    syscall_nr: Optional[int] = None
+    seccomp_mode: int = 0
+    seccomp_filters: int = 0
+
+
+@dataclass(frozen=True)
+class Vcpu:
+    """A vCPU fd of a VM and, when known, the thread that runs it."""
+
+    vcpu_id: int
+    fd: int
+    thread: Optional[Thread] = None
+    #: how the thread was found: debugfs, syscall, probe, name, single, or "" if unknown
+    mapped_by: str = ""
+
+
+@dataclass(frozen=True)
+class Vm:
+    """A process that holds KVM VM or vCPU fds."""
+
+    pid: int
+    starttime: int
+    comm: str
+    name: Optional[str]
+    vmm: str
+    arch: str
+    uid: int
+    vm_fds: Tuple[int, ...]
+    vcpus: Tuple[Vcpu, ...]
+    threads: Tuple[Thread, ...] = field(default=(), repr=False)
+
+    def vcpu(self, vcpu_id: int) -> Vcpu:
+        for v in self.vcpus:
+            if v.vcpu_id == vcpu_id:
+                return v
+        ids = ", ".join(str(v.vcpu_id) for v in self.vcpus) or "none"
+        raise TargetNotFound(
+            f"VM {self.label} has no vCPU {vcpu_id}", hint=f"its vCPU ids are: {ids}"
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.name!r} (pid {self.pid})" if self.name else f"pid {self.pid}"
+
+    @property
+    def unmapped(self) -> Tuple[Vcpu, ...]:
+        return tuple(v for v in self.vcpus if v.thread is None)
+
+
+# ---------------------------------------------------------------------- naming
+def qemu_name(argv: Sequence[str]) -> Optional[str]:
+    """The VM name from a QEMU-style ``-name guest=NAME,...`` or ``-name NAME``."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg in ("-name", "--name") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(("-name=", "--name=")):
+            value = arg.split("=", 1)[1]
+        if value is None:
+            continue
+        parts = [p for p in re.split(r"(?<!,),(?!,)", value) if p]
+        for p in parts:
+            if p.startswith("guest="):
+                return p[len("guest=") :].replace(",,", ",")
+        if parts and "=" not in parts[0]:
+            return parts[0].replace(",,", ",")
+    return None
+
+
+def _libvirt_names() -> Dict[int, str]:
+    names: Dict[int, str] = {}
+    for base in ("/run/libvirt/qemu", "/var/run/libvirt/qemu"):
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.endswith(".pid"):
+                continue
+            try:
+                with open(os.path.join(base, entry)) as f:
+                    names[int(f.read().strip())] = entry[: -len(".pid")]
+            except (OSError, ValueError):
+                continue
+    return names
+
+
+def vmm_kind(comm: str, argv: Sequence[str], thread_names: Iterable[str]) -> str:
+    """A best guess at which VMM a process is (a hint for display only)."""
+    exe = os.path.basename(argv[0]) if argv else comm
+    if exe.startswith("qemu-system") or comm.startswith("qemu-system") or exe == "qemu-kvm":
+        return "qemu"
+    if "serrinj.testvm" in argv:
+        return "serrinj-testvm"
+    for kind in ("firecracker", "cloud-hypervisor", "crosvm"):
+        if kind in exe or comm.startswith(kind[:15]):
+            return kind
+    if exe in ("lkvm", "kvmtool") or comm in ("lkvm", "kvmtool"):
+        return "kvmtool"
+    names = list(thread_names)
+    for kind, pattern in _THREAD_NAMES:
+        if any(pattern.match(n) for n in names):
+            return kind
+    return "unknown"
+
+
+# ---------------------------------------------------------------------- scanning
+def _kvm_fds(pid: int) -> Tuple[List[int], Dict[int, int]]:
+    vm_fds: List[int] = []
+    vcpu_fds: Dict[int, int] = {}  # fd -> vcpu_id
+    for fd, target in procfs.fd_targets(pid):
+        if target == _VM_LINK:
+            vm_fds.append(fd)
+            continue
+        m = _VCPU_LINK.match(target)
+        if m:
+            vcpu_fds[fd] = int(m.group(1))
+    return sorted(vm_fds), vcpu_fds
+
+
+def _threads(pid: int, arch: Arch) -> List[Thread]:
+    out = []
+    for tid in procfs.tids(pid):
+        try:
+            if procfs.stat(pid, tid).kernel_thread:
+                continue
+            sc = procfs.syscall(pid, tid)
+            sec = procfs.task_security(pid, tid)
+            name = procfs.comm(pid, tid)
+        except ProcessLookupError:
+            continue  # the thread exited while we looked
+        if sc.running:
+            state = "running"
+        elif sc.nr == arch.nr["ioctl"] and len(sc.args) > 1 and sc.args[1] == KVM_RUN:
+            state = "in-kvm-run"
+        else:
+            state = "blocked"
+        out.append(Thread(tid, name, state, sc.nr, sec.seccomp_mode, sec.seccomp_filters))
+    return out
+
+
+def _debugfs_map(pid: int, vm_fds: Sequence[int]) -> Dict[int, int]:
+    """vcpu_id -> tid from KVM's debugfs, when available."""
+    out: Dict[int, int] = {}
+    for vm_fd in vm_fds:
+        base = f"{_DEBUGFS_KVM}/{pid}-{vm_fd}"
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.startswith("vcpu") or not entry[4:].isdigit():
+                continue
+            try:
+                with open(f"{base}/{entry}/pid") as f:
+                    tid = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if tid > 0:
+                out[int(entry[4:])] = tid
+    return out
+
+
+def _map_vcpus(
+    pid: int,
+    vm_fds: Sequence[int],
+    vcpu_fds: Dict[int, int],
+    threads: Sequence[Thread],
+    arch: Arch,
+) -> List[Vcpu]:
+    by_tid = {t.tid: t for t in threads}
+    vcpus = {fd: Vcpu(vcpu_id=vid, fd=fd) for fd, vid in vcpu_fds.items()}
+    taken: Dict[int, int] = {}  # tid -> fd
+
+    def assign(fd: int, tid: int, how: str) -> None:
+        if fd in vcpus and vcpus[fd].thread is None and tid in by_tid and tid not in taken:
+            vcpus[fd] = replace(vcpus[fd], thread=by_tid[tid], mapped_by=how)
+            taken[tid] = fd
+
+    id_to_fd = {vid: fd for fd, vid in vcpu_fds.items()}
+    for vid, tid in _debugfs_map(pid, vm_fds).items():
+        if vid in id_to_fd:
+            assign(id_to_fd[vid], tid, "debugfs")
+    for t in threads:
+        if t.state == "in-kvm-run":
+            try:
+                sc = procfs.syscall(pid, t.tid)
+            except ProcessLookupError:
+                continue
+            if sc.args:
+                assign(sc.args[0], t.tid, "syscall")
+    _map_by_names(vcpus, threads, taken, assign)
+    unmapped = [fd for fd, v in vcpus.items() if v.thread is None]
+    free = [t for t in threads if t.tid not in taken and t.state != "blocked"]
+    if len(vcpus) == 1 and len(unmapped) == 1 and len(free) == 1:
+        assign(unmapped[0], free[0].tid, "single")
+    return sorted(vcpus.values(), key=lambda v: v.vcpu_id)
+
+
+def _map_by_names(
+    vcpus: Dict[int, Vcpu],
+    threads: Sequence[Thread],
+    taken: Dict[int, int],
+    assign: Callable[[int, int, str], None],
+) -> None:
+    """Use VMM thread names, but only when they agree with everything known.
+
+    A name's index is the VMM's CPU index, which is the vcpu_id in the common
+    case (QEMU's cpu_index equals the KVM id for simple topologies). The hint
+    is used only when every already-mapped vCPU agrees with it.
+    """
+    named: Dict[int, int] = {}
+    for t in threads:
+        for _kind, pattern in _THREAD_NAMES:
+            m = pattern.match(t.name)
+            if m:
+                named[int(m.group(1))] = t.tid
+                break
+    if not named:
+        return
+    for v in vcpus.values():
+        if v.thread is not None and named.get(v.vcpu_id, v.thread.tid) != v.thread.tid:
+            return  # the names disagree with a mapping we trust: ignore them
+    for fd, v in list(vcpus.items()):
+        tid = named.get(v.vcpu_id)
+        if tid is not None:
+            assign(fd, tid, "name")
+
+
+def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
+    """The VM held by process ``pid``, or ``None`` when it holds no KVM fds."""
+    arch = arch or host_arch()
+    try:
+        vm_fds, vcpu_fds = _kvm_fds(pid)
+    except PermissionError:
+        return None
+    if not vm_fds and not vcpu_fds:
+        return None
+    starttime = procfs.stat(pid).starttime
+    comm = procfs.comm(pid)
+    argv = procfs.cmdline(pid)
+    threads = _threads(pid, arch)
+    vcpus = _map_vcpus(pid, vm_fds, vcpu_fds, threads, arch)
+    name = qemu_name(argv) or _libvirt_names().get(pid)
+    uid = procfs.task_security(pid).uid[1]
+    return Vm(
+        pid=pid,
+        starttime=starttime,
+        comm=comm,
+        name=name,
+        vmm=vmm_kind(comm, argv, (t.name for t in threads)),
+        arch=arch.name,
+        uid=uid,
+        vm_fds=tuple(vm_fds),
+        vcpus=tuple(vcpus),
+        threads=tuple(threads),
+    )
+
+
+def scan(arch: Optional[Arch] = None) -> List[Vm]:
+    """Every process on the host that holds KVM fds (those serrinj may inspect)."""
+    out = []
+    me = os.getpid()
+    for pid in procfs.pids():
+        if pid == me:
+            continue
+        try:
+            vm = inspect(pid, arch)
+        except ProcessLookupError:
+            continue  # exited while we looked: it is simply not listed
+        if vm is not None:
+            out.append(vm)
+    return out
+
+
+def _candidates_hint(vms: Sequence[Vm]) -> str:
+    if not vms:
+        return "no KVM VMs are running on this host (serrinj list shows them)"
+    lines = ", ".join(f"{v.label} [{v.vmm}]" for v in vms)
+    return f"candidates: {lines}; choose one with --pid or --name"
+
+
+def find(pid: Optional[int] = None, name: Optional[str] = None) -> Vm:
+    """The one VM the user means: by pid, by name, or the only one on the host."""
+    if pid is not None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise TargetNotFound(f"no process with pid {pid}") from None
+        except PermissionError:
+            pass
+        try:
+            vm = inspect(pid)
+        except ProcessLookupError:
+            raise TargetGone(f"process {pid} exited") from None
+        if vm is None:
+            if not os.access(f"/proc/{pid}/fd", os.R_OK):
+                raise PermissionDenied(
+                    f"cannot read the fds of process {pid}",
+                    hint="run serrinj as the VMM's user or as root",
+                )
+            raise TargetNotFound(
+                f"process {pid} ({_comm(pid)}) is not a KVM VMM: it holds no KVM VM or vCPU fds",
+                hint=_candidates_hint(scan()),
+            )
+        if name is not None and vm.name != name:
+            raise TargetNotFound(f"process {pid} is VM {vm.name!r}, not {name!r}")
+        return vm
+    vms = scan()
+    if name is not None:
+        named = [v for v in vms if v.name == name]
+        if len(named) == 1:
+            return named[0]
+        if not named:
+            raise TargetNotFound(f"no VM named {name!r}", hint=_candidates_hint(vms))
+        raise InvalidInput(f"{len(named)} VMs are named {name!r}", hint=_candidates_hint(named))
+    if len(vms) == 1:
+        return vms[0]
+    if not vms:
+        raise TargetNotFound("no KVM VM is running on this host", hint=_candidates_hint(vms))
+    raise InvalidInput(f"{len(vms)} VMs are running; say which one", hint=_candidates_hint(vms))
+
+
+def _comm(pid: int) -> str:
+    try:
+        return procfs.comm(pid)
+    except (ProcessLookupError, OSError):
+        return "?"
+
+
+# ---------------------------------------------------------------------- fds
+@dataclass(frozen=True)
+class FdOwner:
+    """A process holding the same open vCPU file as an fd given by the user."""
+
+    pid: int
+    fd: int
+    vcpu_id: int
+
+
+def vcpu_id_of_link(target: str) -> Optional[int]:
+    m = _VCPU_LINK.match(target)
+    return int(m.group(1)) if m else None
+
+
+def find_file_holders(pid: int, fd: int) -> List[FdOwner]:
+    """Every other process whose vCPU fd is the very same open file as ``pid``'s ``fd``
+    (``kcmp(KCMP_FILE)``), e.g. the VMM that created a vCPU fd inherited by ``pid``."""
+    owners = []
+    for other in procfs.pids():
+        if other == pid:
+            continue
+        try:
+            _vm, vcpu_fds = _kvm_fds(other)
+        except (ProcessLookupError, PermissionError):
+            continue
+        for ofd, vid in vcpu_fds.items():
+            try:
+                if _native.kcmp_file(pid, fd, other, ofd) == 0:
+                    owners.append(FdOwner(other, ofd, vid))
+            except OSError as err:
+                if err.errno in (errno.ESRCH, errno.EBADF):
+                    continue
+                if err.errno == errno.EPERM:
+                    continue  # kcmp needs ptrace access to both processes
+                raise
+    return owners
+
+
+# ---------------------------------------------------------------------- probing
+def probe(vm: Vm, timeout: float = 0.5) -> Vm:
+    """Map the still-unmapped vCPUs by briefly stopping candidate threads.
+
+    A candidate is stopped with PTRACE_INTERRUPT (a vCPU in the guest leaves
+    KVM_RUN with EINTR, which every VMM treats as a kick). On x86_64 the
+    stop's registers name the fd of the KVM_RUN it left; elsewhere the thread
+    is stepped to its next KVM_RUN entry. Nothing of the thread is changed and
+    it is detached at once. Blocked threads (a paused VM) are tried last.
+    """
+    from serrinj.remote.session import RemoteThread
+
+    arch = host_arch()
+    if not vm.unmapped:
+        return vm
+    mapped_tids = {v.thread.tid for v in vm.vcpus if v.thread is not None}
+    by_fd = {v.fd: v for v in vm.vcpus}
+    found: Dict[int, Thread] = {}
+    order = {"running": 0, "in-kvm-run": 1, "blocked": 2}
+    candidates = sorted(
+        (t for t in vm.threads if t.tid not in mapped_tids), key=lambda t: order[t.state]
+    )
+    for t in candidates:
+        if len(found) == len(vm.unmapped):
+            break
+        if t.seccomp_mode == 1:
+            continue
+        try:
+            with RemoteThread(vm.pid, t.tid, expected_starttime=vm.starttime) as rt:
+                assert rt.saved is not None
+                fd = arch.kvm_run_fd_at_stop(rt.saved)
+                if fd is None and t.state != "blocked":
+                    fd = rt.step_to_kvm_run_entry(timeout)
+        except TargetGone:
+            continue
+        if fd is not None and fd in by_fd and by_fd[fd].thread is None and fd not in found:
+            found[fd] = t
+    vcpus = tuple(
+        replace(v, thread=found[v.fd], mapped_by="probe") if v.fd in found else v for v in vm.vcpus
+    )
+    return replace(vm, vcpus=vcpus)
