@@ -45,7 +45,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from serrinj.errors import InvalidInput
 
@@ -227,12 +227,12 @@ class Syndrome:
     iss: int
     iss2: int
     is_serror: bool
-    ids: bool | None
-    impdef: int | None
-    dfsc: int | None
-    ea: bool | None
-    aet: int | None
-    iesb: bool | None
+    ids: Optional[bool]
+    impdef: Optional[int]
+    dfsc: Optional[int]
+    ea: Optional[bool]
+    aet: Optional[int]
+    iesb: Optional[bool]
     res0: int
     notes: Tuple[str, ...]
 
@@ -241,19 +241,19 @@ class Syndrome:
         return ec_name(self.ec)
 
     @property
-    def dfsc_name(self) -> str | None:
+    def dfsc_name(self) -> Optional[str]:
         if self.dfsc is None:
             return None
         return DFSC_NAMES.get(self.dfsc, "reserved")
 
     @property
-    def aet_name(self) -> str | None:
+    def aet_name(self) -> Optional[str]:
         if self.aet is None:
             return None
         return AET_NAMES.get(self.aet, "reserved")
 
     @property
-    def injectable_iss(self) -> int | None:
+    def injectable_iss(self) -> Optional[int]:
         """The value to pass as ``serror_esr`` to reproduce this syndrome, if any."""
         if not self.is_serror or self.iss2:
             return None
@@ -329,12 +329,12 @@ def decode(value: int, *, form: str = "auto") -> Syndrome:
     iss = esr & ISS_MASK
     iss2 = (esr & ESR_ISS2_MASK) >> ESR_ISS2_SHIFT
     is_serror = ec == EC_SERROR
-    ids: bool | None = None
-    impdef: int | None = None
-    dfsc: int | None = None
-    ea: bool | None = None
-    aet: int | None = None
-    iesb: bool | None = None
+    ids: Optional[bool] = None
+    impdef: Optional[int] = None
+    dfsc: Optional[int] = None
+    ea: Optional[bool] = None
+    aet: Optional[int] = None
+    iesb: Optional[bool] = None
     res0 = 0
     if not is_serror:
         notes.append(f"EC {ec:#04x} ({ec_name(ec)}) is not an SError syndrome (EC 0x2f)")
@@ -393,14 +393,14 @@ PRESETS: Mapping[str, int] = MappingProxyType(
 
 
 def encode(
-    severity: str | None = None,
+    severity: Optional[str] = None,
     *,
-    aet: int | None = None,
-    dfsc: int | None = None,
+    aet: Optional[int] = None,
+    dfsc: Optional[int] = None,
     ea: bool = False,
     iesb: bool = False,
     ids: bool = False,
-    impdef: int | None = None,
+    impdef: Optional[int] = None,
 ) -> int:
     """Build an SError ISS from its fields.
 
@@ -544,7 +544,7 @@ def resolve_iss(text: str) -> int:
 PANIC_MESSAGE = "Kernel panic - not syncing: Asynchronous SError Interrupt"
 
 
-def guest_esr(iss: int | None) -> int:
+def guest_esr(iss: Optional[int]) -> int:
     """ESR_EL1 as the guest reads it for an injected ISS (``None``: KVM's own syndrome)."""
     return SERROR_ESR_BASE | (KVM_DEFAULT_ISS if iss is None else validate_injectable(iss))
 
@@ -568,8 +568,8 @@ class LinuxOutcome:
     severity: str
     reason: str
     guest_esr: int
-    console_line: str | None
-    panic_message: str | None
+    console_line: Optional[str]
+    panic_message: Optional[str]
 
     def as_dict(self) -> Dict[str, object]:
         return {
@@ -583,7 +583,7 @@ class LinuxOutcome:
         }
 
 
-def predict_linux(iss: int | None, *, guest_ras: bool = True, cpu: int = 0) -> LinuxOutcome:
+def predict_linux(iss: Optional[int], *, guest_ras: bool = True, cpu: int = 0) -> LinuxOutcome:
     """Predict a Linux guest's reaction to an SError injected with ``iss``.
 
     ``iss=None`` means no syndrome was given (``serror_has_esr = 0``): KVM then

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from serrinj.errors import InvalidInput
 from serrinj.kvm.x86_64 import (
@@ -293,6 +293,57 @@ def decode_status(status: int) -> McaStatus:
     )
 
 
+_STATUS_FIELDS: Tuple[Tuple[str, int, int], ...] = (
+    # name, shift, width
+    ("mca_error_code", 0, 16),
+    ("model_specific_code", MCI_STATUS_MSCOD_SHIFT, 16),
+    ("other_info", MCI_STATUS_OTHER_SHIFT, 6),
+    ("corrected_count", MCI_STATUS_CEC_SHIFT, 15),
+    ("threshold_status", MCI_STATUS_THRESHOLD_SHIFT, 2),
+)
+
+
+def encode_status(
+    *flags: str,
+    mca_error_code: int = 0,
+    model_specific_code: int = 0,
+    other_info: int = 0,
+    corrected_count: int = 0,
+    threshold_status: int = 0,
+) -> int:
+    """Build MCi_STATUS from flag names (``"val"``, ``"uc"``, ... case-insensitive) and fields.
+
+    ``encode_status("val", "uc", "en", "s", "ar", mca_error_code=0x134)`` is the
+    SRAR data-load status. VAL is not added implicitly. Raises
+    :class:`InvalidInput` for an unknown flag or a field that does not fit.
+    """
+    value = 0
+    for name in flags:
+        key = name.strip().lower()
+        if key not in STATUS_BITS:
+            raise InvalidInput(
+                f"unknown MCi_STATUS flag {name!r}",
+                hint=f"flags are {', '.join(n.upper() for n in STATUS_BITS)}",
+            )
+        value |= STATUS_BITS[key]
+    given = {
+        "mca_error_code": mca_error_code,
+        "model_specific_code": model_specific_code,
+        "other_info": other_info,
+        "corrected_count": corrected_count,
+        "threshold_status": threshold_status,
+    }
+    for name, shift, width in _STATUS_FIELDS:
+        field_value = given[name]
+        if not 0 <= field_value < (1 << width):
+            raise InvalidInput(
+                f"{name} {field_value:#x} does not fit in {width} bits",
+                hint=f"the largest value is {(1 << width) - 1:#x}",
+            )
+        value |= field_value << shift
+    return value
+
+
 @dataclass(frozen=True)
 class McgStatus:
     """A decoded IA32_MCG_STATUS value."""
@@ -550,12 +601,12 @@ class GuestMceState:
     what would change if they were not.
     """
 
-    cr4_mce: bool | None = None
-    mcip: bool | None = None
-    mcg_ctl_all_ones: bool | None = None
-    mci_ctl_all_ones: bool | None = None
-    bank_status: int | None = None
-    mcg_cap: int | None = None
+    cr4_mce: Optional[bool] = None
+    mcip: Optional[bool] = None
+    mcg_ctl_all_ones: Optional[bool] = None
+    mci_ctl_all_ones: Optional[bool] = None
+    bank_status: Optional[int] = None
+    mcg_cap: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -571,7 +622,7 @@ class MceEffect:
     outcome: str
     raises_mc: bool
     reason: str
-    status_written: int | None
+    status_written: Optional[int]
     caveats: Tuple[str, ...] = field(default=())
 
     def as_dict(self) -> Dict[str, object]:
@@ -630,7 +681,7 @@ def predict(
     mce: Mce,
     *,
     bank_count: int,
-    state: GuestMceState | None = None,
+    state: Optional[GuestMceState] = None,
     ucna_path: bool = True,
 ) -> MceEffect:
     """Predict what KVM_X86_SET_MCE does with ``mce`` (validating it first).
