@@ -41,6 +41,7 @@ CROSS_CC = "aarch64-linux-gnu-gcc"
 
 #: serrinj names that are not uapi macros but have a C expression to check against
 SERRINJ_EXPRESSIONS: Dict[str, str] = {
+    "KVM_RUN_OFF_IMMEDIATE_EXIT": "offsetof(struct kvm_run, immediate_exit)",
     "KVM_RUN_OFF_EXIT_REASON": "offsetof(struct kvm_run, exit_reason)",
     "KVM_RUN_OFF_UNION": "offsetof(struct kvm_run, io)",
 }

@@ -37,6 +37,7 @@ KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 # --- vCPU ioctls (only from a thread of the VM's creator: BRIEF section 1)
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, SIZEOF_KVM_MP_STATE)
+KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, SIZEOF_KVM_MP_STATE)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, SIZEOF_KVM_VCPU_EVENTS)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, SIZEOF_KVM_VCPU_EVENTS)
 KVM_GET_ONE_REG = _IOW(KVMIO, 0xAB, SIZEOF_KVM_ONE_REG)
@@ -112,12 +113,15 @@ EXIT_REASON_NAMES: Mapping[int, str] = MappingProxyType(
 )
 
 # --- struct kvm_run layout (the parts serrinj reads)
+#: ``u8 immediate_exit``: KVM_RUN returns -EINTR at once while it is set (a race-free kick)
+KVM_RUN_OFF_IMMEDIATE_EXIT = 1
 KVM_RUN_OFF_EXIT_REASON = 8
 KVM_RUN_OFF_UNION = 32
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 
 # --- mp_state values (KVM_GET_MP_STATE)
+KVM_MP_STATE_RUNNABLE = 0
 MP_STATE_NAMES: Mapping[int, str] = MappingProxyType(
     {
         0: "runnable",
