@@ -15,8 +15,15 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 PROC = "/proc"
 
-#: task_struct->flags bit for kernel threads (include/linux/sched.h)
+#: task_struct->flags bits (include/linux/sched.h) of tasks that never run
+#: user code: kernel threads, io_uring workers and user workers. KVM's
+#: ``kvm-nx-lpage-recovery`` is a user worker since Linux 6.13 (a kernel
+#: thread before): it lives in the VMM's task list, can be seized, and its
+#: copied registers even show the vCPU's ``ioctl(fd, KVM_RUN)``.
+PF_IO_WORKER = 0x00000010
+PF_USER_WORKER = 0x00004000
 PF_KTHREAD = 0x00200000
+_NO_USER_CODE = PF_IO_WORKER | PF_USER_WORKER | PF_KTHREAD
 
 
 def _read(path: str) -> str:
@@ -73,7 +80,8 @@ class Stat:
 
     @property
     def kernel_thread(self) -> bool:
-        return bool(self.flags & PF_KTHREAD)
+        """A task without user code (kernel thread or worker): never a vCPU thread."""
+        return bool(self.flags & _NO_USER_CODE)
 
 
 def stat(pid: int, tid: Optional[int] = None) -> Stat:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 from serrinj.errors import KvmRejected, TargetNotFound, Unsupported
 from serrinj.executor import BufferSpec, Executor
@@ -26,6 +26,8 @@ _IOCTL_NAMES = {
     api.KVM_GET_MP_STATE: "KVM_GET_MP_STATE",
     kvm_x86.KVM_NMI: "KVM_NMI",
     kvm_x86.KVM_X86_SET_MCE: "KVM_X86_SET_MCE",
+    kvm_x86.KVM_GET_MSRS: "KVM_GET_MSRS",
+    kvm_x86.KVM_GET_SREGS: "KVM_GET_SREGS",
 }
 
 _ERRNO_MEANING = {
@@ -122,6 +124,20 @@ class Vcpu:
         """Queue an NMI (KVM_NMI adds to KVM's queue; it cannot drop a pending one)."""
         self._require("x86_64", "NMI injection")
         self._int(kvm_x86.KVM_NMI)
+
+    def get_msrs(self, indices: Tuple[int, ...]) -> Dict[int, int]:
+        """MSR values (KVM_GET_MSRS); MSRs KVM does not know are left out."""
+        self._require("x86_64", "KVM_GET_MSRS")
+        try:
+            raw = self.executor.ioctl_buf(self.fd, kvm_x86.KVM_GET_MSRS, kvm_x86.pack_msrs(indices))
+            count = len(indices)
+        except OSError as err:
+            raise self._fail(kvm_x86.KVM_GET_MSRS, err) from err
+        return kvm_x86.unpack_msrs(raw, count)
+
+    def get_sregs(self) -> bytes:
+        self._require("x86_64", "KVM_GET_SREGS")
+        return self._buf(kvm_x86.KVM_GET_SREGS, bytes(kvm_x86.SIZEOF_KVM_SREGS))
 
     def inject_mce(self, mce: kvm_x86.Mce) -> None:
         self._require("x86_64", "machine-check injection")

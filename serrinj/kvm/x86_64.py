@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Tuple
 
 from serrinj.kvm.api import KVMIO
-from serrinj.kvm.ioctl import _IO, _IOR, _IOW
+from serrinj.kvm.ioctl import _IO, _IOR, _IOW, _IOWR
 
 SIZEOF_KVM_REGS = 144
 SIZEOF_KVM_SREGS = 312
@@ -37,6 +37,9 @@ KVM_SET_SREGS = _IOW(KVMIO, 0x84, SIZEOF_KVM_SREGS)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, 8)
 KVM_NMI = _IO(KVMIO, 0x9A)
+#: ``struct kvm_msrs {u32 nmsrs; u32 pad;}`` followed by ``struct kvm_msr_entry`` items
+SIZEOF_KVM_MSRS = 8
+KVM_GET_MSRS = _IOWR(KVMIO, 0x88, SIZEOF_KVM_MSRS)
 KVM_X86_SETUP_MCE = _IOW(KVMIO, 0x9C, 8)
 KVM_X86_GET_MCE_CAP_SUPPORTED = _IOR(KVMIO, 0x9D, 8)
 KVM_X86_SET_MCE = _IOW(KVMIO, 0x9E, SIZEOF_KVM_X86_MCE)
@@ -310,3 +313,18 @@ def sregs_set_dtable(raw: bytearray, name: str, base: int, limit: int) -> None:
 
 
 CR4_MCE = 1 << 6
+
+
+def pack_msrs(indices: "Tuple[int, ...]") -> bytes:
+    """``struct kvm_msrs`` asking for ``indices`` (data fields zeroed)."""
+    head = struct.pack("<II", len(indices), 0)
+    return head + b"".join(struct.pack("<IIQ", i, 0, 0) for i in indices)
+
+
+def unpack_msrs(raw: bytes, count: int) -> dict[int, int]:
+    """index -> value for the first ``count`` entries KVM filled in."""
+    out = {}
+    for k in range(count):
+        index, _reserved, data = struct.unpack_from("<IIQ", raw, SIZEOF_KVM_MSRS + 16 * k)
+        out[index] = data
+    return out

@@ -114,6 +114,13 @@ def _explain_seize_eperm(pid: int, tid: int) -> SerrinjError:
     )
 
 
+def _comm_or_unknown_task(pid: int, tid: int) -> str:
+    try:
+        return procfs.comm(pid, tid)
+    except (ProcessLookupError, OSError):
+        return "unknown"
+
+
 def _comm_or_unknown(pid: int) -> str:
     try:
         return procfs.comm(pid)
@@ -138,8 +145,14 @@ class RemoteThread:
         arch: Optional[Arch] = None,
         stop_timeout: float = 2.0,
         expected_starttime: Optional[int] = None,
+        on_stall: Optional[Callable[[], None]] = None,
+        stall_after: float = 0.25,
     ) -> None:
         self.pid = pid
+        #: called once when a syscall of ours has not returned after ``stall_after``
+        #: seconds (e.g. waiting for a vCPU mutex another thread holds)
+        self.on_stall = on_stall
+        self.stall_after = stall_after
         self.tid = tid
         self.arch = arch or host_arch()
         self.stop_timeout = stop_timeout
@@ -208,6 +221,11 @@ class RemoteThread:
             raise
         if sec.tracer_pid:
             raise _explain_seize_eperm(pid, tid)
+        if procfs.stat(pid, tid).kernel_thread:
+            raise EngineError(
+                f"task {tid} of process {pid} ({_comm_or_unknown_task(pid, tid)}) is a kernel"
+                " worker without user code; it cannot run a syscall for serrinj"
+            )
         self._seccomp_mode = sec.seccomp_mode
         try:
             ptrace.seize(tid)
@@ -545,8 +563,16 @@ class RemoteThread:
             self._resume(resume, sig)
 
     def _wait_syscall_stop(self) -> None:
+        stalled = False
         while True:
-            stop = self._wait(self.stop_timeout)
+            if self.on_stall is not None and not stalled:
+                stop = self._wait(self.stall_after, allow_timeout=True)
+                if stop is None:
+                    stalled = True
+                    self.on_stall()
+                    continue
+            else:
+                stop = self._wait(self.stop_timeout)
             assert stop is not None
             if stop.kind is ptrace.StopKind.SYSCALL:
                 return

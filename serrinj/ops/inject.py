@@ -1,0 +1,481 @@
+"""Injections: arm64 SError and external data abort, x86_64 machine check and NMI.
+
+Every request is validated completely before the VMM is touched; a refused
+request sends nothing. After the injection the events are read back, and with
+``wait`` the vCPU is polled until the fault is no longer pending (the guest
+took it), which gives the delivery latency, or until the timeout, which is
+then explained from the vCPU's state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Tuple
+
+from serrinj import esr, mce
+from serrinj.errors import Conflict, InvalidInput, NotDelivered, Unsupported
+from serrinj.kvm import api
+from serrinj.kvm import arm64 as kvm_arm64
+from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.ops import host, target
+from serrinj.ops.status import decode_events, thread_state
+from serrinj.remote.session import RemoteThread
+from serrinj.vcpu import Vcpu
+
+SERROR_REQUESTS = (api.KVM_GET_VCPU_EVENTS, api.KVM_SET_VCPU_EVENTS, api.KVM_GET_ONE_REG)
+NMI_REQUESTS = (api.KVM_GET_VCPU_EVENTS, kvm_x86.KVM_NMI)
+MCE_REQUESTS = (
+    api.KVM_GET_VCPU_EVENTS,
+    kvm_x86.KVM_GET_MSRS,
+    kvm_x86.KVM_GET_SREGS,
+    kvm_x86.KVM_X86_SET_MCE,
+)
+_POLL_START = 0.0005
+_POLL_MAX = 0.02
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The outcome of ``--wait``."""
+
+    delivered: bool
+    latency_s: Optional[float]
+    polls: int
+    reason: str = ""
+
+    def as_dict(self) -> Dict[str, object]:
+        return {
+            "delivered": self.delivered,
+            "latency_s": self.latency_s,
+            "polls": self.polls,
+            "reason": self.reason or None,
+        }
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What was injected where, and what the vCPU looked like before and after."""
+
+    kind: str
+    vm_pid: int
+    vm_name: Optional[str]
+    vcpu_id: int
+    tid: int
+    thread_state: str
+    request: Dict[str, object]
+    before: Dict[str, object]
+    after: Dict[str, object]
+    prediction: Dict[str, object] = field(default_factory=dict)
+    delivery: Optional[Delivery] = None
+    registers_restored: bool = True
+    timings_us: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, object]:
+        return {
+            "kind": self.kind,
+            "vm": {"pid": self.vm_pid, "name": self.vm_name},
+            "vcpu_id": self.vcpu_id,
+            "tid": self.tid,
+            "thread_state": self.thread_state,
+            "request": self.request,
+            "before": self.before,
+            "after": self.after,
+            "prediction": self.prediction,
+            "delivery": self.delivery.as_dict() if self.delivery else None,
+            "registers_restored": self.registers_restored,
+            "timings_us": self.timings_us,
+        }
+
+
+# ---------------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class SErrorRequest:
+    """``esr=None``: let KVM/the CPU choose the syndrome."""
+
+    esr: Optional[int] = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class ExtDabtRequest:
+    mmio_timeout: float = 5.0
+    mmio_addr: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class MceRequest:
+    mce: kvm_x86.Mce
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class NmiRequest:
+    pass
+
+
+def require_arch(vm_arch: str, kind: str) -> None:
+    wanted = "aarch64" if kind in ("serror", "ext-dabt") else "x86_64"
+    if vm_arch == wanted:
+        return
+    if wanted == "aarch64":
+        raise Unsupported(
+            f"{kind} injection is for arm64 VMs; this VM is {vm_arch}",
+            hint="on x86_64 use `serrinj mce` (machine checks) or `serrinj nmi`",
+        )
+    raise Unsupported(
+        f"{kind} injection is for x86_64 VMs; this VM is {vm_arch}",
+        hint="on arm64 use `serrinj inject` (SError) or `serrinj inject --ext-dabt`",
+    )
+
+
+def validate_serror(req: SErrorRequest, caps: host.HostCaps) -> None:
+    if req.esr is None:
+        return
+    esr.validate_injectable(req.esr)
+    if not caps.serror_esr:
+        raise Unsupported(
+            "this host cannot inject an SError with a given ESR:"
+            " KVM_CAP_ARM_INJECT_SERROR_ESR is 0 (the CPU has no RAS extension)",
+            hint="leave out --esr/--severity and KVM injects an SError with an"
+            " implementation-defined syndrome",
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+def _timings(rt: RemoteThread) -> Dict[str, float]:
+    return {k[: -len("_ns")]: v / 1000 for k, v in rt.timings.items()}
+
+
+def _poll(
+    tgt: target.Target,
+    vcpu_id: int,
+    requests: Tuple[int, ...],
+    pending: Callable[[Vcpu], bool],
+    explain: Callable[[Vcpu, RemoteThread], str],
+    timeout: float,
+    t0: float,
+) -> Delivery:
+    """Re-read the vCPU until ``pending`` is false (delivered) or ``timeout`` passes."""
+    delay = _POLL_START
+    polls = 0
+    reason = ""
+    while True:
+        with target.attach(tgt.vm, vcpu_id, requests) as (vc, rt):
+            polls += 1
+            still = pending(vc)
+            now = time.monotonic()
+            if not still:
+                return Delivery(True, now - t0, polls)
+            if now - t0 >= timeout:
+                reason = explain(vc, rt)
+                return Delivery(False, None, polls, reason)
+        time.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX)
+
+
+def _finish(inj: Injection, wait: Optional[float]) -> Injection:
+    if wait is not None and inj.delivery is not None and not inj.delivery.delivered:
+        raise NotDelivered(
+            f"the {inj.kind} was still pending on vCPU {inj.vcpu_id} after {wait:g} s:"
+            f" {inj.delivery.reason}",
+            hint="the fault stays pending; the guest takes it when it can",
+        )
+    return inj
+
+
+# ---------------------------------------------------------------------- arm64
+def inject_serror(
+    tgt: target.Target, req: SErrorRequest, wait: Optional[float] = None
+) -> List[Injection]:
+    require_arch(tgt.vm.arch, "serror")
+    caps = host.probe()
+    validate_serror(req, caps)
+    vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
+    tgt = replace(tgt, vm=vm)
+    prediction = esr.predict_linux(req.esr).as_dict()
+    out = []
+    for vid in tgt.vcpu_ids:
+        t0 = time.monotonic()
+        with target.attach(vm, vid, SERROR_REQUESTS) as (vc, rt):
+            before_ev = vc.get_events()
+            assert isinstance(before_ev, kvm_arm64.VcpuEvents)
+            pstate = vc.pstate()
+            if before_ev.serror_pending and not req.force:
+                raise Conflict(
+                    f"vCPU {vid} already has an SError pending"
+                    f" (ESR {before_ev.serror_esr:#x}); nothing was sent",
+                    hint="a pending SError cannot be cancelled, and the RAS rules for"
+                    " multiple SErrors apply; use --force to inject anyway",
+                )
+            vc.inject_serror(req.esr)
+            t_set = time.monotonic()
+            after_ev = vc.get_events()
+            assert isinstance(after_ev, kvm_arm64.VcpuEvents)
+            after_pstate = vc.pstate()
+            state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
+        inj = Injection(
+            kind="serror",
+            vm_pid=vm.pid,
+            vm_name=vm.name,
+            vcpu_id=vid,
+            tid=rt.tid,
+            thread_state=state,
+            request={"esr": req.esr, "has_esr": req.esr is not None, "force": req.force},
+            before=decode_events("aarch64", before_ev, pstate),
+            after=decode_events("aarch64", after_ev, after_pstate),
+            prediction=prediction,
+            registers_restored=bool(rt.verified),
+            timings_us=_timings(rt),
+        )
+        if wait is not None:
+            if not after_ev.serror_pending:
+                # Taken already (some kernels deliver an unmasked SError at SET time).
+                delivery = Delivery(True, t_set - t0, 0, "taken at injection time")
+            else:
+                delivery = _poll(
+                    tgt, vid, SERROR_REQUESTS, _serror_pending, _explain_serror, wait, t0
+                )
+            inj = replace(inj, delivery=delivery)
+        out.append(_finish(inj, wait))
+    return out
+
+
+def _serror_pending(vc: Vcpu) -> bool:
+    ev = vc.get_events()
+    assert isinstance(ev, kvm_arm64.VcpuEvents)
+    return bool(ev.serror_pending)
+
+
+def _explain_serror(vc: Vcpu, rt: RemoteThread) -> str:
+    pstate = vc.pstate()
+    if pstate & kvm_arm64.PSTATE_A:
+        return "the guest masks SErrors (PSTATE.A=1); it takes the SError when it unmasks"
+    return _explain_common(rt)
+
+
+def _explain_common(rt: RemoteThread) -> str:
+    stop = rt.first_stop
+    if stop is not None and stop.group_stop:
+        return "the VMM process is stopped (SIGSTOP); continue it with SIGCONT"
+    assert rt.saved is not None
+    if rt.arch.kvm_run_fd_at_stop(rt.saved) is None and rt.arch.name == "x86_64":
+        return "the vCPU thread is not running the guest (VM paused or the VMM is busy)"
+    return "the vCPU has not entered the guest since (halted, or not scheduled)"
+
+
+def inject_ext_dabt(
+    tgt: target.Target, req: ExtDabtRequest, wait: Optional[float] = None
+) -> List[Injection]:
+    """Inject an external data abort right after the vCPU's next MMIO exit.
+
+    KVM uses the fault address of the last exit, so the abort is only
+    meaningful directly after a KVM_EXIT_MMIO (api.rst calls anything else a
+    programming error). serrinj therefore lets the vCPU thread run under
+    syscall tracing until its KVM_RUN returns with an MMIO exit, and injects
+    there, before the VMM completes the access.
+    """
+    require_arch(tgt.vm.arch, "ext-dabt")
+    caps = host.probe()
+    if not caps.ext_dabt:
+        raise Unsupported(
+            "this host cannot inject external data aborts: KVM_CAP_ARM_INJECT_EXT_DABT is 0"
+        )
+    if len(tgt.vcpu_ids) != 1:
+        raise InvalidInput("--ext-dabt acts on one vCPU; choose it with --vcpu")
+    vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
+    vid = tgt.vcpu_ids[0]
+    v = vm.vcpu(vid)
+    run_addr = _kvm_run_address(vm.pid, vid)
+    with target.attach(vm, vid, (api.KVM_SET_VCPU_EVENTS,)) as (vc, rt):
+        seen: Dict[str, object] = {}
+
+        def is_mmio(fd: int) -> bool:
+            if fd != v.fd:
+                return False
+            run = rt.read_memory(run_addr, 64)
+            if api.exit_reason_of(run) != api.KVM_EXIT_MMIO:
+                return False
+            mmio = api.ExitMmio.unpack_from(run)
+            if req.mmio_addr is not None and mmio.phys_addr != req.mmio_addr:
+                return False
+            seen.update(phys_addr=mmio.phys_addr, is_write=mmio.is_write, len=mmio.length)
+            return True
+
+        fd = rt.step_to_kvm_run_exit(is_mmio, req.mmio_timeout)
+        if fd is None:
+            raise NotDelivered(
+                f"vCPU {vid} made no MMIO exit within {req.mmio_timeout:g} s; nothing was sent",
+                hint="an external data abort needs a guest access to an emulated (MMIO)"
+                " address right before it; KVM uses that access's fault address",
+            )
+        vc.inject_ext_dabt()
+    return [
+        Injection(
+            kind="ext-dabt",
+            vm_pid=vm.pid,
+            vm_name=vm.name,
+            vcpu_id=vid,
+            tid=rt.tid,
+            thread_state="mmio-exit",
+            request={"mmio_addr": req.mmio_addr, "mmio_timeout": req.mmio_timeout},
+            before={"mmio_exit": seen},
+            after={},
+            registers_restored=bool(rt.verified),
+            timings_us=_timings(rt),
+        )
+    ]
+
+
+def _kvm_run_address(pid: int, vcpu_id: int) -> int:
+    from serrinj import procfs
+
+    for m in procfs.maps(pid):
+        if m.path == f"anon_inode:kvm-vcpu:{vcpu_id}" and m.offset == 0:
+            return m.start
+    raise Unsupported(f"the VMM has not mapped vCPU {vcpu_id}'s kvm_run page")
+
+
+# ---------------------------------------------------------------------- x86_64
+def inject_nmi(tgt: target.Target, wait: Optional[float] = None) -> List[Injection]:
+    require_arch(tgt.vm.arch, "nmi")
+    vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
+    tgt = replace(tgt, vm=vm)
+    out = []
+    for vid in tgt.vcpu_ids:
+        t0 = time.monotonic()
+        with target.attach(vm, vid, NMI_REQUESTS) as (vc, rt):
+            before = vc.get_events()
+            vc.inject_nmi()
+            after = vc.get_events()
+            state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
+        inj = Injection(
+            kind="nmi",
+            vm_pid=vm.pid,
+            vm_name=vm.name,
+            vcpu_id=vid,
+            tid=rt.tid,
+            thread_state=state,
+            request={},
+            before=before.as_dict(),
+            after=after.as_dict(),
+            registers_restored=bool(rt.verified),
+            timings_us=_timings(rt),
+        )
+        if wait is not None:
+            inj = replace(
+                inj,
+                delivery=_poll(tgt, vid, NMI_REQUESTS, _nmi_pending, _explain_nmi, wait, t0),
+            )
+        out.append(_finish(inj, wait))
+    return out
+
+
+def _nmi_pending(vc: Vcpu) -> bool:
+    ev = vc.get_events()
+    assert isinstance(ev, kvm_x86.VcpuEvents)
+    return bool(ev.nmi.pending or ev.nmi.injected)
+
+
+def _explain_nmi(vc: Vcpu, rt: RemoteThread) -> str:
+    ev = vc.get_events()
+    assert isinstance(ev, kvm_x86.VcpuEvents)
+    if ev.nmi.masked:
+        return "NMIs are blocked (the guest is inside an NMI handler and has not returned)"
+    return _explain_common(rt)
+
+
+def _mce_state(vc: Vcpu, bank: int) -> Tuple[mce.GuestMceState, int]:
+    msrs = vc.get_msrs(
+        (
+            kvm_x86.MSR_IA32_MCG_CAP,
+            kvm_x86.MSR_IA32_MCG_STATUS,
+            kvm_x86.MSR_IA32_MCG_CTL,
+            kvm_x86.mci_msr(bank, "ctl"),
+            kvm_x86.mci_msr(bank, "status"),
+        )
+    )
+    cap = msrs.get(kvm_x86.MSR_IA32_MCG_CAP, 0)
+    cr4 = kvm_x86.sregs_get_control(vc.get_sregs(), "cr4")
+    ones = (1 << 64) - 1
+    state = mce.GuestMceState(
+        cr4_mce=bool(cr4 & kvm_x86.CR4_MCE),
+        mcip=bool(msrs.get(kvm_x86.MSR_IA32_MCG_STATUS, 0) & kvm_x86.MCG_STATUS_MCIP),
+        mcg_ctl_all_ones=msrs.get(kvm_x86.MSR_IA32_MCG_CTL) == ones
+        if cap & kvm_x86.MCG_CTL_P
+        else None,
+        mci_ctl_all_ones=msrs.get(kvm_x86.mci_msr(bank, "ctl")) == ones,
+        bank_status=msrs.get(kvm_x86.mci_msr(bank, "status")),
+        mcg_cap=cap,
+    )
+    return state, cap & kvm_x86.MCG_CAP_COUNT_MASK
+
+
+def inject_mce(
+    tgt: target.Target, req: MceRequest, wait: Optional[float] = None
+) -> List[Injection]:
+    require_arch(tgt.vm.arch, "mce")
+    caps = host.probe()
+    if not caps.cap(api.KVM_CAP_MCE):
+        raise Unsupported("this host's KVM has no machine-check support (KVM_CAP_MCE is 0)")
+    mce.validate(req.mce, kvm_x86.KVM_MAX_MCE_BANKS)
+    vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
+    tgt = replace(tgt, vm=vm)
+    out = []
+    for vid in tgt.vcpu_ids:
+        t0 = time.monotonic()
+        with target.attach(vm, vid, MCE_REQUESTS) as (vc, rt):
+            state, banks = _mce_state(vc, req.mce.bank)
+            effect = mce.predict(req.mce, bank_count=banks, state=state)
+            if effect.outcome in ("triple-fault", "dropped") and not req.force:
+                raise Conflict(
+                    f"vCPU {vid}: this machine check would be {effect.outcome}:"
+                    f" {effect.reason}; nothing was sent",
+                    hint="use --force to inject it anyway",
+                )
+            before = vc.get_events()
+            vc.inject_mce(req.mce)
+            after = vc.get_events()
+            thread = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
+        inj = Injection(
+            kind="mce",
+            vm_pid=vm.pid,
+            vm_name=vm.name,
+            vcpu_id=vid,
+            tid=rt.tid,
+            thread_state=thread,
+            request={
+                "bank": req.mce.bank,
+                "status": req.mce.status,
+                "addr": req.mce.addr,
+                "misc": req.mce.misc,
+                "mcg_status": req.mce.mcg_status,
+                "status_decoded": mce.decode_status(req.mce.status).as_dict(),
+            },
+            before=before.as_dict(),
+            after=after.as_dict(),
+            prediction=effect.as_dict(),
+            registers_restored=bool(rt.verified),
+            timings_us=_timings(rt),
+        )
+        if wait is not None:
+            if effect.raises_mc:
+                delivery = _poll(tgt, vid, MCE_REQUESTS, _mc_pending, _explain_common_vc, wait, t0)
+            else:
+                delivery = Delivery(
+                    True, None, 0, "logged in the bank; it raises no exception (the guest polls)"
+                )
+            inj = replace(inj, delivery=delivery)
+        out.append(_finish(inj, wait))
+    return out
+
+
+def _mc_pending(vc: Vcpu) -> bool:
+    ev = vc.get_events()
+    assert isinstance(ev, kvm_x86.VcpuEvents)
+    exc = ev.exception
+    return bool((exc.pending or exc.injected) and exc.nr == kvm_x86.MC_VECTOR)
+
+
+def _explain_common_vc(vc: Vcpu, rt: RemoteThread) -> str:
+    return _explain_common(rt)

@@ -1,0 +1,189 @@
+"""``serrinj status``: host capabilities and, per vCPU, its thread and decoded events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from serrinj import discover, esr
+from serrinj.kvm import api
+from serrinj.kvm import arm64 as kvm_arm64
+from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.ops import host, target
+from serrinj.remote.session import RemoteThread
+from serrinj.vcpu import Events, Vcpu
+
+STATUS_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG, api.KVM_GET_MP_STATE)
+STATUS_REQUESTS_X86 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_MP_STATE)
+
+
+@dataclass(frozen=True)
+class VcpuStatus:
+    """One vCPU as seen at one instant."""
+
+    vcpu_id: int
+    fd: int
+    tid: int
+    thread_name: str
+    mapped_by: str
+    #: in-guest | halted | userspace | stopped
+    state: str
+    mp_state: Optional[str]
+    events: Dict[str, object]
+    seccomp_mode: int
+    registers_restored: bool
+    pstate: Optional[int] = None
+    detail: Dict[str, object] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, object]:
+        out: Dict[str, object] = {
+            "vcpu_id": self.vcpu_id,
+            "fd": self.fd,
+            "thread": {"tid": self.tid, "name": self.thread_name, "mapped_by": self.mapped_by},
+            "state": self.state,
+            "mp_state": self.mp_state,
+            "events": self.events,
+            "seccomp_mode": self.seccomp_mode,
+            "registers_restored": self.registers_restored,
+        }
+        if self.pstate is not None:
+            out["pstate"] = self.pstate
+        out.update(self.detail)
+        return out
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    host: host.HostCaps
+    vm: discover.Vm
+    vcpus: Sequence[VcpuStatus]
+
+    def as_dict(self) -> Dict[str, object]:
+        return {
+            "host": self.host.as_dict(),
+            "vm": vm_dict(self.vm),
+            "vcpus": [v.as_dict() for v in self.vcpus],
+        }
+
+
+def vm_dict(vm: discover.Vm) -> Dict[str, object]:
+    return {
+        "pid": vm.pid,
+        "name": vm.name,
+        "comm": vm.comm,
+        "vmm": vm.vmm,
+        "arch": vm.arch,
+        "uid": vm.uid,
+        "vm_fds": list(vm.vm_fds),
+        "vcpus": [
+            {
+                "vcpu_id": v.vcpu_id,
+                "fd": v.fd,
+                "tid": v.thread.tid if v.thread else None,
+                "thread_name": v.thread.name if v.thread else None,
+                "thread_state": v.thread.state if v.thread else None,
+                "mapped_by": v.mapped_by or None,
+                "seccomp_mode": v.thread.seccomp_mode if v.thread else None,
+            }
+            for v in vm.vcpus
+        ],
+    }
+
+
+def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fd: int) -> str:
+    """Where the vCPU's thread was when it was stopped."""
+    stop = rt.first_stop
+    if stop is not None and stop.group_stop:
+        return "stopped"
+    assert rt.saved is not None
+    left_run = rt.arch.kvm_run_fd_at_stop(rt.saved)
+    in_run = left_run == fd or (left_run is None and _left_kvm_run_generic(rt))
+    if before is not None and before.state == "in-kvm-run":
+        return "halted"
+    if in_run:
+        return "in-guest"
+    return "userspace"
+
+
+def _left_kvm_run_generic(rt: RemoteThread) -> bool:
+    # aarch64 keeps the request in x1 and the number in x8 after the syscall returns.
+    assert rt.saved is not None
+    if rt.arch.name != "aarch64":
+        return False
+    return bool(rt.saved["x8"] == rt.arch.nr["ioctl"] and rt.saved["x1"] == api.KVM_RUN)
+
+
+def decode_events(arch: str, events: Events, pstate: Optional[int] = None) -> Dict[str, object]:
+    out = events.as_dict()
+    if isinstance(events, kvm_arm64.VcpuEvents):
+        out["serror_esr_decoded"] = (
+            esr.decode(events.serror_esr, form="iss").as_dict() if events.serror_pending else None
+        )
+        if pstate is not None:
+            out["serror_masked"] = bool(pstate & kvm_arm64.PSTATE_A)
+    return out
+
+
+def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
+    v = vm.vcpu(vcpu.vcpu_id)
+    assert v.thread is not None
+    events = vcpu.get_events()
+    pstate = vcpu.pstate() if vm.arch == "aarch64" else None
+    try:
+        mp = api.MP_STATE_NAMES.get(vcpu.mp_state())
+    except Exception:
+        mp = None
+    detail: Dict[str, object] = {}
+    if pstate is not None:
+        detail["pstate_decoded"] = {
+            "A": bool(pstate & kvm_arm64.PSTATE_A),
+            "I": bool(pstate & kvm_arm64.PSTATE_I),
+            "F": bool(pstate & kvm_arm64.PSTATE_F),
+            "D": bool(pstate & kvm_arm64.PSTATE_D),
+            "mode": kvm_arm64.PSTATE_MODE_NAMES.get(pstate & kvm_arm64.PSTATE_MODE_MASK, "?"),
+        }
+    state = thread_state(v.thread, rt, v.fd)
+    if state == "in-guest" and mp == "halted":
+        state = "halted"
+    return VcpuStatus(
+        vcpu_id=v.vcpu_id,
+        fd=v.fd,
+        tid=v.thread.tid,
+        thread_name=v.thread.name,
+        mapped_by=v.mapped_by,
+        state=state,
+        mp_state=mp,
+        events=decode_events(vm.arch, events, pstate),
+        seccomp_mode=v.thread.seccomp_mode,
+        registers_restored=True,
+        pstate=pstate,
+        detail=detail,
+    )
+
+
+def status(
+    pid: Optional[int] = None,
+    name: Optional[str] = None,
+    vcpu: target.VcpuSpec = None,
+) -> StatusReport:
+    """Host caps plus a snapshot of every selected vCPU."""
+    caps = host.probe()
+    tgt = target.resolve(pid, name, vcpu)
+    vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
+    requests = STATUS_REQUESTS_ARM64 if vm.arch == "aarch64" else STATUS_REQUESTS_X86
+    out: List[VcpuStatus] = []
+    for vid in tgt.vcpu_ids:
+        with target.attach(vm, vid, requests) as (vc, rt):
+            snap = read_vcpu(vm, vc, rt)
+        out.append(_restored(snap, rt))
+    return StatusReport(caps, vm, out)
+
+
+def _restored(snap: VcpuStatus, rt: RemoteThread) -> VcpuStatus:
+    from dataclasses import replace
+
+    return replace(snap, registers_restored=bool(rt.verified))
+
+
+def x86_summary(events: kvm_x86.VcpuEvents) -> Dict[str, object]:
+    return events.as_dict()

@@ -1,0 +1,314 @@
+"""Which VM and vCPUs a command means, and a safe way to reach one of them.
+
+:func:`attach` is the one place where a :class:`~serrinj.vcpu.Vcpu` backed by
+the remote engine is made. It guarantees, before anything is sent:
+
+- the thread is the vCPU's thread (checked again at the stop when the
+  registers show the KVM_RUN it left, so a stale mapping is caught);
+- the thread's seccomp filter lets every ioctl of the operation through; if
+  not, another thread of the VMM whose filter does is used, while the vCPU
+  thread is held stopped (out of KVM_RUN, so the vCPU mutex is free);
+- if a call still waits on the vCPU mutex (another thread is inside KVM_RUN
+  on that vCPU after all), the VMM's other runnable threads are held stopped
+  until it completes, then released.
+
+``--fd`` targets are resolved here too: a vCPU fd this process holds is
+tried locally; KVM answers EIO unless this process created the VM, and then
+the VMM that shares the open file is found with ``kcmp(KCMP_FILE)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+from serrinj import _native, discover, procfs
+from serrinj.errors import (
+    Conflict,
+    InvalidInput,
+    KvmRejected,
+    SeccompBlocked,
+    TargetGone,
+    TargetNotFound,
+)
+from serrinj.executor import LocalExecutor
+from serrinj.kvm import api
+from serrinj.remote.executor import RemoteExecutor
+from serrinj.remote.session import RemoteThread
+from serrinj.vcpu import Vcpu
+
+VcpuSpec = Union[int, str, None]  # an id, "all", or None (= all when there is one, else error)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved VM plus the vCPU ids a command acts on."""
+
+    vm: discover.Vm
+    vcpu_ids: Tuple[int, ...]
+
+
+def parse_vcpu(value: Optional[str]) -> VcpuSpec:
+    if value is None:
+        return None
+    if value == "all":
+        return "all"
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise InvalidInput(
+            f"--vcpu takes a vCPU id or 'all', not {value!r}", hint="serrinj list shows the ids"
+        ) from None
+    if n < 0:
+        raise InvalidInput(f"--vcpu {value}: vCPU ids are not negative")
+    return n
+
+
+def resolve(
+    pid: Optional[int] = None,
+    name: Optional[str] = None,
+    vcpu: VcpuSpec = None,
+    *,
+    single: bool = False,
+) -> Target:
+    """Find the VM and select vCPUs. ``single`` commands need exactly one vCPU."""
+    vm = discover.find(pid=pid, name=name)
+    if not vm.vcpus:
+        raise TargetNotFound(f"VM {vm.label} has no vCPUs yet")
+    if vcpu == "all":
+        if single:
+            raise InvalidInput("this command acts on one vCPU; --vcpu all is not allowed here")
+        ids: Tuple[int, ...] = tuple(v.vcpu_id for v in vm.vcpus)
+    elif vcpu is None:
+        if single and len(vm.vcpus) > 1:
+            ids_text = ", ".join(str(v.vcpu_id) for v in vm.vcpus)
+            raise InvalidInput(
+                f"VM {vm.label} has {len(vm.vcpus)} vCPUs; choose one with --vcpu",
+                hint=f"vCPU ids: {ids_text}",
+            )
+        ids = tuple(v.vcpu_id for v in vm.vcpus) if not single else (vm.vcpus[0].vcpu_id,)
+    else:
+        assert isinstance(vcpu, int)
+        vm.vcpu(vcpu)  # raises TargetNotFound with the valid ids
+        ids = (vcpu,)
+    return Target(vm, ids)
+
+
+def ensure_mapped(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
+    """Probe for threads when any selected vCPU has none yet."""
+    if all(vm.vcpu(i).thread is not None for i in vcpu_ids):
+        return vm
+    vm = discover.probe(vm)
+    for i in vcpu_ids:
+        if vm.vcpu(i).thread is None:
+            raise TargetNotFound(
+                f"cannot tell which thread of {vm.label} runs vCPU {i}",
+                hint="it is neither blocked in KVM_RUN nor entering it (paused VM?); mount"
+                " debugfs (mount -t debugfs none /sys/kernel/debug) or name the VMM's"
+                " threads (QEMU: -name ...,debug-threads=on)",
+            )
+    return vm
+
+
+class _Held:
+    """Threads stopped to keep them out of KVM_RUN while a call needs the vCPU."""
+
+    def __init__(self, vm: discover.Vm, exclude: Sequence[int]) -> None:
+        self.vm = vm
+        self.exclude = set(exclude)
+        self.threads: List[RemoteThread] = []
+
+    def hold_others(self) -> None:
+        for t in self.vm.threads:
+            if t.tid in self.exclude or t.state == "blocked":
+                continue
+            rt = RemoteThread(self.vm.pid, t.tid, expected_starttime=self.vm.starttime)
+            try:
+                rt.attach()
+            except (TargetGone, Conflict):
+                continue
+            self.threads.append(rt)
+            self.exclude.add(t.tid)
+
+    def release(self) -> None:
+        while self.threads:
+            self.threads.pop().close()
+
+
+def _stale(vm: discover.Vm, vcpu: discover.Vcpu, rt: RemoteThread) -> Optional[int]:
+    assert rt.saved is not None
+    fd = rt.arch.kvm_run_fd_at_stop(rt.saved)
+    return fd if fd is not None and fd != vcpu.fd else None
+
+
+@contextlib.contextmanager
+def attach(
+    vm: discover.Vm,
+    vcpu_id: int,
+    requests: Sequence[int],
+    *,
+    timeout: float = 2.0,
+) -> Iterator[Tuple[Vcpu, RemoteThread]]:
+    """Reach vCPU ``vcpu_id`` of ``vm`` for the ioctls in ``requests``.
+
+    Yields the :class:`Vcpu` and the stopped vCPU thread (its first stop tells
+    what the thread was doing). Everything is restored and detached on exit.
+    """
+    vm = ensure_mapped(vm, (vcpu_id,))
+    v = vm.vcpu(vcpu_id)
+    assert v.thread is not None
+    held = _Held(vm, exclude=[v.thread.tid])
+    with contextlib.ExitStack() as stack:
+        stack.callback(held.release)
+        rt = stack.enter_context(
+            RemoteThread(
+                vm.pid,
+                v.thread.tid,
+                stop_timeout=timeout,
+                expected_starttime=vm.starttime,
+                on_stall=held.hold_others,
+            )
+        )
+        other = _stale(vm, v, rt)
+        if other is not None:
+            raise Conflict(
+                f"thread {v.thread.tid} of {vm.label} runs the vCPU on fd {other}, not vCPU"
+                f" {vcpu_id} (fd {v.fd}): the VMM moved its vCPUs",
+                hint="run the command again",
+            )
+        exec_thread = rt
+        try:
+            _check_requests(rt, v.fd, requests)
+        except SeccompBlocked as blocked:
+            exec_thread = _helper_thread(vm, v, requests, stack, blocked, held)
+        yield Vcpu(RemoteExecutor(exec_thread), v.fd, vcpu_id, vm.arch), rt
+
+
+def _check_requests(rt: RemoteThread, fd: int, requests: Sequence[int]) -> None:
+    for req in requests:
+        rt.check_seccomp(rt.arch.nr["ioctl"], (fd, req, 0))
+
+
+def _helper_thread(
+    vm: discover.Vm,
+    v: discover.Vcpu,
+    requests: Sequence[int],
+    stack: contextlib.ExitStack,
+    blocked: SeccompBlocked,
+    held: _Held,
+) -> RemoteThread:
+    """Another VMM thread whose filter allows the calls (the vCPU thread stays held)."""
+    vcpu_tids = {x.thread.tid for x in vm.vcpus if x.thread is not None}
+    others = sorted(
+        (t for t in vm.threads if t.tid != v.thread.tid),  # type: ignore[union-attr]
+        key=lambda t: (t.tid in vcpu_tids, t.seccomp_filters, t.tid),
+    )
+    for t in others:
+        rt = RemoteThread(vm.pid, t.tid, expected_starttime=vm.starttime, on_stall=held.hold_others)
+        try:
+            rt.attach()
+        except (TargetGone, Conflict):
+            continue
+        try:
+            _check_requests(rt, v.fd, requests)
+        except SeccompBlocked:
+            rt.close()
+            continue
+        held.exclude.add(t.tid)
+        stack.callback(rt.close)
+        return rt
+    raise SeccompBlocked(
+        f"{blocked.message}, and no other thread of {vm.label} may issue it either",
+        hint="nothing was sent; the VMM's sandbox forbids these ioctls everywhere",
+    )
+
+
+# ---------------------------------------------------------------------- --fd
+@dataclass(frozen=True)
+class FdResolution:
+    """What an ``--fd`` turned out to be."""
+
+    vcpu_id: int
+    local: bool  # this process may issue the ioctls itself (it created the VM)
+    owner_pid: Optional[int] = None
+    owner_fd: Optional[int] = None
+    explanation: str = ""
+
+
+def resolve_fd(fd: int, pid: Optional[int] = None) -> FdResolution:
+    """Resolve ``--fd`` (ours, inherited) or ``--pid P --fd N`` (the target's)."""
+    mine = fd
+    taken = -1
+    try:
+        if pid is not None:
+            pidfd = _native.pidfd_open(pid)
+            try:
+                taken = _native.pidfd_getfd(pidfd, fd)
+            finally:
+                os.close(pidfd)
+            mine = taken
+        try:
+            link = os.readlink(f"/proc/self/fd/{mine}")
+        except OSError:
+            raise TargetNotFound(f"fd {fd} is not open in serrinj's process") from None
+        vcpu_id = discover.vcpu_id_of_link(link)
+        if vcpu_id is None:
+            raise InvalidInput(f"fd {fd} is {link}, not a KVM vCPU fd")
+        try:
+            LocalExecutor().ioctl_buf(mine, api.KVM_GET_VCPU_EVENTS, bytes(64))
+            if pid is None:
+                return FdResolution(vcpu_id, local=True, explanation="this process owns the VM")
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise KvmRejected(f"KVM_GET_VCPU_EVENTS on fd {fd} failed", err.errno or 0) from err
+        if pid is not None:
+            return FdResolution(
+                vcpu_id,
+                local=False,
+                owner_pid=pid,
+                owner_fd=fd,
+                explanation=f"vCPU {vcpu_id} is fd {fd} of process {pid}; issued inside it",
+            )
+        owners = sorted(discover.find_file_holders(os.getpid(), mine), key=_owner_rank)
+        if not owners:
+            raise TargetNotFound(
+                f"fd {fd} is vCPU {vcpu_id} of a VM this process did not create (KVM says EIO),"
+                " and no running process shares that file",
+                hint="KVM accepts vCPU ioctls only from the VM's creator; is the VMM gone?",
+            )
+        owner = owners[0]
+        return FdResolution(
+            vcpu_id,
+            local=False,
+            owner_pid=owner.pid,
+            owner_fd=owner.fd,
+            explanation=(
+                f"fd {fd} was inherited: KVM refuses it here (EIO); the same file is fd"
+                f" {owner.fd} of process {owner.pid} ({procfs.comm(owner.pid)}), which runs it"
+            ),
+        )
+    except OSError as err:
+        if err.errno == errno.ESRCH:
+            raise TargetGone(f"process {pid} exited") from err
+        if err.errno == errno.EBADF:
+            raise TargetNotFound(f"fd {fd} is not open in process {pid}") from err
+        if err.errno == errno.EPERM:
+            raise TargetNotFound(f"no permission to take fd {fd} of process {pid}") from err
+        raise
+    finally:
+        if taken >= 0:
+            os.close(taken)
+
+
+def _owner_rank(owner: discover.FdOwner) -> Tuple[bool, int]:
+    """Likeliest creator first: a process whose thread runs that vCPU, then the oldest."""
+    try:
+        vm = discover.inspect(owner.pid)
+        starttime = procfs.stat(owner.pid).starttime
+    except ProcessLookupError:
+        return (True, 1 << 62)
+    runs_it = vm is not None and any(v.fd == owner.fd and v.thread is not None for v in vm.vcpus)
+    return (not runs_it, starttime)
