@@ -32,6 +32,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from serrinj.errors import InvalidInput
 from serrinj.kvm.x86_64 import (
+    CR4_MCE,
     MC_VECTOR,
     MCG_CAP_COUNT_MASK,
     MCG_CTL_P,
@@ -48,7 +49,11 @@ from serrinj.kvm.x86_64 import (
     MCI_STATUS_S,
     MCI_STATUS_UC,
     MCI_STATUS_VAL,
+    MSR_IA32_MCG_CAP,
+    MSR_IA32_MCG_CTL,
+    MSR_IA32_MCG_STATUS,
     Mce,
+    mci_msr,
 )
 
 U64_MASK = (1 << 64) - 1
@@ -581,10 +586,13 @@ def validate(mce: Mce, bank_count: int) -> Mce:
     if not 0 <= mce.bank < 256:
         raise InvalidInput(f"bank {mce.bank} does not fit in a byte")
     if mce.bank >= bank_count:
+        banks = f" (0..{bank_count - 1})" if bank_count else ""
         raise InvalidInput(
-            f"bank {mce.bank} does not exist: the vCPU has {bank_count} bank(s)"
-            + (f" (0..{bank_count - 1})" if bank_count else ""),
-            hint="KVM_X86_SET_MCE would fail with EINVAL; pick a lower bank",
+            f"bank {mce.bank} does not exist: the vCPU has {bank_count} bank(s){banks}; "
+            "KVM_X86_SET_MCE would fail with EINVAL",
+            hint="pick a lower bank"
+            if bank_count
+            else "the VMM never enabled machine checks (KVM_X86_SETUP_MCE)",
         )
     return mce
 
@@ -607,6 +615,40 @@ class GuestMceState:
     mci_ctl_all_ones: Optional[bool] = None
     bank_status: Optional[int] = None
     mcg_cap: Optional[int] = None
+
+    @classmethod
+    def from_registers(
+        cls, *, bank: int, msrs: Mapping[int, int], cr4: Optional[int] = None
+    ) -> GuestMceState:
+        """Build the state from a vCPU's CR4 (KVM_GET_SREGS) and the MSRs of
+        :func:`state_msrs` (KVM_GET_MSRS); an MSR absent from ``msrs`` stays unknown."""
+
+        def msr(index: int) -> Optional[int]:
+            return msrs.get(index)
+
+        mcg_status = msr(MSR_IA32_MCG_STATUS)
+        mcg_ctl = msr(MSR_IA32_MCG_CTL)
+        mci_ctl = msr(mci_msr(bank, "ctl"))
+        return cls(
+            cr4_mce=None if cr4 is None else bool(cr4 & CR4_MCE),
+            mcip=None if mcg_status is None else bool(mcg_status & MCG_STATUS_MCIP),
+            mcg_ctl_all_ones=None if mcg_ctl is None else mcg_ctl == U64_MASK,
+            mci_ctl_all_ones=None if mci_ctl is None else mci_ctl == U64_MASK,
+            bank_status=msr(mci_msr(bank, "status")),
+            mcg_cap=msr(MSR_IA32_MCG_CAP),
+        )
+
+
+def state_msrs(bank: int) -> Tuple[int, ...]:
+    """The MSRs :meth:`GuestMceState.from_registers` uses for ``bank``
+    (read them with KVM_GET_MSRS; KVM lets the host read MCG_CTL even without CTL_P)."""
+    return (
+        MSR_IA32_MCG_CAP,
+        MSR_IA32_MCG_STATUS,
+        MSR_IA32_MCG_CTL,
+        mci_msr(bank, "ctl"),
+        mci_msr(bank, "status"),
+    )
 
 
 @dataclass(frozen=True)

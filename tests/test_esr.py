@@ -10,7 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import pytest
 from hypothesis import given
@@ -261,7 +261,7 @@ def test_results_are_frozen() -> None:
 
 # --------------------------------------------------------------------------- round trips
 
-_fields = st.one_of(
+_fields: st.SearchStrategy[Dict[str, Any]] = st.one_of(
     st.builds(
         dict,
         aet=st.integers(0, 7),
@@ -278,7 +278,7 @@ _fields = st.one_of(
 )
 
 
-def _fields_of(syn: esr.Syndrome) -> dict:  # type: ignore[type-arg]
+def _fields_of(syn: esr.Syndrome) -> Dict[str, Any]:
     if syn.ids:
         return {"impdef": syn.impdef}
     if syn.dfsc == 0x11:
@@ -287,7 +287,7 @@ def _fields_of(syn: esr.Syndrome) -> dict:  # type: ignore[type-arg]
 
 
 @given(_fields)
-def test_encode_decode_encode(fields: dict) -> None:  # type: ignore[type-arg]
+def test_encode_decode_encode(fields: Dict[str, Any]) -> None:
     iss = esr.encode(**fields)
     assert esr.validate_injectable(iss) == iss
     syn = esr.decode(iss)
@@ -391,7 +391,7 @@ def test_negative_refused() -> None:
         ({"dfsc": 0x40}, "6 bits"),
     ],
 )
-def test_encode_errors(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
+def test_encode_errors(kwargs: Dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
         esr.encode(**kwargs)
 

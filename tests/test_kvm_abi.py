@@ -27,7 +27,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import pytest
 from hypothesis import given
@@ -563,7 +563,7 @@ def test_arm64_vcpu_events_round_trip(raw: bytes) -> None:
 
 @pytest.mark.parametrize("cls", [x86_64.VcpuEvents, arm64.VcpuEvents])
 @pytest.mark.parametrize("size", [0, 63, 65])
-def test_vcpu_events_wrong_size(cls: type, size: int) -> None:
+def test_vcpu_events_wrong_size(cls: Any, size: int) -> None:
     with pytest.raises(ValueError):
         cls.unpack(bytes(size))
 
