@@ -561,9 +561,9 @@ def test_arm64_vcpu_events_round_trip(raw: bytes) -> None:
     assert arm64.VcpuEvents.unpack(raw).pack() == raw
 
 
-@pytest.mark.parametrize("cls", [x86_64.VcpuEvents, arm64.VcpuEvents])
-@pytest.mark.parametrize("size", [0, 63, 65])
-def test_vcpu_events_wrong_size(cls: Any, size: int) -> None:
+@pytest.mark.parametrize("cls", [x86_64.VcpuEvents, arm64.VcpuEvents, x86_64.Mce, arm64.VcpuInit])
+@pytest.mark.parametrize("size", [0, 31, 63, 65])
+def test_unpack_refuses_a_wrong_size(cls: Any, size: int) -> None:
     with pytest.raises(ValueError):
         cls.unpack(bytes(size))
 

@@ -157,6 +157,8 @@ class VcpuInit:
 
     @classmethod
     def unpack(cls, raw: bytes) -> VcpuInit:
+        if len(raw) != cls.SIZE:
+            raise ValueError(f"kvm_vcpu_init is {cls.SIZE} bytes, got {len(raw)}")
         target, *features = cls._FMT.unpack(raw)
         return cls(target, tuple(features))
 

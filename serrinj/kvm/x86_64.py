@@ -223,6 +223,8 @@ class Mce:
 
     @classmethod
     def unpack(cls, raw: bytes) -> Mce:
+        if len(raw) != cls.SIZE:
+            raise ValueError(f"kvm_x86_mce is {cls.SIZE} bytes, got {len(raw)}")
         status, addr, misc, mcg_status, bank = cls._FMT.unpack(raw)
         return cls(status=status, bank=bank, addr=addr, misc=misc, mcg_status=mcg_status)
 
