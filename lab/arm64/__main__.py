@@ -1,0 +1,256 @@
+"""``python -m lab.arm64``: the emulated arm64 RAS host where serrinj's arm64 features are proven.
+
+Commands::
+
+    run    [--kernel 6.1|6.12|all] [--cpu max|cortex-a57|all] [--no-qemu] [--timeout S]
+           [--refresh] [-- PYTEST ARGS]
+           boot the matrix and run the suite in each boot (``make lab-arm64``)
+    shell  [--kernel 6.1|6.12] [--cpu max|cortex-a57] [--no-qemu] [--timeout S]
+           boot once with a shell on the console (``make lab-shell``)
+    fetch  [--kernel ...] [--no-qemu] [--refresh]
+           download and build only (warms the cache)
+    clean  delete the lab's cache
+
+Results go to stdout (one line per test, a summary per boot and overall);
+progress goes to stderr. The exit status is 0 only when every boot reached
+the suite, finished it, and no test failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import List, Optional, Sequence
+
+from lab import protocol
+from lab.arm64 import boot, config, initramfs, prepare
+from lab.arm64.config import say
+from lab.arm64.debian import DebianError
+from lab.arm64.initramfs import BuildError
+from lab.arm64.wheels import WheelError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PREPARE = 3
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _kernels(value: Optional[str]) -> Optional[List[str]]:
+    if value is None:
+        return None
+    return list(config.KERNELS) if value == "all" else [value]
+
+
+def _cpus(value: Optional[str]) -> Optional[List[str]]:
+    if value is None:
+        return None
+    return list(config.CPUS) if value == "all" else [value]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lab.arm64",
+        description="The emulated arm64 RAS host (QEMU TCG, KVM inside) for serrinj's arm64 tests.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    kernels = [*config.KERNELS, "all"]
+    cpus = [*config.CPUS, "all"]
+
+    def common(p: argparse.ArgumentParser, many: bool) -> None:
+        p.add_argument(
+            "--kernel",
+            choices=kernels if many else list(config.KERNELS),
+            help="kernel flavour (default: " + ("all" if many else config.DEFAULT_KERNEL) + ")",
+        )
+        p.add_argument(
+            "--cpu",
+            choices=cpus if many else list(config.CPUS),
+            help="emulated CPU model (default: "
+            + ("max on every kernel plus one cortex-a57 boot" if many else "max")
+            + ")",
+        )
+        p.add_argument(
+            "--no-qemu",
+            dest="with_qemu",
+            action="store_false",
+            help="leave the inner QEMU and nested guest out of the lab",
+        )
+        p.add_argument("--with-qemu", dest="with_qemu", action="store_true", help="(default)")
+        p.add_argument("--refresh", action="store_true", help="update the apt lists and wheels")
+        p.set_defaults(with_qemu=True)
+
+    run = sub.add_parser("run", help="boot the matrix and run the suite (make lab-arm64)")
+    common(run, many=True)
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=config.BOOT_TIMEOUT_S,
+        help=f"wall-clock limit of each boot in seconds (default {config.BOOT_TIMEOUT_S})",
+    )
+    run.add_argument("pytest_args", nargs="*", help="after --: pytest arguments inside the lab")
+
+    shell = sub.add_parser("shell", help="boot once with a shell on the console (make lab-shell)")
+    common(shell, many=False)
+    shell.add_argument("--timeout", type=float, default=0, help="wall-clock limit (default none)")
+
+    fetch = sub.add_parser("fetch", help="download and build only")
+    common(fetch, many=True)
+
+    sub.add_parser("clean", help=f"delete {config.lab_cache()}")
+    return parser
+
+
+def _prepare(labels: Sequence[str], with_qemu: bool, refresh: bool) -> prepare.Prepared:
+    boot.qemu_binary()
+    return prepare.prepare(labels, with_qemu, refresh)
+
+
+def _project(run_dir: str, pytest_args: Sequence[str]) -> str:
+    path = os.path.join(run_dir, "project.cpio.gz")
+    n = initramfs.build_project(config.repo_root(), path, pytest_args)
+    say(f"project: {n} files from {config.repo_root()}")
+    return path
+
+
+def _pieces(prepared: prepare.Prepared, project: str) -> List[str]:
+    pieces = [prepared.base]
+    if prepared.nested:
+        pieces.append(prepared.nested)
+    return pieces + [project]
+
+
+def _summary(passed: int, failed: int, skipped: int) -> str:
+    text = f"{passed} passed, {failed} failed"
+    return text + (f", {skipped} skipped" if skipped else "")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    combos = boot.matrix(_kernels(args.kernel), _cpus(args.cpu))
+    labels = list(dict.fromkeys(k for k, _ in combos))
+    started = time.monotonic()
+    prepared = _prepare(labels, args.with_qemu, args.refresh)
+    run_dir = prepare.new_run_dir()
+    initrd = prepare.concatenate(
+        _pieces(prepared, _project(run_dir, args.pytest_args)), os.path.join(run_dir, "initrd.img")
+    )
+    say(f"ready in {time.monotonic() - started:.1f} s; {len(combos)} boot(s), logs in {run_dir}")
+
+    outcomes: List[boot.BootOutcome] = []
+    for kernel, cpu in combos:
+        kimg = prepared.kernels[kernel]
+        spec = boot.BootSpec(kernel, config.CPUS[cpu], kimg.image)
+        _out(f"== {spec.name}: Linux {kimg.release} (Debian {kimg.package.version}), -cpu {cpu}")
+        say(f"booting {spec.name}")
+
+        def on_line(
+            report: protocol.BootReport, done: Optional[protocol.CaseResult], text: str
+        ) -> None:
+            if protocol.TAG + " " + protocol.INFO in text:
+                info = report.info
+                caps = " ".join(f"{c}={info.get(f'cap{c}', '?')}" for c in (41, 158, 178))
+                ras = {"1": "yes", "0": "no"}.get(info.get("ras_detected", ""), "?")
+                _out(f"   kernel RAS detection: {ras}; /dev/kvm caps: {caps}")
+            if done is not None:
+                _out(f"   {done.outcome:<8} {done.nodeid}  ({done.duration:.2f} s)")
+            elif f"{protocol.TAG} {protocol.DETAIL}" in text and report.results:
+                # the detail lines of a failure (or a skip's reason) follow its RESULT
+                last = report.results[-1]
+                if last.failed or last.outcome == "XPASS" or len(last.details) == 1:
+                    _out(f"            | {last.details[-1]}")
+
+        outcome = boot.run(
+            spec,
+            initrd,
+            os.path.join(run_dir, f"{kernel}-{cpu}.log"),
+            args.timeout,
+            args.with_qemu,
+            on_line,
+        )
+        outcomes.append(outcome)
+        rep = outcome.report
+        for err in rep.errors:
+            _out(f"   guest error: {err}")
+        status = "ok" if outcome.ok else "FAILED: " + "; ".join(outcome.problems())
+        _out(
+            f"   {spec.name}: {_summary(rep.passed, rep.failed, rep.skipped)} "
+            f"in {outcome.seconds:.1f} s -- {status}"
+        )
+        if not rep.reached_suite or not rep.finished:
+            _out(f"   last console lines (full log: {outcome.log}):")
+            for text in outcome.tail[-20:]:
+                _out(f"   > {text}")
+
+    passed = sum(o.report.passed for o in outcomes)
+    failed = sum(o.report.failed for o in outcomes)
+    skipped = sum(o.report.skipped for o in outcomes)
+    bad = [o for o in outcomes if not o.ok]
+    _out(
+        f"== overall: {_summary(passed, failed, skipped)}; "
+        f"{len(outcomes) - len(bad)}/{len(outcomes)} boots ok "
+        f"in {time.monotonic() - started:.1f} s"
+    )
+    if bad:
+        _out("   failed boots: " + ", ".join(o.spec.name for o in bad) + f" (logs in {run_dir})")
+    return EXIT_OK if not bad else EXIT_FAILED
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    kernel = args.kernel or config.DEFAULT_KERNEL
+    cpu = args.cpu or "max"
+    prepared = _prepare([kernel], args.with_qemu, args.refresh)
+    run_dir = prepare.new_run_dir()
+    initrd = prepare.concatenate(
+        _pieces(prepared, _project(run_dir, ())), os.path.join(run_dir, "initrd.img")
+    )
+    spec = boot.BootSpec(kernel, config.CPUS[cpu], prepared.kernels[kernel].image)
+    say(f"booting {spec.name} with a shell on the console; leave with `poweroff -f` or Ctrl-A X")
+    return boot.interactive(spec, initrd, args.with_qemu, args.timeout or None)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    combos = boot.matrix(_kernels(args.kernel), _cpus(args.cpu))
+    prepared = _prepare(list(dict.fromkeys(k for k, _ in combos)), args.with_qemu, args.refresh)
+    for label, k in prepared.kernels.items():
+        _out(f"kernel {label}: {k.package.name} {k.package.version} -> {k.image}")
+    _out(f"base: {prepared.base}")
+    if prepared.nested:
+        _out(f"nested: {prepared.nested}")
+    return EXIT_OK
+
+
+def cmd_clean(_args: argparse.Namespace) -> int:
+    with prepare.cache_lock():
+        for name in os.listdir(config.lab_cache()):
+            if name == "lock":
+                continue
+            path = os.path.join(config.lab_cache(), name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+    say(f"removed the contents of {config.lab_cache()}")
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": cmd_run, "shell": cmd_shell, "fetch": cmd_fetch, "clean": cmd_clean}
+    try:
+        return handlers[args.command](args)
+    except (DebianError, WheelError, BuildError, FileNotFoundError) as err:
+        print(f"lab: error: {err}", file=sys.stderr)
+        return EXIT_PREPARE
+    except KeyboardInterrupt:
+        print("lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
