@@ -41,6 +41,11 @@ KVM_NMI = _IO(KVMIO, 0x9A)
 SIZEOF_KVM_MSRS = 8
 KVM_GET_MSRS = _IOWR(KVMIO, 0x88, SIZEOF_KVM_MSRS)
 KVM_X86_SETUP_MCE = _IOW(KVMIO, 0x9C, 8)
+#: ``struct kvm_cpuid2 {u32 nent; u32 padding;}`` followed by ``nent`` 40-byte entries
+SIZEOF_KVM_CPUID2 = 8
+SIZEOF_KVM_CPUID_ENTRY2 = 40
+KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, SIZEOF_KVM_CPUID2)
+KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, SIZEOF_KVM_CPUID2)
 KVM_X86_GET_MCE_CAP_SUPPORTED = _IOR(KVMIO, 0x9D, 8)
 KVM_X86_SET_MCE = _IOW(KVMIO, 0x9E, SIZEOF_KVM_X86_MCE)
 
@@ -330,3 +335,43 @@ def unpack_msrs(raw: bytes, count: int) -> dict[int, int]:
         index, _reserved, data = struct.unpack_from("<IIQ", raw, SIZEOF_KVM_MSRS + 16 * k)
         out[index] = data
     return out
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """``struct kvm_cpuid_entry2`` (40 bytes; ``padding[3]`` is zero)."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+    _FMT = struct.Struct("<7I12x")
+
+
+def cpuid2_request(capacity: int) -> bytes:
+    """An empty ``struct kvm_cpuid2`` with room for ``capacity`` entries (for GET ioctls)."""
+    return struct.pack("<II", capacity, 0) + bytes(SIZEOF_KVM_CPUID_ENTRY2 * capacity)
+
+
+def pack_cpuid2(entries: Tuple[CpuidEntry, ...]) -> bytes:
+    """``struct kvm_cpuid2`` holding ``entries`` (the KVM_SET_CPUID2 argument)."""
+    body = b"".join(
+        CpuidEntry._FMT.pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+        for e in entries
+    )
+    return struct.pack("<II", len(entries), 0) + body
+
+
+def unpack_cpuid2(raw: bytes) -> Tuple[CpuidEntry, ...]:
+    """The entries of a ``struct kvm_cpuid2`` that KVM filled in."""
+    (nent,) = struct.unpack_from("<I", raw)
+    return tuple(
+        CpuidEntry(
+            *CpuidEntry._FMT.unpack_from(raw, SIZEOF_KVM_CPUID2 + SIZEOF_KVM_CPUID_ENTRY2 * i)
+        )
+        for i in range(nent)
+    )
