@@ -605,11 +605,11 @@ class RemoteThread:
             raise
 
     def _alive(self) -> bool:
+        # A killed thread stays listed (state Z or X) until it is reaped.
         try:
-            procfs.stat(self.pid, self.tid)
+            return procfs.stat(self.pid, self.tid).state not in ("Z", "X", "x")
         except ProcessLookupError:
             return False
-        return True
 
     def _block_signals(self) -> None:
         self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _GUARDED_SIGNALS)

@@ -1,0 +1,146 @@
+"""The remote-syscall engine against real processes (no KVM needed).
+
+Each target loops in one kind of syscall and reports a heartbeat; it exits
+with "BAD <errno>" if it ever sees a kernel-internal restart code, which is
+what a wrong restart fixup would leak to the VMM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Iterator
+
+import pytest
+
+from serrinj import _native
+from serrinj.errors import Conflict, TargetGone, TargetNotFound
+from serrinj.remote import RemoteExecutor, RemoteThread
+from serrinj.remote.session import EngineError
+from tests.helpers.procs import Workload
+
+pytestmark = pytest.mark.root
+
+KINDS = ["nanosleep", "futex", "futex-forever", "read", "poll", "spin"]
+
+
+@pytest.fixture
+def workload(request: pytest.FixtureRequest) -> Iterator[Workload]:
+    w = Workload(request.param)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("workload", KINDS, indirect=True)
+def test_remote_getpid_in_every_syscall_state(workload: Workload) -> None:
+    workload.beats(1)
+    for _ in range(50):
+        with RemoteThread(workload.pid, workload.tid) as t:
+            assert t.syscall(t.arch.nr["getpid"]) == workload.pid
+            assert t.syscall(t.arch.nr["gettid"]) == workload.tid
+        assert t.verified is True
+    before = workload.beats(1)[0]
+    after = workload.beats(2)[-1]
+    assert workload.proc.poll() is None
+    assert workload.bad_lines() == []
+    if workload.kind != "futex-forever":
+        assert after > before, "the target stopped making progress"
+
+
+@pytest.mark.parametrize("workload", ["futex"], indirect=True)
+def test_thousand_back_to_back_operations(workload: Workload) -> None:
+    for _ in range(1000):
+        with RemoteThread(workload.pid, workload.tid) as t:
+            t.syscall(t.arch.nr["getpid"])
+        assert t.verified
+    beats = workload.beats(3)
+    assert beats[-1] > beats[0]
+    assert workload.bad_lines() == []
+
+
+@pytest.mark.parametrize("workload", ["futex", "nanosleep", "read"], indirect=True)
+def test_registers_and_memory_identical_seen_from_outside(workload: Workload) -> None:
+    """Freeze the target (SIGSTOP), snapshot registers and the stack below sp from a
+    separate observer, run an operation that borrows scratch memory, snapshot again."""
+    os.kill(workload.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.05)
+        with RemoteThread(workload.pid, workload.tid) as observer:
+            before = observer.saved
+            assert before is not None
+            sp = before[observer.arch.sp_reg]
+            stack_before = _native.process_vm_read(workload.pid, sp - 1024, 1024)
+        with RemoteThread(workload.pid, workload.tid) as t:
+            ex = RemoteExecutor(t)
+            scratch_probe = t.scratch(256)
+            assert sp - 1024 <= scratch_probe < sp - t.arch.red_zone
+            # An ioctl that fails (a pipe has no terminal): the buffer round trip
+            # still writes the scratch area, which must be restored afterwards.
+            with pytest.raises(OSError):
+                ex.ioctl_buf(0, 0x5401, b"\xa5" * 60)  # TCGETS on stdin (not a tty)
+        with RemoteThread(workload.pid, workload.tid) as observer:
+            after = observer.saved
+            stack_after = _native.process_vm_read(workload.pid, sp - 1024, 1024)
+        assert after == before, before.diff(after) if after else None
+        assert stack_after == stack_before
+    finally:
+        os.kill(workload.pid, signal.SIGCONT)
+    workload.beats(2)
+    assert workload.bad_lines() == []
+
+
+@pytest.mark.parametrize("workload", ["futex"], indirect=True)
+def test_second_tracer_is_a_clear_conflict(workload: Workload) -> None:
+    with RemoteThread(workload.pid, workload.tid):
+        with pytest.raises(Conflict) as err:
+            with RemoteThread(workload.pid, workload.tid):
+                pass
+        assert f"traced by process {os.getpid()}" in err.value.message
+    workload.beats(1)
+
+
+@pytest.mark.parametrize("workload", ["futex"], indirect=True)
+def test_target_killed_mid_session_is_target_gone(workload: Workload) -> None:
+    with pytest.raises(TargetGone):
+        with RemoteThread(workload.pid, workload.tid) as t:
+            t.syscall(t.arch.nr["getpid"])
+            os.kill(workload.pid, signal.SIGKILL)
+            time.sleep(0.05)
+            t.syscall(t.arch.nr["getpid"])
+    workload.proc.wait(timeout=5)
+
+
+def test_missing_process_is_target_gone() -> None:
+    with pytest.raises(TargetNotFound):
+        RemoteThread(2**22 + 12345, 2**22 + 12345).attach()
+
+
+@pytest.mark.parametrize("workload", ["futex"], indirect=True)
+def test_pid_reuse_is_caught_by_starttime(workload: Workload) -> None:
+    with pytest.raises(TargetGone, match="reused"):
+        RemoteThread(workload.pid, workload.tid, expected_starttime=1).attach()
+    workload.beats(1)
+
+
+@pytest.mark.parametrize("workload", ["spin"], indirect=True)
+def test_signals_arriving_during_an_operation_are_not_lost(workload: Workload) -> None:
+    """SIGURG (ignored by default) and SIGCONT sent while registers are borrowed are
+    re-sent after the restore; the target keeps running normally."""
+    with RemoteThread(workload.pid, workload.tid) as t:
+        os.kill(workload.pid, signal.SIGCONT)
+        t.syscall(t.arch.nr["getpid"])
+        _native.tgkill(workload.pid, workload.tid, signal.SIGURG)
+        t.syscall(t.arch.nr["getpid"])
+    assert t.verified
+    beats = workload.beats(3)
+    assert beats[-1] > beats[0]
+
+
+def test_engine_refuses_a_thread_without_user_code() -> None:
+    """Kernel threads and workers cannot run a syscall for us (kthreadd is pid 2)."""
+    with pytest.raises((EngineError, Exception)) as err:
+        RemoteThread(2, 2).attach()
+    assert "worker" in str(err.value) or "denied" in str(err.value).lower()
