@@ -95,21 +95,19 @@ def test_registers_and_memory_identical_seen_from_outside(workload: Workload) ->
 @pytest.mark.parametrize("workload", ["futex"], indirect=True)
 def test_second_tracer_is_a_clear_conflict(workload: Workload) -> None:
     with RemoteThread(workload.pid, workload.tid):
-        with pytest.raises(Conflict) as err:
-            with RemoteThread(workload.pid, workload.tid):
-                pass
+        with pytest.raises(Conflict) as err, RemoteThread(workload.pid, workload.tid):
+            pass
         assert f"traced by process {os.getpid()}" in err.value.message
     workload.beats(1)
 
 
 @pytest.mark.parametrize("workload", ["futex"], indirect=True)
 def test_target_killed_mid_session_is_target_gone(workload: Workload) -> None:
-    with pytest.raises(TargetGone):
-        with RemoteThread(workload.pid, workload.tid) as t:
-            t.syscall(t.arch.nr["getpid"])
-            os.kill(workload.pid, signal.SIGKILL)
-            time.sleep(0.05)
-            t.syscall(t.arch.nr["getpid"])
+    with pytest.raises(TargetGone), RemoteThread(workload.pid, workload.tid) as t:
+        t.syscall(t.arch.nr["getpid"])
+        os.kill(workload.pid, signal.SIGKILL)
+        time.sleep(0.05)
+        t.syscall(t.arch.nr["getpid"])
     workload.proc.wait(timeout=5)
 
 

@@ -23,7 +23,7 @@ class Workload:
             stdout=subprocess.PIPE,
             text=True,
         )
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()
         self.seen: List[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
