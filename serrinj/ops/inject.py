@@ -70,6 +70,8 @@ class Injection:
     delivery: Optional[Delivery] = None
     registers_restored: bool = True
     timings_us: Dict[str, float] = field(default_factory=dict)
+    #: validated and planned, but nothing was sent (``--dry-run``)
+    dry_run: bool = False
 
     def as_dict(self) -> Dict[str, object]:
         return {
@@ -85,6 +87,7 @@ class Injection:
             "delivery": self.delivery.as_dict() if self.delivery else None,
             "registers_restored": self.registers_restored,
             "timings_us": self.timings_us,
+            "dry_run": self.dry_run,
         }
 
 
@@ -186,8 +189,16 @@ def _finish(inj: Injection, wait: Optional[float]) -> Injection:
 
 # ---------------------------------------------------------------------- arm64
 def inject_serror(
-    tgt: target.Target, req: SErrorRequest, wait: Optional[float] = None
+    tgt: target.Target,
+    req: SErrorRequest,
+    wait: Optional[float] = None,
+    *,
+    dry_run: bool = False,
 ) -> List[Injection]:
+    """Make an SError pending on each selected vCPU.
+
+    ``dry_run`` runs every check and reads the vCPU, but sends no SET.
+    """
     require_arch(tgt.vm.arch, "serror")
     caps = host.probe()
     validate_serror(req, caps)
@@ -208,11 +219,12 @@ def inject_serror(
                     hint="a pending SError cannot be cancelled, and the RAS rules for"
                     " multiple SErrors apply; use --force to inject anyway",
                 )
-            vc.inject_serror(req.esr)
+            if not dry_run:
+                vc.inject_serror(req.esr)
             t_set = time.monotonic()
-            after_ev = vc.get_events()
+            after_ev = before_ev if dry_run else vc.get_events()
             assert isinstance(after_ev, kvm_arm64.VcpuEvents)
-            after_pstate = vc.pstate()
+            after_pstate = pstate if dry_run else vc.pstate()
             state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
         inj = Injection(
             kind="serror",
@@ -227,8 +239,9 @@ def inject_serror(
             prediction=prediction,
             registers_restored=bool(rt.verified),
             timings_us=_timings(rt),
+            dry_run=dry_run,
         )
-        if wait is not None:
+        if wait is not None and not dry_run:
             if not after_ev.serror_pending:
                 # Taken already (some kernels deliver an unmasked SError at SET time).
                 delivery = Delivery(True, t_set - t0, 0, "taken at injection time")
@@ -265,7 +278,11 @@ def _explain_common(rt: RemoteThread) -> str:
 
 
 def inject_ext_dabt(
-    tgt: target.Target, req: ExtDabtRequest, wait: Optional[float] = None
+    tgt: target.Target,
+    req: ExtDabtRequest,
+    wait: Optional[float] = None,
+    *,
+    dry_run: bool = False,
 ) -> List[Injection]:
     """Inject an external data abort right after the vCPU's next MMIO exit.
 
@@ -274,6 +291,8 @@ def inject_ext_dabt(
     programming error). serrinj therefore lets the vCPU thread run under
     syscall tracing until its KVM_RUN returns with an MMIO exit, and injects
     there, before the VMM completes the access.
+
+    ``dry_run`` stops after the checks: the thread is not traced at all.
     """
     require_arch(tgt.vm.arch, "ext-dabt")
     caps = host.probe()
@@ -287,6 +306,22 @@ def inject_ext_dabt(
     vid = tgt.vcpu_ids[0]
     v = vm.vcpu(vid)
     run_addr = _kvm_run_address(vm.pid, vid)
+    if dry_run:
+        assert v.thread is not None
+        return [
+            Injection(
+                kind="ext-dabt",
+                vm_pid=vm.pid,
+                vm_name=vm.name,
+                vcpu_id=vid,
+                tid=v.thread.tid,
+                thread_state="not-attached",
+                request={"mmio_addr": req.mmio_addr, "mmio_timeout": req.mmio_timeout},
+                before={},
+                after={},
+                dry_run=True,
+            )
+        ]
     with target.attach(vm, vid, (api.KVM_SET_VCPU_EVENTS,)) as (vc, rt):
         seen: Dict[str, object] = {}
 
@@ -337,7 +372,10 @@ def _kvm_run_address(pid: int, vcpu_id: int) -> int:
 
 
 # ---------------------------------------------------------------------- x86_64
-def inject_nmi(tgt: target.Target, wait: Optional[float] = None) -> List[Injection]:
+def inject_nmi(
+    tgt: target.Target, wait: Optional[float] = None, *, dry_run: bool = False
+) -> List[Injection]:
+    """Queue an NMI on each selected vCPU (``dry_run``: read the vCPU, send nothing)."""
     require_arch(tgt.vm.arch, "nmi")
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     tgt = replace(tgt, vm=vm)
@@ -346,8 +384,9 @@ def inject_nmi(tgt: target.Target, wait: Optional[float] = None) -> List[Injecti
         t0 = time.monotonic()
         with target.attach(vm, vid, NMI_REQUESTS) as (vc, rt):
             before = vc.get_events()
-            vc.inject_nmi()
-            after = vc.get_events()
+            if not dry_run:
+                vc.inject_nmi()
+            after = before if dry_run else vc.get_events()
             state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
         inj = Injection(
             kind="nmi",
@@ -361,8 +400,9 @@ def inject_nmi(tgt: target.Target, wait: Optional[float] = None) -> List[Injecti
             after=after.as_dict(),
             registers_restored=bool(rt.verified),
             timings_us=_timings(rt),
+            dry_run=dry_run,
         )
-        if wait is not None:
+        if wait is not None and not dry_run:
             inj = replace(
                 inj,
                 delivery=_poll(tgt, vid, NMI_REQUESTS, _nmi_pending, _explain_nmi, wait, t0),
@@ -412,8 +452,13 @@ def _mce_state(vc: Vcpu, bank: int) -> Tuple[mce.GuestMceState, int]:
 
 
 def inject_mce(
-    tgt: target.Target, req: MceRequest, wait: Optional[float] = None
+    tgt: target.Target,
+    req: MceRequest,
+    wait: Optional[float] = None,
+    *,
+    dry_run: bool = False,
 ) -> List[Injection]:
+    """Raise a machine check on each selected vCPU (``dry_run``: predict, send nothing)."""
     require_arch(tgt.vm.arch, "mce")
     caps = host.probe()
     if not caps.cap(api.KVM_CAP_MCE):
@@ -434,8 +479,9 @@ def inject_mce(
                     hint="use --force to inject it anyway",
                 )
             before = vc.get_events()
-            vc.inject_mce(req.mce)
-            after = vc.get_events()
+            if not dry_run:
+                vc.inject_mce(req.mce)
+            after = before if dry_run else vc.get_events()
             thread = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
         inj = Injection(
             kind="mce",
@@ -457,8 +503,9 @@ def inject_mce(
             prediction=effect.as_dict(),
             registers_restored=bool(rt.verified),
             timings_us=_timings(rt),
+            dry_run=dry_run,
         )
-        if wait is not None:
+        if wait is not None and not dry_run:
             if effect.raises_mc:
                 delivery = _poll(tgt, vid, MCE_REQUESTS, _mc_pending, _explain_common_vc, wait, t0)
             else:
