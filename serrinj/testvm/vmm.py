@@ -1,0 +1,695 @@
+"""The built-in test VM's arch-independent core: a minimal VMM on serrinj's own library.
+
+``python -m serrinj.testvm`` creates a VM with guest RAM and N vCPUs, each run
+by its own thread (named like a real VMM's), and runs a tiny guest that
+reports what it observes. Everything goes through ``serrinj._native`` and
+:class:`serrinj.executor.LocalExecutor`; this module has no ctypes and no
+``fcntl.ioctl``.
+
+Threads and kicks
+-----------------
+KVM_RUN holds the vCPU mutex, so an ioctl on a vCPU whose thread sits in
+KVM_RUN blocks (BRIEF section 1). The VMM therefore never issues a vCPU ioctl
+from another thread: a command becomes a *request* queued on the vCPU, and the
+vCPU thread is *kicked* out of KVM_RUN to run it. A kick sets
+``kvm_run.immediate_exit`` and then sends SIGUSR1 (a no-op handler) to that
+thread. The flag closes the race with a thread that is just about to enter
+KVM_RUN; the signal interrupts one that is already inside. The vCPU thread
+clears the flag *before* it drains its queue, so no request is ever left
+behind. KVM_RUN returning EINTR (a kick, or a ptrace interrupt from a
+debugger or from serrinj's remote engine) is normal: the thread services its
+queue and re-enters. A vCPU whose thread has ended (e.g. after a triple fault)
+is served directly by the main thread, since no KVM_RUN can be holding it.
+
+Process-directed signals (SIGTERM, SIGINT, SIGHUP) are blocked in the vCPU
+threads, so they reach the main thread, which waits in ``select`` on stdin and
+on the signal wake-up pipe. SIGTERM, SIGINT, SIGHUP, ``{"cmd":"quit"}`` and
+end of input (unless ``--ignore-eof``) stop the VMM: vCPU threads are kicked
+and joined, every fd and mapping is closed, and the exit status is 0.
+
+Waiting states (what ``/proc/PID/task/TID/syscall`` shows):
+
+- the guest halts: the thread blocks inside ``ioctl(fd, KVM_RUN)`` (the in-kernel
+  irqchip handles HLT), exactly like QEMU's vCPU threads;
+- the guest spins: ``running``;
+- ``futex`` mode: the guest asks to yield by port I/O; the thread then blocks in
+  a futex (``Condition.wait`` with a timeout of ``--yield-ms``) before
+  re-entering KVM_RUN;
+- ``--start-paused`` or ``{"cmd":"pause"}``: the thread waits in a futex, out of
+  KVM_RUN, until ``{"cmd":"run"}``.
+
+stdin commands (one JSON object per line)
+-----------------------------------------
+Every command may carry an ``"id"``, echoed in the reply. A command that
+produces no event of its own is answered by ``{"event":"ack","cmd":...}``; a
+failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
+
+- ``{"cmd":"run"}``: start or resume every vCPU.
+- ``{"cmd":"pause"}``: park every vCPU thread out of KVM_RUN (ack once all are).
+- ``{"cmd":"quit"}``: stop the VMM (exit status 0).
+- arch commands, run on the vCPU's own thread (x86_64: ``nmi``, ``mce``,
+  ``events``, ``heartbeat``; see the arch module). They name the vCPU with
+  ``"vcpu": <vcpu_id>``.
+
+Events (JSON lines on stdout, flushed per line; integers are JSON integers)
+--------------------------------------------------------------------------
+- ``{"event":"ready","pid":P,"arch":A,"mode":M,"paused":bool,"vm_fd":F,
+  "vcpus":[{"vcpu_id":0,"tid":T,"fd":F,"thread_name":N}, ...], ...}``: once, when
+  every vCPU thread exists (arch-specific fields added by ``ready_info``).
+- ``{"event":"ack","cmd":C[,"vcpu":V][,"id":I]}`` and ``{"event":"error",...}``.
+- ``{"event":"exit","vcpu":V,"reason":R,...}``: the vCPU stopped (``SHUTDOWN`` for a
+  triple fault, ``INTERNAL_ERROR``, ``FAIL_ENTRY``, ``UNEXPECTED_IO``, ...).
+- ``{"event":"shutdown","reason":R}``: the last line before a clean exit.
+- guest events decoded by the arch (x86_64: ``guest-ready``, ``nmi``, ``mce``,
+  ``mce-poll``, ``heartbeat``, ``guest-check-failed``, ``exception``).
+
+The ``GuestArch`` interface
+---------------------------
+Everything arch-specific lives in one class per architecture (``x86_64.py``,
+``arm64.py``) that implements :class:`GuestArch`; the core never looks inside
+the guest. The hooks, and the thread each runs on:
+
+``name``                     ``"x86_64"`` or ``"arm64"`` (also the ``--arch`` value).
+``commands``                 the command names ``apply_command`` accepts.
+``setup_vm(vm)``             main thread, once: irqchip, memory (``vm.add_memory``), the
+                             guest image, VM-wide tables.
+``setup_vcpu(vm, vcpu)``     the vCPU's own thread, right after KVM_CREATE_VCPU and the
+                             ``kvm_run`` mapping: registers, CPU features, mp_state,
+                             the guest's per-vCPU data.
+``setup_done(vm)``           main thread, once every vCPU is set up and before any
+                             KVM_RUN (e.g. arm64 vGIC init).
+``handle_exit(vm, vcpu)``    the vCPU thread, after every KVM_RUN that returned 0: read
+                             ``vcpu.run_page``, emit events with ``vm.emit``, return an
+                             :class:`ExitAction`.
+``apply_command(vm, vcpu, cmd)``  the vCPU thread (or the main thread if that vCPU has
+                             stopped), never while KVM_RUN holds the vCPU: issue the
+                             ioctl; return an event dict to emit instead of the ack,
+                             or None. Raise ``ValueError`` for a bad command and
+                             ``OSError`` for a failed ioctl (both become ``error`` events).
+``ready_info(vm)``           main thread: extra fields for the ``ready`` event.
+
+:class:`Vm` gives the arch ``vm.executor`` (a LocalExecutor), ``vm.kvm_fd``,
+``vm.fd``, ``vm.options``, ``vm.vcpus`` and ``vm.emit``; :class:`Vcpu` gives
+``vcpu.vcpu_id``, ``vcpu.fd``, ``vcpu.run_page`` (a ``_native.Memory``) and
+``vcpu.yields``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import errno
+import importlib
+import json
+import os
+import platform
+import select
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    FrozenSet,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+)
+
+from serrinj import _native
+from serrinj.executor import LocalExecutor
+from serrinj.kvm import api
+
+__all__ = [
+    "ARCHES",
+    "MODES",
+    "THREAD_NAMES",
+    "ExitAction",
+    "GuestArch",
+    "Options",
+    "Vcpu",
+    "Vm",
+    "main",
+]
+
+#: ``--thread-names`` styles: how each VMM names its vCPU threads (BRIEF section 6)
+THREAD_NAMES: Mapping[str, Optional[Callable[[int], str]]] = MappingProxyType(
+    {
+        "qemu": lambda n: f"CPU {n}/KVM",
+        "kvmtool": lambda n: f"kvm-vcpu-{n}",
+        "firecracker": lambda n: f"fc_vcpu {n}",
+        "cloud-hypervisor": lambda n: f"vcpu{n}",
+        "crosvm": lambda n: f"crosvm_vcpu{n}",
+        "none": None,
+    }
+)
+MODES: FrozenSet[str] = frozenset({"halt", "spin", "futex"})
+#: ``--arch`` value -> "module:class" of its GuestArch (imported on demand)
+ARCHES: Mapping[str, str] = MappingProxyType(
+    {
+        "x86_64": "serrinj.testvm.x86_64:X86Guest",
+        "arm64": "serrinj.testvm.arm64:Arm64Guest",
+    }
+)
+KICK_SIGNAL = signal.SIGUSR1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class ExitAction(enum.Enum):
+    """What the vCPU thread does after ``handle_exit``."""
+
+    CONTINUE = "continue"  # re-enter KVM_RUN
+    YIELD = "yield"  # block in a futex for --yield-ms, then re-enter
+    STOP = "stop"  # the vCPU is finished (an ``exit`` event was emitted)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The VMM's configuration (the command line)."""
+
+    arch: str
+    vcpus: int = 1
+    mode: str = "halt"
+    thread_names: str = "qemu"
+    start_paused: bool = False
+    tick_ms: int = 10
+    yield_ms: int = 3
+    mce_banks: int = 10
+    ignore_eof: bool = False
+
+
+class GuestArch(Protocol):
+    """The arch-specific half of the test VM (see the module docstring)."""
+
+    name: str
+    commands: FrozenSet[str]
+
+    def setup_vm(self, vm: Vm) -> None:
+        """Create the irqchip and memory and load the guest (main thread)."""
+
+    def setup_vcpu(self, vm: Vm, vcpu: Vcpu) -> None:
+        """Initialise one vCPU (on that vCPU's thread)."""
+
+    def setup_done(self, vm: Vm) -> None:
+        """Finish VM-wide setup once every vCPU exists (main thread)."""
+
+    def handle_exit(self, vm: Vm, vcpu: Vcpu) -> ExitAction:
+        """Decode the exit in ``vcpu.run_page``; emit events; say what to do next."""
+        ...
+
+    def apply_command(self, vm: Vm, vcpu: Vcpu, cmd: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """Run a vCPU command (never while KVM_RUN holds the vCPU)."""
+        ...
+
+    def ready_info(self, vm: Vm) -> Dict[str, Any]:
+        """Extra fields for the ``ready`` event."""
+        ...
+
+
+def load_arch(name: str) -> GuestArch:
+    """Instantiate the GuestArch registered for ``name``."""
+    try:
+        target = ARCHES[name]
+    except KeyError:
+        raise ValueError(f"unknown arch {name!r}; known: {', '.join(sorted(ARCHES))}") from None
+    module_name, _, class_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    arch: GuestArch = getattr(module, class_name)()
+    return arch
+
+
+def host_arch() -> str:
+    """The ``--arch`` name of this machine."""
+    return {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
+class Emitter:
+    """Writes events as JSON lines, one at a time, flushing each."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def emit(self, event: Mapping[str, Any]) -> None:
+        line = json.dumps(event, separators=(",", ":"))
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.broken = True
+
+
+Request = Callable[[], None]
+
+
+class Vcpu:
+    """One vCPU: its fd, its ``kvm_run`` page, its thread and its request queue."""
+
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.fd = -1
+        self.run_page: Optional[_native.Memory] = None
+        self.tid = 0
+        self.thread_name = ""
+        self.yields = 0
+        self.stopped = False
+        self.parked = False
+        self._requests: Deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._setup_done = threading.Event()
+        self._setup_error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{vcpu_id}", daemon=True)
+
+    # ----------------------------------------------------------------- other threads
+
+    def submit(self, request: Request) -> None:
+        """Run ``request`` on this vCPU's thread as soon as it is out of KVM_RUN."""
+        with self._cond:
+            if not self.stopped:
+                self._requests.append(request)
+                self._cond.notify_all()
+                self.kick()
+                return
+        # the thread has ended, so nothing holds the vCPU mutex: run it here
+        request()
+
+    def kick(self) -> None:
+        """Make the thread leave KVM_RUN (or not enter it) and look at its queue."""
+        page = self.run_page
+        if page is not None:
+            page.view[api.KVM_RUN_OFF_IMMEDIATE_EXIT] = 1
+        ident = self.thread.ident
+        if ident is not None and self.thread.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def wake(self) -> None:
+        """Wake the thread from a futex wait (pause, yield) without a signal."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # ----------------------------------------------------------------- the vCPU thread
+
+    def _thread_main(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        vm = self.vm
+        try:
+            self.tid = threading.get_native_id()
+            namer = THREAD_NAMES[vm.options.thread_names]
+            if namer is not None:
+                self.thread_name = namer(self.vcpu_id)
+                _native.prctl_set_name(self.thread_name)
+            else:
+                self.thread_name = threading.current_thread().name
+            self.fd = vm.executor.ioctl_int(vm.fd, api.KVM_CREATE_VCPU, self.vcpu_id)
+            self.run_page = _native.Memory(vm.run_size, self.fd)
+            vm.arch.setup_vcpu(vm, self)
+        except BaseException as err:  # reported by the main thread
+            self._setup_error = err
+            self._setup_done.set()
+            return
+        self._setup_done.set()
+        vm.go.wait()
+        try:
+            self._loop()
+        except Exception as err:  # never die silently: the test harness waits on events
+            vm.emit(
+                {"event": "exit", "vcpu": self.vcpu_id, "reason": "VMM_ERROR", "message": str(err)}
+            )
+        finally:
+            with self._cond:
+                self.stopped = True
+                pending = list(self._requests)
+                self._requests.clear()
+            for request in pending:
+                request()
+
+    def _loop(self) -> None:
+        vm = self.vm
+        page = self.run_page
+        assert page is not None
+        while True:
+            page.view[api.KVM_RUN_OFF_IMMEDIATE_EXIT] = 0
+            self._service()
+            if vm.stopping:
+                return
+            if vm.paused:
+                self._park()
+                continue
+            try:
+                vm.executor.ioctl_int(self.fd, api.KVM_RUN, 0)
+            except OSError as err:
+                if err.errno in (errno.EINTR, errno.EAGAIN):
+                    continue
+                vm.emit(
+                    {
+                        "event": "exit",
+                        "vcpu": self.vcpu_id,
+                        "reason": "KVM_RUN_FAILED",
+                        "errno": err.errno,
+                        "message": os.strerror(err.errno or 0),
+                    }
+                )
+                return
+            action = vm.arch.handle_exit(vm, self)
+            if action is ExitAction.STOP:
+                return
+            if action is ExitAction.YIELD:
+                self.yields += 1
+                self._yield(vm.options.yield_ms / 1000.0)
+
+    def _service(self) -> None:
+        while True:
+            with self._cond:
+                if not self._requests:
+                    return
+                request = self._requests.popleft()
+            request()
+
+    def _park(self) -> None:
+        with self._cond:
+            self.parked = True
+            self.vm.note_parked()
+            while self.vm.paused and not self.vm.stopping and not self._requests:
+                self._cond.wait()
+            self.parked = False
+
+    def _yield(self, seconds: float) -> None:
+        # A futex wait with a timeout, as a VMM's I/O thread hand-off would do;
+        # cut short only by a request or shutdown.
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._requests) or self.vm.stopping, seconds)
+
+    def close(self) -> None:
+        if self.run_page is not None:
+            self.run_page.close()
+            self.run_page = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vm:
+    """A VM: /dev/kvm, the VM fd, guest memory, the vCPUs, and the command loop."""
+
+    def __init__(self, arch: GuestArch, options: Options, out: IO[str]) -> None:
+        self.arch = arch
+        self.options = options
+        self.executor = LocalExecutor()
+        self.emitter = Emitter(out)
+        self.kvm_fd = -1
+        self.fd = -1
+        self.run_size = 0
+        self.memory: List[_native.Memory] = []
+        self.vcpus: List[Vcpu] = []
+        self.paused = options.start_paused
+        self.stopping = False
+        self.go = threading.Event()
+        self._parked_cond = threading.Condition()
+
+    def emit(self, event: Mapping[str, Any]) -> None:
+        """Write one event line (thread-safe)."""
+        self.emitter.emit(event)
+
+    def add_memory(self, slot: int, guest_phys_addr: int, size: int) -> _native.Memory:
+        """Anonymous memory mapped into the guest at ``guest_phys_addr``."""
+        mem = _native.Memory(size)
+        self.memory.append(mem)
+        region = api.UserspaceMemoryRegion(slot, guest_phys_addr, size, mem.address)
+        self.executor.ioctl_buf(self.fd, api.KVM_SET_USER_MEMORY_REGION, region.pack())
+        return mem
+
+    def vcpu(self, vcpu_id: int) -> Vcpu:
+        for vcpu in self.vcpus:
+            if vcpu.vcpu_id == vcpu_id:
+                return vcpu
+        raise ValueError(f"no vCPU {vcpu_id}")
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def create(self) -> None:
+        """Open /dev/kvm, create the VM and its vCPUs (each on its own thread)."""
+        self.kvm_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        version = self.executor.ioctl_int(self.kvm_fd, api.KVM_GET_API_VERSION)
+        if version != api.KVM_API_VERSION:
+            raise RuntimeError(f"KVM API version {version}, expected {api.KVM_API_VERSION}")
+        self.fd = self.executor.ioctl_int(self.kvm_fd, api.KVM_CREATE_VM, 0)
+        self.run_size = self.executor.ioctl_int(self.kvm_fd, api.KVM_GET_VCPU_MMAP_SIZE)
+        self.arch.setup_vm(self)
+        # vCPU ids are created in order, each by the thread that will run it
+        for vcpu_id in range(self.options.vcpus):
+            vcpu = Vcpu(self, vcpu_id)
+            self.vcpus.append(vcpu)
+            vcpu.thread.start()
+            vcpu._setup_done.wait()
+            if vcpu._setup_error is not None:
+                raise vcpu._setup_error
+        self.arch.setup_done(self)
+
+    def start(self) -> None:
+        """Let the vCPU threads run and announce the VM."""
+        self.go.set()
+        vcpus = [
+            {"vcpu_id": v.vcpu_id, "tid": v.tid, "fd": v.fd, "thread_name": v.thread_name}
+            for v in self.vcpus
+        ]
+        event: Dict[str, Any] = {
+            "event": "ready",
+            "pid": os.getpid(),
+            "arch": self.arch.name,
+            "mode": self.options.mode,
+            "paused": self.paused,
+            "thread_names": self.options.thread_names,
+            "vm_fd": self.fd,
+            "vcpus": vcpus,
+        }
+        event.update(self.arch.ready_info(self))
+        self.emit(event)
+
+    def resume(self) -> None:
+        self.paused = False
+        for vcpu in self.vcpus:
+            vcpu.wake()
+
+    def pause(self, timeout: float = 5.0) -> bool:
+        """Park every running vCPU thread; True once all are parked or stopped."""
+        self.paused = True
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        deadline = time.monotonic() + timeout
+        with self._parked_cond:
+            while not all(v.parked or v.stopped for v in self.vcpus):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._parked_cond.wait(min(left, 0.05))
+        return True
+
+    def note_parked(self) -> None:
+        with self._parked_cond:
+            self._parked_cond.notify_all()
+
+    def shutdown(self) -> None:
+        """Stop every vCPU thread, then close every fd and mapping."""
+        self.stopping = True
+        self.go.set()
+        for vcpu in self.vcpus:
+            vcpu.wake()
+            vcpu.kick()
+        for vcpu in self.vcpus:
+            if vcpu.thread.is_alive():
+                vcpu.thread.join(timeout=5.0)
+        for vcpu in self.vcpus:
+            if not vcpu.thread.is_alive():
+                vcpu.close()
+        for mem in self.memory:
+            mem.close()
+        self.memory.clear()
+        for fd in (self.fd, self.kvm_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.kvm_fd = -1
+
+    # ----------------------------------------------------------------- commands
+
+    def handle_command(self, cmd: Mapping[str, Any]) -> bool:
+        """Act on one command; False when the VMM should stop."""
+        name = cmd.get("cmd")
+        reply: Dict[str, Any] = {"cmd": name}
+        if "id" in cmd:
+            reply["id"] = cmd["id"]
+        if name == "quit":
+            return False
+        if name == "run":
+            self.resume()
+            self.emit({"event": "ack", **reply})
+            return True
+        if name == "pause":
+            if self.pause():
+                self.emit({"event": "ack", **reply})
+            else:
+                self.emit({"event": "error", **reply, "message": "vCPUs did not park in time"})
+            return True
+        if name not in self.arch.commands:
+            self.emit({"event": "error", **reply, "message": f"unknown command {name!r}"})
+            return True
+        try:
+            vcpu_id = cmd["vcpu"]
+            if type(vcpu_id) is not int:
+                raise ValueError("'vcpu' must be an integer vCPU id")
+            vcpu = self.vcpu(vcpu_id)
+        except (KeyError, ValueError) as err:
+            msg = "missing 'vcpu'" if isinstance(err, KeyError) else str(err)
+            self.emit({"event": "error", **reply, "message": msg})
+            return True
+        reply["vcpu"] = vcpu_id
+        vcpu.submit(lambda: self._run_command(vcpu, cmd, reply))
+        return True
+
+    def _run_command(self, vcpu: Vcpu, cmd: Mapping[str, Any], reply: Dict[str, Any]) -> None:
+        try:
+            event = self.arch.apply_command(self, vcpu, cmd)
+        except OSError as err:
+            self.emit(
+                {
+                    "event": "error",
+                    **reply,
+                    "errno": err.errno,
+                    "message": os.strerror(err.errno) if err.errno else str(err),
+                }
+            )
+            return
+        except (ValueError, KeyError, TypeError) as err:
+            self.emit({"event": "error", **reply, "message": str(err)})
+            return
+        if event is None:
+            self.emit({"event": "ack", **reply})
+        else:
+            if "id" in reply:
+                event = {**event, "id": reply["id"]}
+            self.emit(event)
+
+    def serve(self, stdin_fd: int, wakeup_fd: int, stop_flag: Callable[[], Optional[str]]) -> str:
+        """Read commands until quit, EOF or a stop signal; returns the reason."""
+        buffer = b""
+        eof = False
+        while True:
+            reason = stop_flag()
+            if reason:
+                return reason
+            if self.emitter.broken:
+                return "stdout-closed"
+            fds = [wakeup_fd] if eof else [stdin_fd, wakeup_fd]
+            readable, _, _ = select.select(fds, [], [], 1.0)
+            if wakeup_fd in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wakeup_fd, 4096)
+            if stdin_fd not in readable:
+                continue
+            chunk = os.read(stdin_fd, 65536)
+            if not chunk:
+                if self.options.ignore_eof:
+                    eof = True
+                    continue
+                return "eof"
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if not line.strip():
+                    continue
+                try:
+                    cmd = json.loads(line)
+                    if not isinstance(cmd, dict):
+                        raise ValueError("a command is a JSON object")
+                except ValueError as err:
+                    self.emit({"event": "error", "cmd": None, "message": f"bad command: {err}"})
+                    continue
+                if not self.handle_command(cmd):
+                    return "quit"
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m serrinj.testvm",
+        description="serrinj's built-in test VM: a minimal VMM whose tiny guest reports "
+        "the NMIs, machine checks and SErrors it observes as JSON lines on stdout.",
+    )
+    parser.add_argument("--arch", default=host_arch(), choices=sorted(ARCHES))
+    parser.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    parser.add_argument("--mode", default="halt", choices=sorted(MODES))
+    parser.add_argument("--thread-names", default="qemu", choices=list(THREAD_NAMES))
+    parser.add_argument("--start-paused", action="store_true", help="wait for {'cmd':'run'}")
+    parser.add_argument("--tick-ms", type=int, default=10, help="guest timer period")
+    parser.add_argument("--yield-ms", type=int, default=3, help="futex wait per yield")
+    parser.add_argument("--mce-banks", type=int, default=10, help="x86 MCE banks")
+    parser.add_argument("--ignore-eof", action="store_true", help="keep running at end of stdin")
+    ns = parser.parse_args(argv)
+    if not 1 <= ns.vcpus <= 32:
+        parser.error("--vcpus must be between 1 and 32")
+    if not 1 <= ns.tick_ms <= 1000:
+        parser.error("--tick-ms must be between 1 and 1000")
+    if not 0 <= ns.yield_ms <= 1000:
+        parser.error("--yield-ms must be between 0 and 1000")
+    return Options(
+        arch=ns.arch,
+        vcpus=ns.vcpus,
+        mode=ns.mode,
+        thread_names=ns.thread_names,
+        start_paused=ns.start_paused,
+        tick_ms=ns.tick_ms,
+        yield_ms=ns.yield_ms,
+        mce_banks=ns.mce_banks,
+        ignore_eof=ns.ignore_eof,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the test VM until quit, end of input or SIGTERM/SIGINT/SIGHUP."""
+    options = parse_args(argv)
+    out = sys.stdout
+    stop_reason: List[str] = []
+
+    def on_stop(signum: int, _frame: object) -> None:
+        stop_reason.append(signal.Signals(signum).name)
+
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(KICK_SIGNAL, lambda _s, _f: None)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, on_stop)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    vm: Optional[Vm] = None
+    try:
+        arch = load_arch(options.arch)
+        vm = Vm(arch, options, out)
+        vm.create()
+        vm.start()
+        reason = vm.serve(
+            sys.stdin.fileno(), wake_r, lambda: stop_reason[0] if stop_reason else None
+        )
+    except (OSError, RuntimeError, ValueError, ImportError) as err:
+        Emitter(out).emit({"event": "error", "cmd": None, "message": f"test VM failed: {err}"})
+        if vm is not None:
+            vm.shutdown()
+        return 1
+    vm.shutdown()
+    vm.emit({"event": "shutdown", "reason": reason})
+    signal.set_wakeup_fd(-1)
+    os.close(wake_r)
+    os.close(wake_w)
+    return 0
