@@ -1,0 +1,271 @@
+"""``serrinj events save`` / ``load``: move pending vCPU events between VMs.
+
+The KVM API's split between "an SError is pending" and "pending with this
+ESR" exists so that a VMM can migrate a pending SError. Labs test exactly
+that, so serrinj can capture every vCPU's KVM_GET_VCPU_EVENTS, with what is
+needed to interpret it, and put it into another VM.
+
+File format (JSON, versioned)::
+
+    {
+      "schema": "serrinj-events/1",
+      "arch": "aarch64" | "x86_64",
+      "saved_at": "2026-11-24T12:00:00+00:00",
+      "host": {"caps": {...}},                  # of the saving host
+      "source": {"pid": 123, "name": "vm-a", "vmm": "qemu"},
+      "vcpus": [
+        {"vcpu_id": 0, "raw": "<128 hex digits>", "decoded": {...},
+         "pstate": 965}                          # arm64 only, informative
+      ]
+    }
+
+``raw`` is authoritative; ``decoded`` is for people and is re-derived and
+checked against ``raw`` on load, so a hand-edited file that disagrees with
+itself is refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from serrinj.errors import Conflict, InvalidInput, Unsupported
+from serrinj.kvm import api
+from serrinj.kvm import arm64 as kvm_arm64
+from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.ops import host, target
+from serrinj.ops.status import decode_events
+from serrinj.vcpu import Events
+
+SCHEMA = "serrinj-events/1"
+SAVE_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG)
+SAVE_REQUESTS_X86 = (api.KVM_GET_VCPU_EVENTS,)
+LOAD_REQUESTS = (api.KVM_GET_VCPU_EVENTS, api.KVM_SET_VCPU_EVENTS)
+
+
+@dataclass(frozen=True)
+class SavedVcpu:
+    vcpu_id: int
+    raw: bytes
+    pstate: Optional[int] = None
+
+    def events(self, arch: str) -> Events:
+        return _unpack(arch, self.raw)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    arch: str
+    vcpus: Sequence[SavedVcpu]
+    caps: Mapping[str, int] = field(default_factory=dict)
+    source: Mapping[str, object] = field(default_factory=dict)
+    saved_at: str = ""
+
+    def as_dict(self) -> Dict[str, object]:
+        return {
+            "schema": SCHEMA,
+            "arch": self.arch,
+            "saved_at": self.saved_at,
+            "host": {"caps": dict(self.caps)},
+            "source": dict(self.source),
+            "vcpus": [
+                {
+                    "vcpu_id": v.vcpu_id,
+                    "raw": v.raw.hex(),
+                    "decoded": decode_events(self.arch, v.events(self.arch), v.pstate),
+                    **({"pstate": v.pstate} if v.pstate is not None else {}),
+                }
+                for v in self.vcpus
+            ],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def _unpack(arch: str, raw: bytes) -> Events:
+    if arch == "aarch64":
+        return kvm_arm64.VcpuEvents.unpack(raw)
+    return kvm_x86.VcpuEvents.unpack(raw)
+
+
+# ---------------------------------------------------------------------- save
+def save(tgt: target.Target) -> Snapshot:
+    """Read KVM_GET_VCPU_EVENTS of every selected vCPU."""
+    caps = host.probe()
+    vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
+    requests = SAVE_REQUESTS_ARM64 if vm.arch == "aarch64" else SAVE_REQUESTS_X86
+    out: List[SavedVcpu] = []
+    for vid in tgt.vcpu_ids:
+        with target.attach(vm, vid, requests) as (vc, _rt):
+            ev = vc.get_events()
+            pstate = vc.pstate() if vm.arch == "aarch64" else None
+        out.append(SavedVcpu(vid, ev.pack(), pstate))
+    return Snapshot(
+        arch=vm.arch,
+        vcpus=out,
+        caps=caps.caps,
+        source={"pid": vm.pid, "name": vm.name, "vmm": vm.vmm},
+        saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+# ---------------------------------------------------------------------- parse
+def _err(path: str, where: str, what: str, hint: Optional[str] = None) -> InvalidInput:
+    return InvalidInput(f"{path}: {where}: {what}", hint=hint)
+
+
+def parse(text: str, path: str = "<events>") -> Snapshot:
+    """Parse and check an events file; every error names the key that is wrong."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _err(path, f"line {err.lineno} column {err.colno}", f"not JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise _err(path, "top level", "expected a JSON object")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        raise _err(
+            path, "schema", f"{schema!r} is not {SCHEMA!r}", hint="save it again with this serrinj"
+        )
+    arch = data.get("arch")
+    if arch not in ("aarch64", "x86_64"):
+        raise _err(path, "arch", f"{arch!r} is not 'aarch64' or 'x86_64'")
+    vcpus_raw = data.get("vcpus")
+    if not isinstance(vcpus_raw, list) or not vcpus_raw:
+        raise _err(path, "vcpus", "expected a non-empty list")
+    vcpus: List[SavedVcpu] = []
+    seen = set()
+    for i, item in enumerate(vcpus_raw):
+        where = f"vcpus[{i}]"
+        if not isinstance(item, dict):
+            raise _err(path, where, "expected an object")
+        vid = item.get("vcpu_id")
+        if not isinstance(vid, int) or isinstance(vid, bool) or vid < 0:
+            raise _err(path, f"{where}.vcpu_id", f"{vid!r} is not a vCPU id")
+        if vid in seen:
+            raise _err(path, f"{where}.vcpu_id", f"vCPU {vid} appears twice")
+        seen.add(vid)
+        raw_hex = item.get("raw")
+        try:
+            raw = bytes.fromhex(raw_hex) if isinstance(raw_hex, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != api.SIZEOF_KVM_VCPU_EVENTS:
+            raise _err(path, f"{where}.raw", "expected 128 hex digits (64 bytes)")
+        pstate = item.get("pstate")
+        if pstate is not None and (not isinstance(pstate, int) or isinstance(pstate, bool)):
+            raise _err(path, f"{where}.pstate", f"{pstate!r} is not an integer")
+        decoded = item.get("decoded")
+        if decoded is not None:
+            fresh = _jsonable(decode_events(arch, _unpack(arch, raw), pstate))
+            if _jsonable(decoded) != fresh:
+                raise _err(
+                    path,
+                    f"{where}.decoded",
+                    "does not match 'raw'",
+                    hint="'raw' is what is loaded; edit it, or delete 'decoded'",
+                )
+        vcpus.append(SavedVcpu(vid, raw, pstate))
+    caps_any = data.get("host", {}).get("caps", {}) if isinstance(data.get("host"), dict) else {}
+    caps = {k: v for k, v in caps_any.items() if isinstance(k, str) and isinstance(v, int)}
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    return Snapshot(arch, vcpus, caps, source or {}, str(data.get("saved_at", "")))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+# ---------------------------------------------------------------------- load
+@dataclass(frozen=True)
+class LoadResult:
+    vcpu_id: int
+    loaded: Dict[str, object]
+    before: Dict[str, object]
+    after: Dict[str, object]
+    notes: Sequence[str] = ()
+
+    def as_dict(self) -> Dict[str, object]:
+        return {
+            "vcpu_id": self.vcpu_id,
+            "loaded": self.loaded,
+            "before": self.before,
+            "after": self.after,
+            "notes": list(self.notes),
+        }
+
+
+def check_compatible(snap: Snapshot, vm_arch: str, caps: host.HostCaps) -> None:
+    if snap.arch != vm_arch:
+        raise Unsupported(
+            f"the events were saved from an {snap.arch} VM; this VM is {vm_arch}",
+            hint="vCPU events only load into a VM of the same architecture",
+        )
+    if snap.arch == "aarch64" and not caps.serror_esr:
+        for v in snap.vcpus:
+            ev = v.events(snap.arch)
+            assert isinstance(ev, kvm_arm64.VcpuEvents)
+            if ev.serror_pending and ev.serror_has_esr:
+                raise Unsupported(
+                    f"vCPU {v.vcpu_id} has an SError pending with ESR {ev.serror_esr:#x}, and"
+                    " this host cannot inject an ESR (KVM_CAP_ARM_INJECT_SERROR_ESR is 0)",
+                    hint="the ESR would be lost; load it on a host with RAS",
+                )
+
+
+def _for_set(arch: str, ev: Events, caps: host.HostCaps) -> Events:
+    if isinstance(ev, kvm_arm64.VcpuEvents):
+        # GET reports has_esr=1 on RAS hosts whatever is pending; only a pending
+        # SError's ESR means anything, and ext_dabt can never be read back.
+        if not ev.serror_pending:
+            return kvm_arm64.VcpuEvents()
+        return kvm_arm64.VcpuEvents.serror(ev.serror_esr if ev.serror_has_esr else None)
+    return ev
+
+
+def load(tgt: target.Target, snap: Snapshot, *, force: bool = False) -> List[LoadResult]:
+    """Put ``snap``'s events into the matching vCPUs (by vcpu_id) of ``tgt``."""
+    caps = host.probe()
+    check_compatible(snap, tgt.vm.arch, caps)
+    by_id = {v.vcpu_id: v for v in snap.vcpus}
+    wanted = [vid for vid in tgt.vcpu_ids if vid in by_id]
+    missing = [v.vcpu_id for v in snap.vcpus if v.vcpu_id not in {x.vcpu_id for x in tgt.vm.vcpus}]
+    if missing:
+        raise InvalidInput(
+            f"the file has vCPU(s) {missing} that VM {tgt.vm.label} does not have",
+            hint="choose the vCPUs with --vcpu, or load into a VM with as many vCPUs",
+        )
+    vm = target.ensure_mapped(tgt.vm, wanted)
+    out = []
+    for vid in wanted:
+        saved = by_id[vid].events(snap.arch)
+        new = _for_set(snap.arch, saved, caps)
+        with target.attach(vm, vid, LOAD_REQUESTS) as (vc, _rt):
+            before = vc.get_events()
+            notes: List[str] = []
+            if isinstance(before, kvm_arm64.VcpuEvents) and before.serror_pending:
+                if not force:
+                    raise Conflict(
+                        f"vCPU {vid} of {vm.label} already has an SError pending; nothing"
+                        " was loaded",
+                        hint="a pending SError cannot be cancelled; --force loads anyway",
+                    )
+                notes.append("an SError was already pending and stays pending")
+            if isinstance(new, kvm_arm64.VcpuEvents) and not new.serror_pending:
+                notes.append("nothing pending to load on arm64 (an SError cannot be cancelled)")
+            else:
+                vc.set_events(new)
+            after = vc.get_events()
+        out.append(
+            LoadResult(
+                vcpu_id=vid,
+                loaded=decode_events(snap.arch, saved),
+                before=decode_events(snap.arch, before),
+                after=decode_events(snap.arch, after),
+                notes=tuple(notes),
+            )
+        )
+    return out
