@@ -70,3 +70,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if _strict():
             pytest.fail(f"required resource '{name}' is missing in CI: {reason}", pytrace=False)
         pytest.skip(f"{reason} (CI=true makes this a failure)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the audit log and VM locks of the test run out of the real system paths.
+
+    Set in os.environ so that serrinj subprocesses started by tests inherit them.
+    """
+    base = tmp_path_factory.mktemp("serrinj-state")
+    os.environ.setdefault("SERRINJ_AUDIT_LOG", str(base / "audit.jsonl"))
+    os.environ.setdefault("SERRINJ_LOCK_DIR", str(base / "locks"))

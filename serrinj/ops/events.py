@@ -36,6 +36,7 @@ from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import host, target
+from serrinj.ops.guard import guarded
 from serrinj.ops.status import decode_events
 from serrinj.vcpu import Events
 
@@ -226,6 +227,14 @@ def _for_set(arch: str, ev: Events, caps: host.HostCaps) -> Events:
     return ev
 
 
+@guarded(
+    "events-load",
+    lambda snap, **kw: {
+        "vcpus": [v.vcpu_id for v in snap.vcpus],
+        "arch": snap.arch,
+        "force": kw.get("force", False),
+    },
+)
 def load(tgt: target.Target, snap: Snapshot, *, force: bool = False) -> List[LoadResult]:
     """Put ``snap``'s events into the matching vCPUs (by vcpu_id) of ``tgt``."""
     caps = host.probe()

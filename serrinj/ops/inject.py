@@ -19,6 +19,7 @@ from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import host, target
+from serrinj.ops.guard import guarded
 from serrinj.ops.status import decode_events, thread_state
 from serrinj.remote.session import RemoteThread
 from serrinj.vcpu import Vcpu
@@ -188,6 +189,15 @@ def _finish(inj: Injection, wait: Optional[float]) -> Injection:
 
 
 # ---------------------------------------------------------------------- arm64
+@guarded(
+    "inject-serror",
+    lambda req, wait=None, **kw: {
+        "esr": req.esr,
+        "force": req.force,
+        "wait": wait,
+        "dry_run": kw.get("dry_run", False),
+    },
+)
 def inject_serror(
     tgt: target.Target,
     req: SErrorRequest,
@@ -277,6 +287,14 @@ def _explain_common(rt: RemoteThread) -> str:
     return "the vCPU has not entered the guest since (halted, or not scheduled)"
 
 
+@guarded(
+    "inject-ext-dabt",
+    lambda req, wait=None, **kw: {
+        "mmio_addr": req.mmio_addr,
+        "mmio_timeout": req.mmio_timeout,
+        "dry_run": kw.get("dry_run", False),
+    },
+)
 def inject_ext_dabt(
     tgt: target.Target,
     req: ExtDabtRequest,
@@ -372,6 +390,7 @@ def _kvm_run_address(pid: int, vcpu_id: int) -> int:
 
 
 # ---------------------------------------------------------------------- x86_64
+@guarded("inject-nmi", lambda wait=None, **kw: {"wait": wait, "dry_run": kw.get("dry_run", False)})
 def inject_nmi(
     tgt: target.Target, wait: Optional[float] = None, *, dry_run: bool = False
 ) -> List[Injection]:
@@ -451,6 +470,19 @@ def _mce_state(vc: Vcpu, bank: int) -> Tuple[mce.GuestMceState, int]:
     return state, cap & kvm_x86.MCG_CAP_COUNT_MASK
 
 
+@guarded(
+    "inject-mce",
+    lambda req, wait=None, **kw: {
+        "bank": req.mce.bank,
+        "status": req.mce.status,
+        "addr": req.mce.addr,
+        "misc": req.mce.misc,
+        "mcg_status": req.mce.mcg_status,
+        "force": req.force,
+        "wait": wait,
+        "dry_run": kw.get("dry_run", False),
+    },
+)
 def inject_mce(
     tgt: target.Target,
     req: MceRequest,

@@ -1,0 +1,92 @@
+"""A per-VM lock, so two serrinj runs never interleave on one VM.
+
+The lock is an ``flock`` on ``<dir>/vm-<pid>-<starttime>.lock`` (the start
+time keeps a reused pid from sharing a lock), with the holder's pid and
+command line written inside for the error message. ``<dir>`` is
+``$SERRINJ_LOCK_DIR``, else ``/run/serrinj`` when writable, else
+``/tmp/serrinj-locks``. It is re-entrant within one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sys
+import time
+from typing import Dict, Iterator, Tuple
+
+from serrinj.errors import Conflict
+
+_held: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (pid, starttime) -> (fd, depth)
+
+
+def lock_dir() -> str:
+    env = os.environ.get("SERRINJ_LOCK_DIR")
+    if env:
+        return env
+    if os.access("/run", os.W_OK):
+        return "/run/serrinj"
+    return "/tmp/serrinj-locks"
+
+
+def _path(pid: int, starttime: int) -> str:
+    return os.path.join(lock_dir(), f"vm-{pid}-{starttime}.lock")
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.loads(f.read() or "{}")
+        return f"serrinj process {info.get('pid')} ({' '.join(info.get('argv', []))})"
+    except (OSError, ValueError):
+        return "another serrinj process"
+
+
+@contextlib.contextmanager
+def vm_lock(pid: int, starttime: int, label: str, wait: float = 10.0) -> Iterator[None]:
+    """Hold the VM's lock; wait up to ``wait`` seconds for another holder."""
+    key = (pid, starttime)
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth - 1)
+        return
+    directory = lock_dir()
+    os.makedirs(directory, mode=0o1777, exist_ok=True)
+    path = _path(pid, starttime)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    deadline = time.monotonic() + wait
+    delay = 0.01
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise Conflict(
+                        f"VM {label} is in use by {_holder(path)}",
+                        hint=f"waited {wait:g} s; try again when it is done (--lock-wait SECONDS)",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "argv": sys.argv}).encode())
+        _held[key] = (fd, 1)
+        try:
+            yield
+        finally:
+            del _held[key]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

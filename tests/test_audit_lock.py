@@ -1,0 +1,85 @@
+"""The audit trail and the per-VM lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from serrinj import audit
+from serrinj.errors import Conflict, Unsupported
+from serrinj.ops import inject, lock, target
+from serrinj.testvm.process import TestVmProcess
+
+X86 = os.uname().machine == "x86_64"
+
+
+def test_lock_excludes_another_process_and_names_it(tmp_path: Path) -> None:
+    env = dict(os.environ, SERRINJ_LOCK_DIR=str(tmp_path))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from serrinj.ops import lock\n"
+            "with lock.vm_lock(1, 2, 'x', wait=1):\n"
+            "    print('held', flush=True); time.sleep(30)",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        os.environ["SERRINJ_LOCK_DIR"], old = str(tmp_path), os.environ["SERRINJ_LOCK_DIR"]
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(Conflict) as err, lock.vm_lock(1, 2, "vm x", wait=0.3):
+                pass
+            assert time.monotonic() - t0 >= 0.3
+            assert f"serrinj process {holder.pid}" in err.value.message
+            # another VM is free, and the lock is re-entrant within a process
+            with lock.vm_lock(1, 3, "another vm", wait=0.3), lock.vm_lock(1, 3, "vm", wait=0.3):
+                pass
+        finally:
+            os.environ["SERRINJ_LOCK_DIR"] = old
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+
+
+@pytest.fixture
+def vm() -> Iterator[TestVmProcess]:
+    with TestVmProcess.start(vcpus=1, mode="halt") as proc:
+        proc.wait_event(lambda e: e["event"] == "guest-ready", timeout=20)
+        yield proc
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.skipif(not X86, reason="x86_64 injections; arm64 is covered in the lab")
+def test_every_attempt_is_audited_with_its_outcome(vm: TestVmProcess) -> None:
+    n = len(audit.read())
+    tgt = target.resolve(pid=vm.pid)
+    inject.inject_nmi(tgt, wait=5.0)
+    inject.inject_nmi(tgt, dry_run=True)
+    with pytest.raises(Unsupported):
+        inject.inject_serror(tgt, inject.SErrorRequest(0x1811))
+    records = audit.read()[n:]
+    assert [(r["action"], r["outcome"]) for r in records] == [
+        ("inject-nmi", "ok"),
+        ("inject-nmi", "dry-run"),
+        ("inject-serror", "refused"),
+    ]
+    ok = records[0]
+    assert ok["vm"]["pid"] == vm.pid and ok["vcpu_id"] == 0  # type: ignore[index]
+    assert ok["detail"]["delivery"]["delivered"] is True  # type: ignore[index]
+    assert ok["user"]["uid"] == os.getuid()  # type: ignore[index]
+    assert records[2]["error"]["kind"] == "unsupported"  # type: ignore[index]
+    assert records[2]["request"]["esr"] == 0x1811  # type: ignore[index]
