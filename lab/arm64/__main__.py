@@ -123,7 +123,7 @@ def _pieces(prepared: prepare.Prepared, project: str) -> List[str]:
     pieces = [prepared.base]
     if prepared.nested:
         pieces.append(prepared.nested)
-    return pieces + [project]
+    return [*pieces, project]
 
 
 def _summary(passed: int, failed: int, skipped: int) -> str:
@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"   {spec.name}: {_summary(rep.passed, rep.failed, rep.skipped)} "
             f"in {outcome.seconds:.1f} s -- {status}"
         )
-        if not rep.reached_suite or not rep.finished:
+        if not rep.reached_suite or not rep.finished or not rep.results:
             _out(f"   last console lines (full log: {outcome.log}):")
             for text in outcome.tail[-20:]:
                 _out(f"   > {text}")

@@ -58,7 +58,9 @@ class BootOutcome:
 def qemu_binary() -> str:
     path = shutil.which(QEMU)
     if path is None:
-        raise FileNotFoundError(f"{QEMU} is not installed: run `make deps` (package qemu-system-arm)")
+        raise FileNotFoundError(
+            f"{QEMU} is not installed: run `make deps` (package qemu-system-arm)"
+        )
     return path
 
 
@@ -106,13 +108,15 @@ def run(
     log_path: str,
     timeout: float,
     with_qemu: bool,
-    on_line: Optional[Callable[[protocol.BootReport, Optional[protocol.CaseResult], str], None]] = None,
+    on_line: Optional[
+        Callable[[protocol.BootReport, Optional[protocol.CaseResult], str], None]
+    ] = None,
 ) -> BootOutcome:
     """Boot once in ``run`` mode; every console line goes to ``log_path``."""
     guest_timeout = max(10, int(timeout) - config.GUEST_MARGIN_S)
     cmd = command(spec, initrd, append_line(spec, "run", with_qemu, guest_timeout))
     report = protocol.BootReport()
-    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+    lines: queue.Queue[Optional[str]] = queue.Queue()
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -144,7 +148,7 @@ def run(
                     break
                 log.write(text + "\n")
                 log.flush()
-                tail = (tail + [protocol.clean(text)])[-40:]
+                tail = ([*tail, protocol.clean(text)])[-40:]
                 done = protocol.feed(report, text)
                 if on_line is not None:
                     on_line(report, done, text)

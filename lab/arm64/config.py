@@ -45,7 +45,9 @@ KERNELS: Mapping[str, Kernel] = MappingProxyType(
     {
         "6.1": Kernel("6.1", None, f"Debian 12 ({DEBIAN_RELEASE}) stable kernel"),
         "6.12": Kernel(
-            "6.12", f"{DEBIAN_RELEASE}-backports", f"newest arm64 kernel ({DEBIAN_RELEASE}-backports)"
+            "6.12",
+            f"{DEBIAN_RELEASE}-backports",
+            f"newest arm64 kernel ({DEBIAN_RELEASE}-backports)",
         ),
     }
 )

@@ -119,7 +119,9 @@ class Tree:
             yield path, self._entries[path]
 
 
-def _header(ino: int, mode: int, nlink: int, size: int, rdev: tuple[int, int], namesize: int) -> bytes:
+def _header(
+    ino: int, mode: int, nlink: int, size: int, rdev: tuple[int, int], namesize: int
+) -> bytes:
     fields = (ino, mode, 0, 0, nlink, FIXED_MTIME, size, 0, 0, rdev[0], rdev[1], namesize, 0)
     return MAGIC + b"".join(b"%08X" % f for f in fields)
 

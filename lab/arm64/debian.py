@@ -110,7 +110,9 @@ def exact_dependency(depends: str, pattern: str) -> Optional[Tuple[str, str]]:
 
 
 def sources_list(suites: Iterable[Tuple[str, str]], keyring: str) -> str:
-    lines = [f"deb [arch=arm64 signed-by={keyring}] {mirror} {suite} main" for mirror, suite in suites]
+    lines = [
+        f"deb [arch=arm64 signed-by={keyring}] {mirror} {suite} main" for mirror, suite in suites
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -129,7 +131,12 @@ class Apt:
 
     def setup(self) -> None:
         """Write the configuration; lists are dropped when the sources changed."""
-        for sub in ("etc/sources.list.d", "etc/preferences.d", "state/lists/partial", "cache/archives/partial"):
+        for sub in (
+            "etc/sources.list.d",
+            "etc/preferences.d",
+            "state/lists/partial",
+            "cache/archives/partial",
+        ):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
         status = os.path.join(self.root, "state", "status")
         if not os.path.exists(status):
@@ -140,32 +147,37 @@ class Apt:
             _write_atomic(self.sources, sources)
             shutil.rmtree(self.lists, ignore_errors=True)
             os.makedirs(os.path.join(self.lists, "partial"), exist_ok=True)
-        r = self.root
-        conf = "\n".join(
-            [
-                f'Dir::Etc::SourceList "{r}/etc/sources.list";',
-                f'Dir::Etc::SourceParts "{r}/etc/sources.list.d";',
-                f'Dir::Etc::Preferences "{r}/etc/preferences";',
-                f'Dir::Etc::PreferencesParts "{r}/etc/preferences.d";',
-                f'Dir::State "{r}/state";',
-                f'Dir::State::Lists "{r}/state/lists";',
-                f'Dir::State::status "{r}/state/status";',
-                f'Dir::Cache "{r}/cache";',
-                'APT::Architecture "arm64";',
-                'APT::Architectures { "arm64"; };',
-                'APT::Default-Release "";',
-                'APT::Install-Recommends "false";',
-                'Acquire::Languages "none";',
-                # downloads land in the cache (under $HOME), which apt's
-                # unprivileged "_apt" user cannot enter
-                'APT::Sandbox::User "root";',
-                # the host's dpkg lock has nothing to do with this root
-                'Debug::NoLocking "true";',
-                "",
-            ]
-        )
+        conf = "".join(f'{key} "{value}";\n' for key, value in self.settings())
         if _read(self.conf) != conf:
             _write_atomic(self.conf, conf)
+
+    def settings(self) -> List[Tuple[str, str]]:
+        """The configuration of this root. apt reads the host's apt.conf.d *after*
+        ``APT_CONFIG``, so each setting is also passed with ``-o``, which wins."""
+        r = self.root
+        return [
+            ("Dir::Etc::SourceList", f"{r}/etc/sources.list"),
+            ("Dir::Etc::SourceParts", f"{r}/etc/sources.list.d"),
+            ("Dir::Etc::Preferences", f"{r}/etc/preferences"),
+            ("Dir::Etc::PreferencesParts", f"{r}/etc/preferences.d"),
+            ("Dir::State", f"{r}/state"),
+            ("Dir::State::Lists", f"{r}/state/lists"),
+            ("Dir::State::status", f"{r}/state/status"),
+            ("Dir::Cache", f"{r}/cache"),
+            # a binary cache of the lists: without it every call re-parses them
+            ("Dir::Cache::pkgcache", f"{r}/cache/pkgcache.bin"),
+            ("Dir::Cache::srcpkgcache", f"{r}/cache/srcpkgcache.bin"),
+            ("APT::Architecture", "arm64"),
+            ("APT::Architectures", "arm64"),
+            ("APT::Default-Release", ""),
+            ("APT::Install-Recommends", "false"),
+            ("Acquire::Languages", "none"),
+            # downloads land in the cache (under $HOME), which apt's
+            # unprivileged "_apt" user cannot enter
+            ("APT::Sandbox::User", "root"),
+            # the host's dpkg lock has nothing to do with this root
+            ("Debug::NoLocking", "true"),
+        ]
 
     def has_lists(self) -> bool:
         """Whether every suite's arm64 Packages index is present (possibly compressed)."""
@@ -187,9 +199,10 @@ class Apt:
         return env
 
     def run(self, args: Sequence[str], cwd: Optional[str] = None, timeout: float = 600) -> str:
+        overrides = [f"-o{key}={value}" for key, value in self.settings()]
         try:
             proc = subprocess.run(
-                list(args),
+                [args[0], *overrides, *args[1:]],
                 env=self._env(),
                 cwd=cwd,
                 capture_output=True,
@@ -205,7 +218,11 @@ class Apt:
         return proc.stdout
 
     def update(self) -> None:
-        say("apt-get update (private arm64 root: " + ", ".join(s for _, s in config.APT_SUITES) + ")")
+        say(
+            "apt-get update (private arm64 root: "
+            + ", ".join(s for _, s in config.APT_SUITES)
+            + ")"
+        )
         self.run(["apt-get", "update", "-q", "--error-on=any"], timeout=900)
         self.updated = True
 
@@ -278,14 +295,16 @@ class Apt:
         total = sum(p.size for p in missing) / 1e6
         say(f"downloading {len(missing)} arm64 package(s), {total:.1f} MB")
         with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
-            self.run(["apt-get", "download", "-q", *(f"{p.name}={p.version}" for p in missing)], cwd=tmp)
+            self.run(
+                ["apt-get", "download", "-q", *(f"{p.name}={p.version}" for p in missing)], cwd=tmp
+            )
             by_hash = {p.sha256: p for p in missing}
             for name in os.listdir(tmp):
                 digest = sha256_file(os.path.join(tmp, name))
-                pkg = by_hash.pop(digest, None)
-                if pkg is not None:
-                    os.replace(os.path.join(tmp, name), os.path.join(dest, pkg.basename))
-                    _stamp(os.path.join(dest, pkg.basename), digest)
+                if digest in by_hash:
+                    got = by_hash.pop(digest)
+                    os.replace(os.path.join(tmp, name), os.path.join(dest, got.basename))
+                    _stamp(os.path.join(dest, got.basename), digest)
             if by_hash:
                 bad = ", ".join(sorted(p.name for p in by_hash.values()))
                 raise DebianError(f"downloaded files did not match the index for: {bad}")

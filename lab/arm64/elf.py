@@ -59,13 +59,18 @@ def read_elf(raw: bytes) -> ElfInfo:
     if raw[4] != 2 or raw[5] != 1:
         raise ElfError("only 64-bit little-endian ELF is supported")
     (machine,) = struct.unpack_from("<H", raw, 18)
-    phoff, phentsize, phnum = struct.unpack_from("<Q", raw, 32)[0], *struct.unpack_from("<HH", raw, 54)
+    phoff, phentsize, phnum = (
+        struct.unpack_from("<Q", raw, 32)[0],
+        *struct.unpack_from("<HH", raw, 54),
+    )
     loads: List[Tuple[int, int, int]] = []  # (vaddr, offset, filesz)
     dynamic: Optional[Tuple[int, int]] = None
     interp: Optional[str] = None
     for i in range(phnum):
         base = phoff + i * phentsize
-        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", raw, base)
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz = struct.unpack_from(
+            "<IIQQQQ", raw, base
+        )
         if p_type == _PT_LOAD:
             loads.append((p_vaddr, p_offset, p_filesz))
         elif p_type == _PT_DYNAMIC:

@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from lab.arm64 import config, cpio, elf, wheels
 from lab.arm64.config import say
-from lab.arm64.debian import DebianError, Package, unpack
+from lab.arm64.debian import Package, unpack
 
 SITE = "usr/lib/python3/dist-packages"
 STDLIB = f"usr/lib/python{config.PYTHON_VERSION}"
@@ -160,9 +160,7 @@ def add_payload(
         for dirpath, dirs, files in walk:
             rel_dir = os.path.relpath(dirpath, root)
             dirs[:] = [
-                d
-                for d in dirs
-                if d != "__pycache__" and posixpath.join(rel_dir, d) not in prune
+                d for d in dirs if d != "__pycache__" and posixpath.join(rel_dir, d) not in prune
             ]
             for name in files:
                 rel = os.path.normpath(os.path.join(rel_dir, name))
@@ -363,9 +361,7 @@ def nested_key(base: str, kernel: Package) -> str:
     return fingerprint({"base": base, "kernel": kernel.sha256, "init": init})
 
 
-def build_nested(
-    userland: Userland, base_sonames: Set[str], kernel_image: str, out: str
-) -> None:
+def build_nested(userland: Userland, base_sonames: Set[str], kernel_image: str, out: str) -> None:
     """The inner VMM and a nested guest (kernel + initramfs), on top of the base."""
     tree = cpio.Tree()
     roots = userland.roots()
@@ -425,10 +421,9 @@ def build_project(repo: str, out: str, pytest_args: Sequence[str] = ()) -> int:
     tree.add_bytes(
         "usr/bin/lab-suite",
         "#!/bin/sh\n# Run the lab suite (or the pytest arguments given) as `run` does.\n"
-        "exec python3 -m lab.guest.runner --suite-only \"$@\"\n",
+        'exec python3 -m lab.guest.runner --suite-only "$@"\n',
         mode=0o755,
     )
     precompile(tree, (PROJECT,), checked=True)
     cpio.write_file(tree, out, compress=True)
     return count
-

@@ -32,18 +32,17 @@ class WheelError(RuntimeError):
 
 def runtime_requirements() -> List[str]:
     """serrinj's own runtime dependencies, from pyproject.toml (the single source)."""
-    pyproject = os.path.join(config.repo_root(), "pyproject.toml")
-    try:
-        import tomllib  # Python >= 3.11
+    if sys.version_info >= (3, 11):
+        import tomllib
 
-        with open(pyproject, "rb") as fh:
+        with open(os.path.join(config.repo_root(), "pyproject.toml"), "rb") as fh:
             deps = tomllib.load(fh)["project"]["dependencies"]
         return [str(d) for d in deps]
-    except ImportError:
-        from importlib import metadata
+    # older Pythons: the installed (editable) package's metadata says the same
+    from importlib import metadata
 
-        reqs = metadata.requires("serrinj") or []
-        return [r for r in reqs if "extra ==" not in r]
+    reqs = metadata.requires("serrinj") or []
+    return [r for r in reqs if "extra ==" not in r]
 
 
 def requirements() -> List[str]:
@@ -52,7 +51,11 @@ def requirements() -> List[str]:
 
 def set_key(reqs: Sequence[str]) -> str:
     blob = json.dumps(
-        {"reqs": list(reqs), "platforms": list(config.WHEEL_PLATFORMS), "py": config.PYTHON_VERSION},
+        {
+            "reqs": list(reqs),
+            "platforms": list(config.WHEEL_PLATFORMS),
+            "py": config.PYTHON_VERSION,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -84,7 +87,16 @@ def ensure(refresh: bool = False) -> List[str]:
     os.makedirs(base, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=base, prefix=".download-")
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+        ]
         for plat in config.WHEEL_PLATFORMS:
             cmd += ["--platform", plat]
         cmd += [

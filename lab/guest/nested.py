@@ -14,6 +14,7 @@ it started, by pid. Later suites (injection into a real VMM) build on it::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -85,10 +86,10 @@ def command(
 class InnerQemu:
     """A running inner QEMU whose guest console is read line by line."""
 
-    def __init__(self, proc: "subprocess.Popen[bytes]") -> None:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         self.lines: List[str] = []
-        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._queue: queue.Queue[Optional[str]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -117,7 +118,9 @@ class InnerQemu:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no {pattern!r} within {timeout:.0f} s; console:\n" + self.tail())
+                raise TimeoutError(
+                    f"no {pattern!r} within {timeout:.0f} s; console:\n" + self.tail()
+                )
             try:
                 line = self._queue.get(timeout=left)
             except queue.Empty:
@@ -125,7 +128,8 @@ class InnerQemu:
             if line is None:
                 self._queue.put(None)  # keep reporting the exit to later calls
                 raise RuntimeError(
-                    f"QEMU exited (rc={self.proc.poll()}) before {pattern!r}; console:\n" + self.tail()
+                    f"QEMU exited (rc={self.proc.poll()}) before {pattern!r}; console:\n"
+                    + self.tail()
                 )
             self.lines.append(line)
             if regex.search(line):
@@ -148,10 +152,8 @@ class InnerQemu:
         self._reader.join(timeout=timeout)  # it sees EOF once QEMU is gone
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
         return rc
 
     def __enter__(self) -> InnerQemu:

@@ -54,11 +54,12 @@ def _outcome(report: pytest.TestReport) -> Optional[str]:
 
 def _detail(report: pytest.TestReport) -> List[str]:
     if report.skipped and isinstance(report.longrepr, tuple):
-        return [str(report.longrepr[2])]
+        reason = str(report.longrepr[2])
+        return [reason[len("Skipped: ") :] if reason.startswith("Skipped: ") else reason]
     text = report.longreprtext or ""
     lines = text.splitlines()
     if len(lines) > MAX_DETAIL_LINES:
-        lines = ["..."] + lines[-MAX_DETAIL_LINES:]
+        lines = ["...", *lines[-MAX_DETAIL_LINES:]]
     return lines
 
 

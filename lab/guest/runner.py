@@ -125,10 +125,14 @@ def run_suite(args: List[str], deadline: Optional[float], color: bool = True) ->
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "lab.guest.plugin"]
     if not color:
         cmd.append("--color=no")  # the console goes to a log file
-    cmd += args or [SUITE]
+    # pytest arguments without a test path select within the suite
+    paths = [a for a in args if os.path.exists(os.path.join(PROJECT, a.split("::", 1)[0]))]
+    cmd += list(args) if paths else [*args, SUITE]
     proc = subprocess.Popen(cmd, cwd=PROJECT, start_new_session=True)
     try:
-        return proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+        return proc.wait(
+            timeout=None if deadline is None else max(1.0, deadline - time.monotonic())
+        )
     except subprocess.TimeoutExpired:
         emit(protocol.ERROR, "the suite ran out of time; its processes were killed")
         # the session holds pytest and anything it started (e.g. an inner QEMU)

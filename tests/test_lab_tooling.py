@@ -1,0 +1,556 @@
+"""Host-side tests of the arm64 lab's tooling: the pure parts (``make lab-arm64`` runs the rest).
+
+The cpio writer is checked against GNU cpio, the ELF reader against readelf,
+and the pytest plugin together with the host's parser on a real pytest run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from lab import protocol
+from lab.arm64 import boot, config, cpio, debian, elf, initramfs, wheels
+from lab.guest import env, nested
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- cpio -------------------------------------------------------------------------
+
+
+def _sample_tree(tmp_path: Path) -> cpio.Tree:
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"\x7fELF-not-really" * 3)
+    os.chmod(src, 0o750)
+    tree = cpio.Tree()
+    tree.add_bytes("etc/passwd", "root:x:0:0::/root:/bin/sh\n")
+    tree.add_file("usr/bin/tool", str(src))
+    tree.add_symlink("bin", "usr/bin")
+    tree.add_chardev("dev/console", 5, 1)
+    tree.mkdir("tmp", 0o1777)
+    tree.add_bytes("odd", b"12345")  # a size that needs padding
+    return tree
+
+
+def _archive(tree: cpio.Tree, tmp_path: Path, name: str = "a.cpio") -> Path:
+    out = tmp_path / name
+    with open(out, "wb") as fh:
+        cpio.write(tree, fh)
+    return out
+
+
+def test_cpio_round_trip(tmp_path: Path) -> None:
+    raw = _archive(_sample_tree(tmp_path), tmp_path).read_bytes()
+    assert len(raw) % 4 == 0
+    members = {m.name: m for m in cpio.read(raw)}
+    assert sorted(members) == [
+        "bin",
+        "dev",
+        "dev/console",
+        "etc",
+        "etc/passwd",
+        "odd",
+        "tmp",
+        "usr",
+        "usr/bin",
+        "usr/bin/tool",
+    ]
+    assert members["usr/bin/tool"].data == b"\x7fELF-not-really" * 3
+    assert stat.S_IMODE(members["usr/bin/tool"].mode) == 0o750
+    assert stat.S_ISLNK(members["bin"].mode) and members["bin"].data == b"usr/bin"
+    assert stat.S_ISCHR(members["dev/console"].mode) and members["dev/console"].rdev == (5, 1)
+    assert stat.S_IMODE(members["tmp"].mode) == 0o1777
+    assert members["odd"].data == b"12345"
+
+
+def test_cpio_parents_come_first_and_output_is_deterministic(tmp_path: Path) -> None:
+    tree = _sample_tree(tmp_path)
+    first = _archive(tree, tmp_path, "1.cpio").read_bytes()
+    assert first == _archive(tree, tmp_path, "2.cpio").read_bytes()
+    seen: List[str] = []
+    for m in cpio.read(first):
+        parent = os.path.dirname(m.name)
+        assert not parent or parent in seen
+        seen.append(m.name)
+
+
+def test_cpio_later_entry_replaces_and_pieces_concatenate(tmp_path: Path) -> None:
+    base, project = cpio.Tree(), cpio.Tree()
+    base.add_bytes("init", "#!/bin/sh\necho base\n", mode=0o755)
+    project.add_bytes("init", "#!/bin/sh\necho project\n", mode=0o755)
+    raw = _archive(base, tmp_path, "b").read_bytes() + _archive(project, tmp_path, "p").read_bytes()
+    inits = [m.data for m in cpio.read(raw) if m.name == "init"]
+    assert inits == [b"#!/bin/sh\necho base\n", b"#!/bin/sh\necho project\n"]
+
+
+def test_cpio_tree_refuses_bad_paths() -> None:
+    tree = cpio.Tree()
+    tree.add_symlink("lib", "usr/lib")
+    with pytest.raises(ValueError, match="through the symlink"):
+        tree.add_bytes("lib/libc.so.6", b"")
+    with pytest.raises(ValueError):
+        tree.add_bytes("../escape", b"")
+    tree.add_bytes("/usr/./lib//x", b"1")
+    assert "usr/lib/x" in tree
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio is not installed: make deps")
+def test_cpio_matches_gnu_cpio(tmp_path: Path) -> None:
+    tree = _sample_tree(tmp_path)
+    path = _archive(tree, tmp_path)
+    with open(path, "rb") as fh:
+        listing = subprocess.run(
+            ["cpio", "-i", "-t", "--quiet"], stdin=fh, capture_output=True, check=True
+        )
+    assert listing.stdout.decode().split() == list(tree.paths())
+    out = tmp_path / "x"
+    out.mkdir()
+    gz = tmp_path / "a.cpio.gz"
+    nodev = cpio.Tree()
+    for p, e in tree.items():
+        if e.kind != stat.S_IFCHR:
+            nodev._entries[p] = e  # extracting a device node needs CAP_MKNOD
+    cpio.write_file(nodev, str(gz), compress=True)
+    subprocess.run(
+        f"gzip -dc {gz} | cpio -i -d --quiet --no-absolute-filenames",
+        shell=True,
+        cwd=out,
+        check=True,
+    )
+    assert (out / "usr/bin/tool").read_bytes() == b"\x7fELF-not-really" * 3
+    assert os.readlink(out / "bin") == "usr/bin"
+    assert (out / "odd").read_bytes() == b"12345"
+
+
+# --- ELF --------------------------------------------------------------------------
+
+
+def _readelf_needed(path: str, readelf: str = "readelf") -> List[str]:
+    out = subprocess.run([readelf, "-d", path], capture_output=True, text=True, check=True).stdout
+    return [
+        line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line
+    ]
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="binutils is not installed")
+def test_read_elf_matches_readelf_on_a_host_binary() -> None:
+    path = os.path.realpath(sys.executable)
+    info = elf.read_elf_file(path)
+    assert info is not None
+    assert info.machine == elf.EM_X86_64
+    assert list(info.needed) == _readelf_needed(path)
+    assert info.interp is not None and "ld-linux" in info.interp
+
+
+def test_read_elf_rejects_non_elf(tmp_path: Path) -> None:
+    text = tmp_path / "script"
+    text.write_text("#!/bin/sh\n")
+    assert elf.read_elf_file(str(text)) is None
+    with pytest.raises(elf.ElfError):
+        elf.read_elf(b"\x7fELF" + b"\x01" * 60)  # 32-bit
+
+
+@pytest.mark.cross
+def test_read_elf_on_an_arm64_library(tmp_path: Path) -> None:
+    src = tmp_path / "lib.c"
+    src.write_text("#include <math.h>\ndouble f(double x) { return sqrt(x); }\n")
+    lib = tmp_path / "libdemo.so.1"
+    subprocess.run(
+        [
+            "aarch64-linux-gnu-gcc",
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(lib),
+            str(src),
+            "-lm",
+            "-Wl,-soname,libdemo.so.1",
+            "-Wl,-rpath,$ORIGIN/demo.libs:/opt/x",
+            "-Wl,--enable-new-dtags",
+        ],
+        check=True,
+    )
+    info = elf.read_elf_file(str(lib))
+    assert info is not None
+    assert info.machine == elf.EM_AARCH64
+    assert info.soname == "libdemo.so.1"
+    assert list(info.needed) == _readelf_needed(str(lib), "aarch64-linux-gnu-readelf")
+    assert "libm.so.6" in info.needed
+    assert info.runpath == ("$ORIGIN/demo.libs", "/opt/x")
+    assert info.interp is None
+
+
+def test_closure_follows_needed_runpath_and_dlopen_extras() -> None:
+    arm = elf.EM_AARCH64
+    payload = {
+        "usr/bin/prog": elf.ElfInfo(arm, "/lib/ld-linux-aarch64.so.1", ("libA.so.1", "libc.so.6")),
+        "site/_ext.so": elf.ElfInfo(
+            arm, None, ("libffi-1a2b.so.8",), runpath=("$ORIGIN/ext.libs",)
+        ),
+        "site/ext.libs/libffi-1a2b.so.8": elf.ElfInfo(arm, None, ("libc.so.6",)),
+        "usr/bin/static": elf.ElfInfo(arm),
+    }
+    system = {
+        "libA.so.1": elf.ElfInfo(arm, None, ("libB.so.2",)),
+        "libB.so.2": elf.ElfInfo(arm, None, ("libc.so.6",)),
+        "libc.so.6": elf.ElfInfo(arm, None, ("ld-linux-aarch64.so.1",)),
+        "ld-linux-aarch64.so.1": elf.ElfInfo(arm),
+        "libgcc_s.so.1": elf.ElfInfo(arm, None, ("libc.so.6",)),
+        "libunused.so.3": elf.ElfInfo(arm),
+    }
+    found = elf.closure(payload, system, extra=["libgcc_s.so.1"])
+    assert found.unresolved == []
+    assert set(found.libraries) == {
+        "libA.so.1",
+        "libB.so.2",
+        "libc.so.6",
+        "ld-linux-aarch64.so.1",
+        "libgcc_s.so.1",
+    }
+    assert found.libraries["libB.so.2"] == "libA.so.1"  # who pulled it in
+    assert found.interpreters == {"/lib/ld-linux-aarch64.so.1"}
+
+
+def test_closure_reports_what_is_missing_and_who_needs_it() -> None:
+    arm = elf.EM_AARCH64
+    payload = {"usr/bin/qemu": elf.ElfInfo(arm, None, ("libglib-2.0.so.0",))}
+    system = {"libglib-2.0.so.0": elf.ElfInfo(arm, None, ("libpcre2-8.so.0",))}
+    found = elf.closure(payload, system, extra=["libgone.so.1"])
+    assert ("libglib-2.0.so.0", "libpcre2-8.so.0") in found.unresolved
+    assert ("(dlopen)", "libgone.so.1") in found.unresolved
+
+
+# --- the image builder's path handling and bytecode -----------------------------------
+
+
+def test_usr_merged_layout() -> None:
+    assert initramfs.usr_merged("/lib/ld-linux-aarch64.so.1") == "usr/lib/ld-linux-aarch64.so.1"
+    assert initramfs.usr_merged("bin/busybox") == "usr/bin/busybox"
+    assert initramfs.usr_merged("usr/lib/python3.11/os.py") == "usr/lib/python3.11/os.py"
+    assert (
+        initramfs.usr_merged("etc/python3.11/sitecustomize.py") == "etc/python3.11/sitecustomize.py"
+    )
+
+
+def test_resolve_in_root_stays_inside_the_package(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    (root / "lib/aarch64-linux-gnu").mkdir(parents=True)
+    (root / "lib/aarch64-linux-gnu/libx.so.1.2.3").write_bytes(b"x")
+    os.symlink("libx.so.1.2.3", root / "lib/aarch64-linux-gnu/libx.so.1")
+    os.symlink("/lib/aarch64-linux-gnu/libx.so.1", root / "lib/abs-link")
+    os.symlink("../../../../../../etc/passwd", root / "lib/escape")
+    real = str(root / "lib/aarch64-linux-gnu/libx.so.1.2.3")
+    assert initramfs.resolve_in_root(str(root), "lib/aarch64-linux-gnu/libx.so.1") == real
+    assert (
+        initramfs.resolve_in_root(str(root), "lib/abs-link") == real
+    )  # the tree's /, not the host's
+    assert initramfs.resolve_in_root(str(root), "lib/escape") is None
+    assert initramfs.resolve_in_root(str(root), "lib/missing") is None
+
+
+@pytest.mark.skipif(not initramfs.can_precompile(), reason="needs the lab's CPython version")
+@pytest.mark.parametrize("checked", [False, True])
+def test_precompiled_bytecode_loads(tmp_path: Path, checked: bool) -> None:
+    source = b"VALUE = 6 * 7\n"
+    data = initramfs.pyc_bytes(source, "/opt/demo_mod.py", checked)
+    assert data is not None
+    flags = int.from_bytes(data[4:8], "little")
+    assert flags == (0b11 if checked else 0b01)
+    (tmp_path / "demo_mod.py").write_bytes(source)
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    (cache / f"demo_mod.{sys.implementation.cache_tag}.pyc").write_bytes(data)
+    spec = importlib.util.spec_from_file_location("demo_mod", tmp_path / "demo_mod.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.VALUE == 42
+    assert initramfs.pyc_bytes(b"def (:\n", "/x.py", checked) is None
+
+
+def test_project_piece_carries_the_working_tree(tmp_path: Path) -> None:
+    out = tmp_path / "project.cpio.gz"
+    initramfs.build_project(str(REPO), str(out), ["-k", "smoke"])
+    import gzip
+
+    members = {m.name: m for m in cpio.read(gzip.decompress(out.read_bytes()))}
+    assert stat.S_IMODE(members["init"].mode) == 0o755
+    assert members["init"].data.startswith(b"#!/bin/sh")
+    assert "opt/serrinj/serrinj/__init__.py" in members
+    assert "opt/serrinj/lab/suite/test_smoke.py" in members
+    assert "opt/serrinj/lab/protocol.py" in members
+    assert not any(n.startswith("opt/serrinj/lab/arm64") for n in members)  # host tooling stays out
+    assert json.loads(members["etc/lab/run.json"].data) == {"pytest_args": ["-k", "smoke"]}
+    if initramfs.can_precompile():
+        tag = sys.implementation.cache_tag
+        assert f"opt/serrinj/serrinj/__pycache__/__init__.{tag}.pyc" in members
+
+
+def test_wheel_install_merges_data_dirs(tmp_path: Path) -> None:
+    whl = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as zf:
+        zf.writestr("demo/__init__.py", "X = 1\n")
+        zf.writestr("demo-1.0.data/purelib/demo_extra.py", "Y = 2\n")
+        zf.writestr("demo-1.0.data/scripts/demo", "#!python\n")
+        zf.writestr("demo-1.0.dist-info/METADATA", "Name: demo\n")
+    tree = cpio.Tree()
+    assert wheels.install(str(whl), tree, "usr/lib/python3/dist-packages") == 3
+    paths = set(tree.paths())
+    assert "usr/lib/python3/dist-packages/demo/__init__.py" in paths
+    assert "usr/lib/python3/dist-packages/demo_extra.py" in paths
+    assert not any("scripts" in p for p in paths)
+
+
+def test_wheel_requirements_include_serrinj_runtime_deps() -> None:
+    reqs = wheels.requirements()
+    names = {r.split(">", 1)[0].split("=", 1)[0] for r in reqs}
+    assert {"click", "rich", "cffi", "pytest"} <= names
+
+
+# --- apt output parsing -----------------------------------------------------------------
+
+
+def test_parse_simulation() -> None:
+    text = textwrap.dedent(
+        """\
+        NOTE: This is only a simulation!
+        Inst gcc-12-base (12.2.0-14+deb12u1 Debian:12.11/stable [arm64])
+        Inst libc6 [2.36-9] (2.36-9+deb12u14 Debian-Security:12/stable-security [arm64])
+        Inst qemu-system-arm:arm64 (1:7.2+dfsg-7+deb12u18+b3 Debian:12.11/stable [arm64])
+        Conf libc6 (2.36-9+deb12u14 Debian:12.11/stable [arm64])
+        """
+    )
+    assert debian.parse_simulation(text) == {
+        "gcc-12-base": "12.2.0-14+deb12u1",
+        "libc6": "2.36-9+deb12u14",
+        "qemu-system-arm": "1:7.2+dfsg-7+deb12u18+b3",
+    }
+
+
+def test_parse_stanzas_and_dependencies() -> None:
+    text = textwrap.dedent(
+        """\
+        Package: linux-image-arm64
+        Version: 6.12.95-1~bpo12+1
+        Depends: linux-image-6.12.95+deb12-arm64 (= 6.12.95-1~bpo12+1)
+        Description: Linux for 64-bit ARMv8 machines (meta-package)
+         This package depends on the latest Linux kernel.
+
+        Package: libc6
+        Version: 2.36-9+deb12u14
+        SHA256: abc
+        """
+    )
+    stanzas = debian.parse_stanzas(text)
+    assert [s["Package"] for s in stanzas] == ["linux-image-arm64", "libc6"]
+    assert stanzas[0]["Description"].endswith("latest Linux kernel.")
+    dep = debian.exact_dependency(stanzas[0]["Depends"], r"linux-image-.*-arm64")
+    assert dep == ("linux-image-6.12.95+deb12-arm64", "6.12.95-1~bpo12+1")
+    assert debian.exact_dependency("libc6 (>= 2.36), foo | bar (= 1)", r"bar") == ("bar", "1")
+    assert debian.exact_dependency("libc6 (>= 2.36)", r"libc6") is None
+
+
+def test_parse_candidate() -> None:
+    text = "linux-image-arm64:\n  Installed: (none)\n  Candidate: 6.1.192-2\n  Version table:\n"
+    assert debian.parse_candidate(text) == "6.1.192-2"
+    assert debian.parse_candidate("x:\n  Installed: (none)\n  Candidate: (none)\n") is None
+
+
+def test_sources_list_is_arm64_and_signed() -> None:
+    text = debian.sources_list([("http://m/debian", "bookworm")], "/k.gpg")
+    assert text == "deb [arch=arm64 signed-by=/k.gpg] http://m/debian bookworm main\n"
+
+
+def test_verified_rehashes_a_changed_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.deb"
+    path.write_bytes(b"good")
+    digest = debian.sha256_file(str(path))
+    assert debian.verified(str(path), digest, 4)
+    assert os.path.exists(str(path) + ".verified")
+    path.write_bytes(b"evil")  # same size, new content and mtime
+    assert not debian.verified(str(path), digest, 4)
+    assert not debian.verified(str(tmp_path / "absent.deb"), digest)
+
+
+# --- the result protocol ------------------------------------------------------------------
+
+
+TRANSCRIPT = [
+    "[    0.118936] CPU features: detected: RAS Extension Support\r",
+    "@@LAB@@ BEGIN kernel=6.1.0-56-arm64 label=6.1 cpu=max expect_ras=1\r",
+    "@@LAB@@ INFO ras_detected=1 kvm=1 cap41=1 cap158=1 cap178=1",
+    "lab/suite/test_a.py::test_ok \x1b[32mPASSED\x1b[0m [ 33%]",
+    "@@LAB@@ RESULT PASSED lab/suite/test_a.py::test_ok 0.01",
+    "[   12.5] kvm: some kernel noise @@LAB@@ RESULT FAILED lab/suite/test_a.py::test_bad 0.20",
+    "@@LAB@@ |     assert 0 == 1",
+    "@@LAB@@ | E   AssertionError",
+    "@@LAB@@ RESULT SKIPPED lab/suite/test_a.py::test_skip 0.00",
+    "@@LAB@@ | needs the inner QEMU",
+    "@@LAB@@ END rc=1",
+]
+
+
+def test_protocol_parses_a_console_transcript() -> None:
+    report = protocol.parse(TRANSCRIPT)
+    assert report.begin is not None and report.begin["cpu"] == "max"
+    assert report.info["cap158"] == "1"
+    assert [(r.outcome, r.nodeid) for r in report.results] == [
+        ("PASSED", "lab/suite/test_a.py::test_ok"),
+        ("FAILED", "lab/suite/test_a.py::test_bad"),
+        ("SKIPPED", "lab/suite/test_a.py::test_skip"),
+    ]
+    assert report.results[1].details == ["    assert 0 == 1", "E   AssertionError"]
+    assert (report.passed, report.failed, report.skipped) == (1, 1, 1)
+    assert report.end == {"rc": "1"}
+    assert not report.ok
+    assert "1 test(s) failed" in report.problems()
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        ([], "the boot never reached the suite"),
+        (TRANSCRIPT[:5], "the suite did not finish (no END line)"),
+        ([*TRANSCRIPT[:3], "@@LAB@@ END rc=0"], "no test ran"),
+        ([*TRANSCRIPT[:5], "@@LAB@@ END rc=124"], "the suite exited with rc=124"),
+        ([*TRANSCRIPT[:5], "@@LAB@@ ERROR boom", "@@LAB@@ END rc=0"], "guest error: boom"),
+    ],
+)
+def test_protocol_problems(lines: List[str], problem: str) -> None:
+    assert problem in protocol.parse(lines).problems()
+
+
+def test_protocol_clean_boot_is_ok() -> None:
+    report = protocol.parse([*TRANSCRIPT[:5], "@@LAB@@ END rc=0"])
+    assert report.ok and report.problems() == []
+
+
+def test_protocol_line_round_trip() -> None:
+    text = protocol.line(protocol.DETAIL, "  indented\r\nand joined")
+    report = protocol.parse([protocol.line(protocol.RESULT, "ERROR a::b 1.5"), text])
+    assert report.results[0].duration == 1.5
+    assert report.results[0].details == ["  indented  and joined"]
+
+
+def test_plugin_and_parser_on_a_real_pytest_run(tmp_path: Path) -> None:
+    (tmp_path / "test_demo.py").write_text(
+        textwrap.dedent(
+            """\
+            import pytest
+
+            def test_pass():
+                pass
+
+            def test_fail():
+                assert 1 + 1 == 3
+
+            @pytest.mark.skip(reason="not here")
+            def test_skip():
+                pass
+
+            @pytest.fixture
+            def broken_teardown():
+                yield
+                raise RuntimeError("teardown broke")
+
+            def test_teardown_error(broken_teardown):
+                pass
+
+            @pytest.mark.xfail(reason="known")
+            def test_xfail():
+                assert False
+            """
+        )
+    )
+    envv = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="120")
+    envv.pop("PYTEST_ADDOPTS", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "lab.guest.plugin",
+            "--color=no",
+            "-c",
+            os.devnull,
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=envv,
+        timeout=120,
+    )
+    report = protocol.parse(proc.stdout.splitlines())
+    outcomes: Dict[str, str] = {r.nodeid.split("::")[-1]: r.outcome for r in report.results}
+    assert outcomes == {
+        "test_pass": "PASSED",
+        "test_fail": "FAILED",
+        "test_skip": "SKIPPED",
+        "test_teardown_error": "ERROR",
+        "test_xfail": "XFAIL",
+    }, proc.stdout
+    details = {r.nodeid.split("::")[-1]: r.details for r in report.results}
+    assert any("== 3" in d for d in details["test_fail"]), details
+    assert any("teardown broke" in d for d in details["test_teardown_error"])
+    assert details["test_skip"] == ["not here"]
+
+
+# --- boot matrix and guest-side config ------------------------------------------------------
+
+
+def test_default_matrix_is_every_kernel_with_ras_plus_one_without() -> None:
+    combos = boot.matrix(None, None)
+    assert combos == list(config.DEFAULT_MATRIX)
+    assert {k for k, c in combos if c == "max"} == set(config.KERNELS)
+    assert [c for _, c in combos].count("cortex-a57") == 1
+    assert not config.CPUS["cortex-a57"].ras and config.CPUS["max"].ras
+
+
+def test_matrix_selection() -> None:
+    assert boot.matrix(["6.12"], None) == [("6.12", "max"), ("6.12", "cortex-a57")]
+    assert boot.matrix(None, ["max"]) == [("6.1", "max"), ("6.12", "max")]
+    assert boot.matrix(["6.1"], ["cortex-a57"]) == [("6.1", "cortex-a57")]
+
+
+def test_kernel_command_line_reaches_the_guest_config() -> None:
+    spec = boot.BootSpec("6.1", config.CPUS["cortex-a57"], "/x/Image")
+    line = boot.append_line(spec, "run", with_qemu=False, guest_timeout=280)
+    cfg = env.LabConfig.from_params(env.params(line))
+    assert cfg == env.LabConfig(
+        mode="run", cpu="cortex-a57", kernel="6.1", expect_ras=False, with_qemu=False, timeout=280
+    )
+    assert cfg.inside_lab
+    assert not env.LabConfig.from_params(env.params("console=ttyS0 quiet")).inside_lab
+
+
+def test_nested_init_prints_the_markers_the_suite_waits_for() -> None:
+    script = (REPO / "lab/guest/nested_init.sh").read_text()
+    assert f'echo "{nested.MARKER} ' in script
+    assert f'echo "{nested.TICK} ' in script
+
+
+def test_inner_qemu_command() -> None:
+    cmd = nested.command(nested.NestedAssets(), name="t", tick=2)
+    assert cmd[cmd.index("-accel") + 1] == "kvm"
+    assert cmd[cmd.index("-cpu") + 1] == "host"
+    assert cmd[cmd.index("-name") + 1] == "t,debug-threads=on"
+    assert "lab.tick=2" in cmd[cmd.index("-append") + 1]
