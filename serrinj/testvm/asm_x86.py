@@ -255,6 +255,7 @@ def _eval(node: Expr, lookup: Callable[[str], int]) -> int:
 @dataclass(frozen=True)
 class Imm:
     expr: Expr
+    offset: bool = False  # written as ``offset EXPR``
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def _parse_operand(text: str) -> Operand:
             raise AsmError(f"{reg.name} is not a {size}-bit register")
         return reg
     if low.startswith("offset "):
-        return Imm(_parse_expr(text[7:]))
+        return Imm(_parse_expr(text[7:]), offset=True)
     m = re.match(r"([a-z]{2})\s*:\s*\[(.*)\]$", text, re.I)
     if m and m.group(1).lower() in _SEG_PREFIX:
         return _parse_mem(size, REGISTERS[m.group(1).lower()], m.group(2))
@@ -1008,6 +1009,11 @@ def _encode_insn(stmt: _Stmt, ctx: _Ctx) -> bytes:
     encoder = _TABLE.get(mn)
     if encoder is None:
         raise AsmError(f"unknown instruction {mn!r}")
+    for op in stmt.operands:
+        if isinstance(op, Imm) and not op.offset and ctx.relocatable(op.expr):
+            # GNU as reads a bare label as a memory operand; other assemblers
+            # as an immediate. Refuse the ambiguity.
+            raise AsmError("a bare label is ambiguous here: write `offset LABEL` or `[LABEL]`")
     expected = 1 if mn in ("inc", "dec", "push", "pop", "lgdt", "lidt", "int", *_GROUP3) else 2
     if len(stmt.operands) != expected:
         raise AsmError(f"{mn} takes {expected} operand(s)")
