@@ -1,0 +1,834 @@
+"""The ``serrinj`` command line: click commands that parse, call a use case, and render.
+
+Each command checks its arguments, calls one function of :mod:`serrinj.ops`
+(or the pure codecs :mod:`serrinj.esr` / :mod:`serrinj.mce`), and hands the
+result's ``as_dict()`` to the :class:`~serrinj.render.Ui` built once in
+:func:`run` and passed down as ``ctx.obj``. Errors are
+:class:`~serrinj.errors.SerrinjError`\\ s; :func:`run` turns them (and click's
+usage errors, Ctrl-C and unexpected exceptions) into ``error:``/``hint:``
+lines, a JSON error object with ``--json``, and an exit code from
+:class:`~serrinj.errors.ExitCode`.
+
+Start-up matters for a tool people script: the use cases, the codecs and rich
+are imported inside the commands, so ``serrinj --help`` loads click alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from types import MappingProxyType
+from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
+
+import click
+
+from serrinj import __version__
+from serrinj.errors import ExitCode, InvalidInput, SerrinjError, Unsupported
+from serrinj.render import Ui
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: what each exit code means (the README and the man page are generated from this)
+EXIT_CODE_DOCS: Mapping[ExitCode, str] = MappingProxyType(
+    {
+        ExitCode.OK: "success",
+        ExitCode.ERROR: "unexpected failure (an internal error; --debug shows the traceback)",
+        ExitCode.USAGE: "bad arguments or input; nothing was sent",
+        ExitCode.NOT_FOUND: "no such VM, vCPU, process or thread (or it exited meanwhile)",
+        ExitCode.PERMISSION: "ptrace or /dev/kvm access refused",
+        ExitCode.UNSUPPORTED: "the host, the VM's architecture or the VMM's sandbox cannot do it",
+        ExitCode.KVM_REJECTED: "KVM returned an error for the ioctl",
+        ExitCode.NOT_DELIVERED: "--wait ran out: the fault is still pending (or no MMIO exit)",
+        ExitCode.CONFLICT: "the vCPU's state forbids it (e.g. an SError is already pending;"
+        " --force overrides)",
+        ExitCode.EXPECTATION_FAILED: "the guest did not observe what was injected (demo)",
+        ExitCode.INTERRUPTED: "interrupted (Ctrl-C); every stopped thread was restored first",
+    }
+)
+
+JSON_NOTE = (
+    "Every command takes --json: one JSON object on stdout whose first keys are"
+    ' "schema" ("serrinj/1") and "command", followed by the command\'s data.'
+    " Integers are exact (64-bit values included). On failure the object is"
+    ' {"schema", "command", "error": {"kind", "message", "hint", "exit_code"}}.'
+    " Diagnostics always go to stderr."
+)
+
+#: kept in step with serrinj.esr.SEVERITIES and serrinj.mce.PRESETS/PRESET_ALIASES
+#: (tests/test_cli_unit.py checks); spelled out so that --help imports neither
+SEVERITY_CHOICES = ("ce", "ueo", "uer", "ueu", "uc")
+MCE_PRESET_CHOICES = (
+    "corrected",
+    "ucna",
+    "srao",
+    "srar",
+    "uc-fatal",
+    "ce",
+    "uncorrected",
+    "uc",
+    "fatal",
+)
+DEFAULT_WAIT_S = 5.0
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+# ====================================================================== plumbing
+def _ui() -> Ui:
+    ctx = click.get_current_context()
+    ui = ctx.find_object(Ui)
+    if ui is None:
+        ui = ctx.ensure_object(Ui)
+    return ui
+
+
+def _command(name: str) -> Callable[[F], F]:
+    """Set the JSON ``command`` name before the command body runs."""
+
+    def deco(f: F) -> F:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _ui().command = name
+            return f(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ui).json = True
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ui).debug = True
+
+
+def json_option(f: F) -> F:
+    return click.option(
+        "--json",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_json,
+        help="Print one JSON object (schema serrinj/1) instead of text.",
+    )(f)
+
+
+def _scan_quiet() -> List[Any]:
+    """Every VM, for completion: never fails, never prints."""
+    try:
+        from serrinj import discover
+
+        return list(discover.scan())
+    except Exception:
+        return []
+
+
+def _complete_pid(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[Any]:
+    from click.shell_completion import CompletionItem
+
+    return [
+        CompletionItem(str(vm.pid), help=f"{vm.name or vm.comm} [{vm.vmm}, {vm.arch}]")
+        for vm in _scan_quiet()
+        if str(vm.pid).startswith(incomplete)
+    ]
+
+
+def _complete_name(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[Any]:
+    from click.shell_completion import CompletionItem
+
+    return [
+        CompletionItem(vm.name, help=f"pid {vm.pid} [{vm.vmm}]")
+        for vm in _scan_quiet()
+        if vm.name and vm.name.startswith(incomplete)
+    ]
+
+
+def _complete_vcpu(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[Any]:
+    from click.shell_completion import CompletionItem
+
+    pid = ctx.params.get("pid")
+    name = ctx.params.get("name")
+    items: List[Any] = []
+    seen = set()
+    for vm in _scan_quiet():
+        if (pid is not None and vm.pid != pid) or (name is not None and vm.name != name):
+            continue
+        for v in vm.vcpus:
+            if v.vcpu_id in seen:
+                continue
+            seen.add(v.vcpu_id)
+            tid = v.thread.tid if v.thread else "?"
+            items.append(CompletionItem(str(v.vcpu_id), help=f"{vm.label}, thread {tid}"))
+    items.append(CompletionItem("all", help="every vCPU of the VM"))
+    return [i for i in items if i.value.startswith(incomplete)]
+
+
+def target_options(f: F) -> F:
+    """--pid/--name/--fd/--vcpu, shared by every command that touches a VM."""
+    opts = [
+        click.option(
+            "--pid",
+            type=int,
+            shell_complete=_complete_pid,
+            help="The VMM's process id.",
+        ),
+        click.option(
+            "--name",
+            shell_complete=_complete_name,
+            help="The VM's name (QEMU -name guest=NAME, or the libvirt domain).",
+        ),
+        click.option(
+            "--fd",
+            type=int,
+            metavar="N",
+            help="A vCPU fd: one serrinj inherited (its VMM is found with kcmp), or with"
+            " --pid, the target's fd N.",
+        ),
+        click.option(
+            "--vcpu",
+            metavar="ID|all",
+            shell_complete=_complete_vcpu,
+            help="The vCPU id (KVM's id, as `serrinj list` shows), or 'all'.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _target_args(
+    pid: Optional[int], name: Optional[str], fd: Optional[int], vcpu: Optional[str]
+) -> Tuple[Optional[int], Optional[str], Any]:
+    """(pid, name, vcpu spec) with ``--fd`` resolved to its VMM and vCPU id."""
+    from serrinj.ops import target
+
+    spec = target.parse_vcpu(vcpu)
+    if fd is None:
+        return pid, name, spec
+    if fd < 0:
+        raise InvalidInput(f"--fd {fd}: file descriptors are not negative")
+    res = target.resolve_fd(fd, pid)
+    if res.local or res.owner_pid is None:
+        raise Unsupported(
+            f"fd {fd} belongs to a VM this serrinj process created; there is nothing to attach to"
+        )
+    if spec not in (None, res.vcpu_id):
+        raise InvalidInput(
+            f"--fd {fd} is vCPU {res.vcpu_id}, but --vcpu says {vcpu}",
+            hint="give one of --fd and --vcpu",
+        )
+    return res.owner_pid, name, res.vcpu_id
+
+
+def _resolve_injection_target(
+    kind: str,
+    pid: Optional[int],
+    name: Optional[str],
+    fd: Optional[int],
+    vcpu: Optional[str],
+) -> Any:
+    """The target of an injection: one vCPU unless ``--vcpu all`` says otherwise.
+
+    The VM's architecture is checked first: an SError for an x86_64 VM is
+    pointed at ``mce``/``nmi`` (and the reverse) before anything else.
+    """
+    from serrinj.ops import inject, target
+
+    pid, name, spec = _target_args(pid, name, fd, vcpu)
+    tgt = target.resolve(pid, name, spec)
+    inject.require_arch(tgt.vm.arch, kind)
+    if spec is None and len(tgt.vcpu_ids) > 1:
+        ids = ", ".join(str(i) for i in tgt.vcpu_ids)
+        raise InvalidInput(
+            f"VM {tgt.vm.label} has {len(tgt.vcpu_ids)} vCPUs; choose one with --vcpu ID,"
+            " or --vcpu all",
+            hint=f"vCPU ids: {ids}",
+        )
+    return tgt
+
+
+def _number(text: Optional[str], what: str, bits: int = 64) -> Optional[int]:
+    if text is None:
+        return None
+    from serrinj.esr import parse_int
+
+    return parse_int(text, what=what, bits=bits)
+
+
+def wait_option(f: F) -> F:
+    return click.option(
+        "--wait",
+        type=float,
+        is_flag=False,
+        flag_value=DEFAULT_WAIT_S,
+        default=None,
+        metavar="[SECONDS]",
+        help=f"Poll the vCPU until the guest has taken the fault (default {DEFAULT_WAIT_S:g} s)"
+        " and report the latency; exit 7 if it is still pending then.",
+    )(f)
+
+
+def dry_run_option(f: F) -> F:
+    return click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Check everything and read the vCPU, show what would be sent and the"
+        " prediction; send nothing.",
+    )(f)
+
+
+# ====================================================================== the group
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "-V", "--version", prog_name="serrinj")
+@click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="Show a traceback when a command fails.",
+)
+@click.option(
+    "--color",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Tables and colours on a terminal (auto), always, or never. NO_COLOR is honoured.",
+)
+@json_option
+@click.pass_context
+def cli(ctx: click.Context, color: str) -> None:
+    """Inject RAS faults into a running KVM VM's vCPU: a virtual SError (arm64),
+    a machine check or an NMI (x86_64).
+
+    KVM takes vCPU ioctls only from the process that created the VM, so
+    serrinj runs each ioctl inside the VMM, as a ptrace-driven system call in
+    one seized thread, and restores that thread bit for bit. The VMM and its
+    other threads keep running.
+    """
+    ui = ctx.ensure_object(Ui)
+    ui.color = color
+
+
+# ====================================================================== list
+@cli.command("list")
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Map vCPUs whose thread is unknown by briefly stopping candidate threads"
+    " (ptrace); nothing of them is changed.",
+)
+@click.option("--pid", type=int, shell_complete=_complete_pid, help="Only this process.")
+@click.option("--name", shell_complete=_complete_name, help="Only the VM with this name.")
+@json_option
+@_command("list")
+def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
+    """List the KVM VMs on this host, their vCPUs and the threads that run them."""
+    from serrinj import discover
+    from serrinj.ops.status import vm_dict
+    from serrinj.render import view_list
+
+    ui = _ui()
+    vms = [discover.find(pid=pid, name=name)] if pid is not None or name else discover.scan()
+    if probe:
+        probed = []
+        for vm in vms:
+            if vm.unmapped:
+                try:
+                    vm = discover.probe(vm)
+                except SerrinjError as err:
+                    if len(vms) == 1:
+                        raise
+                    ui.warn(f"cannot probe {vm.label}: {err.message}")
+            probed.append(vm)
+        vms = probed
+    if not vms and not ui.json:
+        ui.note("no KVM VMs are running on this host")
+    ui.emit({"vms": [vm_dict(vm) for vm in vms]}, view_list)
+
+
+# ====================================================================== status
+@cli.command("status")
+@target_options
+@json_option
+@_command("status")
+def status_cmd(
+    pid: Optional[int], name: Optional[str], fd: Optional[int], vcpu: Optional[str]
+) -> None:
+    """Show host capabilities and each vCPU's thread, state and pending events.
+
+    For each vCPU: the thread and where it was (in-guest, halted, userspace,
+    stopped), and the decoded KVM events. On arm64: whether an SError is
+    pending, its ESR decoded, and whether the guest masks SErrors (PSTATE.A).
+    On x86_64: pending or injected exceptions, NMIs, SMIs. Reading stops each
+    vCPU thread for a moment; nothing is changed.
+    """
+    from serrinj.ops import status
+    from serrinj.render import view_status
+
+    pid, name, spec = _target_args(pid, name, fd, vcpu)
+    report = status.status(pid, name, spec)
+    _ui().emit(report.as_dict(), view_status)
+
+
+# ====================================================================== inject (arm64)
+@cli.command("inject")
+@target_options
+@click.option(
+    "--esr",
+    "esr_text",
+    metavar="VALUE",
+    help="The SError syndrome (ISS, bits [24:0] of the guest's ESR_EL1), a number or a"
+    " severity name. Needs a host with RAS (KVM_CAP_ARM_INJECT_SERROR_ESR).",
+)
+@click.option(
+    "--severity",
+    type=click.Choice(SEVERITY_CHOICES),
+    help="Build a RAS syndrome: DFSC 0x11 with this AET (ce 0x1811, ueo 0x811,"
+    " uer 0xc11, ueu 0x411, uc 0x11).",
+)
+@click.option(
+    "--ext-dabt",
+    is_flag=True,
+    help="Inject a synchronous external data abort instead. KVM aims it at the access of"
+    " the vCPU's last exit, so serrinj waits for the vCPU's next MMIO exit (a guest access"
+    " to an emulated address) and injects right there; a guest that makes none gets"
+    " nothing (exit 7).",
+)
+@click.option(
+    "--mmio-addr",
+    metavar="ADDR",
+    help="With --ext-dabt: only an MMIO exit at this guest-physical address.",
+)
+@click.option(
+    "--mmio-timeout",
+    type=float,
+    metavar="SECONDS",
+    help="With --ext-dabt: how long to wait for the MMIO exit (default 5).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Inject even if an SError is already pending (it cannot be cancelled).",
+)
+@wait_option
+@dry_run_option
+@json_option
+@_command("inject")
+def inject_cmd(
+    pid: Optional[int],
+    name: Optional[str],
+    fd: Optional[int],
+    vcpu: Optional[str],
+    esr_text: Optional[str],
+    severity: Optional[str],
+    ext_dabt: bool,
+    mmio_addr: Optional[str],
+    mmio_timeout: Optional[float],
+    force: bool,
+    wait: Optional[float],
+    dry_run: bool,
+) -> None:
+    """Inject a virtual SError into an arm64 vCPU (or, with --ext-dabt, an external data abort).
+
+    With neither --esr nor --severity, KVM injects the SError without a
+    syndrome and the CPU reports an implementation-defined one (IDS=1); this
+    works on hosts without RAS too. A Linux guest survives CE and UEO SErrors
+    and panics on the others (see `serrinj esr decode`). Everything is checked
+    before the VM is touched; a refused request sends nothing.
+    """
+    from serrinj import esr
+    from serrinj.ops import inject
+    from serrinj.render import view_injections
+
+    ui = _ui()
+    if esr_text is not None and severity is not None:
+        raise InvalidInput("give either --esr or --severity, not both")
+    if ext_dabt and (esr_text is not None or severity is not None or force):
+        raise InvalidInput("--ext-dabt takes no syndrome (--esr/--severity) and no --force")
+    if not ext_dabt and (mmio_addr is not None or mmio_timeout is not None):
+        raise InvalidInput("--mmio-addr and --mmio-timeout go with --ext-dabt")
+    if wait is not None and wait <= 0:
+        raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
+    value: Optional[int] = None
+    if esr_text is not None:
+        value = esr.resolve_iss(esr_text)
+    elif severity is not None:
+        value = esr.PRESETS[severity]
+    addr = _number(mmio_addr, "--mmio-addr")
+    tgt = _resolve_injection_target("ext-dabt" if ext_dabt else "serror", pid, name, fd, vcpu)
+    if ext_dabt:
+        timeout = 5.0 if mmio_timeout is None else mmio_timeout
+        if timeout <= 0:
+            raise InvalidInput("--mmio-timeout must be positive")
+        with ui.progress("waiting for an MMIO exit"):
+            injs = inject.inject_ext_dabt(
+                tgt, inject.ExtDabtRequest(timeout, addr), dry_run=dry_run
+            )
+    else:
+        msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
+        with ui.progress(msg):
+            injs = inject.inject_serror(
+                tgt, inject.SErrorRequest(value, force), wait, dry_run=dry_run
+            )
+    ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
+
+
+# ====================================================================== mce (x86_64)
+def _mce_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Optional[int]:
+    """A number, or flag names joined by commas (``val,uc,en``)."""
+    if text is None:
+        return None
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    if words and all(w in names for w in words):
+        value = 0
+        for w in words:
+            value |= names[w]
+        return value
+    if any(ch.isalpha() for ch in text) and not text.strip().lower().startswith(("0x", "0b", "0o")):
+        unknown = [w for w in words if w not in names]
+        raise InvalidInput(
+            f"{what}: unknown flag(s) {', '.join(unknown)}",
+            hint=f"flags: {', '.join(names)}; or give a number",
+        )
+    return _number(text, what)
+
+
+@cli.command("mce")
+@target_options
+@click.option("--bank", type=int, metavar="N", help="The machine-check bank (MCi); required.")
+@click.option(
+    "--status",
+    "status_text",
+    metavar="V",
+    help="MCi_STATUS: a number, or flags joined by commas (val,over,uc,en,miscv,addrv,pcc,s,ar).",
+)
+@click.option("--addr", metavar="A", help="MCi_ADDR (default 0).")
+@click.option("--misc", metavar="M", help="MCi_MISC (default 0, or the preset's).")
+@click.option(
+    "--mcg-status",
+    metavar="S",
+    help="MCG_STATUS: a number or flags (ripv,eipv,mcip,lmce_s); default 0 or the preset's.",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(MCE_PRESET_CHOICES, case_sensitive=False),
+    help="A ready-made error: corrected (logged, no exception), ucna, srao, srar (as QEMU"
+    " injects for host memory errors), uc-fatal (PCC: the guest panics). Aliases: ce,"
+    " uncorrected/uc/fatal. --status/--misc/--mcg-status override its fields.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Inject even when KVM would turn it into a triple fault or drop it silently.",
+)
+@wait_option
+@dry_run_option
+@json_option
+@_command("mce")
+def mce_cmd(
+    pid: Optional[int],
+    name: Optional[str],
+    fd: Optional[int],
+    vcpu: Optional[str],
+    bank: Optional[int],
+    status_text: Optional[str],
+    addr: Optional[str],
+    misc: Optional[str],
+    mcg_status: Optional[str],
+    preset: Optional[str],
+    force: bool,
+    wait: Optional[float],
+    dry_run: bool,
+) -> None:
+    """Raise a machine check on an x86_64 vCPU (KVM_X86_SET_MCE).
+
+    An uncorrected error (UC) raises #MC (vector 18) in the guest; a corrected
+    one is only written to the bank, where the guest finds it when it polls.
+    Before sending, serrinj reads the vCPU's CR4, MCG_CAP/MCG_STATUS and the
+    bank's MCi_CTL and predicts what KVM will do: an error KVM would turn into
+    a triple fault (CR4.MCE clear, a machine check in progress) or drop
+    silently (MCi_CTL not all ones) is refused unless --force.
+    """
+    from serrinj import mce as mce_mod
+    from serrinj.kvm.x86_64 import Mce
+    from serrinj.ops import inject
+    from serrinj.render import view_injections
+
+    ui = _ui()
+    if bank is None:
+        raise InvalidInput("--bank is required", hint="`serrinj status` shows the bank count")
+    if bank < 0:
+        raise InvalidInput(f"--bank {bank}: banks are numbered from 0")
+    if wait is not None and wait <= 0:
+        raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
+    p = mce_mod.preset(preset) if preset else None
+    status = _mce_value(status_text, "--status", mce_mod.STATUS_BITS)
+    if status is None:
+        if p is None:
+            raise InvalidInput(
+                "give --status or --preset",
+                hint=f"presets: {', '.join(mce_mod.PRESETS)}",
+            )
+        status = p.status
+    mcg = _mce_value(mcg_status, "--mcg-status", mce_mod.MCG_STATUS_BITS)
+    if mcg is None:
+        mcg = p.mcg_status if p else 0
+    misc_v = _number(misc, "--misc")
+    if misc_v is None:
+        misc_v = p.misc if p else 0
+    addr_v = _number(addr, "--addr") or 0
+    m = Mce(status=status, bank=bank, addr=addr_v, misc=misc_v, mcg_status=mcg)
+    from serrinj.kvm.x86_64 import KVM_MAX_MCE_BANKS
+
+    mce_mod.validate(m, KVM_MAX_MCE_BANKS)
+    tgt = _resolve_injection_target("mce", pid, name, fd, vcpu)
+    msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
+    with ui.progress(msg):
+        injs = inject.inject_mce(tgt, inject.MceRequest(m, force), wait, dry_run=dry_run)
+    ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
+
+
+# ====================================================================== nmi (x86_64)
+@cli.command("nmi")
+@target_options
+@wait_option
+@dry_run_option
+@json_option
+@_command("nmi")
+def nmi_cmd(
+    pid: Optional[int],
+    name: Optional[str],
+    fd: Optional[int],
+    vcpu: Optional[str],
+    wait: Optional[float],
+    dry_run: bool,
+) -> None:
+    """Queue an NMI on an x86_64 vCPU (KVM_NMI).
+
+    A Linux guest with no NMI source logs "Uhhuh. NMI received for unknown
+    reason". With --wait, serrinj polls until the NMI is no longer pending.
+    """
+    from serrinj.ops import inject
+    from serrinj.render import view_injections
+
+    ui = _ui()
+    if wait is not None and wait <= 0:
+        raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
+    tgt = _resolve_injection_target("nmi", pid, name, fd, vcpu)
+    msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
+    with ui.progress(msg):
+        injs = inject.inject_nmi(tgt, wait, dry_run=dry_run)
+    ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
+
+
+# ====================================================================== esr (pure)
+@cli.group("esr", context_settings=CONTEXT_SETTINGS)
+def esr_group() -> None:
+    """Decode and build arm64 SError syndromes (no VM needed)."""
+
+
+def _esr_data(value: int, form: str) -> Mapping[str, Any]:
+    from serrinj import esr
+
+    syn = esr.decode(value, form=form)
+    linux = None
+    if syn.injectable_iss is not None:
+        linux = esr.predict_linux(syn.injectable_iss).as_dict()
+    return {"syndrome": syn.as_dict(), "linux": linux}
+
+
+@esr_group.command("decode")
+@click.argument("value")
+@click.option(
+    "--form",
+    type=click.Choice(["auto", "iss", "esr"]),
+    default="auto",
+    show_default=True,
+    help="Read VALUE as an ISS (bits [24:0]) or a full ESR_ELx; auto: a value above"
+    " 0x1ffffff is a full ESR.",
+)
+@json_option
+@_command("esr decode")
+def esr_decode_cmd(value: str, form: str) -> None:
+    """Decode an SError syndrome: an ISS or a full ESR_EL1 (e.g. from a guest's log).
+
+    Shows every field and what a Linux guest does when it takes it: survive,
+    or panic with the console line it prints.
+    """
+    from serrinj import esr
+    from serrinj.render import view_esr
+
+    number = esr.parse_int(value, what="ESR")
+    _ui().emit(_esr_data(number, form), view_esr)
+
+
+@esr_group.command("encode")
+@click.option("--severity", type=click.Choice(SEVERITY_CHOICES), help="The AET by name.")
+@click.option("--aet", type=click.IntRange(0, 7), help="A raw AET (0-7; reserved values allowed).")
+@click.option("--dfsc", metavar="N", help="DFSC (default 0x11, asynchronous SError).")
+@click.option("--ea", is_flag=True, help="Set EA (external abort type).")
+@click.option("--iesb", is_flag=True, help="Set IESB (synchronized by an IESB).")
+@click.option("--ids", is_flag=True, help="IDS=1: an implementation-defined syndrome.")
+@click.option("--impdef", metavar="N", help="With IDS: the implementation-defined bits [23:0].")
+@json_option
+@_command("esr encode")
+def esr_encode_cmd(
+    severity: Optional[str],
+    aet: Optional[int],
+    dfsc: Optional[str],
+    ea: bool,
+    iesb: bool,
+    ids: bool,
+    impdef: Optional[str],
+) -> None:
+    """Build an SError ISS from its fields, for `serrinj inject --esr`.
+
+    With no option: 0x11, an asynchronous SError graded UC.
+    """
+    from serrinj import esr
+    from serrinj.render import view_esr
+
+    iss = esr.encode(
+        severity,
+        aet=aet,
+        dfsc=_number(dfsc, "--dfsc", bits=6),
+        ea=ea,
+        iesb=iesb,
+        ids=ids,
+        impdef=_number(impdef, "--impdef", bits=24),
+    )
+    data = {"iss": iss, "guest_esr": esr.guest_esr(iss)}
+    data.update(_esr_data(iss, "iss"))
+    _ui().emit(data, view_esr)
+
+
+# ====================================================================== demo
+@cli.command("demo")
+@click.option(
+    "--arch",
+    type=click.Choice(["auto", "x86_64", "aarch64"]),
+    default="auto",
+    show_default=True,
+    help="The test VM's architecture; it must be the host's (KVM runs native guests).",
+)
+@json_option
+@_command("demo")
+def demo_cmd(arch: str) -> None:
+    """Start the built-in test VM, inject faults, and compare with what the guest saw.
+
+    x86_64: an NMI, a corrected and an uncorrected machine check. arm64: an
+    SError with a RAS syndrome and one whose syndrome the CPU chooses. The
+    guest reports what it observed as JSON events; the demo exits 0 only when
+    every injection was observed as injected (9 otherwise). The test VM is
+    ended by pid on every path, Ctrl-C included.
+    """
+    from serrinj.ops import demo
+    from serrinj.render import view_demo
+
+    ui = _ui()
+    with ui.progress("starting the test VM") as step:
+        result = demo.run(arch=None if arch == "auto" else arch, progress=step)
+    data = result.as_dict()
+    if result.ok:
+        ui.emit(data, view_demo)
+        return
+    # one JSON object even on failure: the data, plus the error
+    err = demo.mismatch_error(result)
+    data["error"] = {
+        "kind": err.kind,
+        "message": err.message,
+        "hint": err.hint,
+        "exit_code": int(err.exit_code),
+    }
+    ui.emit(data, view_demo)
+    ui.error(err.kind, err.message, err.hint, err.exit_code, stdout=False)
+    raise click.exceptions.Exit(int(err.exit_code))
+
+
+# ====================================================================== entry points
+def _flag_in(args: Sequence[str], flag: str) -> bool:
+    for a in args:
+        if a == "--":
+            return False
+        if a == flag:
+            return True
+    return False
+
+
+def _usage_error(ui: Ui, err: click.ClickException) -> int:
+    code = int(getattr(err, "exit_code", ExitCode.USAGE))
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.exceptions.NoArgsIsHelpError) or (
+        isinstance(err, click.UsageError) and ctx is not None and not err.format_message()
+    ):
+        err.show()
+        return code
+    hint = None
+    if ctx is not None:
+        if not ui.command:
+            ui.command = " ".join(ctx.command_path.split()[1:])
+        hint = f"see '{ctx.command_path} --help'"
+    ui.error("usage", err.format_message(), hint, code)
+    return code
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line and return the exit code (never raises)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    ui = Ui(
+        json=_flag_in(args, "--json"),
+        debug=_flag_in(args, "--debug") or bool(os.environ.get("SERRINJ_DEBUG")),
+    )
+    try:
+        rv = cli.main(args=args, prog_name="serrinj", standalone_mode=False, obj=ui)
+        return int(rv) if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        return _usage_error(ui, e)
+    except click.Abort:
+        ui.error("interrupted", "interrupted", None, ExitCode.INTERRUPTED)
+        return ExitCode.INTERRUPTED
+    except SerrinjError as e:
+        if ui.debug:
+            traceback.print_exc()
+        details = {"errno": e.errno} if hasattr(e, "errno") else None
+        ui.error(e.kind, e.message, e.hint, e.exit_code, details=details)
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        if ui.debug:
+            traceback.print_exc()
+        ui.error(
+            "interrupted",
+            "interrupted",
+            "serrinj restores and detaches a thread before it acts on Ctrl-C",
+            ExitCode.INTERRUPTED,
+        )
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`serrinj list | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.ERROR
+    except Exception as e:
+        if ui.debug:
+            traceback.print_exc()
+        ui.error(
+            "internal-error",
+            f"internal error: {type(e).__name__}: {e}",
+            None if ui.debug else "run again with --debug for the traceback, and report it",
+            ExitCode.ERROR,
+        )
+        return ExitCode.ERROR
+
+
+def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """The ``serrinj`` console script."""
+    sys.exit(run(argv))

@@ -1,0 +1,812 @@
+"""Output of the ``serrinj`` command: JSON, plain text, and rich on a terminal.
+
+Every command hands its result to :meth:`Ui.emit` as one JSON-ready dict (the
+``as_dict()`` of the use case's result). The same dict is either
+
+- dumped as JSON (``--json``), with ``"schema": "serrinj/1"`` and
+  ``"command"`` added at the top, or
+- turned by a *view* (a ``view_*`` function here) into a small document of
+  headings, key/value fields and tables, which is printed as plain aligned
+  text when stdout is not a terminal (no ANSI codes, easy to grep), or with
+  rich on a terminal.
+
+So the human output is computed from exactly the data the JSON carries.
+rich is imported only when something is drawn on a terminal: ``--json`` and
+piped output never load its rendering machinery, which keeps start-up fast.
+
+Data goes to stdout; errors, warnings and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    TextIO,
+    Tuple,
+    Union,
+)
+
+SCHEMA = "serrinj/1"
+
+
+# ====================================================================== document model
+class Styled(NamedTuple):
+    """Text with a rich style; plain output drops the style."""
+
+    text: str
+    style: str = ""
+
+
+Cell = Union[str, Styled]
+
+OK = "green"
+BAD = "bold red"
+WARN = "yellow"
+DIM = "dim"
+STRONG = "bold"
+
+
+@dataclass(frozen=True)
+class Heading:
+    """Starts a group; a blank line separates groups."""
+
+    text: Cell
+
+
+@dataclass(frozen=True)
+class Fields:
+    """``key  value`` rows; a value may span lines."""
+
+    rows: Sequence[Tuple[str, Cell]]
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Cell]]
+
+
+@dataclass(frozen=True)
+class Line:
+    text: Cell
+
+
+Block = Union[Heading, Fields, Table, Line]
+Doc = List[Block]
+View = Callable[[Mapping[str, Any]], Doc]
+
+
+def _text(cell: Cell) -> str:
+    return cell.text if isinstance(cell, Styled) else cell
+
+
+def to_plain(doc: Sequence[Block]) -> str:
+    """The document as plain aligned text (what a pipe gets)."""
+    out: List[str] = []
+    indent = ""
+    for i, block in enumerate(doc):
+        if isinstance(block, Heading):
+            if i:
+                out.append("")
+            out.append(_text(block.text))
+            indent = "  "
+        elif isinstance(block, Line):
+            out.extend(indent + line for line in _text(block.text).splitlines() or [""])
+        elif isinstance(block, Fields):
+            width = max((len(k) for k, _ in block.rows), default=0)
+            for key, value in block.rows:
+                lines = _text(value).splitlines() or [""]
+                out.append(f"{indent}{key + ':':<{width + 1}}  {lines[0]}".rstrip())
+                out.extend(f"{indent}{'':<{width + 1}}  {line}".rstrip() for line in lines[1:])
+        else:
+            # a cell may hold several lines; a row is then as tall as its tallest cell
+            cells = [[_text(c).splitlines() or [""] for c in row] for row in block.rows]
+            widths = [len(c) for c in block.columns]
+            for row in cells:
+                for j, c in enumerate(row):
+                    widths[j] = max([widths[j], *(len(x) for x in c)])
+            tall = any(len(c) > 1 for row in cells for c in row)
+            for i, row in enumerate([[[c] for c in block.columns], *cells]):
+                if tall and i > 1:
+                    out.append("")
+                for k in range(max(len(c) for c in row)):
+                    parts = [c[k] if k < len(c) else "" for c in row]
+                    line = "  ".join(f"{p:<{widths[j]}}" for j, p in enumerate(parts))
+                    out.append((indent + line).rstrip())
+    return "\n".join(out) + "\n" if out else ""
+
+
+def print_rich(doc: Sequence[Block], console: Any) -> None:
+    """Draw the document with rich (tables, colours) on ``console``."""
+    from rich import box
+    from rich.padding import Padding
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    def text(cell: Cell) -> Text:
+        return Text(cell.text, style=cell.style) if isinstance(cell, Styled) else Text(cell)
+
+    indent = 0
+    for i, block in enumerate(doc):
+        if isinstance(block, Heading):
+            if i:
+                console.print()
+            t = text(block.text)
+            t.stylize(STRONG)
+            console.print(t)
+            indent = 2
+        elif isinstance(block, Line):
+            console.print(Padding(text(block.text), (0, 0, 0, indent)))
+        elif isinstance(block, Fields):
+            grid = RichTable.grid(padding=(0, 2))
+            grid.add_column(style="cyan", no_wrap=True)
+            grid.add_column()
+            for key, value in block.rows:
+                grid.add_row(key, text(value))
+            console.print(Padding(grid, (0, 0, 0, indent)))
+        else:
+            tall = any("\n" in _text(c) for row in block.rows for c in row)
+            table = RichTable(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, show_lines=tall)
+            for col in block.columns:
+                table.add_column(col, header_style="bold cyan")
+            for row in block.rows:
+                table.add_row(*(text(c) for c in row))
+            console.print(Padding(table, (0, 0, 0, indent)))
+
+
+# ====================================================================== the UI object
+def _tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@dataclass
+class Ui:
+    """How this run of ``serrinj`` talks to the user; built once by the CLI (``ctx.obj``).
+
+    ``color`` is ``auto`` (rich and colours when the stream is a terminal and
+    ``NO_COLOR`` is unset), ``always`` or ``never``.
+    """
+
+    json: bool = False
+    debug: bool = False
+    color: str = "auto"
+    command: str = ""
+    _stderr_console: Any = field(default=None, repr=False)
+
+    # ------------------------------------------------------------ streams
+    @property
+    def stdout(self) -> TextIO:
+        return sys.stdout
+
+    @property
+    def stderr(self) -> TextIO:
+        return sys.stderr
+
+    def _rich_for(self, stream: TextIO) -> bool:
+        if self.color == "always":
+            return True
+        return self.color == "auto" and _tty(stream)
+
+    def _colour_for(self, stream: TextIO) -> bool:
+        return self._rich_for(stream) and (self.color == "always" or "NO_COLOR" not in os.environ)
+
+    def _console(self, stream: TextIO) -> Any:
+        from rich.console import Console
+
+        force = self.color == "always"
+        return Console(
+            file=stream,
+            force_terminal=True if force else None,
+            no_color=not self._colour_for(stream),
+            highlight=False,
+            soft_wrap=False,
+        )
+
+    # ------------------------------------------------------------ data
+    def emit(self, data: Mapping[str, Any], view: View) -> None:
+        """Print a command's result: JSON, or the view as text or rich."""
+        if self.json:
+            self.stdout.write(dump_json(envelope(self.command, data)))
+            self.stdout.flush()
+            return
+        doc = view(data)
+        if not doc:
+            return
+        if self._rich_for(self.stdout):
+            print_rich(doc, self._console(self.stdout))
+        else:
+            self.stdout.write(to_plain(doc))
+        self.stdout.flush()
+
+    # ------------------------------------------------------------ diagnostics
+    def _label(self, word: str, style: str) -> str:
+        if not self._colour_for(self.stderr):
+            return word
+        code = {"bold red": "1;31", "yellow": "33", "dim": "2"}.get(style, "1")
+        return f"\x1b[{code}m{word}\x1b[0m"
+
+    def note(self, text: str) -> None:
+        """An informational line on stderr (not data)."""
+        self.stderr.write(f"{text}\n")
+
+    def warn(self, text: str) -> None:
+        self.stderr.write(f"{self._label('warning:', WARN)} {text}\n")
+
+    def error(
+        self,
+        kind: str,
+        message: str,
+        hint: Optional[str],
+        exit_code: int,
+        *,
+        details: Optional[Mapping[str, Any]] = None,
+        stdout: bool = True,
+    ) -> None:
+        """``error:``/``hint:`` on stderr; with ``--json`` also an error object on stdout
+        (unless ``stdout`` is false: the command's JSON already carries the error)."""
+        self.stderr.write(f"{self._label('error:', BAD)} {message}\n")
+        if hint:
+            self.stderr.write(f"{self._label('hint:', DIM)} {hint}\n")
+        self.stderr.flush()
+        if self.json and stdout:
+            err: Dict[str, Any] = {
+                "kind": kind,
+                "message": message,
+                "hint": hint,
+                "exit_code": exit_code,
+            }
+            if details:
+                err.update(details)
+            self.stdout.write(dump_json(envelope(self.command, {"error": err})))
+            self.stdout.flush()
+
+    @contextlib.contextmanager
+    def progress(self, text: str) -> Iterator[Callable[[str], None]]:
+        """A spinner with ``text`` on stderr, only when stderr is a terminal.
+
+        Yields a function that replaces the text (a step of long work).
+        """
+        if not _tty(self.stderr) or self.color == "never":
+            yield lambda _text: None
+            return
+        console = self._console(self.stderr)
+        with console.status(text) as status:
+            yield lambda t: status.update(t)
+
+
+# ====================================================================== JSON
+def envelope(command: str, data: Mapping[str, Any]) -> Dict[str, Any]:
+    """The top-level JSON object: schema, command, then the command's data."""
+    out: Dict[str, Any] = {"schema": SCHEMA, "command": command}
+    out.update(data)
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, (bytes, bytearray)):
+        return obj.hex()
+    if hasattr(obj, "as_dict"):
+        return obj.as_dict()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_json_default) + "\n"
+
+
+# ====================================================================== helpers
+def hx(value: Optional[int], width: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:#0{width + 2}x}" if width else f"{value:#x}"
+
+
+def yesno(flag: object) -> str:
+    return "yes" if flag else "no"
+
+
+def _vm_label(vm: Mapping[str, Any]) -> str:
+    name = vm.get("name")
+    return f"{name!r} (pid {vm['pid']})" if name else f"pid {vm['pid']}"
+
+
+X86_VECTORS: Mapping[int, str] = {
+    0: "#DE",
+    1: "#DB",
+    2: "NMI",
+    3: "#BP",
+    4: "#OF",
+    5: "#BR",
+    6: "#UD",
+    7: "#NM",
+    8: "#DF",
+    10: "#TS",
+    11: "#NP",
+    12: "#SS",
+    13: "#GP",
+    14: "#PF",
+    16: "#MF",
+    17: "#AC",
+    18: "#MC",
+    19: "#XM",
+    20: "#VE",
+    21: "#CP",
+}
+
+
+def x86_events_summary(ev: Mapping[str, Any]) -> List[Styled]:
+    """The notable parts of an x86 ``kvm_vcpu_events`` dict, in words."""
+    out: List[Styled] = []
+    exc = ev.get("exception", {})
+    if exc.get("pending") or exc.get("injected"):
+        nr = int(exc.get("nr", 0))
+        what = "pending" if exc.get("pending") else "injected"
+        name = X86_VECTORS.get(nr, f"vector {nr}")
+        code = f" error code {hx(exc.get('error_code'))}" if exc.get("has_error_code") else ""
+        out.append(Styled(f"exception {name} ({nr}) {what}{code}", WARN))
+    intr = ev.get("interrupt", {})
+    if intr.get("injected"):
+        out.append(Styled(f"interrupt {intr.get('nr')} injected", WARN))
+    nmi = ev.get("nmi", {})
+    if nmi.get("pending"):
+        out.append(Styled("NMI pending", WARN))
+    if nmi.get("injected"):
+        out.append(Styled("NMI injected", WARN))
+    if nmi.get("masked"):
+        out.append(Styled("NMIs blocked (in an NMI handler)", DIM))
+    smi = ev.get("smi", {})
+    if smi.get("smm"):
+        out.append(Styled("in SMM", DIM))
+    if smi.get("pending"):
+        out.append(Styled("SMI pending", WARN))
+    if ev.get("triple_fault_pending"):
+        out.append(Styled("triple fault pending", BAD))
+    return out
+
+
+def arm64_events_summary(ev: Mapping[str, Any]) -> List[Styled]:
+    """The notable parts of an arm64 ``kvm_vcpu_events`` dict, in words."""
+    out: List[Styled] = []
+    if ev.get("serror_pending"):
+        dec = ev.get("serror_esr_decoded") or {}
+        sev = dec.get("aet_name") or ("IDS (impl. defined)" if dec.get("ids") else "")
+        extra = f", {sev}" if sev else ""
+        out.append(Styled(f"SError pending (ISS {hx(ev.get('serror_esr'))}{extra})", WARN))
+    if ev.get("ext_dabt_pending"):
+        out.append(Styled("external data abort pending", WARN))
+    masked = ev.get("serror_masked")
+    if masked is not None:
+        out.append(
+            Styled("SErrors masked (PSTATE.A=1)", DIM)
+            if masked
+            else Styled("SErrors unmasked (PSTATE.A=0)", DIM)
+        )
+    return out
+
+
+def events_summary(arch: str, ev: Mapping[str, Any]) -> Styled:
+    parts = arm64_events_summary(ev) if arch == "aarch64" else x86_events_summary(ev)
+    if not parts:
+        return Styled("nothing pending", OK)
+    style = next((p.style for p in parts if p.style in (BAD, WARN)), parts[0].style)
+    return Styled("; ".join(p.text for p in parts), style)
+
+
+# ====================================================================== list
+def view_list(data: Mapping[str, Any]) -> Doc:
+    doc: Doc = []
+    vms = data.get("vms", [])
+    for vm in vms:
+        n = len(vm["vcpus"])
+        doc.append(
+            Heading(
+                f"VM {_vm_label(vm)}  vmm={vm['vmm']}  arch={vm['arch']}  comm={vm['comm']}"
+                f"  vcpus={n}"
+            )
+        )
+        rows: List[List[Cell]] = []
+        for v in vm["vcpus"]:
+            mapped = v.get("mapped_by")
+            rows.append(
+                [
+                    str(v["vcpu_id"]),
+                    str(v["fd"]),
+                    str(v["tid"]) if v.get("tid") is not None else Styled("?", WARN),
+                    v.get("thread_name") or "-",
+                    v.get("thread_state") or "-",
+                    mapped if mapped else Styled("unmapped (try --probe)", WARN),
+                    _seccomp(v.get("seccomp_mode")),
+                ]
+            )
+        if rows:
+            doc.append(
+                Table(["vCPU", "fd", "tid", "thread", "state", "mapped by", "seccomp"], rows)
+            )
+        else:
+            doc.append(Line(Styled("no vCPUs yet", WARN)))
+    return doc
+
+
+def _seccomp(mode: Optional[int]) -> str:
+    return {None: "-", 0: "off", 1: "strict", 2: "filter"}.get(mode, str(mode))
+
+
+# ====================================================================== status
+def _caps_text(host: Mapping[str, Any]) -> str:
+    caps = host.get("caps", {})
+    return "\n".join(f"{name} = {value}" for name, value in caps.items()) or "-"
+
+
+_MCG_CAP_FLAGS: Sequence[Tuple[int, str]] = (
+    (1 << 8, "CTL_P"),
+    (1 << 9, "EXT_P"),
+    (1 << 10, "CMCI_P"),
+    (1 << 11, "TES_P"),
+    (1 << 24, "SER_P"),
+    (1 << 26, "ELOG_P"),
+    (1 << 27, "LMCE_P"),
+)
+
+
+def host_fields(host: Mapping[str, Any]) -> Fields:
+    rows: List[Tuple[str, Cell]] = [
+        ("arch", host["arch"]),
+        ("KVM API", str(host["api_version"])),
+        ("capabilities", _caps_text(host)),
+    ]
+    mce_cap = host.get("mce_cap_supported")
+    if mce_cap is not None:
+        names = [n for bit, n in _MCG_CAP_FLAGS if mce_cap & bit]
+        banks = host.get("caps", {}).get("KVM_CAP_MCE")
+        rows.append(
+            (
+                "machine checks",
+                f"MCG_CAP bits {hx(mce_cap)} [{' '.join(names)}]"
+                + (f", up to {banks} banks" if banks else ""),
+            )
+        )
+    return Fields(rows)
+
+
+def view_status(data: Mapping[str, Any]) -> Doc:
+    host = data["host"]
+    vm = data["vm"]
+    arch = vm["arch"]
+    doc: Doc = [Heading("Host"), host_fields(host)]
+    doc.append(Heading(f"VM {_vm_label(vm)}  vmm={vm['vmm']}  arch={arch}"))
+    rows: List[List[Cell]] = []
+    for v in data["vcpus"]:
+        th = v["thread"]
+        rows.append(
+            [
+                str(v["vcpu_id"]),
+                str(th["tid"]),
+                th["name"],
+                v["state"],
+                v.get("mp_state") or "-",
+                events_summary(arch, v["events"]),
+            ]
+        )
+    doc.append(Table(["vCPU", "tid", "thread", "state", "mp_state", "events"], rows))
+    for v in data["vcpus"]:
+        if arch == "aarch64":
+            doc.extend(_arm64_detail(v))
+        if not v.get("registers_restored", True):
+            doc.append(
+                Line(
+                    Styled(
+                        f"vCPU {v['vcpu_id']}: the thread's registers could not be verified"
+                        " after the read",
+                        BAD,
+                    )
+                )
+            )
+    return doc
+
+
+def _arm64_detail(v: Mapping[str, Any]) -> Doc:
+    ev = v["events"]
+    rows: List[Tuple[str, Cell]] = []
+    pd = v.get("pstate_decoded")
+    if pd:
+        rows.append(
+            (
+                "PSTATE",
+                f"{hx(v.get('pstate'))}  mode={pd['mode']}  "
+                + " ".join(f"{k}={int(bool(pd[k]))}" for k in ("D", "A", "I", "F")),
+            )
+        )
+    rows.append(("SError pending", yesno(ev.get("serror_pending"))))
+    rows.append(("host RAS (has_esr)", yesno(ev.get("serror_has_esr"))))
+    dec = ev.get("serror_esr_decoded")
+    if dec:
+        rows.append(("pending ESR", _syndrome_oneline(dec)))
+    return [Line(f"vCPU {v['vcpu_id']}:"), Fields(rows)]
+
+
+def _syndrome_oneline(s: Mapping[str, Any]) -> str:
+    parts = [f"ISS {hx(s['iss'])} (guest ESR_EL1 {hx(s['esr'])})"]
+    if s.get("ids"):
+        parts.append(f"IDS=1, implementation-defined {hx(s.get('impdef'))}")
+    else:
+        if s.get("dfsc") is not None:
+            parts.append(f"DFSC {hx(s['dfsc'])} {s.get('dfsc_name')}")
+        if s.get("aet") is not None:
+            parts.append(f"AET {s.get('aet_name')}")
+    return ", ".join(parts)
+
+
+# ====================================================================== injections
+def _prediction_serror(p: Mapping[str, Any]) -> Cell:
+    if not p:
+        return "-"
+    verdict = "survives" if p.get("survives") else "panics"
+    text = f"a Linux guest {verdict} ({p.get('severity')}): {p.get('reason')}"
+    if p.get("console_line"):
+        text += f"\nconsole: {p['console_line']}"
+    return Styled(text, OK if p.get("survives") else BAD)
+
+
+def _prediction_mce(p: Mapping[str, Any]) -> Cell:
+    if not p:
+        return "-"
+    text = f"{p.get('outcome')}: {p.get('reason')}"
+    for c in p.get("caveats", []):
+        text += f"\n- {c}"
+    style = BAD if p.get("outcome") in ("triple-fault", "dropped") else OK
+    return Styled(text, style)
+
+
+def _delivery(d: Optional[Mapping[str, Any]]) -> Optional[Cell]:
+    if d is None:
+        return None
+    if d.get("delivered"):
+        lat = d.get("latency_s")
+        polls = d.get("polls") or 0
+        if lat is None and not polls:
+            return Styled(str(d.get("reason") or "nothing to wait for"), OK)
+        when = f" after {lat * 1000:.1f} ms" if lat is not None else ""
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        return Styled(f"taken by the guest{when}, {polls} poll(s){reason}", OK)
+    return Styled(f"still pending: {d.get('reason')}", BAD)
+
+
+def _mce_request(req: Mapping[str, Any]) -> str:
+    dec = req.get("status_decoded") or {}
+    flags = " ".join(dec.get("flags", []))
+    lines = [
+        f"bank {req['bank']}",
+        f"MCi_STATUS {hx(req['status'], 16)} [{flags}]",
+        f"  class {dec.get('class')} ({dec.get('class_description')})",
+        f"  MCA code {hx(dec.get('mca_error_code'), 4)}: {dec.get('mca_error_code_description')}",
+        f"MCi_ADDR {hx(req['addr'])}  MCi_MISC {hx(req['misc'])}"
+        f"  MCG_STATUS {hx(req['mcg_status'])}",
+    ]
+    return "\n".join(lines)
+
+
+def view_injections(data: Mapping[str, Any]) -> Doc:
+    doc: Doc = []
+    dry = bool(data.get("dry_run"))
+    for inj in data["injections"]:
+        kind = inj["kind"]
+        vm = inj["vm"]
+        verb = "Would inject" if dry else "Injected"
+        title = (
+            f"{verb} {_KIND_NAMES.get(kind, kind)} into vCPU {inj['vcpu_id']} of VM {_vm_label(vm)}"
+        )
+        doc.append(Heading(Styled(title, WARN if dry else "")))
+        arch = "aarch64" if kind in ("serror", "ext-dabt") else "x86_64"
+        rows: List[Tuple[str, Cell]] = [("thread", f"{inj['tid']} ({inj['thread_state']})")]
+        req = inj["request"]
+        if kind == "serror":
+            esr_v = req.get("esr")
+            rows.append(
+                (
+                    "syndrome",
+                    f"ISS {hx(esr_v)}"
+                    if req.get("has_esr")
+                    else "none given: KVM/the CPU choose it (IDS=1 on a RAS host)",
+                )
+            )
+            pred = inj.get("prediction") or {}
+            if pred.get("guest_esr") is not None:
+                rows.append(("guest ESR_EL1", hx(pred["guest_esr"])))
+            rows.append(("prediction", _prediction_serror(pred)))
+        elif kind == "mce":
+            rows.append(("machine check", _mce_request(req)))
+            rows.append(("prediction", _prediction_mce(inj.get("prediction") or {})))
+        elif kind == "ext-dabt":
+            mmio = (inj.get("before") or {}).get("mmio_exit")
+            if mmio:
+                rows.append(
+                    (
+                        "at MMIO exit",
+                        f"{'write' if mmio.get('is_write') else 'read'} of {mmio.get('len')}"
+                        f" byte(s) at {hx(mmio.get('phys_addr'))}",
+                    )
+                )
+            else:
+                addr = req.get("mmio_addr")
+                rows.append(
+                    (
+                        "plan",
+                        "at the vCPU's next MMIO exit"
+                        + (f" at {hx(addr)}" if addr is not None else "")
+                        + f", within {req.get('mmio_timeout')} s",
+                    )
+                )
+        if inj.get("before"):
+            rows.append(("before", events_summary(arch, inj["before"])))
+        if inj.get("after") and not dry:
+            rows.append(("after", events_summary(arch, inj["after"])))
+        delivery = _delivery(inj.get("delivery"))
+        if delivery is not None:
+            rows.append(("delivery", delivery))
+        if dry:
+            rows.append(("sent", Styled("nothing (--dry-run)", WARN)))
+        if kind != "ext-dabt" or not dry:
+            rows.append(
+                (
+                    "registers",
+                    Styled("restored bit for bit", OK)
+                    if inj.get("registers_restored")
+                    else Styled("NOT verified after restore", BAD),
+                )
+            )
+        timings = inj.get("timings_us") or {}
+        if timings:
+            rows.append(("timings", "  ".join(f"{k} {v:.0f} us" for k, v in timings.items())))
+        doc.append(Fields(rows))
+    return doc
+
+
+_KIND_NAMES = {
+    "serror": "an SError",
+    "ext-dabt": "an external data abort",
+    "nmi": "an NMI",
+    "mce": "a machine check",
+}
+
+
+# ====================================================================== esr
+_FIELD_ROWS: Sequence[Tuple[str, str, str]] = (
+    ("EC", "31:26", "ec"),
+    ("IL", "25", "il"),
+    ("IDS", "24", "ids"),
+    ("IESB", "13", "iesb"),
+    ("AET", "12:10", "aet"),
+    ("EA", "9", "ea"),
+    ("DFSC", "5:0", "dfsc"),
+)
+
+
+def _field_value(s: Mapping[str, Any], key: str) -> Tuple[str, str]:
+    value = s.get(key)
+    if value is None:
+        return "-", "not applicable"
+    if key == "ec":
+        return hx(value), str(s.get("ec_name"))
+    if key == "aet":
+        return f"{value:#05b}", f"{s.get('aet_name')}: {s.get('aet_description') or 'reserved'}"
+    if key == "dfsc":
+        return hx(value), str(s.get("dfsc_name"))
+    meaning = {
+        "il": "32-bit instruction length (always 1 for SErrors)",
+        "ids": "implementation-defined syndrome" if value else "architected (RAS) syndrome",
+        "iesb": "synchronized by an implicit error synchronization barrier",
+        "ea": "external abort type (implementation-defined)",
+    }[key]
+    return str(int(bool(value))), meaning if value or key == "ids" else "-"
+
+
+def syndrome_doc(s: Mapping[str, Any], linux: Optional[Mapping[str, Any]]) -> Doc:
+    head = f"ESR_EL1 {hx(s['esr'])}  ISS {hx(s['iss'])}"
+    if s.get("form") == "esr":
+        head = f"full ESR {hx(s['value'])}" + (
+            f" (low 32 bits {hx(s['esr'])})" if s.get("sign_extended") else ""
+        )
+        head += f"  ISS {hx(s['iss'])}"
+    doc: Doc = [Heading(head)]
+    rows: List[List[Cell]] = []
+    for name, bits, key in _FIELD_ROWS:
+        if key in ("ec", "il") or s.get("is_serror"):
+            value, meaning = _field_value(s, key)
+            rows.append([name, bits, value, meaning])
+    if s.get("ids"):
+        rows.append(["IMPDEF", "23:0", hx(s.get("impdef")), "implementation-defined bits"])
+    if s.get("iss2"):
+        rows.append(["ISS2", "55:32", hx(s["iss2"]), "not injectable through KVM"])
+    if s.get("res0"):
+        rows.append(["RES0", "", hx(s["res0"]), Styled("reserved bits are set", WARN)])
+    doc.append(Table(["field", "bits", "value", "meaning"], rows))
+    for note in s.get("notes", []):
+        doc.append(Line(Styled(f"note: {note}", WARN)))
+    if s.get("injectable_iss") is not None:
+        doc.append(Line(f"inject it with: serrinj inject --esr {hx(s['injectable_iss'])}"))
+    if linux:
+        doc.append(Heading("A Linux guest"))
+        rows2: List[Tuple[str, Cell]] = [
+            (
+                "outcome",
+                Styled("survives", OK) if linux["survives"] else Styled("panics", BAD),
+            ),
+            ("severity", str(linux["severity"])),
+            ("why", str(linux["reason"])),
+        ]
+        if linux.get("console_line"):
+            rows2.append(("console", f"{linux['console_line']}\n{linux['panic_message']}"))
+        doc.append(Fields(rows2))
+    return doc
+
+
+def view_esr(data: Mapping[str, Any]) -> Doc:
+    return syndrome_doc(data["syndrome"], data.get("linux"))
+
+
+# ====================================================================== demo
+def view_demo(data: Mapping[str, Any]) -> Doc:
+    tv = data.get("testvm") or {}
+    doc: Doc = [
+        Heading(
+            f"serrinj demo on {data.get('arch')}: test VM pid {tv.get('pid')}"
+            f" ({tv.get('vcpus')} vCPUs, {tv.get('mode')})"
+        )
+    ]
+    status = data.get("status")
+    if status:
+        rows: List[List[Cell]] = []
+        for v in status["vcpus"]:
+            rows.append(
+                [
+                    str(v["vcpu_id"]),
+                    str(v["thread"]["tid"]),
+                    v["state"],
+                    events_summary(status["vm"]["arch"], v["events"]),
+                ]
+            )
+        doc.append(Line("status before injecting:"))
+        doc.append(Table(["vCPU", "tid", "state", "events"], rows))
+    doc.append(Heading("Injected vs observed by the guest"))
+    rows = []
+    for step in data.get("steps", []):
+        ok = step.get("match")
+        rows.append(
+            [
+                step.get("name", ""),
+                step.get("injected_text", ""),
+                step.get("observed_text", "") or Styled("nothing", BAD),
+                Styled("match", OK) if ok else Styled("MISMATCH", BAD),
+            ]
+        )
+    doc.append(Table(["step", "injected", "the guest observed", "result"], rows))
+    for step in data.get("steps", []):
+        if step.get("error"):
+            doc.append(Line(Styled(f"{step.get('name')}: {step['error']}", BAD)))
+    verdict = data.get("ok")
+    doc.append(
+        Line(
+            Styled("every injection was observed by the guest as injected", OK)
+            if verdict
+            else Styled("the guest did not observe what was injected", BAD)
+        )
+    )
+    return doc
