@@ -79,7 +79,7 @@ from serrinj.kvm import x86_64 as kx
 from serrinj.testvm.asm_x86 import Program, assemble
 from serrinj.testvm.vmm import ExitAction, Vcpu, Vm
 
-__all__ = ["LAYOUT", "X86Guest", "build_guest", "guest_source"]
+__all__ = ["COLLECT_BANKS", "LAYOUT", "X86Guest", "build_guest", "guest_source"]
 
 # --- guest physical memory
 RAM_SIZE = 0x100000
@@ -165,6 +165,50 @@ _CONSTANTS: Mapping[str, int] = MappingProxyType(
         "CHECK_K2": CHECK_K2,
     }
 )
+
+#: the bank scan shared by this guest and the QEMU firmware (needs PC_NBANKS,
+#: MSR_MCG_STATUS and MSR_MC0_STATUS)
+COLLECT_BANKS = """\
+# DI = report area (DS): u64 MCG_STATUS, u32 count, then 32 bytes per valid bank
+# {u32 bank, pad, u64 status, addr, misc}; each valid bank is cleared.
+collect_banks:
+    mov ecx, MSR_MCG_STATUS
+    rdmsr
+    mov [di], eax
+    mov [di + 4], edx
+    mov dword ptr [di + 8], 0
+    lea bx, [di + 16]
+    xor esi, esi
+bank_next:
+    cmp esi, [PC_NBANKS]
+    jae banks_done
+    lea ecx, [esi * 4 + MSR_MC0_STATUS]
+    rdmsr
+    test edx, 0x80000000
+    jz bank_skip
+    mov [bx], esi
+    mov [bx + 8], eax
+    mov [bx + 12], edx
+    inc ecx
+    rdmsr
+    mov [bx + 16], eax
+    mov [bx + 20], edx
+    inc ecx
+    rdmsr
+    mov [bx + 24], eax
+    mov [bx + 28], edx
+    sub ecx, 2
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+    add bx, 32
+    inc dword ptr [di + 8]
+bank_skip:
+    inc esi
+    jmp bank_next
+banks_done:
+    ret
+"""
 
 #: exception vectors with a handler of their own (the rest get a reporting stub)
 _OWN_HANDLERS = (kx.NMI_VECTOR, kx.MC_VECTOR)
@@ -328,46 +372,7 @@ poll_done:
     popad
     ret
 
-# DI = report area (DS): u64 MCG_STATUS, u32 count, then 32 bytes per valid bank
-# {{u32 bank, pad, u64 status, addr, misc}}; each valid bank is cleared.
-collect_banks:
-    mov ecx, MSR_MCG_STATUS
-    rdmsr
-    mov [di], eax
-    mov [di + 4], edx
-    mov dword ptr [di + 8], 0
-    lea bx, [di + 16]
-    xor esi, esi
-bank_next:
-    cmp esi, [PC_NBANKS]
-    jae banks_done
-    lea ecx, [esi * 4 + MSR_MC0_STATUS]
-    rdmsr
-    test edx, 0x80000000
-    jz bank_skip
-    mov [bx], esi
-    mov [bx + 8], eax
-    mov [bx + 12], edx
-    inc ecx
-    rdmsr
-    mov [bx + 16], eax
-    mov [bx + 20], edx
-    inc ecx
-    rdmsr
-    mov [bx + 24], eax
-    mov [bx + 28], edx
-    sub ecx, 2
-    xor eax, eax
-    xor edx, edx
-    wrmsr
-    add bx, 32
-    inc dword ptr [di + 8]
-bank_skip:
-    inc esi
-    jmp bank_next
-banks_done:
-    ret
-
+{COLLECT_BANKS}
 # ---- interrupt handlers (SS is always this vCPU's page)
 timer_isr:
     push eax
