@@ -106,6 +106,19 @@ def _prune(pattern: str, keep: str, max_age_s: float = 3600) -> None:
             os.unlink(path)
 
 
+def _sweep() -> None:
+    """Remove what an interrupted preparation left (temporary names are never used)."""
+    for sub in ("debs", "wheels", "kernels", "images", "unpacked"):
+        for path in glob.glob(os.path.join(_dir(sub), ".download-*")) + glob.glob(
+            os.path.join(_dir(sub), "*.tmp-*")
+        ):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+
 def _kernel_image(pkg: Package, deb: str) -> str:
     path = os.path.join(_dir("kernels"), f"{pkg.stem}.Image")
     meta = _image_ok(path)
@@ -141,6 +154,7 @@ def prepare(labels: Sequence[str], with_qemu: bool, refresh: bool = False) -> Pr
     if not os.path.exists(config.DEBIAN_KEYRING):
         raise DebianError(f"{config.DEBIAN_KEYRING} is missing (package debian-archive-keyring)")
     with cache_lock():
+        _sweep()
         apt = Apt(_dir("apt"))
         apt.setup()
         apt.ensure_lists(refresh)
