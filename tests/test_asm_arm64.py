@@ -169,6 +169,7 @@ CASES: List[Case] = [
     (lambda a: a.msr("icc_igrpen1_el1", "x6"), "msr icc_igrpen1_el1, x6"),
     (lambda a: a.msr("icc_sre_el1", "x6"), "msr icc_sre_el1, x6"),
     (lambda a: a.msr("icc_eoir1_el1", "x6"), "msr icc_eoir1_el1, x6"),
+    (lambda a: a.msr("icc_sgi1r_el1", "x6"), "msr icc_sgi1r_el1, x6"),
     (lambda a: a.msr("cntv_ctl_el0", "x7"), "msr cntv_ctl_el0, x7"),
     (lambda a: a.msr("cntv_tval_el0", "x7"), "msr cntv_tval_el0, x7"),
     (lambda a: a.msr("cntv_cval_el0", "x7"), "msr cntv_cval_el0, x7"),

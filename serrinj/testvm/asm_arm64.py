@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "CONDITIONS",
@@ -147,6 +147,7 @@ SYSREGS: Mapping[str, int] = MappingProxyType(
         "isr_el1": _sysreg(3, 0, 12, 1, 0),
         "icc_iar1_el1": _sysreg(3, 0, 12, 12, 0),
         "icc_eoir1_el1": _sysreg(3, 0, 12, 12, 1),
+        "icc_sgi1r_el1": _sysreg(3, 0, 12, 11, 5),
         "icc_sre_el1": _sysreg(3, 0, 12, 12, 5),
         "icc_igrpen1_el1": _sysreg(3, 0, 12, 12, 7),
         "tpidr_el1": _sysreg(3, 0, 13, 0, 4),
@@ -271,6 +272,13 @@ class Asm:
         self._labels[name] = self.pc
         return name
 
+    def define(self, name: str, address: int) -> str:
+        """Define ``name`` at an arbitrary address (e.g. past the image, for zeroed data)."""
+        if name in self._labels:
+            raise AsmError(f"label {name!r} defined twice")
+        self._labels[name] = address
+        return name
+
     def fresh_label(self, hint: str = "L") -> str:
         """A unique, not yet defined label name."""
         self._anon += 1
@@ -290,13 +298,15 @@ class Asm:
 
     def align(self, alignment: int, fill_nop: bool = True) -> None:
         """Pad to a multiple of ``alignment`` bytes (with nops, or zeros)."""
-        if alignment & (alignment - 1) or alignment < 4:
-            raise AsmError("alignment must be a power of two >= 4")
+        if alignment & (alignment - 1) or alignment < 1:
+            raise AsmError("alignment must be a power of two")
+        if not fill_nop:
+            self._buf.extend(bytes(-self.pc % alignment))
+            return
+        if self.pc % 4:
+            raise AsmError("cannot pad with nops from an unaligned position")
         while self.pc % alignment:
-            if fill_nop:
-                self.nop()
-            else:
-                self.word(0)
+            self.nop()
 
     def skip_to(self, offset: int) -> None:
         """Pad with zero bytes up to ``offset`` from the base (must not go backwards)."""
@@ -712,7 +722,9 @@ class Asm:
 
     _SIZES: Mapping[str, int] = MappingProxyType({"b": 0, "h": 1, "w": 2, "x": 3})
 
-    def _ldst(self, load: bool, rt: str, rn: str, offset: int, mode: str, size: str | None) -> None:
+    def _ldst(
+        self, load: bool, rt: str, rn: str, offset: int, mode: str, size: Optional[str]
+    ) -> None:
         t, n = _gp(rt), _base(rn)
         sz = self._SIZES[size] if size else (3 if t.sf else 2)
         if size in ("b", "h") and t.sf:
