@@ -58,6 +58,28 @@ _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT
 MAX_SCRATCH = 4096
 
 
+#: Test-only pause points (the fault-injection tests of serrinj itself): when
+#: ``SERRINJ_TEST_PAUSE_AT`` names a phase, the engine creates the file named by
+#: ``SERRINJ_TEST_PAUSE_FILE`` at that phase and waits (up to 60 s) until the
+#: test deletes it. Phases: ``seized`` (stopped, nothing changed yet),
+#: ``borrowed`` (registers replaced, syscall not yet run), ``syscall-done``
+#: (before the restore).
+_PAUSE_PHASES = ("seized", "borrowed", "syscall-done")
+
+
+def _test_pause(phase: str) -> None:
+    if os.environ.get("SERRINJ_TEST_PAUSE_AT") != phase:
+        return
+    marker = os.environ.get("SERRINJ_TEST_PAUSE_FILE")
+    if not marker:
+        return
+    with open(marker, "w") as f:
+        f.write(f"{os.getpid()} {phase}\n")
+    deadline = time.monotonic() + 60
+    while os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class EngineError(SerrinjError):
     """The traced thread did something the engine did not expect."""
 
@@ -160,6 +182,8 @@ class RemoteThread:
         self.saved: Optional[Registers] = None
         self.first_stop: Optional[ptrace.Stop] = None
         self.verified: Optional[bool] = None
+        #: the thread exited while serrinj held it (nothing left to restore)
+        self.gone = False
         self.timings: Dict[str, int] = {}
         self._saved_syscallno: Optional[bytes] = None
         self._at_syscall_stop = False  # the baseline was captured at a syscall stop
@@ -188,6 +212,10 @@ class RemoteThread:
         tb: Optional[TracebackType],
     ) -> None:
         self.close()
+        if exc_type is None and self.gone:
+            raise TargetGone(
+                f"thread {self.tid} of process {self.pid} exited before serrinj could restore it"
+            )
 
     def attach(self) -> None:
         """Seize and stop the thread, and save its registers."""
@@ -244,6 +272,7 @@ class RemoteThread:
         self.saved = self.get_registers()
         if self.arch.name == "aarch64":
             self._saved_syscallno = ptrace.get_regset(tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
+        _test_pause("seized")
 
     def close(self) -> None:
         """Restore everything that was changed and detach. Idempotent; never raises
@@ -254,7 +283,7 @@ class RemoteThread:
                 try:
                     self._restore_and_detach()
                 except TargetGone:
-                    pass
+                    self.gone = True
                 finally:
                     self._seized = False
                 self.timings["restore_detach_ns"] = time.perf_counter_ns() - t0
@@ -275,8 +304,18 @@ class RemoteThread:
         if self._gadget is None:
             assert self.saved is not None
             avoid = (self.saved[self.arch.pc_reg],)
-            self._gadget = find_syscall_gadget(self.pid, self.arch, avoid=avoid)
+            try:
+                self._gadget = find_syscall_gadget(self.pid, self.arch, avoid=avoid)
+            except (SerrinjError, ProcessLookupError) as err:
+                self._raise_if_gone(err)
+                raise
         return self._gadget
+
+    def _raise_if_gone(self, err: BaseException) -> None:
+        """A dying process's /proc files read empty: report that, not the symptom."""
+        if not self._alive():
+            self._seized = False
+            raise TargetGone(f"thread {self.tid} of process {self.pid} exited") from err
 
     def check_seccomp(self, nr: int, args: Sequence[int]) -> None:
         """Raise :class:`SeccompBlocked` unless the thread's filters let the call through."""
@@ -330,6 +369,7 @@ class RemoteThread:
         t0 = time.perf_counter_ns()
         self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
         self._dirty = True
+        _test_pause("borrowed")
         self._resume(ptrace.resume_syscall, 0)
         self._wait_syscall_stop()
         self._at_entry = True
@@ -344,6 +384,7 @@ class RemoteThread:
         self._at_entry = False
         result = self.arch.syscall_result(self.get_registers())
         self.timings["syscall_ns"] = time.perf_counter_ns() - t0
+        _test_pause("syscall-done")
         return result
 
     def scratch(self, size: int) -> int:
@@ -361,8 +402,14 @@ class RemoteThread:
         base = (top - need) & ~15
         if self._scratch_base and base >= self._scratch_base:
             return base
-        mapping = next((m for m in procfs.maps(self.pid) if m.contains(base, top - base)), None)
+        try:
+            maps = procfs.maps(self.pid)
+        except ProcessLookupError as err:
+            self._raise_if_gone(err)
+            raise
+        mapping = next((m for m in maps if m.contains(base, top - base)), None)
         if mapping is None or not mapping.writable:
+            self._raise_if_gone(EngineError("no stack mapping"))
             raise EngineError(
                 f"no writable memory below the stack pointer {sp:#x} of thread {self.tid}"
             )
