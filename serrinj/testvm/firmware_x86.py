@@ -18,7 +18,9 @@ non-64-bit guests and cannot emulate a protected-mode IRET, see
   reach its local APIC at 0xFEE00000;
 - takes a private 8 KiB stack/data page (``0x20000 + 0x2000 * n``, ``n`` from an
   atomic counter), sets CR4.MCE, reads the bank count from MCG_CAP, enables
-  the local APIC with a 10 ms periodic timer and prints ``ready cpu=<apic id>``;
+  the local APIC with a 10 ms periodic timer and with LINT1 as NMI (QEMU's
+  ``nmi`` command only reaches a CPU whose LINT1 is programmed so, as a BIOS
+  does), and prints ``ready cpu=<apic id>``;
 - the BSP fills the IVT, then starts the APs with INIT-SIPI-SIPI (vector 0xF0:
   the APs start at offset 0 of this image);
 - every timer tick it polls the MCE banks (corrected errors raise nothing) and

@@ -16,14 +16,17 @@ IVT at 0 (NMI, #MC, the timer, exception stubs), and for each vCPU a private
 0xFEE00000. The guest itself sets CR4.MCE, reads the bank count from
 MCG_CAP, enables its local APIC and starts a periodic timer (``--tick-ms``).
 
-Every vCPU then runs a self-checking loop: ESI counts iterations and EDI, EBP
-and EBX are derived from it; a 128-byte block of its page holds pseudo-random
-words whose sum is known. Each iteration verifies the registers and the sum,
-so state changed under the guest (by a buggy injector, say) is reported as
-``guest-check-failed``. ``halt`` mode runs one iteration per wake-up (HLT in
-between), ``spin`` never halts, ``futex`` spins and asks the VMM to yield
-once per timer tick. On every tick the guest polls the MCE banks, which is
-how corrected errors (no #MC) are found.
+Every vCPU then runs a self-checking loop. ESI counts up, EDI down, EBP by
+threes and EBX down again, each from its own previous value, so that
+``ESI + EDI``, ``EBP - 3 * ESI`` and ``EBX ^ ESI`` stay constant; a 128-byte
+block of its page holds pseudo-random words whose sum is known. Each
+iteration verifies the three relations and the sum. A register or word
+changed under the guest (by a buggy injector, say) stays wrong until the next
+check, which reports it as ``guest-check-failed`` and then re-bases.
+``halt`` mode runs one iteration per wake-up (HLT in between), ``spin``
+never halts, ``futex`` spins and asks the VMM to yield once per timer tick.
+On every tick the guest polls the MCE banks, which is how corrected errors
+(no #MC) are found.
 
 Handlers: NMI counts and reports; #MC reads MCG_STATUS and every bank with
 MCi_STATUS.VAL (STATUS, ADDR, MISC), clears those banks and MCG_STATUS (so
@@ -263,10 +266,10 @@ main_loop:
     hlt
 awake:
     mov eax, esi
-    xor eax, CHECK_K1
-    cmp eax, edi
+    add eax, edi
+    cmp eax, CHECK_K1
     jne bad_registers
-    lea eax, [esi + CHECK_K2]
+    lea eax, [esi + esi * 2 + CHECK_K2]
     cmp eax, ebp
     jne bad_registers
     mov eax, esi
@@ -278,11 +281,9 @@ awake:
     jne bad_memory
 advance:
     inc esi
-    mov edi, esi
-    xor edi, CHECK_K1
-    lea ebp, [esi + CHECK_K2]
-    mov ebx, esi
-    not ebx
+    dec edi
+    add ebp, 3
+    dec ebx
     add dword ptr [PC_ITER], 1
     adc dword ptr [PC_ITER + 4], 0
     mov eax, [PC_HB_REQ]
@@ -319,6 +320,11 @@ check_failed:
     inc dword ptr [PC_CHECK_FAILS]
     mov al, EV_CHECK_FAILED
     call report
+    mov edi, CHECK_K1
+    sub edi, esi
+    lea ebp, [esi + esi * 2 + CHECK_K2]
+    mov ebx, esi
+    not ebx
     jmp advance
 
 # ---- helpers (main loop: they keep ESI, EDI, EBP, EBX)
