@@ -47,6 +47,11 @@ failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
 - ``{"cmd":"run"}``: start or resume every vCPU.
 - ``{"cmd":"pause"}``: park every vCPU thread out of KVM_RUN (ack once all are).
 - ``{"cmd":"quit"}``: stop the VMM (exit status 0).
+- ``{"cmd":"spawn","argv":[...]}``: run a child that inherits the VM and vCPU fds
+  (``spawned`` then ``spawn-exit`` with its returncode, stdout and stderr).
+- ``--seccomp trap|kill|errno`` makes the VMM play a sandboxed one: a filter on
+  the vCPU threads (``--seccomp-threads all``: on every thread) answers the
+  vCPU-event ioctls with that action, as Firecracker's does.
 - arch commands, run on the vCPU's own thread (x86_64: ``nmi``, ``mce``,
   ``events``, ``heartbeat``; see the arch module). They name the vCPU with
   ``"vcpu": <vcpu_id>``.
@@ -106,6 +111,7 @@ import os
 import platform
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -129,6 +135,9 @@ from typing import (
 from serrinj import _native
 from serrinj.executor import LocalExecutor
 from serrinj.kvm import api
+from serrinj.kvm import x86_64 as kx86
+from serrinj.remote import arch as remote_arch
+from serrinj.remote import seccomp
 
 __all__ = [
     "ARCHES",
@@ -186,6 +195,8 @@ class Options:
     yield_ms: int = 3
     mce_banks: int = 10
     ignore_eof: bool = False
+    seccomp: str = "none"
+    seccomp_threads: str = "vcpu"
 
 
 class GuestArch(Protocol):
@@ -319,6 +330,8 @@ class Vcpu:
             self.fd = vm.executor.ioctl_int(vm.fd, api.KVM_CREATE_VCPU, self.vcpu_id)
             self.run_page = _native.Memory(vm.run_size, self.fd)
             vm.arch.setup_vcpu(vm, self)
+            if vm.options.seccomp != "none" and vm.options.seccomp_threads == "vcpu":
+                install_sandbox(vm.options.seccomp)
         except BaseException as err:  # reported by the main thread
             self._setup_error = err
             self._setup_done.set()
@@ -451,6 +464,9 @@ class Vm:
         self.fd = self.executor.ioctl_int(self.kvm_fd, api.KVM_CREATE_VM, 0)
         self.run_size = self.executor.ioctl_int(self.kvm_fd, api.KVM_GET_VCPU_MMAP_SIZE)
         self.arch.setup_vm(self)
+        if self.options.seccomp != "none" and self.options.seccomp_threads == "all":
+            # Threads created from now on (every vCPU thread) inherit the filter.
+            install_sandbox(self.options.seccomp)
         # vCPU ids are created in order, each by the thread that will run it
         for vcpu_id in range(self.options.vcpus):
             vcpu = Vcpu(self, vcpu_id)
@@ -539,6 +555,9 @@ class Vm:
             self.resume()
             self.emit({"event": "ack", **reply})
             return True
+        if name == "spawn":
+            self._spawn(cmd, reply)
+            return True
         if name == "pause":
             if self.pause():
                 self.emit({"event": "ack", **reply})
@@ -560,6 +579,37 @@ class Vm:
         reply["vcpu"] = vcpu_id
         vcpu.submit(lambda: self._run_command(vcpu, cmd, reply))
         return True
+
+    def _spawn(self, cmd: Mapping[str, Any], reply: Dict[str, Any]) -> None:
+        """Run a child that inherits the VM and vCPU fds (like a forked helper would)."""
+        argv = cmd.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            self.emit({"event": "error", **reply, "message": "'argv' must be a list of strings"})
+            return
+        fds = [self.fd] + [v.fd for v in self.vcpus]
+        try:
+            child = subprocess.Popen(
+                argv, pass_fds=fds, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        except OSError as err:
+            self.emit({"event": "error", **reply, "message": str(err), "errno": err.errno})
+            return
+        self.emit({"event": "spawned", **reply, "pid": child.pid, "fds": fds})
+
+        def reap() -> None:
+            out, err = child.communicate()
+            self.emit(
+                {
+                    "event": "spawn-exit",
+                    **reply,
+                    "pid": child.pid,
+                    "returncode": child.returncode,
+                    "stdout": out[-65536:],
+                    "stderr": err[-65536:],
+                }
+            )
+
+        threading.Thread(target=reap, daemon=True).start()
 
     def _run_command(self, vcpu: Vcpu, cmd: Mapping[str, Any], reply: Dict[str, Any]) -> None:
         try:
@@ -623,6 +673,33 @@ class Vm:
                     return "quit"
 
 
+#: seccomp actions ``--seccomp`` can install (the return value of the filter)
+SANDBOX_ACTIONS: Mapping[str, Optional[int]] = MappingProxyType(
+    {
+        "none": None,
+        "trap": seccomp.SECCOMP_RET_TRAP,
+        "kill": seccomp.SECCOMP_RET_KILL_PROCESS,
+        "errno": seccomp.SECCOMP_RET_ERRNO | errno.EPERM,
+    }
+)
+
+
+def install_sandbox(action: str) -> None:
+    """Install, on the calling thread, a filter like a sandboxed VMM's (BRIEF section 1)."""
+    ret = SANDBOX_ACTIONS[action]
+    assert ret is not None
+    arch = remote_arch.host_arch()
+    requests = [
+        api.KVM_GET_VCPU_EVENTS,
+        api.KVM_SET_VCPU_EVENTS,
+        kx86.KVM_NMI,
+        kx86.KVM_X86_SET_MCE,
+    ]
+    _native.seccomp_install_filter(
+        seccomp.deny_ioctls(arch.audit_arch, arch.nr["ioctl"], requests, ret)
+    )
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m serrinj.testvm",
@@ -638,6 +715,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
     parser.add_argument("--yield-ms", type=int, default=3, help="futex wait per yield")
     parser.add_argument("--mce-banks", type=int, default=10, help="x86 MCE banks")
     parser.add_argument("--ignore-eof", action="store_true", help="keep running at end of stdin")
+    parser.add_argument(
+        "--seccomp",
+        default="none",
+        choices=sorted(SANDBOX_ACTIONS),
+        help="play a sandboxed VMM: a seccomp filter answers the vCPU-event ioctls"
+        " (KVM_GET/SET_VCPU_EVENTS, KVM_NMI, KVM_X86_SET_MCE) with this action",
+    )
+    parser.add_argument(
+        "--seccomp-threads",
+        default="vcpu",
+        choices=["vcpu", "all"],
+        help="filter only the vCPU threads (like Firecracker) or every thread",
+    )
     ns = parser.parse_args(argv)
     if not 1 <= ns.vcpus <= 32:
         parser.error("--vcpus must be between 1 and 32")
@@ -655,6 +745,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         yield_ms=ns.yield_ms,
         mce_banks=ns.mce_banks,
         ignore_eof=ns.ignore_eof,
+        seccomp=ns.seccomp,
+        seccomp_threads=ns.seccomp_threads,
     )
 
 
