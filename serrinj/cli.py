@@ -108,15 +108,48 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None
         ctx.ensure_object(Ui).debug = True
 
 
+def _set_color(ctx: click.Context, _param: click.Parameter, value: Optional[str]) -> None:
+    if value is not None:
+        ctx.ensure_object(Ui).color = value
+
+
+def _global_options(hidden: bool) -> Callable[[F], F]:
+    def deco(f: F) -> F:
+        f = click.option(
+            "--color",
+            type=click.Choice(["auto", "always", "never"]),
+            default=None,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_color,
+            hidden=hidden,
+            help="Tables and colours on a terminal (auto, the default), always, or never."
+            " NO_COLOR is honoured.",
+        )(f)
+        f = click.option(
+            "--debug",
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_debug,
+            hidden=hidden,
+            help="Show a traceback when a command fails.",
+        )(f)
+        return click.option(
+            "--json",
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_json,
+            help="Print one JSON object (schema serrinj/1) instead of text.",
+        )(f)
+
+    return deco
+
+
 def json_option(f: F) -> F:
-    return click.option(
-        "--json",
-        is_flag=True,
-        expose_value=False,
-        is_eager=True,
-        callback=_set_json,
-        help="Print one JSON object (schema serrinj/1) instead of text.",
-    )(f)
+    """--json on every command (and --debug/--color, documented on `serrinj` itself)."""
+    return _global_options(hidden=True)(f)
 
 
 def _scan_quiet() -> List[Any]:
@@ -286,24 +319,8 @@ def dry_run_option(f: F) -> F:
 # ====================================================================== the group
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="serrinj")
-@click.option(
-    "--debug",
-    is_flag=True,
-    expose_value=False,
-    is_eager=True,
-    callback=_set_debug,
-    help="Show a traceback when a command fails.",
-)
-@click.option(
-    "--color",
-    type=click.Choice(["auto", "always", "never"]),
-    default="auto",
-    show_default=True,
-    help="Tables and colours on a terminal (auto), always, or never. NO_COLOR is honoured.",
-)
-@json_option
-@click.pass_context
-def cli(ctx: click.Context, color: str) -> None:
+@_global_options(hidden=False)
+def cli() -> None:
     """Inject RAS faults into a running KVM VM's vCPU: a virtual SError (arm64),
     a machine check or an NMI (x86_64).
 
@@ -311,9 +328,9 @@ def cli(ctx: click.Context, color: str) -> None:
     serrinj runs each ioctl inside the VMM, as a ptrace-driven system call in
     one seized thread, and restores that thread bit for bit. The VMM and its
     other threads keep running.
+
+    --json, --debug and --color may also follow the command name.
     """
-    ui = ctx.ensure_object(Ui)
-    ui.color = color
 
 
 # ====================================================================== list
@@ -779,6 +796,9 @@ def _usage_error(ui: Ui, err: click.ClickException) -> int:
     return code
 
 
+_INTERRUPT_HINT = "serrinj restores and detaches a stopped thread before it acts on a signal"
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line and return the exit code (never raises)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -794,7 +814,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except click.ClickException as e:
         return _usage_error(ui, e)
     except click.Abort:
-        ui.error("interrupted", "interrupted", None, ExitCode.INTERRUPTED)
+        # click turns Ctrl-C during a command into Abort
+        ui.error("interrupted", "interrupted", _INTERRUPT_HINT, ExitCode.INTERRUPTED)
         return ExitCode.INTERRUPTED
     except SerrinjError as e:
         if ui.debug:
@@ -805,12 +826,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         if ui.debug:
             traceback.print_exc()
-        ui.error(
-            "interrupted",
-            "interrupted",
-            "serrinj restores and detaches a thread before it acts on Ctrl-C",
-            ExitCode.INTERRUPTED,
-        )
+        ui.error("interrupted", "interrupted", _INTERRUPT_HINT, ExitCode.INTERRUPTED)
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
         # the reader went away (`serrinj list | head`): stop quietly

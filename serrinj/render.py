@@ -149,14 +149,14 @@ def print_rich(doc: Sequence[Block], console: Any) -> None:
             console.print(t)
             indent = 2
         elif isinstance(block, Line):
-            console.print(Padding(text(block.text), (0, 0, 0, indent)))
+            console.print(Padding(text(block.text), (0, 0, 0, indent), expand=False))
         elif isinstance(block, Fields):
             grid = RichTable.grid(padding=(0, 2))
             grid.add_column(style="cyan", no_wrap=True)
             grid.add_column()
             for key, value in block.rows:
                 grid.add_row(key, text(value))
-            console.print(Padding(grid, (0, 0, 0, indent)))
+            console.print(Padding(grid, (0, 0, 0, indent), expand=False))
         else:
             tall = any("\n" in _text(c) for row in block.rows for c in row)
             table = RichTable(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, show_lines=tall)
@@ -164,7 +164,7 @@ def print_rich(doc: Sequence[Block], console: Any) -> None:
                 table.add_column(col, header_style="bold cyan")
             for row in block.rows:
                 table.add_row(*(text(c) for c in row))
-            console.print(Padding(table, (0, 0, 0, indent)))
+            console.print(Padding(table, (0, 0, 0, indent), expand=False))
 
 
 # ====================================================================== the UI object

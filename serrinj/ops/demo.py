@@ -23,11 +23,13 @@ or SIGHUP to serrinj).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from serrinj import esr, mce
 from serrinj.errors import (
@@ -348,6 +350,48 @@ class _Demo:
         )
 
 
+def _testvm_children() -> Set[int]:
+    """This process's children that run the test VM."""
+    out: Set[int] = set()
+    me = os.getpid()
+    try:
+        tids = os.listdir(f"/proc/{me}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"serrinj.testvm" in f.read():
+                        out.add(pid)
+            except OSError:
+                continue
+    return out
+
+
+def _end_child(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``, a child of ours; reap it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return  # reaped elsewhere (subprocess's own bookkeeping)
+            if done:
+                return
+            time.sleep(0.01)
+
+
 def _wait_guest_ready(vm: Any, arch: str) -> None:
     """x86: the guest must have set CR4.MCE before a machine check is injected."""
     if arch != "x86_64":
@@ -390,35 +434,46 @@ def run(
     caps = host.probe()
     from serrinj.testvm.process import TestVmError, TestVmProcess
 
-    with _signals_interrupt():
-        say("starting the test VM")
-        try:
-            vm = TestVmProcess.start(arch=TESTVM_ARCH[arch], vcpus=vcpus, mode=mode)
-        except TestVmError as err:
-            raise SerrinjError("the test VM did not start", hint=str(err).splitlines()[0]) from None
-        with vm:
-            _wait_guest_ready(vm, arch)
-            info: Dict[str, object] = {
-                "pid": vm.pid,
-                "arch": arch,
-                "vcpus": len(vm.vcpus),
-                "mode": mode,
-                "argv": vm.argv,
-            }
-            say("reading the vCPUs' status")
-            snap = status.status(vm.pid).as_dict()
-            demo = _Demo(vm, arch, say)
-            skipped: List[str] = []
-            if arch == "x86_64":
-                steps = demo.x86_steps()
-            else:
-                if not caps.serror_esr:
-                    skipped.append(
-                        "serror-ras: this host has no RAS (KVM_CAP_ARM_INJECT_SERROR_ESR is 0)"
-                    )
-                steps = demo.arm64_steps(caps)
-            check = demo.self_check()
-            if check is not None:
-                steps.append(check)
-            say("stopping the test VM")
-        return DemoResult(arch, info, snap, steps, tuple(skipped))
+    earlier = _testvm_children()
+    try:
+        with _signals_interrupt():
+            say("starting the test VM")
+            try:
+                vm = TestVmProcess.start(arch=TESTVM_ARCH[arch], vcpus=vcpus, mode=mode)
+            except TestVmError as err:
+                raise SerrinjError(
+                    "the test VM did not start", hint=str(err).splitlines()[0]
+                ) from None
+            with vm:
+                return _run_steps(vm, arch, mode, caps, say)
+    finally:
+        # The harness stops its VM on every path it sees; a signal that lands
+        # inside Popen, or between start() returning and `with`, is caught here.
+        for pid in _testvm_children() - earlier:
+            _end_child(pid)
+
+
+def _run_steps(vm: Any, arch: str, mode: str, caps: host.HostCaps, say: Progress) -> DemoResult:
+    _wait_guest_ready(vm, arch)
+    info: Dict[str, object] = {
+        "pid": vm.pid,
+        "arch": arch,
+        "vcpus": len(vm.vcpus),
+        "mode": mode,
+        "argv": vm.argv,
+    }
+    say("reading the vCPUs' status")
+    snap = status.status(vm.pid).as_dict()
+    demo = _Demo(vm, arch, say)
+    skipped: List[str] = []
+    if arch == "x86_64":
+        steps = demo.x86_steps()
+    else:
+        if not caps.serror_esr:
+            skipped.append("serror-ras: this host has no RAS (KVM_CAP_ARM_INJECT_SERROR_ESR is 0)")
+        steps = demo.arm64_steps(caps)
+    check = demo.self_check()
+    if check is not None:
+        steps.append(check)
+    say("stopping the test VM")
+    return DemoResult(arch, info, snap, steps, tuple(skipped))

@@ -1,0 +1,476 @@
+"""The real ``serrinj`` command, run as a subprocess against the test VM in another process.
+
+Every test VM is started through :class:`serrinj.testvm.process.TestVmProcess`
+and ended by its pid when the test ends, whatever happens. What the guest
+*observed* is read from the test VM's JSON events; "nothing was sent" is
+proved by the guest's own counters (a heartbeat reports how many NMIs,
+machine checks and polled errors it saw) and by ``status --json`` events
+before and after.
+
+The tests always name their VM with ``--pid``: other test VMs may be running
+on the machine at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import pytest
+
+from serrinj.errors import ExitCode
+from serrinj.testvm.process import TestVmProcess
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root]
+
+_VENV_SCRIPT = Path(sys.executable).with_name("serrinj")
+SERRINJ: List[str] = (
+    [str(_VENV_SCRIPT)] if _VENV_SCRIPT.exists() else [sys.executable, "-m", "serrinj"]
+)
+TIMEOUT = 60.0
+Event = Dict[str, Any]
+
+
+@dataclass
+class Result:
+    argv: List[str]
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def data(self) -> Dict[str, Any]:
+        try:
+            obj = json.loads(self.stdout)
+        except ValueError as err:
+            raise AssertionError(f"stdout is not one JSON object: {self}") from err
+        assert isinstance(obj, dict)
+        return obj
+
+    def __str__(self) -> str:
+        return (
+            f"serrinj {' '.join(self.argv)} -> {self.rc}\n"
+            f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+        )
+
+
+def serrinj(*args: object, env: Optional[Dict[str, str]] = None) -> Result:
+    """Run the real command line; stdout is a pipe (so plain text or JSON)."""
+    argv = [str(a) for a in args]
+    proc = subprocess.run(
+        [*SERRINJ, *argv],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, **(env or {})},
+    )
+    return Result(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
+    """Start test VMs; every one is stopped by its pid when the test ends."""
+    vms: List[TestVmProcess] = []
+
+    def start(vcpus: int = 2, mode: str = "halt", extra: Sequence[str] = ()) -> TestVmProcess:
+        vm = TestVmProcess.start(vcpus=vcpus, mode=mode, extra_args=list(extra))
+        vms.append(vm)
+        if "--start-paused" not in extra:
+            for info in vm.vcpus:
+                vm.wait_event(
+                    lambda e, v=info.vcpu_id: e.get("event") == "guest-ready" and e.get("vcpu") == v
+                )
+        return vm
+
+    try:
+        yield start
+    finally:
+        for vm in vms:
+            vm.stop()
+
+
+def heartbeat(vm: TestVmProcess, vcpu: int) -> Event:
+    mark = vm.mark()
+    vm.command({"cmd": "heartbeat", "vcpu": vcpu})
+    return vm.wait_event(
+        lambda e: e.get("event") == "heartbeat" and e.get("vcpu") == vcpu, 10.0, since=mark
+    )
+
+
+def guest_counters(vm: TestVmProcess) -> Dict[int, tuple]:
+    """What every vCPU's guest has taken so far: (NMIs, #MCs, polled errors, check failures)."""
+    out = {}
+    for info in vm.vcpus:
+        hb = heartbeat(vm, info.vcpu_id)
+        out[info.vcpu_id] = (
+            hb["nmi_count"],
+            hb["mce_count"],
+            hb["poll_count"],
+            hb["check_failures"],
+        )
+    return out
+
+
+def status_events(vm: TestVmProcess) -> Dict[int, Any]:
+    r = serrinj("status", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    return {v["vcpu_id"]: v["events"] for v in r.data["vcpus"]}
+
+
+def assert_nothing_sent(vm: TestVmProcess, before_events: Dict[int, Any]) -> None:
+    """The guest took nothing and KVM holds nothing new for any vCPU."""
+    time.sleep(0.1)  # ten guest timer ticks: a polled error would have been found
+    assert status_events(vm) == before_events
+    assert all(c == (0, 0, 0, 0) for c in guest_counters(vm).values()), guest_counters(vm)
+    assert not [e for e in vm.events_seen if e.get("event") in ("nmi", "mce", "mce-poll")]
+
+
+def assert_error(r: Result, code: ExitCode, *words: str) -> None:
+    assert r.rc == code, r
+    assert r.stderr.startswith("error: "), r
+    assert "Traceback" not in r.stderr, r
+    for w in words:
+        assert w in r.stderr, (w, r)
+
+
+# ====================================================================== list / status
+@pytest.mark.parametrize("mode", ["halt", "spin"])
+def test_list_and_status_of_a_live_vm(start_vm: Callable[..., TestVmProcess], mode: str) -> None:
+    vm = start_vm(vcpus=2, mode=mode)
+    tids = {v.vcpu_id: v.tid for v in vm.vcpus}
+
+    r = serrinj("list", "--pid", vm.pid)
+    assert r.rc == 0, r
+    assert "\x1b[" not in r.stdout  # no ANSI codes in a pipe
+    assert f"VM pid {vm.pid}" in r.stdout
+    for tid in tids.values():
+        assert str(tid) in r.stdout
+
+    r = serrinj("list", "--json")
+    assert r.rc == 0, r
+    assert r.data["schema"] == "serrinj/1" and r.data["command"] == "list"
+    (mine,) = [v for v in r.data["vms"] if v["pid"] == vm.pid]
+    assert mine["arch"] == "x86_64" and mine["vmm"] == "serrinj-testvm"
+    assert {v["vcpu_id"]: v["tid"] for v in mine["vcpus"]} == tids
+
+    r = serrinj("status", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    d = r.data
+    assert d["schema"] == "serrinj/1" and d["command"] == "status"
+    assert d["host"]["arch"] == "x86_64" and d["host"]["caps"]["KVM_CAP_VCPU_EVENTS"] == 1
+    assert d["vm"]["pid"] == vm.pid
+    assert [v["vcpu_id"] for v in d["vcpus"]] == [0, 1]
+    for v in d["vcpus"]:
+        assert v["thread"]["tid"] == tids[v["vcpu_id"]]
+        assert v["registers_restored"] is True
+        assert v["events"]["nmi"]["pending"] == 0
+        if mode == "halt":
+            assert v["state"] == "halted" and v["mp_state"] == "halted"
+        else:
+            assert v["state"] == "in-guest" and v["mp_state"] == "runnable"
+    assert all(c[3] == 0 for c in guest_counters(vm).values())  # self-check still clean
+
+    r = serrinj("status", "--pid", vm.pid, "--vcpu", "1")
+    assert r.rc == 0, r
+    assert "machine checks" in r.stdout and str(tids[1]) in r.stdout
+    assert str(tids[0]) not in r.stdout
+
+
+def test_status_by_target_fd(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2)
+    r = serrinj("status", "--json", "--pid", vm.pid, "--fd", vm.vcpu(1).fd)
+    assert r.rc == 0, r
+    assert [v["vcpu_id"] for v in r.data["vcpus"]] == [1]
+    r = serrinj("status", "--json", "--pid", vm.pid, "--fd", 0)
+    assert r.rc == ExitCode.USAGE, r
+    assert "not a KVM vCPU fd" in r.data["error"]["message"]
+
+
+def test_list_probe_maps_unnamed_spinning_vcpus(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2, mode="spin", extra=["--thread-names", "none"])
+    time.sleep(0.2)
+    r = serrinj("list", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    assert all(v["tid"] is None for v in r.data["vms"][0]["vcpus"])
+    r = serrinj("list", "--json", "--pid", vm.pid, "--probe")
+    assert r.rc == 0, r
+    got = {v["vcpu_id"]: (v["tid"], v["mapped_by"]) for v in r.data["vms"][0]["vcpus"]}
+    assert got == {v.vcpu_id: (v.tid, "probe") for v in vm.vcpus}
+
+
+# ====================================================================== nmi / mce
+def test_nmi_with_wait_is_observed_by_the_guest(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2)
+    mark = vm.mark()
+    r = serrinj("nmi", "--json", "--pid", vm.pid, "--vcpu", 1, "--wait")
+    assert r.rc == 0, r
+    (inj,) = r.data["injections"]
+    assert r.data["command"] == "nmi" and r.data["dry_run"] is False
+    assert inj["kind"] == "nmi" and inj["vcpu_id"] == 1 and inj["tid"] == vm.vcpu(1).tid
+    assert inj["after"]["nmi"]["pending"] == 1 or inj["after"]["nmi"]["injected"] == 1
+    assert inj["delivery"]["delivered"] is True
+    assert inj["delivery"]["latency_s"] > 0
+    assert inj["registers_restored"] is True
+    ev = vm.wait_event(lambda e: e.get("event") == "nmi", 10.0, since=mark)
+    assert ev["vcpu"] == 1 and ev["vector"] == 2 and ev["count"] == 1
+    counters = guest_counters(vm)
+    assert counters[0] == (0, 0, 0, 0) and counters[1] == (1, 0, 0, 0)
+
+
+def test_nmi_text_output_and_all_vcpus(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2, mode="spin")
+    r = serrinj("nmi", "--pid", vm.pid, "--vcpu", "all")
+    assert r.rc == 0, r
+    assert "Injected an NMI into vCPU 0" in r.stdout and "into vCPU 1" in r.stdout
+    for v in (0, 1):
+        vm.wait_event(lambda e, v=v: e.get("event") == "nmi" and e.get("vcpu") == v, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("preset", "event", "raises_mc"),
+    [("corrected", "mce-poll", False), ("uncorrected", "mce", True)],
+)
+def test_mce_is_observed_by_the_guest(
+    start_vm: Callable[..., TestVmProcess], preset: str, event: str, raises_mc: bool
+) -> None:
+    vm = start_vm(vcpus=1)
+    mark = vm.mark()
+    r = serrinj(
+        "mce", "--json", "--pid", vm.pid, "--bank", 3, "--preset", preset,
+        "--addr", "0x7000", "--wait",
+    )  # fmt: skip
+    assert r.rc == 0, r
+    (inj,) = r.data["injections"]
+    req = inj["request"]
+    assert req["bank"] == 3 and req["addr"] == 0x7000
+    assert inj["prediction"]["raises_mc"] is raises_mc
+    assert inj["delivery"]["delivered"] is True
+    ev = vm.wait_event(lambda e: e.get("event") == event, 10.0, since=mark)
+    assert ev["vcpu"] == 0
+    bank = {b["bank"]: b for b in ev["banks"]}[3]
+    assert (bank["status"], bank["addr"], bank["misc"]) == (req["status"], 0x7000, req["misc"])
+    if raises_mc:
+        assert ev["vector"] == 18
+        assert ev["mcg_status"] == req["mcg_status"]
+    assert guest_counters(vm)[0][3] == 0
+
+
+def test_mce_from_raw_fields(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=1)
+    mark = vm.mark()
+    r = serrinj("mce", "--pid", vm.pid, "--bank", 0, "--status", "val,en", "--misc", "0x8c")
+    assert r.rc == 0, r
+    assert "MCi_STATUS 0x9000000000000000 [VAL EN]" in r.stdout
+    ev = vm.wait_event(lambda e: e.get("event") == "mce-poll", 10.0, since=mark)
+    assert ev["banks"][0]["status"] == 0x9000000000000000
+
+
+# ====================================================================== dry run
+def test_dry_run_sends_nothing(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2)
+    before = status_events(vm)
+    r = serrinj("nmi", "--json", "--dry-run", "--pid", vm.pid, "--vcpu", "all")
+    assert r.rc == 0, r
+    assert r.data["dry_run"] is True
+    assert [i["dry_run"] for i in r.data["injections"]] == [True, True]
+    r = serrinj("mce", "--dry-run", "--pid", vm.pid, "--vcpu", 0, "--bank", 1, "--preset", "uc")
+    assert r.rc == 0, r
+    assert "Would inject a machine check" in r.stdout and "nothing (--dry-run)" in r.stdout
+    assert "machine-check: uncorrected error" in r.stdout
+    assert_nothing_sent(vm, before)
+
+
+# ====================================================================== rejections
+def test_serror_on_x86_points_to_mce_and_nmi(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2)
+    before = status_events(vm)
+    for extra in ([], ["--severity", "ce"], ["--ext-dabt"], ["--esr", "0x1811", "--vcpu", "0"]):
+        r = serrinj("inject", "--pid", vm.pid, *extra)
+        assert_error(r, ExitCode.UNSUPPORTED, "arm64", "serrinj mce", "serrinj nmi")
+    assert_nothing_sent(vm, before)
+
+
+def test_esr_outside_iss_is_rejected_naming_the_bits(
+    start_vm: Callable[..., TestVmProcess],
+) -> None:
+    vm = start_vm(vcpus=1)
+    before = status_events(vm)
+    r = serrinj("inject", "--pid", vm.pid, "--esr", "0x2000011")
+    assert_error(r, ExitCode.USAGE, "IL (bit 25)", "[24:0]")
+    r = serrinj("inject", "--json", "--pid", vm.pid, "--esr", "0xbe001811")
+    assert r.rc == ExitCode.USAGE
+    err = r.data["error"]
+    assert err["kind"] == "invalid-input" and err["exit_code"] == 2
+    assert "EC (bits [31:26] = 0x2f)" in err["message"]
+    assert "Did you mean 0x1811?" in err["hint"]
+    assert_nothing_sent(vm, before)
+
+
+def test_mce_rejections_send_nothing(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2)
+    before = status_events(vm)
+    pid = vm.pid
+    cases = [
+        (["--vcpu", 0, "--bank", 12, "--preset", "ce"], ExitCode.USAGE, "bank 12 does not exist"),
+        (["--vcpu", 0, "--bank", 1, "--status", "0x1c00"], ExitCode.USAGE, "lacks VAL"),
+        (["--vcpu", 0, "--bank", 1, "--status", "val,bogus"], ExitCode.USAGE, "bogus"),
+        (["--vcpu", 0, "--preset", "ce"], ExitCode.USAGE, "--bank is required"),
+        (["--vcpu", 0, "--bank", 1], ExitCode.USAGE, "--status or --preset"),
+        (["--bank", 1, "--preset", "ce"], ExitCode.USAGE, "choose one with --vcpu"),
+        (["--vcpu", 7, "--bank", 1, "--preset", "ce"], ExitCode.NOT_FOUND, "no vCPU 7"),
+    ]
+    for args, code, words in cases:
+        assert_error(serrinj("mce", "--pid", pid, *args), code, words)
+    assert_error(serrinj("nmi", "--pid", pid), ExitCode.USAGE, "--vcpu all")
+    assert_nothing_sent(vm, before)
+
+
+def test_mce_that_would_triple_fault_is_refused(start_vm: Callable[..., TestVmProcess]) -> None:
+    # a paused VM whose guest never ran: CR4.MCE is still clear
+    vm = start_vm(vcpus=1, extra=["--start-paused"])
+    r = serrinj("mce", "--json", "--pid", vm.pid, "--bank", 1, "--preset", "uc-fatal")
+    assert r.rc == ExitCode.CONFLICT, r
+    assert r.data["error"]["kind"] == "conflict"
+    assert "triple" in r.data["error"]["message"] and "--force" in r.data["error"]["hint"]
+    assert r.stderr.startswith("error: ") and "hint: " in r.stderr
+    vm.command({"cmd": "run"})
+    vm.wait_event(lambda e: e.get("event") == "guest-ready", 10.0)
+    assert guest_counters(vm)[0] == (0, 0, 0, 0)  # the guest runs on, nothing was raised
+    assert not [e for e in vm.events_seen if e.get("event") == "exit"]
+
+
+def test_unknown_pid_and_non_vm_pid() -> None:
+    pid = 4_000_000  # above the kernel's pid_max limit: never a process
+    r = serrinj("status", "--pid", pid)
+    assert_error(r, ExitCode.NOT_FOUND, f"no process with pid {pid}")
+    r = serrinj("nmi", "--json", "--pid", pid)
+    assert r.rc == ExitCode.NOT_FOUND and r.data["error"]["kind"] == "target-not-found"
+
+    sleeper = subprocess.Popen([shutil.which("sleep") or "/bin/sleep", "60"])
+    try:
+        r = serrinj("status", "--pid", sleeper.pid)
+        assert_error(r, ExitCode.NOT_FOUND, f"process {sleeper.pid} (sleep) is not a KVM VMM")
+        r = serrinj("mce", "--json", "--pid", sleeper.pid, "--bank", 1, "--preset", "ce")
+        assert r.rc == ExitCode.NOT_FOUND
+        assert "holds no KVM VM or vCPU fds" in r.data["error"]["message"]
+    finally:
+        os.kill(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
+
+
+def test_usage_errors_exit_2_with_json() -> None:
+    r = serrinj("nmi", "--bogus")
+    assert r.rc == ExitCode.USAGE and r.stderr.startswith("error: No such option"), r
+    assert "hint: see 'serrinj nmi --help'" in r.stderr
+    r = serrinj("mce", "--json", "--bank", "x")
+    assert r.rc == ExitCode.USAGE, r
+    assert r.data["error"]["kind"] == "usage" and r.data["command"] == "mce"
+    r = serrinj("inject", "--esr", "0x11", "--severity", "ce")
+    assert_error(r, ExitCode.USAGE, "either --esr or --severity")
+
+
+# ====================================================================== esr (pure)
+def test_esr_decode_and_encode() -> None:
+    r = serrinj("esr", "decode", "0x00000000be000011")
+    assert r.rc == 0, r
+    assert "panics" in r.stdout
+    assert "SError Interrupt on CPU0, code 0x00000000be000011" in r.stdout
+
+    r = serrinj("esr", "decode", "--json", "0x1811")
+    assert r.rc == 0, r
+    s, linux = r.data["syndrome"], r.data["linux"]
+    assert (s["aet_name"], s["dfsc"], s["esr"]) == ("CE", 0x11, 0xBE001811)
+    assert linux["survives"] is True and linux["console_line"] is None
+
+    r = serrinj("esr", "decode", "--json", "0x96000010")  # a data abort, not an SError
+    assert r.rc == 0 and r.data["syndrome"]["is_serror"] is False and r.data["linux"] is None
+
+    r = serrinj("esr", "encode", "--json", "--severity", "uer", "--iesb")
+    assert r.rc == 0, r
+    assert r.data["iss"] == 0x2C11 and r.data["guest_esr"] == 0xBE002C11
+    assert r.data["linux"]["survives"] is False
+
+    r = serrinj("esr", "encode", "--ids", "--impdef", "0x1d1ed")
+    assert r.rc == 0 and "ISS 0x101d1ed" in r.stdout, r
+    assert_error(serrinj("esr", "encode", "--ids", "--severity", "ce"), ExitCode.USAGE, "IDS")
+
+
+# ====================================================================== demo
+def _is_testvm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"serrinj.testvm" in f.read()
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> List[int]:
+    out: List[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+@pytest.mark.slow
+def test_demo_matches_and_ends_its_vm() -> None:
+    r = serrinj("demo", "--json")
+    assert r.rc == 0, r
+    d = r.data
+    assert d["ok"] is True and d["arch"] == "x86_64" and d["command"] == "demo"
+    assert "error" not in d
+    names = [s["name"] for s in d["steps"]]
+    assert names == ["nmi", "mce-corrected", "mce-uncorrected", "guest-self-check"]
+    for step in d["steps"]:
+        assert step["match"] is True, step
+        assert step["error"] is None
+    assert d["steps"][0]["observed"]["event"] == "nmi"
+    assert d["steps"][2]["observed"]["vector"] == 18
+    assert d["status"]["vm"]["pid"] == d["testvm"]["pid"]
+    assert not _is_testvm(d["testvm"]["pid"])
+
+    r = serrinj("demo")
+    assert r.rc == 0, r
+    assert "every injection was observed by the guest as injected" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.1])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_interrupted_ends_its_vm(sig: signal.Signals, delay: float) -> None:
+    proc = subprocess.Popen(
+        [*SERRINJ, "demo", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    vm_pid = None
+    try:
+        deadline = time.monotonic() + 30
+        while vm_pid is None and time.monotonic() < deadline and proc.poll() is None:
+            vm_pid = next((c for c in _children(proc.pid) if _is_testvm(c)), None)
+            time.sleep(0.001)
+        assert vm_pid is not None, "the demo's test VM never appeared"
+        time.sleep(delay)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The whole demo takes a fraction of a second, so the signal may also come
+    # after it finished (exit 0) or while the interpreter was already shutting
+    # down, when Python has restored the default action (killed by the signal).
+    assert proc.returncode in (0, ExitCode.INTERRUPTED, -sig), (proc.returncode, err)
+    if proc.returncode == ExitCode.INTERRUPTED:
+        assert json.loads(out)["error"]["kind"] == "interrupted"
+        assert "error: " in err and "Traceback" not in err
+    assert not _is_testvm(vm_pid)
