@@ -186,11 +186,11 @@ def test_thread_names(start_vm: Callable[..., TestVmProcess], style: str) -> Non
         process_comm = f.read().strip()
     for info in vm.vcpus:
         comm = thread_comm(vm.pid, info.tid)
+        assert info.thread_name == comm
         if namer is None:
             assert comm == process_comm  # python's default: threads are not renamed
         else:
             assert comm == namer(info.vcpu_id)
-            assert info.thread_name == comm
 
 
 def test_pending_nmi_is_visible_while_paused(start_vm: Callable[..., TestVmProcess]) -> None:

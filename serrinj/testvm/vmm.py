@@ -93,6 +93,16 @@ the guest. The hooks, and the thread each runs on:
                              ``OSError`` for a failed ioctl (both become ``error`` events).
 ``ready_info(vm)``           main thread: extra fields for the ``ready`` event.
 
+Conventions for a guest, so that tests read every arch alike: each event
+carries ``"vcpu": <vcpu_id>``; the guest announces itself with
+``guest-ready``; it answers the ``heartbeat`` command with a ``heartbeat``
+event carrying ``seq`` (the request count it answers) and ``iterations``;
+it reports state changed under it as ``guest-check-failed``; an exit the VMM
+cannot continue from is an ``exit`` event with a ``reason`` and the vCPU's
+thread ends (``ExitAction.STOP``). ``--mode`` is the guest's to honour: halt
+(wait for interrupts, so the thread blocks in KVM_RUN), spin, or futex (spin
+and ask for ``ExitAction.YIELD`` now and then).
+
 :class:`Vm` gives the arch ``vm.executor`` (a LocalExecutor), ``vm.kvm_fd``,
 ``vm.fd``, ``vm.options``, ``vm.vcpus`` and ``vm.emit``; :class:`Vcpu` gives
 ``vcpu.vcpu_id``, ``vcpu.fd``, ``vcpu.run_page`` (a ``_native.Memory``) and
@@ -323,10 +333,9 @@ class Vcpu:
             self.tid = threading.get_native_id()
             namer = THREAD_NAMES[vm.options.thread_names]
             if namer is not None:
-                self.thread_name = namer(self.vcpu_id)
-                _native.prctl_set_name(self.thread_name)
-            else:
-                self.thread_name = threading.current_thread().name
+                _native.prctl_set_name(namer(self.vcpu_id))
+            with open(f"/proc/self/task/{self.tid}/comm") as comm:
+                self.thread_name = comm.read().strip()
             self.fd = vm.executor.ioctl_int(vm.fd, api.KVM_CREATE_VCPU, self.vcpu_id)
             self.run_page = _native.Memory(vm.run_size, self.fd)
             vm.arch.setup_vcpu(vm, self)
