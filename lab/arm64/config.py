@@ -104,7 +104,7 @@ PYTHON_PRUNE = ("idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pyd
 DLOPEN_EXTRA = ("libgcc_s.so.1",)
 
 #: wheels for the tests in the lab, on top of serrinj's runtime dependencies
-LAB_WHEELS: Tuple[str, ...] = ("pytest",)
+LAB_WHEELS: Tuple[str, ...] = ("pytest", "hypothesis")
 WHEEL_PLATFORMS: Tuple[str, ...] = (
     "manylinux2014_aarch64",
     "manylinux_2_28_aarch64",
