@@ -1,0 +1,175 @@
+"""The bare-metal arm64 guest (``serrinj.testvm.firmware_arm64``) under the inner QEMU with KVM.
+
+Each test builds the guest ELF, boots it with
+``qemu-system-aarch64 -M virt,gic-version=3 -accel kvm -cpu host -nodefaults -kernel``
+(the UART on a pipe so the test can type to it), and reads its console:
+``ready cpu=<n>`` for every CPU (the secondaries come up through PSCI CPU_ON
+over HVC), ``pong`` for each ``p``, ``unmasked`` for ``u``. QEMU is always
+ended by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+from typing import Iterator, List, Optional
+
+import pytest
+
+from lab.guest.nested import InnerQemu, NestedAssets
+from serrinj.testvm.firmware_arm64 import FirmwareOptions, build
+
+BOOT_TIMEOUT_S = 60
+#: ioctl is syscall 29 on arm64; KVM_RUN is 0xae80 (what /proc/PID/task/TID/syscall shows)
+_KVM_RUN_SYSCALL = re.compile(r"^29 0x[0-9a-f]+ 0xae80 ")
+
+
+def _command(qemu: str, elf: str, smp: int, debug_threads: bool) -> List[str]:
+    cmd = [qemu, "-M", "virt,gic-version=3", "-accel", "kvm", "-cpu", "host", "-nodefaults",
+           "-display", "none", "-no-reboot", "-m", "64", "-serial", "stdio", "-kernel", elf,
+           "-smp", str(smp)]  # fmt: skip
+    if debug_threads:
+        cmd += ["-name", "bare,debug-threads=on"]
+    return cmd
+
+
+class Bare:
+    """One inner QEMU running the bare guest."""
+
+    def __init__(self, vm: InnerQemu, smp: int) -> None:
+        self.vm = vm
+        self.smp = smp
+
+    @property
+    def pid(self) -> int:
+        return self.vm.pid
+
+    def type(self, data: str) -> None:
+        # InnerQemu.send adds a newline, which the guest ignores like any unknown byte
+        self.vm.send(data)
+
+    def wait_ready(self) -> float:
+        """Seconds until every CPU said ``ready``."""
+        t0 = time.monotonic()
+        self.vm.wait_for(r"^boot mode=", BOOT_TIMEOUT_S)
+        seen = set()
+        while len(seen) < self.smp:
+            line = self.vm.wait_for(r"^ready cpu=\d+$", BOOT_TIMEOUT_S)
+            seen.add(int(line.split("=")[1]))
+        assert seen == set(range(self.smp))
+        return time.monotonic() - t0
+
+    def threads(self) -> List[int]:
+        return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+
+    def comm(self, tid: int) -> str:
+        with open(f"/proc/{self.pid}/task/{tid}/comm") as fh:
+            return fh.read().strip()
+
+    def syscall(self, tid: int) -> str:
+        with open(f"/proc/{self.pid}/task/{tid}/syscall") as fh:
+            return fh.read().strip()
+
+    def problems(self) -> List[str]:
+        return [line for line in self.vm.lines if line.startswith(("exception", "halted", "timeout"))]
+
+
+@pytest.fixture
+def bare(nested: NestedAssets) -> Iterator[object]:
+    started: List[InnerQemu] = []
+    tmp = tempfile.TemporaryDirectory(prefix="bare-")
+
+    def _start(opts: FirmwareOptions, smp: int, debug_threads: bool = True) -> Bare:
+        elf = os.path.join(tmp.name, f"guest{len(started)}.elf")
+        with open(elf, "wb") as fh:
+            fh.write(build(opts).elf())
+        proc = subprocess.Popen(
+            _command(nested.qemu, elf, smp, debug_threads),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        vm = InnerQemu(proc)
+        started.append(vm)
+        return Bare(vm, smp)
+
+    try:
+        yield _start
+    finally:
+        for vm in started:
+            vm.stop()
+        tmp.cleanup()
+
+
+def _wait_thread_state(b: Bare, tid: int, want: "re.Pattern[str]", timeout: float) -> Optional[str]:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        last = b.syscall(tid)
+        if want.search(last):
+            return None
+        time.sleep(0.05)
+    return last
+
+
+@pytest.mark.parametrize("debug_threads", [True, False], ids=["debug-threads", "plain-names"])
+@pytest.mark.parametrize("smp", [1, 2])
+def test_boot_ready_and_pong(bare, smp: int, debug_threads: bool) -> None:  # type: ignore[no-untyped-def]
+    b = bare(FirmwareOptions(mode="wfi"), smp, debug_threads)
+    took = b.wait_ready()
+    print(f"bare smp={smp} ready after {took:.2f} s")
+    b.type("p")
+    assert b.vm.wait_for(r"^pong ", 10) == "pong cpu=0 n=1"
+    b.type("p")
+    assert b.vm.wait_for(r"^pong ", 10) == "pong cpu=0 n=2"
+    names = {b.comm(t) for t in b.threads()}
+    if debug_threads:
+        assert {f"CPU {n}/KVM" for n in range(smp)} <= names
+    else:
+        assert not any(n.endswith("/KVM") for n in names)
+        assert "qemu-system-aar" in names
+    assert b.problems() == []
+
+
+def test_idle_vcpus_wait_in_kvm_run(bare) -> None:  # type: ignore[no-untyped-def]
+    """In wfi mode every vCPU thread sits in ioctl(KVM_RUN): the idle-guest case of BRIEF section 1."""
+    b = bare(FirmwareOptions(mode="wfi"), 2)
+    b.wait_ready()
+    vcpu_threads = [t for t in b.threads() if re.match(r"CPU \d+/KVM", b.comm(t))]
+    assert len(vcpu_threads) == 2
+    for tid in vcpu_threads:
+        assert _wait_thread_state(b, tid, _KVM_RUN_SYSCALL, 10) is None
+
+
+def test_spin_mode_answers(bare) -> None:  # type: ignore[no-untyped-def]
+    b = bare(FirmwareOptions(mode="spin"), 2)
+    b.wait_ready()
+    b.type("pp")
+    b.vm.wait_for(r"^pong cpu=0 n=2$", 10)
+    assert b.problems() == []
+
+
+@pytest.mark.parametrize("mode", ["wfi", "spin"])
+def test_mask_serror_until_u(bare, mode: str) -> None:  # type: ignore[no-untyped-def]
+    b = bare(FirmwareOptions(mode=mode, mask_serror=True), 2)
+    b.wait_ready()
+    b.type("p")
+    b.vm.wait_for(r"^pong ", 10)
+    assert not [line for line in b.vm.lines if line.startswith("unmasked")]
+    b.type("u")
+    seen = {b.vm.wait_for(r"^unmasked cpu=\d+$", 10) for _ in range(2)}
+    assert seen == {"unmasked cpu=0", "unmasked cpu=1"}
+
+
+def test_mmio_probe_is_answered_by_qemu(bare) -> None:  # type: ignore[no-untyped-def]
+    """Under KVM the unassigned probe address is an MMIO exit QEMU answers: no abort unless injected."""
+    b = bare(FirmwareOptions(mode="spin", mmio_probe=True), 2)
+    b.wait_ready()
+    b.type("p")
+    b.vm.wait_for(r"^pong cpu=0 n=1$", 20)
+    time.sleep(0.5)
+    b.type("p")
+    b.vm.wait_for(r"^pong cpu=0 n=2$", 20)
+    assert not [line for line in b.vm.lines if line.startswith("sync")]
+    assert b.problems() == []
