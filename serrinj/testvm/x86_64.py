@@ -34,6 +34,11 @@ MCIP is clear again) *before* it reports, so the next machine check may be
 injected as soon as the report is seen. Any other exception is reported and
 parks the vCPU (CLI; HLT).
 
+With ``--start-paused`` the guest has not run at all: CR4.MCE is still clear,
+so an *uncorrected* machine check injected before the first ``run`` becomes a
+triple fault (``exit`` with ``SHUTDOWN``), as KVM does for any such guest. An
+NMI or a corrected error is kept and taken or found once it runs.
+
 Reports go out as ``out 0x600, al`` with an event code in AL; the VMM reads
 the vCPU's page to build the event (the vCPU is stopped in the exit, so the
 snapshot is consistent).
