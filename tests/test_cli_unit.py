@@ -1,0 +1,554 @@
+"""Unit tests of the command line: argument parsing, output and errors, arm64 paths with fakes.
+
+The real command (``serrinj.cli.run``, the console script's body) runs in
+this process with pytest's captured stdout/stderr. The use cases are
+replaced at their seams: ``discover.find``/``scan`` (which VM), ``host.probe``
+(the host's caps) and ``target.attach`` (the ptrace engine) yield fakes, so
+the arm64 rejection paths run on any machine. A fake vCPU records every SET
+it receives: "nothing was sent" is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from serrinj import cli, discover, esr, mce
+from serrinj.errors import ExitCode, TargetNotFound
+from serrinj.kvm import api
+from serrinj.kvm import arm64 as kvm_arm64
+from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.ops import host, inject, target
+from serrinj.remote.arch import X86_64, Aarch64
+from serrinj.render import Fields, Heading, Styled, Table, Ui, to_plain
+
+
+@dataclass
+class Out:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def data(self) -> Dict[str, Any]:
+        obj = json.loads(self.stdout)
+        assert isinstance(obj, dict)
+        return obj
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Any:
+    def _run(*args: object) -> Out:
+        rc = cli.run([str(a) for a in args])
+        cap = capsys.readouterr()
+        return Out(rc, cap.out, cap.err)
+
+    return _run
+
+
+# ====================================================================== fakes
+def fake_vm(arch: str, vcpus: int = 1, pid: int = 4242, name: Optional[str] = "guest") -> Any:
+    threads = tuple(
+        discover.Thread(tid=pid + 1 + i, name=f"CPU {i}/KVM", state="in-kvm-run")
+        for i in range(vcpus)
+    )
+    return discover.Vm(
+        pid=pid,
+        starttime=1,
+        comm="qemu-system-x",
+        name=name,
+        vmm="qemu",
+        arch=arch,
+        uid=0,
+        vm_fds=(5,),
+        vcpus=tuple(
+            discover.Vcpu(vcpu_id=i, fd=10 + i, thread=threads[i], mapped_by="syscall")
+            for i in range(vcpus)
+        ),
+        threads=threads,
+    )
+
+
+def fake_caps(arch: str, ras: bool = True) -> host.HostCaps:
+    caps = {"KVM_CAP_VCPU_EVENTS": 1}
+    if arch == "aarch64":
+        caps.update(
+            {
+                "KVM_CAP_ARM_INJECT_SERROR_ESR": int(ras),
+                "KVM_CAP_ARM_INJECT_EXT_DABT": 1,
+                "KVM_CAP_ONE_REG": 1,
+            }
+        )
+    else:
+        caps["KVM_CAP_MCE"] = 32
+    return host.HostCaps(arch=arch, api_version=12, caps=caps)
+
+
+@dataclass
+class FakeVcpu:
+    """Answers GETs from its state and records every call that changes the vCPU."""
+
+    arch: str
+    vcpu_id: int = 0
+    events: Any = None
+    pstate_value: int = 0x3C5  # EL1h, DAIF all set
+    sent: List[Tuple[str, Any]] = field(default_factory=list)
+
+    def get_events(self) -> Any:
+        if self.events is None:
+            self.events = kvm_arm64.VcpuEvents() if self.arch == "aarch64" else kvm_x86.VcpuEvents()
+        return self.events
+
+    def pstate(self) -> int:
+        return self.pstate_value
+
+    def mp_state(self) -> int:
+        return 0
+
+    def inject_serror(self, esr_value: Optional[int]) -> None:
+        self.sent.append(("serror", esr_value))
+        self.events = kvm_arm64.VcpuEvents(
+            serror_pending=1, serror_has_esr=1, serror_esr=esr_value or esr.KVM_DEFAULT_ISS
+        )
+
+    def inject_nmi(self) -> None:
+        self.sent.append(("nmi", None))
+
+    def inject_mce(self, m: Any) -> None:
+        self.sent.append(("mce", m))
+
+
+class FakeThread:
+    def __init__(self, arch: str, tid: int) -> None:
+        self.tid = tid
+        self.arch = Aarch64() if arch == "aarch64" else X86_64()
+        self.first_stop = None
+        self.saved: Dict[str, int] = (
+            {"x8": 29, "x1": api.KVM_RUN} if arch == "aarch64" else {"orig_rax": -1 & (2**64 - 1)}
+        )
+        self.verified = True
+        self.timings: Dict[str, int] = {"attach_ns": 1000}
+
+
+@pytest.fixture
+def fake_host(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Install a fake VM + host + engine; returns a setter and the fake vCPUs."""
+
+    def install(arch: str, vcpus: int = 1, ras: bool = True, **vcpu_kw: Any) -> Dict[str, Any]:
+        vm = fake_vm(arch, vcpus)
+        state: Dict[str, Any] = {
+            "vm": vm,
+            "vcpus": {i: FakeVcpu(arch, i, **vcpu_kw) for i in range(vcpus)},
+            "attached": 0,
+        }
+        monkeypatch.setattr(discover, "find", lambda pid=None, name=None: vm)
+        monkeypatch.setattr(discover, "scan", lambda arch=None: [vm])
+        monkeypatch.setattr(host, "probe", lambda: fake_caps(arch, ras))
+
+        @contextlib.contextmanager
+        def attach(
+            vm_: Any, vcpu_id: int, requests: Any, *, timeout: float = 2.0
+        ) -> Iterator[Tuple[Any, Any]]:
+            state["attached"] += 1
+            yield state["vcpus"][vcpu_id], FakeThread(arch, vm.vcpu(vcpu_id).thread.tid)
+
+        monkeypatch.setattr(target, "attach", attach)
+        return state
+
+    return install
+
+
+def sent(state: Dict[str, Any]) -> List[Tuple[str, Any]]:
+    return [s for v in state["vcpus"].values() for s in v.sent]
+
+
+# ====================================================================== arm64 paths
+def test_serror_with_esr_is_sent_with_that_iss(run: Any, fake_host: Any) -> None:
+    st = fake_host("aarch64")
+    r = run("inject", "--json", "--esr", "0x1811")
+    assert r.rc == 0, r
+    assert sent(st) == [("serror", 0x1811)]
+    (inj,) = r.data["injections"]
+    assert inj["request"] == {"esr": 0x1811, "has_esr": True, "force": False}
+    assert inj["prediction"]["survives"] is True
+    assert inj["after"]["serror_pending"] is True
+    assert inj["after"]["serror_esr_decoded"]["aet_name"] == "CE"
+
+
+@pytest.mark.parametrize(("severity", "iss"), sorted(esr.PRESETS.items()))
+def test_severity_builds_the_ras_iss(run: Any, fake_host: Any, severity: str, iss: int) -> None:
+    st = fake_host("aarch64")
+    assert run("inject", "--severity", severity).rc == 0
+    assert sent(st) == [("serror", iss)]
+
+
+def test_esr_accepts_preset_names_and_no_esr_lets_the_cpu_choose(run: Any, fake_host: Any) -> None:
+    st = fake_host("aarch64")
+    assert run("inject", "--esr", "uer").rc == 0
+    st2 = fake_host("aarch64")
+    r = run("inject")
+    assert r.rc == 0, r
+    assert sent(st) == [("serror", 0xC11)] and sent(st2) == [("serror", None)]
+    assert "none given: KVM/the CPU choose it" in r.stdout
+    assert "SError Interrupt on CPU0, code 0x00000000bf000000" in r.stdout
+
+
+def test_esr_outside_iss_rejected_before_anything(run: Any, fake_host: Any) -> None:
+    st = fake_host("aarch64")
+    r = run("inject", "--esr", "0x3000011")
+    assert r.rc == ExitCode.USAGE
+    assert "IL (bit 25)" in r.stderr and "bit 25" in r.stderr
+    r = run("inject", "--json", "--esr", "0xffffffffbe000411")
+    assert r.rc == ExitCode.USAGE
+    assert "sign-extended" in r.data["error"]["hint"] and "0x411" in r.data["error"]["hint"]
+    assert st["attached"] == 0 and sent(st) == []
+
+
+def test_esr_on_host_without_ras_is_refused_with_a_hint(run: Any, fake_host: Any) -> None:
+    st = fake_host("aarch64", ras=False)
+    r = run("inject", "--json", "--severity", "ce")
+    assert r.rc == ExitCode.UNSUPPORTED
+    err = r.data["error"]
+    assert "KVM_CAP_ARM_INJECT_SERROR_ESR is 0" in err["message"]
+    assert "leave out --esr/--severity" in err["hint"]
+    assert st["attached"] == 0 and sent(st) == []
+    assert run("inject").rc == 0  # the CPU-generated form still works
+    assert sent(st) == [("serror", None)]
+
+
+def test_pending_serror_refused_without_force(run: Any, fake_host: Any) -> None:
+    pending = kvm_arm64.VcpuEvents(serror_pending=1, serror_has_esr=1, serror_esr=0x1811)
+    st = fake_host("aarch64", events=pending)
+    r = run("inject", "--severity", "uc")
+    assert r.rc == ExitCode.CONFLICT
+    assert "already has an SError pending (ESR 0x1811)" in r.stderr and "--force" in r.stderr
+    assert sent(st) == []
+    r = run("inject", "--severity", "uc", "--force")
+    assert r.rc == 0 and sent(st) == [("serror", 0x11)]
+
+
+def test_dry_run_reads_but_sends_nothing(run: Any, fake_host: Any) -> None:
+    st = fake_host("aarch64")
+    r = run("inject", "--json", "--dry-run", "--esr", "0x11")
+    assert r.rc == 0, r
+    assert r.data["dry_run"] is True and r.data["injections"][0]["dry_run"] is True
+    assert r.data["injections"][0]["prediction"]["survives"] is False
+    assert st["attached"] == 1 and sent(st) == []
+    r = run("inject", "--dry-run", "--esr", "0x11")
+    assert "Would inject an SError" in r.stdout and "nothing (--dry-run)" in r.stdout
+
+
+def test_x86_commands_on_arm64_point_to_inject(run: Any, fake_host: Any) -> None:
+    st = fake_host("aarch64", vcpus=2)
+    for args in (["nmi"], ["nmi", "--vcpu", "all"], ["mce", "--bank", 1, "--preset", "ce"]):
+        r = run(*args)
+        assert r.rc == ExitCode.UNSUPPORTED, r
+        assert "for x86_64 VMs; this VM is aarch64" in r.stderr
+        assert "serrinj inject" in r.stderr
+    assert st["attached"] == 0
+
+
+def test_serror_on_x86_points_to_mce_and_nmi(run: Any, fake_host: Any) -> None:
+    st = fake_host("x86_64", vcpus=2)
+    for args in (["inject"], ["inject", "--esr", "0x1811"], ["inject", "--ext-dabt"]):
+        r = run("--json", *args)
+        assert r.rc == ExitCode.UNSUPPORTED, r
+        assert "serrinj mce" in r.data["error"]["hint"] and "serrinj nmi" in r.data["error"]["hint"]
+    assert st["attached"] == 0
+
+
+def test_status_decodes_arm64_events(run: Any, fake_host: Any) -> None:
+    pending = kvm_arm64.VcpuEvents(serror_pending=1, serror_has_esr=1, serror_esr=0x0C11)
+    fake_host("aarch64", events=pending)
+    r = run("status", "--json")
+    assert r.rc == 0, r
+    (v,) = r.data["vcpus"]
+    assert v["events"]["serror_masked"] is True
+    assert v["events"]["serror_esr_decoded"]["aet_name"] == "UER"
+    assert v["pstate_decoded"]["A"] is True
+    r = run("status")
+    assert "SError pending (ISS 0xc11, UER)" in r.stdout
+    assert "SErrors masked (PSTATE.A=1)" in r.stdout
+
+
+# ====================================================================== argument parsing
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> Dict[str, Any]:
+    """Replace the injection use cases with recorders."""
+    calls: Dict[str, Any] = {}
+
+    def record(kind: str) -> Any:
+        def fn(tgt: Any, *args: Any, **kw: Any) -> List[Any]:
+            calls[kind] = (tgt, args, kw)
+            return []
+
+        return fn
+
+    for kind in ("inject_serror", "inject_ext_dabt", "inject_nmi", "inject_mce"):
+        monkeypatch.setattr(inject, kind, record(kind))
+    return calls
+
+
+def test_wait_takes_an_optional_timeout(run: Any, fake_host: Any, captured: Any) -> None:
+    fake_host("x86_64")
+    assert run("nmi").rc == 0
+    assert captured["inject_nmi"][1] == (None,)
+    assert run("nmi", "--wait").rc == 0
+    assert captured["inject_nmi"][1] == (cli.DEFAULT_WAIT_S,)
+    assert run("nmi", "--wait=0.25").rc == 0
+    assert captured["inject_nmi"][1] == (0.25,)
+    assert run("nmi", "--wait", "2", "--dry-run").rc == 0
+    assert captured["inject_nmi"][1] == (2.0,) and captured["inject_nmi"][2] == {"dry_run": True}
+    assert run("nmi", "--wait=0").rc == ExitCode.USAGE
+
+
+def test_vcpu_selection(run: Any, fake_host: Any, captured: Any) -> None:
+    fake_host("x86_64", vcpus=3)
+    r = run("nmi")
+    assert r.rc == ExitCode.USAGE and "choose one with --vcpu ID, or --vcpu all" in r.stderr
+    assert "vCPU ids: 0, 1, 2" in r.stderr
+    assert run("nmi", "--vcpu", "all").rc == 0
+    assert captured["inject_nmi"][0].vcpu_ids == (0, 1, 2)
+    assert run("nmi", "--vcpu", "0x2").rc == 0
+    assert captured["inject_nmi"][0].vcpu_ids == (2,)
+    assert run("nmi", "--vcpu", "9").rc == ExitCode.NOT_FOUND
+    r = run("nmi", "--vcpu", "first")
+    assert r.rc == ExitCode.USAGE and "'all'" in r.stderr
+
+
+def test_mce_options(run: Any, fake_host: Any, captured: Any) -> None:
+    fake_host("x86_64")
+    assert run("mce", "--bank", 4, "--preset", "srar", "--addr", "0x1000", "--force").rc == 0
+    req = captured["inject_mce"][1][0]
+    p = mce.PRESETS["srar"]
+    assert req.force is True
+    assert req.mce == kvm_x86.Mce(
+        status=p.status, bank=4, addr=0x1000, misc=p.misc, mcg_status=p.mcg_status
+    )
+    assert run("mce", "--bank", 0, "--status", "VAL,UC,EN", "--mcg-status", "mcip,eipv").rc == 0
+    m = captured["inject_mce"][1][0].mce
+    assert m.status == mce.encode_status("val", "uc", "en")
+    assert m.mcg_status == kvm_x86.MCG_STATUS_MCIP | kvm_x86.MCG_STATUS_EIPV
+    assert (m.addr, m.misc) == (0, 0)
+    assert (
+        run("mce", "--bank", 0, "--preset", "ce", "--misc", "0", "--status", "0x8" + "0" * 15).rc
+        == 0
+    )
+    m = captured["inject_mce"][1][0].mce
+    assert m.status == 1 << 63 and m.misc == 0
+    for args, words in (
+        (["--bank", 40, "--preset", "ce"], "bank 40 does not exist"),
+        (["--bank", -1, "--preset", "ce"], "numbered from 0"),
+        (["--bank", 1, "--status", "0x1"], "lacks VAL"),
+        (["--bank", 1, "--status", "-1"], "negative"),
+        (["--bank", 1, "--preset", "nope"], "Invalid value for '--preset'"),
+    ):
+        r = run("mce", *args)
+        assert r.rc == ExitCode.USAGE and words in r.stderr, (args, r)
+
+
+def test_inject_option_combinations(run: Any, fake_host: Any, captured: Any) -> None:
+    fake_host("aarch64")
+    for args, words in (
+        (["--esr", "0x11", "--severity", "ce"], "either --esr or --severity"),
+        (["--ext-dabt", "--esr", "0x11"], "--ext-dabt takes no syndrome"),
+        (["--ext-dabt", "--force"], "--ext-dabt takes no syndrome"),
+        (["--mmio-addr", "0x9000000"], "go with --ext-dabt"),
+        (["--ext-dabt", "--mmio-timeout", "0"], "must be positive"),
+        (["--severity", "fatal"], "Invalid value for '--severity'"),
+    ):
+        r = run("inject", *args)
+        assert r.rc == ExitCode.USAGE and words in r.stderr, (args, r)
+    assert captured == {}
+    assert run("inject", "--ext-dabt", "--mmio-addr", "0x9000000", "--mmio-timeout", "1.5").rc == 0
+    req = captured["inject_ext_dabt"][1][0]
+    assert (req.mmio_addr, req.mmio_timeout) == (0x9000000, 1.5)
+
+
+def test_fd_and_vcpu_must_agree(
+    run: Any, fake_host: Any, captured: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_host("x86_64", vcpus=2)
+    monkeypatch.setattr(
+        target,
+        "resolve_fd",
+        lambda fd, pid=None: target.FdResolution(1, local=False, owner_pid=4242, owner_fd=fd),
+    )
+    assert run("nmi", "--fd", 11).rc == 0
+    assert captured["inject_nmi"][0].vcpu_ids == (1,)
+    r = run("nmi", "--fd", 11, "--vcpu", 0)
+    assert r.rc == ExitCode.USAGE and "is vCPU 1, but --vcpu says 0" in r.stderr
+
+
+def test_target_choice_with_several_vms(
+    run: Any, monkeypatch: pytest.MonkeyPatch, captured: Any
+) -> None:
+    a, b = fake_vm("x86_64", pid=100, name="a"), fake_vm("x86_64", pid=200, name="b")
+    monkeypatch.setattr(discover, "scan", lambda arch=None: [a, b])
+    r = run("nmi")
+    assert r.rc == ExitCode.USAGE
+    assert "2 VMs are running" in r.stderr and "'a' (pid 100)" in r.stderr
+    assert "'b' (pid 200)" in r.stderr
+    assert run("nmi", "--name", "b").rc == 0
+    assert captured["inject_nmi"][0].vm.pid == 200
+    r = run("nmi", "--name", "c")
+    assert r.rc == ExitCode.NOT_FOUND and "no VM named 'c'" in r.stderr
+    monkeypatch.setattr(discover, "scan", lambda arch=None: [b])
+    assert run("nmi").rc == 0  # the only VM on the host is the target
+    assert captured["inject_nmi"][0].vm.pid == 200
+
+
+# ====================================================================== esr
+def test_esr_encode_every_field(run: Any) -> None:
+    r = run("esr", "encode", "--json", "--aet", 7, "--ea", "--iesb")
+    assert r.rc == 0, r
+    assert r.data["iss"] == 0x11 | (7 << 10) | (1 << 9) | (1 << 13)
+    assert r.data["syndrome"]["aet_name"] == "reserved"
+    assert run("esr", "encode", "--json").data["iss"] == 0x11
+    assert run("esr", "encode", "--json", "--dfsc", "0").data["iss"] == 0
+    r = run("esr", "encode", "--dfsc", "0", "--severity", "ce")
+    assert r.rc == ExitCode.USAGE and "only with DFSC 0x11" in r.stderr
+    r = run("esr", "encode", "--aet", 8)
+    assert r.rc == ExitCode.USAGE and "--aet" in r.stderr
+
+
+def test_esr_decode_forms(run: Any) -> None:
+    d = run("esr", "decode", "--json", "--form", "esr", "0x11").data["syndrome"]
+    assert d["form"] == "esr" and d["is_serror"] is False
+    r = run("esr", "decode", "--form", "iss", "0x2000000")
+    assert r.rc == ExitCode.USAGE and "not an ISS" in r.stderr
+    r = run("esr", "decode", "0xffffffffbe000011")
+    assert r.rc == 0 and "low 32 bits 0xbe000011" in r.stdout
+    assert "sign-extended" in r.stdout
+
+
+# ====================================================================== output and errors
+def test_json_envelope_and_error_object(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = run("--json", "esr", "decode", "0x1811").data
+    assert list(d)[:2] == ["schema", "command"]
+    assert d["schema"] == "serrinj/1" and d["command"] == "esr decode"
+
+    def gone(pid: Any = None, name: Any = None) -> Any:
+        raise TargetNotFound(f"no process with pid {pid}", hint="is it running?")
+
+    monkeypatch.setattr(discover, "find", gone)
+    r = run("status", "--pid", 7, "--json")
+    assert r.rc == ExitCode.NOT_FOUND
+    assert r.data == {
+        "schema": "serrinj/1",
+        "command": "status",
+        "error": {
+            "kind": "target-not-found",
+            "message": "no process with pid 7",
+            "hint": "is it running?",
+            "exit_code": 3,
+        },
+    }
+    assert r.stderr == "error: no process with pid 7\nhint: is it running?\n"
+    r = run("status", "--pid", 7)
+    assert r.stdout == "" and r.stderr.startswith("error: no process")
+
+
+def test_internal_errors_interrupts_and_debug(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(pid: Any = None, name: Any = None) -> Any:
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(discover, "find", boom)
+    r = run("status", "--pid", 1)
+    assert r.rc == ExitCode.ERROR
+    assert "internal error: RuntimeError: kaboom" in r.stderr and "Traceback" not in r.stderr
+    r = run("--debug", "status", "--pid", 1)
+    assert r.rc == ExitCode.ERROR and "Traceback" in r.stderr
+
+    def interrupt(pid: Any = None, name: Any = None) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(discover, "find", interrupt)
+    r = run("status", "--pid", 1, "--json")
+    assert r.rc == ExitCode.INTERRUPTED == 130
+    assert r.data["error"]["kind"] == "interrupted"
+
+
+def test_usage_errors(run: Any) -> None:
+    r = run("frobnicate")
+    assert r.rc == ExitCode.USAGE and r.stderr.startswith("error: No such command")
+    r = run("--json", "status", "--pid", "abc")
+    assert r.rc == ExitCode.USAGE and r.data["error"]["kind"] == "usage"
+    assert r.data["command"] == "status"
+    r = run()
+    assert r.rc == ExitCode.USAGE and "Commands:" in r.stdout + r.stderr
+    assert run("--help").rc == 0 and run("--version").rc == 0
+
+
+def test_plain_output_has_no_ansi_and_rich_output_has(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = [
+        Heading("VM"),
+        Fields([("state", Styled("halted", "green")), ("long", "a\nb")]),
+        Table(["x", "why"], [["1", Styled("bad", "bold red")], ["22", "two\nlines"]]),
+    ]
+    text = to_plain(doc)
+    assert "\x1b" not in text
+    assert text.splitlines() == [
+        "VM",
+        "  state:  halted",
+        "  long:   a",
+        "          b",
+        "  x   why",
+        "  1   bad",
+        "",
+        "  22  two",
+        "      lines",
+    ]
+    Ui(color="always").emit({}, lambda _d: doc)
+    assert "\x1b[" in capsys.readouterr().out
+    monkeypatch.setenv("NO_COLOR", "1")
+    Ui(color="auto").emit({}, lambda _d: doc)
+    assert "\x1b" not in capsys.readouterr().out  # a pipe: plain text
+
+
+def test_exit_code_table_covers_the_enum() -> None:
+    assert set(cli.EXIT_CODE_DOCS) == set(ExitCode)
+    assert all(cli.EXIT_CODE_DOCS[c] for c in ExitCode)
+
+
+def test_hard_coded_choices_match_the_codecs() -> None:
+    assert set(cli.SEVERITY_CHOICES) == set(esr.SEVERITIES)
+    assert set(cli.MCE_PRESET_CHOICES) == set(mce.PRESETS) | set(mce.PRESET_ALIASES)
+
+
+def test_completion_offers_live_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = fake_vm("x86_64", vcpus=2, pid=100, name="alpha"), fake_vm("x86_64", pid=200, name="b")
+    monkeypatch.setattr(discover, "scan", lambda arch=None: [a, b])
+    ctx = cli.cli.make_context("serrinj", ["nmi"], resilient_parsing=True)
+    assert [i.value for i in cli._complete_pid(ctx, None, "1")] == ["100"]  # type: ignore[arg-type]
+    assert [i.value for i in cli._complete_name(ctx, None, "a")] == ["alpha"]  # type: ignore[arg-type]
+    assert [i.value for i in cli._complete_vcpu(ctx, None, "")] == ["0", "1", "all"]  # type: ignore[arg-type]
+    ctx.params["pid"] = 200
+    assert [i.value for i in cli._complete_vcpu(ctx, None, "")] == ["0", "all"]  # type: ignore[arg-type]
+
+    def broken(arch: Any = None) -> Any:
+        raise PermissionError("no /proc")
+
+    monkeypatch.setattr(discover, "scan", broken)
+    assert cli._complete_pid(ctx, None, "") == []  # type: ignore[arg-type]
+
+
+def test_help_and_json_paths_do_not_load_rich_rendering() -> None:
+    for args in (["--help"], ["esr", "decode", "--json", "0x1811"], ["inject", "--help"]):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "serrinj", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        loaded = [line.split("|")[-1].strip() for line in out.stderr.splitlines()]
+        assert not [m for m in loaded if m.startswith("rich.")], args
+        assert "serrinj.cli" in loaded
