@@ -29,12 +29,16 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "CONDITIONS",
+    "FRAME_SIZE",
     "SYSREGS",
     "Asm",
     "AsmError",
     "Reg",
     "encode_logical_imm",
+    "exception_vectors",
     "parse_reg",
+    "restore_frame_and_eret",
+    "save_frame",
 ]
 
 
@@ -134,6 +138,8 @@ SYSREGS: Mapping[str, int] = MappingProxyType(
         "midr_el1": _sysreg(3, 0, 0, 0, 0),
         "mpidr_el1": _sysreg(3, 0, 0, 0, 5),
         "sctlr_el1": _sysreg(3, 0, 1, 0, 0),
+        "ttbr0_el1": _sysreg(3, 0, 2, 0, 0),
+        "tcr_el1": _sysreg(3, 0, 2, 0, 2),
         "spsr_el1": _sysreg(3, 0, 4, 0, 0),
         "elr_el1": _sysreg(3, 0, 4, 0, 1),
         "sp_el0": _sysreg(3, 0, 4, 1, 0),
@@ -143,6 +149,7 @@ SYSREGS: Mapping[str, int] = MappingProxyType(
         "icc_pmr_el1": _sysreg(3, 0, 4, 6, 0),
         "esr_el1": _sysreg(3, 0, 5, 2, 0),
         "far_el1": _sysreg(3, 0, 6, 0, 0),
+        "mair_el1": _sysreg(3, 0, 10, 2, 0),
         "vbar_el1": _sysreg(3, 0, 12, 0, 0),
         "isr_el1": _sysreg(3, 0, 12, 1, 0),
         "icc_iar1_el1": _sysreg(3, 0, 12, 12, 0),
@@ -936,6 +943,14 @@ class Asm:
         """``isb``."""
         self._emit(0xD5033FDF)
 
+    def tlbi_vmalle1(self) -> None:
+        """``tlbi vmalle1``: invalidate this CPU's stage-1 EL1&0 TLB entries."""
+        self._emit(0xD508871F)
+
+    def ic_iallu(self) -> None:
+        """``ic iallu``: invalidate this CPU's instruction cache to the point of unification."""
+        self._emit(0xD508751F)
+
     def _exc(self, opc: int, ll: int, imm16: int) -> None:
         if not 0 <= imm16 <= 0xFFFF:
             raise AsmError(f"{imm16:#x} does not fit in 16 bits")
@@ -1008,3 +1023,48 @@ def _sysreg_field(name: str) -> int:
         return SYSREGS[name.lower()]
     except KeyError:
         raise AsmError(f"unknown system register {name!r}") from None
+
+
+# --- building blocks shared by the guests
+
+
+def exception_vectors(a: Asm, common: str, frame: int) -> None:
+    """A VBAR_EL1 table at the current position (padded to 2 KiB).
+
+    Each of the 16 entries allocates ``frame`` bytes of stack, saves x0 and x1
+    at its bottom, puts its own index (0-15) in x0 and branches to ``common``,
+    which is expected to start with :func:`save_frame`.
+    """
+    a.align(0x800)
+    a.label("vectors")
+    for index in range(16):
+        start = a.pc
+        a.sub("sp", "sp", frame)
+        a.stp("x0", "x1", "sp")
+        a.mov("x0", index)
+        a.b(common)
+        while a.pc < start + 0x80:
+            a.nop()
+
+
+#: the registers a handler frame keeps: x0-x18 (caller-saved), x29 and x30
+FRAME_SIZE = 176
+
+
+def save_frame(a: Asm) -> None:
+    """Store x2-x18, x29 and x30 into the frame an :func:`exception_vectors` entry opened."""
+    for i in range(2, 18, 2):
+        a.stp(f"x{i}", f"x{i + 1}", "sp", 8 * i)
+    a.stp("x18", "x29", "sp", 144)
+    a.str_("x30", "sp", 160)
+
+
+def restore_frame_and_eret(a: Asm) -> None:
+    """Reload every register :func:`save_frame` and the vector entry stored, and ``eret``."""
+    a.ldp("x0", "x1", "sp")
+    for i in range(2, 18, 2):
+        a.ldp(f"x{i}", f"x{i + 1}", "sp", 8 * i)
+    a.ldp("x18", "x29", "sp", 144)
+    a.ldr("x30", "sp", 160)
+    a.add("sp", "sp", FRAME_SIZE)
+    a.eret()

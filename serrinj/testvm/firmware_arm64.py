@@ -58,7 +58,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from serrinj.testvm.asm_arm64 import Asm
+from serrinj.testvm.asm_arm64 import (
+    FRAME_SIZE,
+    Asm,
+    exception_vectors,
+    restore_frame_and_eret,
+    save_frame,
+)
 
 # --- the QEMU virt board (hw/arm/virt.c memory map)
 RAM_BASE = 0x40000000
@@ -99,7 +105,7 @@ _GICR_IPRIORITYR0 = _GICR_SGI + 0x0400
 VECTOR_SYNC = 4
 VECTOR_SERROR = 7
 #: size of the register frame an exception entry saves (x0-x18, x29, x30)
-EXC_FRAME = 176
+EXC_FRAME = FRAME_SIZE
 
 MODES = ("wfi", "spin")
 
@@ -236,7 +242,6 @@ class _Guest:
         a.label("_start")
         a.mov("x0", 0)
         a.b("cpu_init")
-        a.align(0x800)
         self.vectors()
         self.cpu_init()
         self.primary()
@@ -257,20 +262,9 @@ class _Guest:
 
     def vectors(self) -> None:
         a = self.a
-        a.label("vectors")
-        for index in range(16):
-            start = a.pc
-            a.sub("sp", "sp", EXC_FRAME)
-            a.stp("x0", "x1", "sp")
-            a.mov("x0", index)
-            a.b("exc_common")
-            while a.pc < start + 0x80:
-                a.nop()
+        exception_vectors(a, "exc_common", FRAME_SIZE)
         a.label("exc_common")
-        for i in range(2, 18, 2):
-            a.stp(f"x{i}", f"x{i + 1}", "sp", 8 * i)
-        a.stp("x18", "x29", "sp", 144)
-        a.str_("x30", "sp", 160)
+        save_frame(a)
         a.cmp("x0", VECTOR_SYNC)
         a.b_cond("eq", "exc_sync")
         a.cmp("x0", VECTOR_SERROR)
@@ -282,13 +276,7 @@ class _Guest:
         a.label("exc_serror")
         a.bl("serror_handler")
         a.label("exc_return")
-        a.ldp("x0", "x1", "sp")
-        for i in range(2, 18, 2):
-            a.ldp(f"x{i}", f"x{i + 1}", "sp", 8 * i)
-        a.ldp("x18", "x29", "sp", 144)
-        a.ldr("x30", "sp", 160)
-        a.add("sp", "sp", EXC_FRAME)
-        a.eret()
+        restore_frame_and_eret(a)
 
     def handlers(self) -> None:
         a = self.a
