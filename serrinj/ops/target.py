@@ -102,6 +102,7 @@ def ensure_mapped(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
     if all(vm.vcpu(i).thread is not None for i in vcpu_ids):
         return vm
     vm = discover.probe(vm)
+    vm = _paused_fallback(vm, vcpu_ids)
     for i in vcpu_ids:
         if vm.vcpu(i).thread is None:
             raise TargetNotFound(
@@ -111,6 +112,32 @@ def ensure_mapped(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
                 " threads (QEMU: -name ...,debug-threads=on)",
             )
     return vm
+
+
+def _paused_fallback(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
+    """A VM whose threads are all blocked outside KVM_RUN (paused) needs no mapping.
+
+    The vCPU mutex is free while no thread is inside KVM_RUN, so any thread of
+    the VMM may issue the ioctl; KVM only checks the process. The main thread
+    is preferred (it is the least likely to be seccomp-filtered). Should a
+    vCPU thread start running meanwhile, the stall guard in :func:`attach`
+    holds it out of KVM_RUN.
+    """
+    fresh = discover.inspect(vm.pid)
+    if fresh is None or any(t.state != "blocked" for t in fresh.threads):
+        return vm
+    if not fresh.threads:
+        return vm
+    main = next((t for t in fresh.threads if t.tid == vm.pid), fresh.threads[0])
+    from dataclasses import replace
+
+    vcpus = tuple(
+        replace(v, thread=main, mapped_by="any (VM paused)")
+        if v.thread is None and v.vcpu_id in vcpu_ids
+        else v
+        for v in vm.vcpus
+    )
+    return replace(vm, vcpus=vcpus, threads=fresh.threads)
 
 
 class _Held:
