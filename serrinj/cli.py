@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import traceback
 from types import MappingProxyType
 from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
 
@@ -334,7 +333,7 @@ def cli() -> None:
 
 
 # ====================================================================== list
-@cli.command("list")
+@cli.command("list", short_help="List KVM VMs, their vCPUs and vCPU threads.")
 @click.option(
     "--probe",
     is_flag=True,
@@ -371,7 +370,7 @@ def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
 
 
 # ====================================================================== status
-@cli.command("status")
+@cli.command("status", short_help="Show host caps and each vCPU's state and events.")
 @target_options
 @json_option
 @_command("status")
@@ -395,7 +394,7 @@ def status_cmd(
 
 
 # ====================================================================== inject (arm64)
-@cli.command("inject")
+@cli.command("inject", short_help="Inject an SError or ext. data abort (arm64).")
 @target_options
 @click.option(
     "--esr",
@@ -517,7 +516,7 @@ def _mce_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Opti
     return _number(text, what)
 
 
-@cli.command("mce")
+@cli.command("mce", short_help="Raise a machine check (x86_64).")
 @target_options
 @click.option("--bank", type=int, metavar="N", help="The machine-check bank (MCi); required.")
 @click.option(
@@ -613,7 +612,7 @@ def mce_cmd(
 
 
 # ====================================================================== nmi (x86_64)
-@cli.command("nmi")
+@cli.command("nmi", short_help="Queue an NMI (x86_64).")
 @target_options
 @wait_option
 @dry_run_option
@@ -646,7 +645,7 @@ def nmi_cmd(
 
 
 # ====================================================================== esr (pure)
-@cli.group("esr", context_settings=CONTEXT_SETTINGS)
+@cli.group("esr", short_help="Decode and build arm64 SError syndromes.")
 def esr_group() -> None:
     """Decode and build arm64 SError syndromes (no VM needed)."""
 
@@ -661,7 +660,7 @@ def _esr_data(value: int, form: str) -> Mapping[str, Any]:
     return {"syndrome": syn.as_dict(), "linux": linux}
 
 
-@esr_group.command("decode")
+@esr_group.command("decode", short_help="Decode an SError ISS or ESR_EL1.")
 @click.argument("value")
 @click.option(
     "--form",
@@ -686,7 +685,7 @@ def esr_decode_cmd(value: str, form: str) -> None:
     _ui().emit(_esr_data(number, form), view_esr)
 
 
-@esr_group.command("encode")
+@esr_group.command("encode", short_help="Build an SError ISS from its fields.")
 @click.option("--severity", type=click.Choice(SEVERITY_CHOICES), help="The AET by name.")
 @click.option("--aet", type=click.IntRange(0, 7), help="A raw AET (0-7; reserved values allowed).")
 @click.option("--dfsc", metavar="N", help="DFSC (default 0x11, asynchronous SError).")
@@ -727,7 +726,7 @@ def esr_encode_cmd(
 
 
 # ====================================================================== demo
-@cli.command("demo")
+@cli.command("demo", short_help="Inject into the built-in test VM and compare.")
 @click.option(
     "--arch",
     type=click.Choice(["auto", "x86_64", "aarch64"]),
@@ -799,6 +798,12 @@ def _usage_error(ui: Ui, err: click.ClickException) -> int:
 _INTERRUPT_HINT = "serrinj restores and detaches a stopped thread before it acts on a signal"
 
 
+def _traceback() -> None:
+    import traceback
+
+    traceback.print_exc()
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line and return the exit code (never raises)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -811,6 +816,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return int(rv) if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return int(e.exit_code)
+    except SystemExit as e:
+        # shell completion ends here (click exits after printing the candidates)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.ERROR)
     except click.ClickException as e:
         return _usage_error(ui, e)
     except click.Abort:
@@ -819,13 +827,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return ExitCode.INTERRUPTED
     except SerrinjError as e:
         if ui.debug:
-            traceback.print_exc()
+            _traceback()
         details = {"errno": e.errno} if hasattr(e, "errno") else None
         ui.error(e.kind, e.message, e.hint, e.exit_code, details=details)
         return int(e.exit_code)
     except KeyboardInterrupt:
         if ui.debug:
-            traceback.print_exc()
+            _traceback()
         ui.error("interrupted", "interrupted", _INTERRUPT_HINT, ExitCode.INTERRUPTED)
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
@@ -835,7 +843,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return ExitCode.ERROR
     except Exception as e:
         if ui.debug:
-            traceback.print_exc()
+            _traceback()
         ui.error(
             "internal-error",
             f"internal error: {type(e).__name__}: {e}",

@@ -20,10 +20,8 @@ Data goes to stdout; errors, warnings and progress go to stderr.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import (
     Any,
     Callable,
@@ -31,7 +29,6 @@ from typing import (
     Iterator,
     List,
     Mapping,
-    NamedTuple,
     Optional,
     Sequence,
     TextIO,
@@ -43,11 +40,17 @@ SCHEMA = "serrinj/1"
 
 
 # ====================================================================== document model
-class Styled(NamedTuple):
+class Styled:
     """Text with a rich style; plain output drops the style."""
 
-    text: str
-    style: str = ""
+    __slots__ = ("style", "text")
+
+    def __init__(self, text: str, style: str = "") -> None:
+        self.text = text
+        self.style = style
+
+    def __repr__(self) -> str:
+        return f"Styled({self.text!r}, {self.style!r})"
 
 
 Cell = Union[str, Styled]
@@ -58,30 +61,45 @@ WARN = "yellow"
 DIM = "dim"
 STRONG = "bold"
 
+# The document blocks are plain classes rather than dataclasses: creating
+# dataclasses costs milliseconds at import, and every run of serrinj pays it.
 
-@dataclass(frozen=True)
+
 class Heading:
     """Starts a group; a blank line separates groups."""
 
-    text: Cell
+    __slots__ = ("text",)
+
+    def __init__(self, text: Cell) -> None:
+        self.text = text
 
 
-@dataclass(frozen=True)
 class Fields:
     """``key  value`` rows; a value may span lines."""
 
-    rows: Sequence[Tuple[str, Cell]]
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: Sequence[Tuple[str, Cell]]) -> None:
+        self.rows = rows
 
 
-@dataclass(frozen=True)
 class Table:
-    columns: Sequence[str]
-    rows: Sequence[Sequence[Cell]]
+    """Columns and rows; a cell may span lines."""
+
+    __slots__ = ("columns", "rows")
+
+    def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
+        self.columns = columns
+        self.rows = rows
 
 
-@dataclass(frozen=True)
 class Line:
-    text: Cell
+    """A paragraph."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: Cell) -> None:
+        self.text = text
 
 
 Block = Union[Heading, Fields, Table, Line]
@@ -175,19 +193,21 @@ def _tty(stream: TextIO) -> bool:
         return False
 
 
-@dataclass
 class Ui:
     """How this run of ``serrinj`` talks to the user; built once by the CLI (``ctx.obj``).
 
     ``color`` is ``auto`` (rich and colours when the stream is a terminal and
-    ``NO_COLOR`` is unset), ``always`` or ``never``.
+    ``NO_COLOR`` is unset), ``always`` or ``never``. ``command`` names the
+    command in JSON output.
     """
 
-    json: bool = False
-    debug: bool = False
-    color: str = "auto"
-    command: str = ""
-    _stderr_console: Any = field(default=None, repr=False)
+    def __init__(
+        self, json: bool = False, debug: bool = False, color: str = "auto", command: str = ""
+    ) -> None:
+        self.json = json
+        self.debug = debug
+        self.color = color
+        self.command = command
 
     # ------------------------------------------------------------ streams
     @property
@@ -309,6 +329,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def dump_json(obj: Any) -> str:
+    import json
+
     return json.dumps(obj, indent=2, default=_json_default) + "\n"
 
 
