@@ -87,6 +87,9 @@ CASES: List[Case] = [
     (lambda a: a.tst("x4", 0x10), "tst x4, #0x10"),
     (lambda a: a.tst("w4", "w5"), "tst w4, w5"),
     (lambda a: a.bic("x1", "x2", "x3"), "bic x1, x2, x3"),
+    (lambda a: a.orn("x1", "x2", "x3"), "orn x1, x2, x3"),
+    (lambda a: a.mvn("x22", "x19"), "mvn x22, x19"),
+    (lambda a: a.mvn("w2", "w3"), "mvn w2, w3"),
     (lambda a: a.bic("x1", "x2", 0x100), "and x1, x2, #0xfffffffffffffeff"),
     # shifts and bit fields
     (lambda a: a.lsl("x0", "x1", 4), "lsl x0, x1, #4"),

@@ -15,7 +15,7 @@ import re
 import subprocess
 import tempfile
 import time
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Set
 
 import pytest
 
@@ -55,7 +55,7 @@ class Bare:
         """Seconds until every CPU said ``ready``."""
         t0 = time.monotonic()
         self.vm.wait_for(r"^boot mode=", BOOT_TIMEOUT_S)
-        seen = set()
+        seen: Set[int] = set()
         while len(seen) < self.smp:
             line = self.vm.wait_for(r"^ready cpu=\d+$", BOOT_TIMEOUT_S)
             seen.add(int(line.split("=")[1]))
@@ -74,11 +74,16 @@ class Bare:
             return fh.read().strip()
 
     def problems(self) -> List[str]:
-        return [line for line in self.vm.lines if line.startswith(("exception", "halted", "timeout"))]
+        return [
+            line for line in self.vm.lines if line.startswith(("exception", "halted", "timeout"))
+        ]
+
+
+StartBare = Callable[..., Bare]
 
 
 @pytest.fixture
-def bare(nested: NestedAssets) -> Iterator[object]:
+def bare(nested: NestedAssets) -> Iterator[StartBare]:
     started: List[InnerQemu] = []
     tmp = tempfile.TemporaryDirectory(prefix="bare-")
 
@@ -102,7 +107,7 @@ def bare(nested: NestedAssets) -> Iterator[object]:
         tmp.cleanup()
 
 
-def _wait_thread_state(b: Bare, tid: int, want: "re.Pattern[str]", timeout: float) -> Optional[str]:
+def _wait_thread_state(b: Bare, tid: int, want: re.Pattern[str], timeout: float) -> Optional[str]:
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -115,7 +120,7 @@ def _wait_thread_state(b: Bare, tid: int, want: "re.Pattern[str]", timeout: floa
 
 @pytest.mark.parametrize("debug_threads", [True, False], ids=["debug-threads", "plain-names"])
 @pytest.mark.parametrize("smp", [1, 2])
-def test_boot_ready_and_pong(bare, smp: int, debug_threads: bool) -> None:  # type: ignore[no-untyped-def]
+def test_boot_ready_and_pong(bare: StartBare, smp: int, debug_threads: bool) -> None:
     b = bare(FirmwareOptions(mode="wfi"), smp, debug_threads)
     took = b.wait_ready()
     print(f"bare smp={smp} ready after {took:.2f} s")
@@ -132,8 +137,8 @@ def test_boot_ready_and_pong(bare, smp: int, debug_threads: bool) -> None:  # ty
     assert b.problems() == []
 
 
-def test_idle_vcpus_wait_in_kvm_run(bare) -> None:  # type: ignore[no-untyped-def]
-    """In wfi mode every vCPU thread sits in ioctl(KVM_RUN): the idle-guest case of BRIEF section 1."""
+def test_idle_vcpus_wait_in_kvm_run(bare: StartBare) -> None:
+    """In wfi mode every vCPU thread sits in ioctl(KVM_RUN): the idle guest of BRIEF section 1."""
     b = bare(FirmwareOptions(mode="wfi"), 2)
     b.wait_ready()
     vcpu_threads = [t for t in b.threads() if re.match(r"CPU \d+/KVM", b.comm(t))]
@@ -142,7 +147,7 @@ def test_idle_vcpus_wait_in_kvm_run(bare) -> None:  # type: ignore[no-untyped-de
         assert _wait_thread_state(b, tid, _KVM_RUN_SYSCALL, 10) is None
 
 
-def test_spin_mode_answers(bare) -> None:  # type: ignore[no-untyped-def]
+def test_spin_mode_answers(bare: StartBare) -> None:
     b = bare(FirmwareOptions(mode="spin"), 2)
     b.wait_ready()
     b.type("pp")
@@ -151,7 +156,7 @@ def test_spin_mode_answers(bare) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("mode", ["wfi", "spin"])
-def test_mask_serror_until_u(bare, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_mask_serror_until_u(bare: StartBare, mode: str) -> None:
     b = bare(FirmwareOptions(mode=mode, mask_serror=True), 2)
     b.wait_ready()
     b.type("p")
@@ -162,8 +167,8 @@ def test_mask_serror_until_u(bare, mode: str) -> None:  # type: ignore[no-untype
     assert seen == {"unmasked cpu=0", "unmasked cpu=1"}
 
 
-def test_mmio_probe_is_answered_by_qemu(bare) -> None:  # type: ignore[no-untyped-def]
-    """Under KVM the unassigned probe address is an MMIO exit QEMU answers: no abort unless injected."""
+def test_mmio_probe_is_answered_by_qemu(bare: StartBare) -> None:
+    """Under KVM the unassigned probe address is an MMIO exit QEMU answers: no abort by itself."""
     b = bare(FirmwareOptions(mode="spin", mmio_probe=True), 2)
     b.wait_ready()
     b.type("p")

@@ -601,6 +601,14 @@ class Asm:
         """``bic rd, rn, rm`` (an integer operand becomes ``and`` with its complement)."""
         self._logical(0b00, 1, rd, rn, operand, shift)
 
+    def orn(self, rd: str, rn: str, rm: str, shift: str = "") -> None:
+        """``orn rd, rn, rm{, <shift> #n}``: rd = rn | ~rm."""
+        self._logical(0b01, 1, rd, rn, rm, shift)
+
+    def mvn(self, rd: str, rm: str) -> None:
+        """``mvn rd, rm``: rd = ~rm."""
+        self.orn(rd, "xzr" if parse_reg(rd).sf else "wzr", rm)
+
     def tst(self, rn: str, operand: Operand) -> None:
         """``tst rn, #bitmask`` / ``tst rn, rm``."""
         zr = "xzr" if parse_reg(rn).sf else "wzr"

@@ -207,6 +207,8 @@ class Options:
     ignore_eof: bool = False
     seccomp: str = "none"
     seccomp_threads: str = "vcpu"
+    mask_serror: bool = False  # arm64: PSTATE.A stays set until {"cmd":"unmask"}
+    mmio_probe: bool = False  # arm64: the guest keeps loading from an unmapped address
 
 
 class GuestArch(Protocol):
@@ -737,6 +739,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         choices=["vcpu", "all"],
         help="filter only the vCPU threads (like Firecracker) or every thread",
     )
+    parser.add_argument(
+        "--mask-serror",
+        action="store_true",
+        help="arm64: the guest keeps SErrors masked (PSTATE.A) until {'cmd':'unmask'}",
+    )
+    parser.add_argument(
+        "--mmio-probe",
+        action="store_true",
+        help="arm64: the guest keeps loading from an unmapped address (an MMIO exit each"
+        " time), so that an external data abort can be injected right after one",
+    )
     ns = parser.parse_args(argv)
     if not 1 <= ns.vcpus <= 32:
         parser.error("--vcpus must be between 1 and 32")
@@ -756,6 +769,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         ignore_eof=ns.ignore_eof,
         seccomp=ns.seccomp,
         seccomp_threads=ns.seccomp_threads,
+        mask_serror=ns.mask_serror,
+        mmio_probe=ns.mmio_probe,
     )
 
 
