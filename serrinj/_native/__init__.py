@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import struct
 from typing import Optional, Tuple, Union
 
 from serrinj._native._ffi import ffi, libc
@@ -26,8 +27,10 @@ __all__ = [
     "ioctl_int",
     "kcmp_file",
     "mmap",
+    "nanosleep",
     "pidfd_getfd",
     "pidfd_open",
+    "ppoll",
     "prctl_set_name",
     "process_vm_read",
     "process_vm_write",
@@ -45,6 +48,10 @@ _SYSCALLS = {
     "x86_64": {"ptrace": 101, "kcmp": 312, "tgkill": 234, "pidfd_open": 434, "pidfd_getfd": 438},
     "aarch64": {"ptrace": 117, "kcmp": 272, "tgkill": 131, "pidfd_open": 434, "pidfd_getfd": 438},
 }
+# The raw ppoll and relative nanosleep, which the test VM blocks in (glibc's
+# poll() and sleep functions use poll and clock_nanosleep instead).
+_SYSCALLS["x86_64"].update(ppoll=271, nanosleep=35)
+_SYSCALLS["aarch64"].update(ppoll=73, nanosleep=101)
 try:
     _NR = _SYSCALLS[platform.machine()]
 except KeyError:  # pragma: no cover - only x86_64 and aarch64 hosts are supported
@@ -192,6 +199,37 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
     ret = libc.syscall(_long(_NR["tgkill"]), _long(tgid), _long(tid), _long(sig))
     if ret < 0:
         _raise(f"tgkill({tgid}, {tid}, {sig})")
+
+
+def _timespec(seconds: float) -> bytearray:
+    whole = int(seconds)
+    return bytearray(struct.pack("<qq", whole, int((seconds - whole) * 1e9)))
+
+
+def ppoll(fd: int, events: int, timeout: Optional[float]) -> int:
+    """The raw ``ppoll`` syscall on one fd (no signal mask); returns its ``revents``
+    (0 on timeout). ``timeout=None`` waits for ever."""
+    pfd = bytearray(struct.pack("<ihh", fd, events, 0))
+    ts = _timespec(timeout) if timeout is not None else None
+    ret = libc.syscall(
+        _long(_NR["ppoll"]),
+        _long(address_of(pfd)),
+        _long(1),
+        _long(address_of(ts) if ts is not None else 0),
+        _long(0),
+        _long(8),
+    )
+    if ret < 0:
+        _raise(f"ppoll({fd})")
+    return int(struct.unpack_from("<h", pfd, 6)[0]) if ret else 0
+
+
+def nanosleep(seconds: float) -> None:
+    """The raw relative ``nanosleep`` syscall (EINTR and the like raise OSError)."""
+    ts = _timespec(seconds)
+    ret = libc.syscall(_long(_NR["nanosleep"]), _long(address_of(ts)), _long(0))
+    if ret < 0:
+        _raise("nanosleep")
 
 
 def prctl_set_name(name: str) -> None:

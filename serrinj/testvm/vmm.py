@@ -34,7 +34,13 @@ Waiting states (what ``/proc/PID/task/TID/syscall`` shows):
 - the guest spins: ``running``;
 - ``futex`` mode: the guest asks to yield by port I/O; the thread then blocks in
   a futex (``Condition.wait`` with a timeout of ``--yield-ms``) before
-  re-entering KVM_RUN;
+  re-entering KVM_RUN. ``--block-in ppoll|nanosleep|pipe`` makes it block in
+  that syscall instead (the raw ``ppoll`` or ``nanosleep``, or ``read`` on a
+  pipe that an I/O thread writes to every ``--yield-ms``), so that every kind
+  of restartable syscall can be interrupted by an injector. A return value
+  that is one of the kernel's internal restart codes (512..516, which a
+  tracer that skips the kernel's restart would leak) is reported as an
+  ``error`` event with ``"restart_code"``;
 - ``--start-paused`` or ``{"cmd":"pause"}``: the thread waits in a futex, out of
   KVM_RUN, until ``{"cmd":"run"}``.
 
@@ -173,6 +179,12 @@ THREAD_NAMES: Mapping[str, Optional[Callable[[int], str]]] = MappingProxyType(
     }
 )
 MODES: FrozenSet[str] = frozenset({"halt", "spin", "futex"})
+#: ``--block-in``: the syscall a yielding vCPU thread blocks in (futex mode)
+BLOCK_IN: FrozenSet[str] = frozenset({"futex", "ppoll", "nanosleep", "pipe"})
+#: ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK
+#: (include/linux/errno.h): never valid in user space
+RESTART_CODES: FrozenSet[int] = frozenset({512, 513, 514, 516})
+_POLLIN = 0x1
 #: ``--arch`` value -> "module:class" of its GuestArch (imported on demand)
 ARCHES: Mapping[str, str] = MappingProxyType(
     {
@@ -209,6 +221,7 @@ class Options:
     seccomp_threads: str = "vcpu"
     mask_serror: bool = False  # arm64: PSTATE.A stays set until {"cmd":"unmask"}
     mmio_probe: bool = False  # arm64: the guest keeps loading from an unmapped address
+    block_in: str = "futex"  # the syscall a yielding vCPU thread blocks in
 
 
 class GuestArch(Protocol):
@@ -296,6 +309,11 @@ class Vcpu:
         self._cond = threading.Condition()
         self._setup_done = threading.Event()
         self._setup_error: Optional[BaseException] = None
+        # --block-in ppoll|pipe: the yield waits on this pipe (the read end)
+        self.pipe_r = self.pipe_w = -1
+        if vm.options.block_in in ("ppoll", "pipe"):
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(self.pipe_w, False)
         self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{vcpu_id}", daemon=True)
 
     # ----------------------------------------------------------------- other threads
@@ -320,11 +338,19 @@ class Vcpu:
         if ident is not None and self.thread.is_alive():
             with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(ident, KICK_SIGNAL)
+        self.poke()
 
     def wake(self) -> None:
         """Wake the thread from a futex wait (pause, yield) without a signal."""
         with self._cond:
             self._cond.notify_all()
+        self.poke()
+
+    def poke(self) -> None:
+        """Make a ``--block-in ppoll|pipe`` yield return (one byte on its pipe)."""
+        if self.pipe_w >= 0:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self.pipe_w, b"\0")
 
     # ----------------------------------------------------------------- the vCPU thread
 
@@ -414,10 +440,37 @@ class Vcpu:
             self.parked = False
 
     def _yield(self, seconds: float) -> None:
-        # A futex wait with a timeout, as a VMM's I/O thread hand-off would do;
-        # cut short only by a request or shutdown.
+        kind = self.vm.options.block_in
+        if kind == "futex":
+            # A futex wait with a timeout, as a VMM's I/O thread hand-off would do;
+            # cut short only by a request or shutdown.
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._requests) or self.vm.stopping, seconds)
+            return
         with self._cond:
-            self._cond.wait_for(lambda: bool(self._requests) or self.vm.stopping, seconds)
+            if self._requests or self.vm.stopping:
+                return
+        try:
+            if kind == "nanosleep":
+                _native.nanosleep(seconds)
+            elif kind == "ppoll":
+                if _native.ppoll(self.pipe_r, _POLLIN, seconds):
+                    os.read(self.pipe_r, 4096)
+            else:  # pipe: the VM's I/O thread writes a byte every --yield-ms
+                os.read(self.pipe_r, 4096)
+        except OSError as err:
+            if err.errno in RESTART_CODES:
+                self.vm.emit(
+                    {
+                        "event": "error",
+                        "cmd": None,
+                        "vcpu": self.vcpu_id,
+                        "message": f"{kind} returned the kernel-internal restart code -{err.errno}",
+                        "restart_code": -err.errno,
+                    }
+                )
+            elif err.errno != errno.EINTR:
+                raise
 
     def close(self) -> None:
         if self.run_page is not None:
@@ -426,6 +479,10 @@ class Vcpu:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in (self.pipe_r, self.pipe_w):
+            if fd >= 0:
+                os.close(fd)
+        self.pipe_r = self.pipe_w = -1
 
 
 class Vm:
@@ -491,6 +548,8 @@ class Vm:
     def start(self) -> None:
         """Let the vCPU threads run and announce the VM."""
         self.go.set()
+        if self.options.block_in == "pipe":
+            threading.Thread(target=self._io_thread, name="io", daemon=True).start()
         vcpus = [
             {"vcpu_id": v.vcpu_id, "tid": v.tid, "fd": v.fd, "thread_name": v.thread_name}
             for v in self.vcpus
@@ -507,6 +566,15 @@ class Vm:
         }
         event.update(self.arch.ready_info(self))
         self.emit(event)
+
+    def _io_thread(self) -> None:
+        # Completes the --block-in pipe reads of yielding vCPU threads, like a
+        # VMM's I/O thread would.
+        period = max(self.options.yield_ms, 1) / 1000.0
+        while not self.stopping:
+            time.sleep(period)
+            for vcpu in self.vcpus:
+                vcpu.poke()
 
     def resume(self) -> None:
         self.paused = False
@@ -740,6 +808,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         help="filter only the vCPU threads (like Firecracker) or every thread",
     )
     parser.add_argument(
+        "--block-in",
+        default="futex",
+        choices=sorted(BLOCK_IN),
+        help="futex mode: the syscall a yielding vCPU thread blocks in (a futex, the raw"
+        " ppoll or nanosleep, or read on a pipe); a leaked restart code is an error event",
+    )
+    parser.add_argument(
         "--mask-serror",
         action="store_true",
         help="arm64: the guest keeps SErrors masked (PSTATE.A) until {'cmd':'unmask'}",
@@ -757,6 +832,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         parser.error("--tick-ms must be between 1 and 1000")
     if not 0 <= ns.yield_ms <= 1000:
         parser.error("--yield-ms must be between 0 and 1000")
+    if ns.block_in != "futex" and ns.mode != "futex":
+        parser.error("--block-in needs --mode futex (only then does the guest yield)")
     return Options(
         arch=ns.arch,
         vcpus=ns.vcpus,
@@ -771,6 +848,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         seccomp_threads=ns.seccomp_threads,
         mask_serror=ns.mask_serror,
         mmio_probe=ns.mmio_probe,
+        block_in=ns.block_in,
     )
 
 
