@@ -13,16 +13,20 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Callable, Iterator, List, Optional, Set
 
 import pytest
 
+from lab.guest import env
 from lab.guest.nested import InnerQemu, NestedAssets
-from serrinj.testvm.firmware_arm64 import FirmwareOptions, build
+from serrinj.testvm.firmware_arm64 import PROBE_ADDR, FirmwareOptions, build
 
 BOOT_TIMEOUT_S = 60
+ISS_CE = 0x1811
+ISS_KSELFTEST = 0x101D1ED
 #: ioctl is syscall 29 on arm64; KVM_RUN is 0xae80 (what /proc/PID/task/TID/syscall shows)
 _KVM_RUN_SYSCALL = re.compile(r"^29 0x[0-9a-f]+ 0xae80 ")
 
@@ -177,4 +181,79 @@ def test_mmio_probe_is_answered_by_qemu(bare: StartBare) -> None:
     b.type("p")
     b.vm.wait_for(r"^pong cpu=0 n=2$", 20)
     assert not [line for line in b.vm.lines if line.startswith("sync")]
+    assert b.problems() == []
+
+
+# --- through serrinj: the remote engine injects into the inner QEMU, the guest reports
+
+
+def _serrinj(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serrinj", *args, "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _esr(line: str) -> int:
+    m = re.search(r" esr=0x([0-9a-f]{16}) ", line)
+    assert m, line
+    return int(m.group(1), 16)
+
+
+@pytest.mark.parametrize("mode", ["wfi", "spin"])
+def test_serrinj_injects_serror_into_the_bare_guest(
+    bare: StartBare, mode: str, lab: env.LabConfig
+) -> None:
+    b = bare(FirmwareOptions(mode=mode), 2)
+    b.wait_ready()
+    for vcpu in (1, 0):
+        args = ["inject", "--pid", str(b.pid), "--vcpu", str(vcpu), "--wait", "20"]
+        if lab.expect_ras:
+            args += ["--esr", hex(ISS_CE)]
+        t0 = time.monotonic()
+        proc = _serrinj(*args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        line = b.vm.wait_for(rf"^serror cpu={vcpu} ", 20)
+        print(
+            f"bare {mode}: serrinj inject vcpu={vcpu} -> {line!r} in {time.monotonic() - t0:.2f} s"
+        )
+        if lab.expect_ras:
+            assert _esr(line) == 0xBE000000 | ISS_CE
+        else:
+            assert _esr(line) >> 26 == 0x2F
+    b.type("p")
+    b.vm.wait_for(r"^pong cpu=0 n=1$", 20)  # QEMU and its guest carry on
+    assert b.problems() == []
+
+
+def test_serrinj_masked_serror_waits_for_unmask(bare: StartBare, lab: env.LabConfig) -> None:
+    if not lab.expect_ras:
+        pytest.skip("needs a host with RAS (an ESR is refused otherwise)")
+    b = bare(FirmwareOptions(mode="wfi", mask_serror=True), 2)
+    b.wait_ready()
+    proc = _serrinj("inject", "--pid", str(b.pid), "--vcpu", "1", "--esr", hex(ISS_KSELFTEST))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    b.type("p")
+    b.vm.wait_for(r"^pong ", 20)
+    assert not [line for line in b.vm.lines if line.startswith("serror")]
+    b.type("u")
+    line = b.vm.wait_for(r"^serror cpu=1 ", 20)
+    assert _esr(line) == 0xBE000000 | ISS_KSELFTEST
+    assert b.problems() == []
+
+
+def test_serrinj_ext_dabt_hits_the_probe(bare: StartBare) -> None:
+    b = bare(FirmwareOptions(mode="spin", mmio_probe=True), 2)
+    b.wait_ready()
+    proc = _serrinj(
+        "inject", "--pid", str(b.pid), "--vcpu", "1", "--ext-dabt", "--mmio-addr", hex(PROBE_ADDR)
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = b.vm.wait_for(r"^sync cpu=1 ", 20)
+    print(f"bare ext_dabt: {line!r}")
+    low = _esr(line) & 0xFFFFFFFF
+    assert low >> 26 == 0x25 and low & 0x3F == 0x10
+    assert line.endswith(f"far=0x{PROBE_ADDR:016x}")
+    b.type("p")
+    b.vm.wait_for(r"^pong cpu=0 n=1$", 20)  # the probe load was skipped and the guest runs on
     assert b.problems() == []
