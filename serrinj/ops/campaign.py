@@ -420,6 +420,12 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _unknown(word: str, allowed: Sequence[str]) -> str:
+    """``unknown key (did you mean 'x'?)``, or the keys there are when nothing is close."""
+    hint = _suggest(word, allowed)
+    return f"unknown key{hint or ' (the keys here are ' + ', '.join(allowed) + ')'}"
+
+
 class _Checker:
     """Collects problems while building the campaign from a parsed document."""
 
@@ -439,7 +445,7 @@ class _Checker:
         for key in table:
             if key in allowed:
                 continue
-            self.problem((*path, key), f"unknown key{_suggest(key, allowed)}{what}")
+            self.problem((*path, key), _unknown(key, allowed) + what)
 
     # ---- typed getters: None when absent or wrong (the problem is recorded)
     def get(
@@ -667,14 +673,13 @@ def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campai
         elif need != campaign_arch:
             why = (
                 f"step {arch_source.number} ({arch_source.fault}, line {arch_source.line})"
-                f" needs {campaign_arch}"
+                f" needs {campaign_arch}; a campaign targets one VM"
                 if arch_source is not None
                 else f"[target] arch is {campaign_arch}"
             )
             ck.problem(
                 ("steps", step.number - 1, "inject"),
-                f"{_fault_name(step.fault)} injection needs an {need} VM, but {why};"
-                " a campaign targets one VM",
+                f"{_fault_name(step.fault)} injection needs an {need} VM, but {why}",
             )
     campaign = Campaign(
         name=name,
@@ -751,7 +756,7 @@ def _unknown_step_keys(
         if key in _ALL_STEP_KEYS:
             ck.problem((*path, key), f"{key!r} does not apply to {what}")
         else:
-            ck.problem((*path, key), f"unknown key{_suggest(key, allowed)}")
+            ck.problem((*path, key), _unknown(key, allowed))
 
 
 def _inject_step(
@@ -910,8 +915,16 @@ def _mce(ck: _Checker, path: Path, raw: Mapping[str, Any]) -> Optional[kvm_x86.M
     if "bank" not in raw:
         ck.problem(path, "an mce step needs 'bank' (the machine-check bank, MCi)")
         return None
-    bank = ck.integer(path, raw, "bank", hi=255)
+    bank = ck.get(path, raw, "bank", (int,), "an integer")
     if bank is None:
+        return None
+    if not 0 <= bank < kvm_x86.KVM_MAX_MCE_BANKS:
+        ck.problem(
+            (*path, "bank"),
+            f"bank {bank} does not exist: KVM gives a vCPU at most {kvm_x86.KVM_MAX_MCE_BANKS}"
+            f" banks (0..{kvm_x86.KVM_MAX_MCE_BANKS - 1}); the VM's own count is checked"
+            " before each injection",
+        )
         return None
     if status is None and preset is None:
         if "status" not in raw:
@@ -929,10 +942,7 @@ def _mce(ck: _Checker, path: Path, raw: Mapping[str, Any]) -> Optional[kvm_x86.M
     try:
         mce.validate(m, kvm_x86.KVM_MAX_MCE_BANKS)
     except InvalidInput as err:
-        key = "bank" if "bank" in err.message and "VAL" not in err.message else "status"
-        if key == "status" and "status" not in raw:
-            key = "preset"
-        ck.problem((*path, key), _with_hint(err))
+        ck.problem((*path, "status" if "status" in raw else "preset"), _with_hint(err))
         return None
     return m
 
@@ -1472,7 +1482,7 @@ class _Runner:
                         problems.append(
                             Problem(
                                 self.c.source,
-                                step.key_line("inject"),
+                                step.line,
                                 key,
                                 f"VM {vm.label} has {len(ids)} vCPUs ({_ids(ids)}): say which"
                                 ' with vcpus = [...] or vcpus = "all"',
@@ -1498,7 +1508,7 @@ class _Runner:
                 problems.append(
                     Problem(
                         self.c.source,
-                        step.key_line("expect"),
+                        step.line,
                         key,
                         "which file? give file = ... in the step, log = ... in [target],"
                         " or a log file on the command line",
@@ -1728,6 +1738,8 @@ class _Runner:
         return text
 
     def _pause(self, step: PauseStep, detail: Dict[str, object]) -> str:
+        # Noted before the operator sees the message: they may act at once.
+        before = None if step.until_file is None else _mtime(step.until_file)
         self.emit(Progress("message", 0, 0, step=step.number, kind="pause", message=step.message))
         detail["message"] = step.message
         if step.until_file is None:
@@ -1735,7 +1747,6 @@ class _Runner:
             time.sleep(step.seconds)
             return f"paused {step.seconds:g} s"
         path = step.until_file
-        before = _mtime(path)
         deadline = time.monotonic() + step.timeout
         while True:
             now = _mtime(path)
