@@ -24,6 +24,8 @@ PF_IO_WORKER = 0x00000010
 PF_USER_WORKER = 0x00004000
 PF_KTHREAD = 0x00200000
 _NO_USER_CODE = PF_IO_WORKER | PF_USER_WORKER | PF_KTHREAD
+#: the task is in do_exit (set before its state shows Z)
+PF_EXITING = 0x00000004
 
 
 def _read(path: str) -> str:
@@ -79,6 +81,11 @@ class Stat:
     starttime: int
 
     @property
+    def exiting(self) -> bool:
+        """The task is in ``do_exit`` (killed, or its process is exiting)."""
+        return bool(self.flags & PF_EXITING) or self.state in ("Z", "X", "x")
+
+    @property
     def kernel_thread(self) -> bool:
         """A task without user code (kernel thread or worker): never a vCPU thread."""
         return bool(self.flags & _NO_USER_CODE)
@@ -120,6 +127,13 @@ def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
         seccomp_mode=int(st.get("Seccomp", "0")),
         seccomp_filters=int(st.get("Seccomp_filters", "0")),
     )
+
+
+def sigkill_pending(pid: int, tid: Optional[int] = None) -> bool:
+    """Whether SIGKILL is pending for the thread or its process (it is about to die)."""
+    st = status(pid, tid)
+    bit = 1 << (9 - 1)
+    return any(int(st.get(key, "0"), 16) & bit for key in ("SigPnd", "ShdPnd"))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 An attempt is audited whatever happens: ``ok``, ``dry-run``, ``refused``
 (stopped by validation or a safety check; nothing was sent),
 ``not-delivered`` (sent, but still pending at the end of ``--wait``),
-``failed`` (KVM or the engine failed) or ``interrupted``.
+``failed`` (KVM or the engine failed, or the target exited meanwhile) or
+``interrupted``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, TypeVar
 from serrinj import audit
 from serrinj.errors import (
     Conflict,
+    Interrupted,
     InvalidInput,
     NotDelivered,
     PermissionDenied,
     SerrinjError,
+    TargetGone,
     TargetNotFound,
     Unsupported,
 )
@@ -34,10 +37,14 @@ _REFUSALS = (InvalidInput, Unsupported, Conflict, PermissionDenied, TargetNotFou
 
 
 def classify(err: BaseException) -> str:
-    if isinstance(err, KeyboardInterrupt):
+    if isinstance(err, (KeyboardInterrupt, Interrupted)):
         return "interrupted"
     if isinstance(err, NotDelivered):
         return "not-delivered"
+    if isinstance(err, TargetGone):
+        # The target vanished under serrinj, maybe after a SET: never call that
+        # a refusal, which promises that nothing was sent.
+        return "failed"
     if isinstance(err, _REFUSALS):
         return "refused"
     return "failed"

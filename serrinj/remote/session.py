@@ -651,12 +651,26 @@ class RemoteThread:
                 raise TargetGone(f"process {self.pid} exited") from err
             raise
 
-    def _alive(self) -> bool:
-        # A killed thread stays listed (state Z or X) until it is reaped.
-        try:
-            return procfs.stat(self.pid, self.tid).state not in ("Z", "X", "x")
-        except ProcessLookupError:
-            return False
+    def _alive(self, grace: float = 0.5) -> bool:
+        """False once the thread is gone or dying; asked only when something failed.
+
+        A killed thread stays listed (state Z or X) until it is reaped. A SIGKILL
+        (the VMM killed, or exiting: exit_group kills its other threads) wakes a
+        ptrace-stopped thread at once, so a request can fail with ESRCH an instant
+        before the thread shows PF_EXITING: give it ``grace`` seconds to show.
+        """
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                if procfs.stat(self.pid, self.tid).exiting or procfs.sigkill_pending(
+                    self.pid, self.tid
+                ):
+                    return False
+            except ProcessLookupError:
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.005)
 
     def _block_signals(self) -> None:
         self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _GUARDED_SIGNALS)
