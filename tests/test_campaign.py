@@ -813,3 +813,41 @@ def test_a_missing_vm_is_an_error_before_anything_runs(tmp_path: Any) -> None:
     assert f"error: {bad}:3: key 'steps[1].bogus': unknown key" in proc.stderr
     error = ET.parse(report).getroot().find("testsuite/testcase/error")
     assert error is not None and "bogus" in (error.get("message") or "")
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@x86_only
+def test_an_interrupt_ends_the_campaign_with_a_report(vm: LoggedVm, tmp_path: Any) -> None:
+    text = (
+        "[[steps]]\ninject = 'nmi'\nvcpus = [0]\n"
+        "[[steps]]\nwait = 30\n"
+        "[[steps]]\ninject = 'nmi'\nvcpus = [1]\n"
+    )
+
+    def ctrl_c(p: Progress) -> None:
+        if p.event == "step-started" and p.step == 2:
+            raise KeyboardInterrupt
+
+    result = campaign.run(
+        campaign.load(write(tmp_path, text)),
+        target_override=TargetOverride(pid=vm.pid),
+        on_event=ctrl_c,
+    )
+    assert [e.outcome for e in result.executions] == ["passed", "error", "skipped"]
+    assert result.executions[1].message == "interrupted"
+    assert result.exit_code == ExitCode.INTERRUPTED
+    assert result.duration_s < 30
+    assert not [e for e in vm.events() if e["event"] == "nmi" and e["vcpu"] == 1]
+
+
+def test_check_only_loads_and_checks_without_a_vm() -> None:
+    for name in EXAMPLE_FILES:
+        path = os.path.join(EXAMPLES, name)
+        proc = subprocess.run(
+            [sys.executable, "-m", "serrinj.ops.campaign", path, "--check-only", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["source"] == path and data["steps"][0]["number"] == 1

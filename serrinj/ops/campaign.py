@@ -650,7 +650,7 @@ def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campai
     else:
         last_inject: Optional[InjectStep] = None
         for i, raw in enumerate(raw_steps):
-            step = _step(ck, i, raw, last_inject, path_of, spec)
+            step = _step(ck, i, raw, last_inject, path_of)
             if "inject" in raw and not isinstance(step, InjectStep):
                 # A broken inject step: its own problems are reported; expectations
                 # after it must not also claim that there is no inject step.
@@ -705,7 +705,6 @@ def _step(
     raw: Mapping[str, Any],
     last_inject: Optional[InjectStep],
     path_of: Callable[[Optional[str]], Optional[str]],
-    spec: TargetSpec,
 ) -> Optional[Step]:
     path: Path = ("steps", index)
     kinds = [k for k in ("inject", "expect", "pause") if k in raw]
@@ -743,7 +742,7 @@ def _step(
     elif kind == "pause":
         step = _pause_step(ck, path, raw, common, path_of)
     else:
-        step = _expect_step(ck, path, raw, common, last_inject, path_of, spec)
+        step = _expect_step(ck, path, raw, common, last_inject, path_of)
     return step if len(ck.problems) == before else None
 
 
@@ -1000,7 +999,6 @@ def _expect_step(
     common: Dict[str, Any],
     last_inject: Optional[InjectStep],
     path_of: Callable[[Optional[str]], Optional[str]],
-    spec: TargetSpec,
 ) -> Optional[ExpectStep]:
     what = ck.string(path, raw, "expect", EXPECT_KINDS)
     if what is None:
@@ -1053,7 +1051,8 @@ def _expect_step(
     file = path_of(ck.string(path, raw, "file"))
     if pattern is None:
         return None
-    del spec  # the log may also come from the command line: checked by run()
+    # Without file and [target] log, the log may still come from the command line:
+    # run() checks that there is one.
     return ExpectStep(
         **common,
         expect="log",
@@ -1467,6 +1466,8 @@ class _Runner:
         from serrinj.ops import host
 
         vm = self.vm
+        if not vm.vcpus:
+            raise TargetNotFound(f"VM {vm.label} has no vCPUs yet", hint="is it still starting?")
         problems = _arch_problems(self.c, vm.arch, f"VM {vm.label} is {vm.arch}")
         caps = host.probe()
         ids = tuple(v.vcpu_id for v in vm.vcpus)
