@@ -804,8 +804,31 @@ def _traceback() -> None:
     traceback.print_exc()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line and return the exit code (never raises)."""
+    """Run the command line and return the exit code (never raises).
+
+    SIGTERM and SIGHUP end a command like Ctrl-C does (exit 130): the engine
+    holds them while it owns a VMM thread, and acts on them once that thread
+    is restored and detached.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _run(argv)
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     ui = Ui(
         json=_flag_in(args, "--json"),

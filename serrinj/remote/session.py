@@ -363,6 +363,9 @@ class RemoteThread:
     def syscall(self, nr: int, *args: int) -> int:
         """Run syscall ``nr`` in the thread; returns the raw (signed) result."""
         assert self.saved is not None, "attach() first"
+        # SIGINT/SIGTERM are held while the thread is ours; once one has come,
+        # send nothing more: restore, detach, then act on it.
+        self.raise_if_interrupted()
         self.check_seccomp(nr, args)
         gadget = self.gadget
         regs = self.arch.prepare_syscall(self.saved, gadget, nr, args)
@@ -370,6 +373,7 @@ class RemoteThread:
         self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
         self._dirty = True
         _test_pause("borrowed")
+        self.raise_if_interrupted()
         self._resume(ptrace.resume_syscall, 0)
         self._wait_syscall_stop()
         self._at_entry = True
@@ -440,10 +444,14 @@ class RemoteThread:
         self._resume(ptrace.resume_syscall, 0)
         while True:
             stop = self._wait(max(deadline - time.monotonic(), 0.0), allow_timeout=True)
-            if stop is None:
+            if stop is None or self.interrupt_pending():
+                if stop is not None:  # interrupted: leave from an ordinary event stop
+                    sig = stop.signo if stop.kind is ptrace.StopKind.SIGNAL else 0
+                    self._resume(ptrace.resume_syscall, sig)
                 self._ptrace(ptrace.interrupt, self.tid)
                 self._wait_event_stop(deliver_signals=True, resume=ptrace.resume_syscall)
                 self._rebase()
+                self.raise_if_interrupted()
                 return False
             if stop.kind is ptrace.StopKind.SYSCALL:
                 if want(entry, self.get_registers()):
@@ -691,6 +699,7 @@ class RemoteThread:
         return bool(signal.sigpending() & _GUARDED_SIGNALS)
 
     def raise_if_interrupted(self) -> None:
+        """Raise :class:`Interrupted` when SIGINT/SIGTERM arrived during the session."""
         if self.interrupt_pending():
             raise Interrupted(
                 "interrupted", hint="the thread was restored and detached before exiting"
