@@ -113,6 +113,14 @@ class Arch:
         """``(nr, args)`` of the syscall at a syscall-entry stop."""
         raise NotImplementedError
 
+    def same_after_restore(self, before: Registers, after: Registers, syscall_stop: bool) -> bool:
+        """Whether ``after`` is ``before`` up to what the kernel itself may change.
+
+        Architectures list those bits and say why; everything else must be
+        bit-identical.
+        """
+        return before == after
+
     def kvm_run_fd_at_stop(self, regs: Registers) -> Optional[int]:
         """The vCPU fd, when a stop shows the thread just left ``ioctl(fd, KVM_RUN)``.
 
@@ -216,6 +224,25 @@ class Aarch64(Arch):
             raise ValueError("a syscall takes at most 6 arguments")
         changes = {f"x{i}": a for i, a in enumerate(args)}
         return base.replace(pc=gadget, x8=nr, pstate=base["pstate"] & ~self.PSTATE_BTYPE, **changes)
+
+    #: PSTATE.SSBS. On CPUs without FEAT_SSBS the kernel rewrites this bit in a
+    #: task's saved user PSTATE at every context switch (the Spectre-v4
+    #: mitigation state, ``ssbs_thread_switch``), so it may change while the
+    #: thread is stopped, whatever serrinj does. Seen on a cortex-a57 host.
+    PSTATE_SSBS = 1 << 12
+
+    def same_after_restore(self, before: Registers, after: Registers, syscall_stop: bool) -> bool:
+        if before == after:
+            return True
+        diff = before.diff(after)
+        if syscall_stop:
+            # At syscall stops x7 reads as the entry/exit flag, not its value;
+            # the kernel puts the real value back itself (BRIEF section 9).
+            diff.pop("x7", None)
+        pstate = diff.pop("pstate", None)
+        if pstate is not None and (pstate[0] ^ pstate[1]) & ~self.PSTATE_SSBS:
+            return False
+        return not diff
 
     def entry_matches(self, regs: Registers, gadget: int, nr: int) -> bool:
         return regs["x8"] == nr and regs["pc"] == gadget + len(self.syscall_insn)

@@ -554,13 +554,7 @@ class RemoteThread:
             )
 
     def _same_registers(self, a: Registers, b: Registers) -> bool:
-        if a == b:
-            return True
-        if self._at_syscall_stop and self.arch.name == "aarch64":
-            # At syscall stops x7 reads as the entry/exit flag, not its value;
-            # the kernel puts the real value back itself (BRIEF section 9).
-            return set(a.diff(b)) <= {"x7"}
-        return False
+        return self.arch.same_after_restore(a, b, self._at_syscall_stop)
 
     def _skip_current_syscall(self) -> None:
         """At one of our entry stops: cancel the syscall and reach its exit stop."""
