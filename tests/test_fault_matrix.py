@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -413,3 +414,145 @@ def test_signal_to_the_cli_mid_injection_restores_first_and_exits_130(
     assert counters[1]["nmi_count"] == 0 and counters[1]["mce_count"] == 0
     (rec,) = audit_since(n)
     assert rec["outcome"] == "interrupted", rec
+
+
+# ====================================================================== already traced
+def _wait_traced(pid: int, tid: int, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            tracer = int(next(x for x in f if x.startswith("TracerPid:")).split()[1])
+        if tracer:
+            return tracer
+        assert time.monotonic() < deadline, "the tracer never attached"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def traced_by(tool: str, pid: int, tid: int) -> Iterator[subprocess.Popen[str]]:
+    """A real strace (one thread) or gdb (the whole process) attached to the VMM."""
+    exe = shutil.which(tool)
+    if exe is None:
+        pytest.skip(f"{tool} is not installed (apt-get install {tool})")
+    if tool == "strace":
+        argv = [exe, "-q", "-o", os.devnull, "-p", str(tid)]
+    else:
+        argv = [exe, "-q", "-nx", "--interpreter=mi2", "-p", str(pid)]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert _wait_traced(pid, tid) == proc.pid
+        yield proc
+    finally:
+        if tool == "gdb" and proc.poll() is None and proc.stdin is not None:
+            # detach cleanly: the threads gdb stopped run on
+            with contextlib.suppress(OSError):
+                proc.stdin.write("-target-detach\n-gdb-exit\n")
+                proc.stdin.flush()
+        else:
+            proc.terminate()  # strace detaches on SIGTERM
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+@pytest.mark.parametrize("tool", ["strace", "gdb"])
+def test_already_traced_thread_is_a_conflict_and_nothing_is_sent(
+    start_vm: Callable[..., TestVmProcess], tool: str
+) -> None:
+    vm = start_vm(vcpus=2)
+    tid = vm.vcpu(0).tid
+    n = audit_mark()
+    with traced_by(tool, vm.pid, tid) as tracer:
+        for args in (
+            ["nmi", "--pid", vm.pid, "--vcpu", 0],
+            ["mce", "--pid", vm.pid, "--vcpu", 0, "--bank", 1, "--preset", "uc"],
+            ["status", "--pid", vm.pid, "--vcpu", 0],
+        ):
+            r = serrinj(*args)
+            assert_clean_error(r, ExitCode.CONFLICT, f"traced by process {tracer.pid} ({tool})")
+            assert "detach the debugger" in r.stderr
+    records = audit_since(n)
+    assert [(x["action"], x["outcome"]) for x in records] == [
+        ("inject-nmi", "refused"),
+        ("inject-mce", "refused"),
+    ]
+    counters = assert_healthy(vm)
+    assert all(c["nmi_count"] == 0 and c["mce_count"] == 0 for c in counters.values())
+
+
+# ====================================================================== the VMM is stopped
+@pytest.mark.parametrize("stop_sig", [signal.SIGSTOP, signal.SIGTSTP], ids=["SIGSTOP", "SIGTSTP"])
+def test_stopped_vmm_takes_the_faults_after_sigcont(
+    start_vm: Callable[..., TestVmProcess], stop_sig: int
+) -> None:
+    """A VMM in a group stop (SIGSTOP, or SIGTSTP from a terminal): the injection
+    succeeds, the VMM stays stopped, and the guest takes the faults after SIGCONT.
+    ``--wait`` explains why it cannot be delivered yet (exit 7)."""
+    vm = start_vm(vcpus=2, mode="futex")
+    tid = vm.vcpu(1).tid
+    mark = vm.mark()
+    os.kill(vm.pid, stop_sig)
+    try:
+        _wait_all_stopped(vm.pid)
+        before = observe(vm.pid, tid)
+        r = serrinj("nmi", "--json", "--pid", vm.pid, "--vcpu", 1)
+        assert r.rc == 0, r
+        (inj,) = r.data["injections"]
+        assert inj["thread_state"] == "stopped" and inj["registers_restored"] is True
+        assert inj["after"]["nmi"]["pending"] == 1
+        r = serrinj("mce", "--pid", vm.pid, "--vcpu", 0, "--bank", 4, "--preset", "srao")
+        assert r.rc == 0, r
+        r = serrinj("nmi", "--pid", vm.pid, "--vcpu", 0, "--wait", "0.3")
+        name = signal.Signals(stop_sig).name
+        assert_clean_error(r, ExitCode.NOT_DELIVERED, f"stopped ({name})", "SIGCONT")
+        after = observe(vm.pid, tid)
+        assert after == before, before.diff(after)
+        # still stopped: every thread, and the guest took nothing
+        time.sleep(0.2)
+        assert all(s == "T" for s in _task_states(vm.pid).values()), _task_states(vm.pid)
+        assert [e for e in vm.events_seen[mark:] if e.get("event") in ("nmi", "mce")] == []
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    vm.wait_event(lambda e: e.get("event") == "nmi" and e.get("vcpu") == 1, 10, since=mark)
+    vm.wait_event(lambda e: e.get("event") == "nmi" and e.get("vcpu") == 0, 10, since=mark)
+    ev = vm.wait_event(lambda e: e.get("event") == "mce" and e.get("vcpu") == 0, 10, since=mark)
+    assert ev["banks"][0]["bank"] == 4
+    counters = assert_healthy(vm)
+    assert (counters[0]["nmi_count"], counters[0]["mce_count"], counters[1]["nmi_count"]) == (
+        1,
+        1,
+        1,
+    )
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_group_stop_beginning_mid_injection(
+    start_vm: Callable[..., TestVmProcess], paused_runs: List[Paused], tmp_path: Path, phase: str
+) -> None:
+    """SIGSTOP arrives for the VMM while serrinj holds its vCPU thread: serrinj finishes,
+    the thread joins the group stop after the detach, and SIGCONT resumes all."""
+    vm = start_vm(vcpus=2, mode="spin")
+    mark = vm.mark()
+    run = Paused(tmp_path, phase, "nmi", "--json", "--pid", vm.pid, "--vcpu", 1)
+    paused_runs.append(run)
+    run.wait_paused()
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.05)
+        r = run.release()
+        assert r.rc == 0, r
+        assert r.data["injections"][0]["registers_restored"] is True
+        _wait_all_stopped(vm.pid)
+        time.sleep(0.2)
+        assert guest_nmis(vm, mark) == []
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    vm.wait_event(lambda e: e.get("event") == "nmi" and e.get("vcpu") == 1, 10, since=mark)
+    counters = assert_healthy(vm)
+    assert counters[1]["nmi_count"] == 1 and counters[0]["nmi_count"] == 0

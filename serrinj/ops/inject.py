@@ -9,6 +9,7 @@ then explained from the vCPU's state.
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
@@ -280,7 +281,8 @@ def _explain_serror(vc: Vcpu, rt: RemoteThread) -> str:
 def _explain_common(rt: RemoteThread) -> str:
     stop = rt.first_stop
     if stop is not None and stop.group_stop:
-        return "the VMM process is stopped (SIGSTOP); continue it with SIGCONT"
+        name = signal.Signals(stop.signo).name
+        return f"the VMM process is stopped ({name}); continue it with SIGCONT"
     assert rt.saved is not None
     if rt.arch.kvm_run_fd_at_stop(rt.saved) is None and rt.arch.name == "x86_64":
         return "the vCPU thread is not running the guest (VM paused or the VMM is busy)"
