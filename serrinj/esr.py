@@ -544,9 +544,16 @@ def resolve_iss(text: str) -> int:
 PANIC_MESSAGE = "Kernel panic - not syncing: Asynchronous SError Interrupt"
 
 
-def guest_esr(iss: Optional[int]) -> int:
-    """ESR_EL1 as the guest reads it for an injected ISS (``None``: KVM's own syndrome)."""
-    return SERROR_ESR_BASE | (KVM_DEFAULT_ISS if iss is None else validate_injectable(iss))
+def guest_esr(iss: Optional[int], *, host_ras: bool = True) -> Optional[int]:
+    """ESR_EL1 as the guest reads it for an injected ISS (``None``: KVM's own syndrome).
+
+    Without RAS the host has no VSESR_EL2 to carry a syndrome, so the CPU
+    supplies an implementation-defined one (EC 0x2F; QEMU's cortex-a57 gives
+    ISS 0): the result is then ``None``, unknown in advance.
+    """
+    if iss is None:
+        return SERROR_ESR_BASE | KVM_DEFAULT_ISS if host_ras else None
+    return SERROR_ESR_BASE | validate_injectable(iss)
 
 
 def console_line(esr: int, cpu: int = 0, *, wide: bool = True) -> str:
@@ -567,7 +574,7 @@ class LinuxOutcome:
     survives: bool
     severity: str
     reason: str
-    guest_esr: int
+    guest_esr: Optional[int]
     console_line: Optional[str]
     panic_message: Optional[str]
 
@@ -583,17 +590,23 @@ class LinuxOutcome:
         }
 
 
-def predict_linux(iss: Optional[int], *, guest_ras: bool = True, cpu: int = 0) -> LinuxOutcome:
+def predict_linux(
+    iss: Optional[int], *, guest_ras: bool = True, host_ras: bool = True, cpu: int = 0
+) -> LinuxOutcome:
     """Predict a Linux guest's reaction to an SError injected with ``iss``.
 
     ``iss=None`` means no syndrome was given (``serror_has_esr = 0``): KVM then
     injects IDS=1 (0x1000000) on a RAS host. ``guest_ras=False`` models a guest
     kernel built without CONFIG_ARM64_RAS_EXTN or a vCPU that does not expose
     FEAT_RAS; to such a guest every SError is uncontainable. ``cpu`` is the
-    guest CPU number printed in the console line.
+    guest CPU number printed in the console line. ``host_ras=False``: the host
+    has no RAS either, so the vCPU has none (every SError is fatal) and a
+    syndrome KVM chooses is implementation-defined (``guest_esr`` is ``None``).
     """
-    esr = guest_esr(iss)
-    syn = decode(esr & ISS_MASK, form="iss")
+    esr = guest_esr(iss, host_ras=host_ras)
+    if not host_ras:
+        guest_ras = False
+    syn = decode((esr if esr is not None else SERROR_ESR_BASE) & ISS_MASK, form="iss")
     severity = "UC"
     survives = False
     if not guest_ras:
@@ -635,4 +648,5 @@ def predict_linux(iss: Optional[int], *, guest_ras: bool = True, cpu: int = 0) -
             reason = f"AET {aet:#05b} is reserved; Linux treats unknown severities as UC"
     if survives:
         return LinuxOutcome(True, severity, reason, esr, None, None)
-    return LinuxOutcome(False, severity, reason, esr, console_line(esr, cpu), PANIC_MESSAGE)
+    line = console_line(esr, cpu) if esr is not None else f"SError Interrupt on CPU{cpu}, code 0x"
+    return LinuxOutcome(False, severity, reason, esr, line, PANIC_MESSAGE)

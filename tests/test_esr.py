@@ -473,3 +473,14 @@ def test_no_ui_imports() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_esr_on_a_host_without_ras_is_implementation_defined() -> None:
+    """Seen in the arm64 lab on cortex-a57: the guest read 0xBE000000, not 0xBF000000."""
+    assert esr.guest_esr(None, host_ras=False) is None
+    assert esr.guest_esr(None) == 0xBF000000
+    assert esr.guest_esr(0x1811, host_ras=False) == 0xBE001811
+    out = esr.predict_linux(None, host_ras=False)
+    assert not out.survives and out.guest_esr is None
+    assert "no RAS" in out.reason
+    assert out.console_line == "SError Interrupt on CPU0, code 0x"

@@ -215,7 +215,7 @@ def inject_serror(
     validate_serror(req, caps)
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     tgt = replace(tgt, vm=vm)
-    prediction = esr.predict_linux(req.esr).as_dict()
+    prediction = esr.predict_linux(req.esr, host_ras=caps.serror_esr).as_dict()
     out = []
     for vid in tgt.vcpu_ids:
         t0 = time.monotonic()
