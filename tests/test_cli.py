@@ -184,6 +184,33 @@ def test_list_and_status_of_a_live_vm(start_vm: Callable[..., TestVmProcess], mo
     assert str(tids[0]) not in r.stdout
 
 
+def test_status_json_does_not_load_rich_rendering(
+    start_vm: Callable[..., TestVmProcess],
+) -> None:
+    vm = start_vm(vcpus=1)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "serrinj",
+            "status",
+            "--json",
+            "--pid",
+            str(vm.pid),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["vm"]["pid"] == vm.pid
+    loaded = [line.split("|")[-1].strip() for line in proc.stderr.splitlines()]
+    assert "serrinj.ops.status" in loaded
+    assert not [m for m in loaded if m.startswith("rich")]
+
+
 def test_status_by_target_fd(start_vm: Callable[..., TestVmProcess]) -> None:
     vm = start_vm(vcpus=2)
     r = serrinj("status", "--json", "--pid", vm.pid, "--fd", vm.vcpu(1).fd)
