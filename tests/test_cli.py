@@ -13,6 +13,7 @@ on the machine at the same time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -219,6 +220,29 @@ def test_status_by_target_fd(start_vm: Callable[..., TestVmProcess]) -> None:
     r = serrinj("status", "--json", "--pid", vm.pid, "--fd", 0)
     assert r.rc == ExitCode.USAGE, r
     assert "not a KVM vCPU fd" in r.data["error"]["message"]
+
+
+def test_inherited_fd_is_traced_back_to_its_vmm(start_vm: Callable[..., TestVmProcess]) -> None:
+    """serrinj run by the VMM's own child with an inherited vCPU fd: KVM refuses that fd
+    (EIO), kcmp finds the VMM that shares it, and the NMI reaches the right vCPU."""
+    vm = start_vm(vcpus=2)
+    fd = vm.vcpu(1).fd
+    mark = vm.mark()
+    vm.command({"cmd": "spawn", "argv": [*SERRINJ, "nmi", "--json", "--fd", str(fd), "--wait"]})
+    spawned = vm.wait_event(lambda e: e.get("event") == "spawned", 10.0, since=mark)
+    try:
+        done = vm.wait_event(lambda e: e.get("event") == "spawn-exit", TIMEOUT, since=mark)
+    except BaseException:
+        # not reaped yet (no spawn-exit), so the pid is still that child's
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spawned["pid"], signal.SIGKILL)
+        raise
+    assert done["returncode"] == 0, done["stderr"]
+    (inj,) = json.loads(done["stdout"])["injections"]
+    assert inj["vm"]["pid"] == vm.pid and inj["vcpu_id"] == 1
+    assert inj["delivery"]["delivered"] is True
+    ev = vm.wait_event(lambda e: e.get("event") == "nmi", 10.0, since=mark)
+    assert ev["vcpu"] == 1
 
 
 def test_list_probe_maps_unnamed_spinning_vcpus(start_vm: Callable[..., TestVmProcess]) -> None:
