@@ -525,3 +525,25 @@ def test_demo_interrupted_ends_its_vm(sig: signal.Signals, delay: float) -> None
         assert json.loads(out)["error"]["kind"] == "interrupted"
         assert "error: " in err and "Traceback" not in err
     assert not _is_testvm(vm_pid)
+
+
+# ====================================================================== completion
+def _complete(words: str, cword: int) -> List[str]:
+    """What bash completion gets from the real serrinj (click's protocol)."""
+    proc = subprocess.run(
+        SERRINJ,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, "_SERRINJ_COMPLETE": "bash_complete", "COMP_WORDS": words,
+             "COMP_CWORD": str(cword)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return [line.split(",", 1)[1] for line in proc.stdout.splitlines()]
+
+
+def test_completion_offers_live_pids_and_vcpus(start_vm: Callable[..., TestVmProcess]) -> None:
+    vm = start_vm(vcpus=2)
+    assert str(vm.pid) in _complete("serrinj status --pid ", 3)
+    assert _complete(f"serrinj nmi --pid {vm.pid} --vcpu ", 5) == ["0", "1", "all"]
+    assert "inject" in _complete("serrinj ", 1)
