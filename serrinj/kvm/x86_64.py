@@ -37,6 +37,8 @@ KVM_SET_SREGS = _IOW(KVMIO, 0x84, SIZEOF_KVM_SREGS)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, 8)
 KVM_NMI = _IO(KVMIO, 0x9A)
+#: the vCPU's guest TSC frequency in kHz (a vCPU ioctl; KVM_CAP_GET_TSC_KHZ)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 #: ``struct kvm_msrs {u32 nmsrs; u32 pad;}`` followed by ``struct kvm_msr_entry`` items
 SIZEOF_KVM_MSRS = 8
 KVM_GET_MSRS = _IOWR(KVMIO, 0x88, SIZEOF_KVM_MSRS)

@@ -39,6 +39,23 @@ so an *uncorrected* machine check injected before the first ``run`` becomes a
 triple fault (``exit`` with ``SHUTDOWN``), as KVM does for any such guest. An
 NMI or a corrected error is kept and taken or found once it runs.
 
+The stall probe
+---------------
+While ``PC_PROBE`` is nonzero, the main loop hands over to a probe loop that
+does nothing but read the TSC (RDTSC) and record the gap between consecutive
+reads: a gap much longer than the loop itself is time the vCPU did not run
+(a VM exit, a host thread stopped by ptrace, host scheduling). It keeps the
+largest gap ever (``PC_PR_MAX``), the largest in the current window
+(``PC_PR_WMAX``; the host starts a window by changing ``PC_PR_WSEQ``, the guest
+acknowledges in ``PC_PR_WACK`` and resets the maximum), a sample count and a
+histogram by bit length (bucket ``b`` counts gaps in ``[2**b, 2**(b+1))`` ticks;
+bucket 11 also counts every shorter gap, so buckets 0-10 stay empty). Gaps
+above 2**32-1 ticks count as 2**32-1. The loop
+makes no VM exits of its own, so the host can drive it through guest RAM
+(``ram_hva`` + ``percpu_gpa``) without disturbing it; the ``probe`` command does the
+same through the VMM. ``ready`` reports the TSC rate (``tsc_khz``) to convert
+ticks to time. The main loop's registers are saved around the probe.
+
 Reports go out as ``out 0x600, al`` with an event code in AL; the VMM reads
 the vCPU's page to build the event (the vCPU is stopped in the exit, so the
 snapshot is consistent).
@@ -57,6 +74,8 @@ Events
 ``exception``    ``{"vcpu","vector","ip","cs"}``: an unexpected exception; the vCPU parks.
 ``exit``         ``{"vcpu","reason","exit_reason","rip",...}``: e.g. ``SHUTDOWN`` (triple fault).
 ``events``       ``{"vcpu","mp_state","events":{...}}``: the answer to the ``events`` command.
+``probe``        ``{"vcpu","on","active","samples","max_gap","window_max","hist":[32 counts]}``:
+                 the answer to the ``probe`` command (gaps in TSC ticks).
 
 Commands (stdin)
 ----------------
@@ -68,10 +87,13 @@ Commands (stdin)
 ``{"cmd":"regs","vcpu":V}``               KVM_GET_REGS, answered by a ``regs`` event
 ``{"cmd":"set-regs","vcpu":V,"regs":{"rbx":N,...}}``  KVM_GET_REGS + KVM_SET_REGS (tests use
                                           it to prove that the guest's self-check can fail)
+``{"cmd":"probe","vcpu":V[,"on":bool]}``  start (``on``: true) or end (false) the stall probe, or
+                                          (no ``on``) just read it; answered by a ``probe`` event
 
 The ``ready`` event adds ``mcg_cap``, ``mce_banks``, ``tick_ms``, and ``ram_hva`` /
 ``ram_size`` (where guest RAM, guest-physical 0, lives in the VMM) with
-``percpu_gpa`` (each vCPU's page; offsets in :data:`LAYOUT`).
+``percpu_gpa`` (each vCPU's page; offsets in :data:`LAYOUT`), and ``tsc_khz`` (the
+guest's TSC rate from KVM_GET_TSC_KHZ, or null when KVM cannot tell).
 """
 
 from __future__ import annotations
@@ -135,6 +157,17 @@ LAYOUT: Mapping[str, int] = MappingProxyType(
         "PC_BLOCK": 0x100,  # the checksummed block
         "PC_MCE": 0x200,  # #MC report: u64 mcg_status, u32 count, pad, 32 x 32-byte banks
         "PC_POLL": 0x700,  # polling report, same layout
+        # the stall probe (see "The stall probe" above); the host may read and
+        # write these words directly in guest RAM while the guest runs
+        "PC_PROBE": 0xB80,  # host: nonzero runs the probe loop, 0 ends it
+        "PC_PR_WSEQ": 0xB84,  # host: a new value starts a new window
+        "PC_PR_WACK": 0xB88,  # guest: the window sequence it started
+        "PC_PR_WMAX": 0xB8C,  # guest: largest gap in the current window (TSC ticks)
+        "PC_PR_LAST": 0xB90,  # guest: u64, the last TSC read
+        "PC_PR_SAMPLES": 0xB98,  # guest: u64, gaps measured since the guest started
+        "PC_PR_MAX": 0xBA0,  # guest: largest gap ever
+        "PC_PR_ACTIVE": 0xBA4,  # guest: 1 while in the probe loop
+        "PC_PR_HIST": 0xC00,  # guest: 32 x u32, gaps counted by bit length - 1
         "PC_STACK_TOP": PERCPU_SIZE,
     }
 )
@@ -298,6 +331,10 @@ advance:
     mov al, EV_HEARTBEAT
     call report
 no_heartbeat:
+    cmp dword ptr [PC_PROBE], 0
+    je no_probe
+    call probe
+no_probe:
     cmp dword ptr [PC_TICK_FLAG], 0
     je main_loop
     mov dword ptr [PC_TICK_FLAG], 0
@@ -380,6 +417,56 @@ poll_banks:
     mov al, EV_MCE_POLL
     call report
 poll_done:
+    popad
+    ret
+
+# ---- the stall probe: the largest gaps between consecutive TSC reads
+probe:
+    pushad
+    mov dword ptr [PC_PR_ACTIVE], 1
+    rdtsc
+    mov [PC_PR_LAST], eax
+    mov [PC_PR_LAST + 4], edx
+probe_loop:
+    rdtsc
+    mov ecx, eax
+    mov ebx, edx
+    sub eax, [PC_PR_LAST]
+    sbb edx, [PC_PR_LAST + 4]
+    mov [PC_PR_LAST], ecx
+    mov [PC_PR_LAST + 4], ebx
+    test edx, edx
+    jz probe_gap
+    mov eax, 0xffffffff
+probe_gap:
+    mov ecx, [PC_PR_WSEQ]
+    cmp ecx, [PC_PR_WACK]
+    je probe_window
+    mov dword ptr [PC_PR_WMAX], 0
+    mov [PC_PR_WACK], ecx
+probe_window:
+    cmp eax, [PC_PR_WMAX]
+    jbe probe_max
+    mov [PC_PR_WMAX], eax
+probe_max:
+    cmp eax, [PC_PR_MAX]
+    jbe probe_hist
+    mov [PC_PR_MAX], eax
+probe_hist:
+    mov ecx, 11                     # gaps below 2**12 ticks all count in bucket 11:
+    shr eax, 12                     # a short loop keeps the sampling period short
+    jz probe_count
+probe_bits:
+    inc ecx
+    shr eax, 1
+    jnz probe_bits
+probe_count:
+    inc dword ptr [ecx * 4 + PC_PR_HIST]
+    add dword ptr [PC_PR_SAMPLES], 1
+    adc dword ptr [PC_PR_SAMPLES + 4], 0
+    cmp dword ptr [PC_PROBE], 0
+    jne probe_loop
+    mov dword ptr [PC_PR_ACTIVE], 0
     popad
     ret
 
@@ -505,13 +592,16 @@ class X86Guest:
     """The x86_64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
     name = "x86_64"
-    commands: FrozenSet[str] = frozenset({"nmi", "mce", "events", "heartbeat", "regs", "set-regs"})
+    commands: FrozenSet[str] = frozenset(
+        {"nmi", "mce", "events", "heartbeat", "regs", "set-regs", "probe"}
+    )
 
     def __init__(self) -> None:
         self.program = build_guest()
         self.ram: Optional[_native.Memory] = None
         self.cpuid: Tuple[kx.CpuidEntry, ...] = ()
         self.mcg_cap = 0
+        self.tsc_khz: Optional[int] = None
 
     # ----------------------------------------------------------------- set-up
 
@@ -568,6 +658,11 @@ class X86Guest:
             for e in self.cpuid
         )  # fmt: skip
         ex.ioctl_buf(vcpu.fd, kx.KVM_SET_CPUID2, kx.pack_cpuid2(entries))
+        if self.tsc_khz is None:
+            try:
+                self.tsc_khz = ex.ioctl_int(vcpu.fd, kx.KVM_GET_TSC_KHZ) or None
+            except OSError:
+                self.tsc_khz = None  # KVM cannot tell (no stable TSC rate)
         # as QEMU does at vCPU init: MCG_CTL and every MCi_CTL become all ones
         ex.ioctl_buf(vcpu.fd, kx.KVM_X86_SETUP_MCE, struct.pack("<Q", self.mcg_cap))
 
@@ -614,6 +709,7 @@ class X86Guest:
             "ram_hva": ram.address,
             "ram_size": RAM_SIZE,
             "percpu_gpa": [self._page(vm, v) for v in vm.vcpus],
+            "tsc_khz": self.tsc_khz,
         }
 
     # ----------------------------------------------------------------- exits
@@ -780,6 +876,8 @@ class X86Guest:
             addr = self._page(vm, vcpu) + LAYOUT["PC_HB_REQ"]
             struct.pack_into("<I", ram.view, addr, (_u32(ram, addr) + 1) & 0xFFFFFFFF)
             return None
+        if name == "probe":
+            return self._probe(vm, vcpu, cmd)
         if name in ("regs", "set-regs"):
             regs = kx.unpack_regs(ex.ioctl_buf(vcpu.fd, kx.KVM_GET_REGS, bytes(kx.SIZEOF_KVM_REGS)))
             if name == "regs":
@@ -794,3 +892,24 @@ class X86Guest:
             ex.ioctl_buf(vcpu.fd, kx.KVM_SET_REGS, kx.pack_regs(regs))
             return None
         raise ValueError(f"unknown command {name!r}")
+
+    def _probe(self, vm: Vm, vcpu: Vcpu, cmd: Mapping[str, Any]) -> Dict[str, Any]:
+        ram = self.ram
+        assert ram is not None
+        base = self._page(vm, vcpu)
+        on = cmd.get("on")
+        if on is not None:
+            if not isinstance(on, bool):
+                raise ValueError("'on' must be true or false")
+            struct.pack_into("<I", ram.view, base + LAYOUT["PC_PROBE"], int(on))
+        hist = base + LAYOUT["PC_PR_HIST"]
+        return {
+            "event": "probe",
+            "vcpu": vcpu.vcpu_id,
+            "on": bool(_u32(ram, base + LAYOUT["PC_PROBE"])),
+            "active": bool(_u32(ram, base + LAYOUT["PC_PR_ACTIVE"])),
+            "samples": _u64(ram, base + LAYOUT["PC_PR_SAMPLES"]),
+            "max_gap": _u32(ram, base + LAYOUT["PC_PR_MAX"]),
+            "window_max": _u32(ram, base + LAYOUT["PC_PR_WMAX"]),
+            "hist": [_u32(ram, hist + 4 * i) for i in range(32)],
+        }
