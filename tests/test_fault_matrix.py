@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from serrinj import audit
+from serrinj import audit, mce
 from serrinj.errors import ExitCode
 from serrinj.remote import RemoteThread
 from serrinj.remote.arch import Registers
@@ -556,3 +556,48 @@ def test_group_stop_beginning_mid_injection(
     vm.wait_event(lambda e: e.get("event") == "nmi" and e.get("vcpu") == 1, 10, since=mark)
     counters = assert_healthy(vm)
     assert counters[1]["nmi_count"] == 1 and counters[0]["nmi_count"] == 0
+
+
+# ====================================================================== a vCPU thread ends
+def _triple_fault_on_run(vm: TestVmProcess, vcpu: int) -> None:
+    """Two uncorrected machine checks while the VM is paused: KVM turns the second
+    (MCIP still set) into a triple fault, so the vCPU's thread ends when it runs."""
+    uc = mce.preset("uc").build(bank=1)
+    for _ in range(2):
+        mark = vm.mark()
+        vm.command({"cmd": "mce", "vcpu": vcpu, "bank": 1, "status": uc.status,
+                    "mcg_status": uc.mcg_status})  # fmt: skip
+        vm.wait_event(lambda e: e.get("event") == "ack" and e.get("cmd") == "mce", since=mark)
+
+
+def test_vcpu_thread_ending_during_an_all_vcpu_injection(
+    start_vm: Callable[..., TestVmProcess], paused_runs: List[Paused], tmp_path: Path
+) -> None:
+    """``nmi --vcpu all``: while serrinj holds vCPU 0, vCPU 1's guest triple-faults and
+    its thread ends. vCPU 0 gets its NMI, vCPU 1 is a clear exit 3, and the audit
+    trail has both outcomes."""
+    vm = start_vm(vcpus=2)
+    dead_tid = vm.vcpu(1).tid
+    vm.command({"cmd": "pause"})
+    vm.wait_event(lambda e: e.get("event") == "ack" and e.get("cmd") == "pause")
+    _triple_fault_on_run(vm, 1)
+    n = audit_mark()
+    mark = vm.mark()
+    run = Paused(tmp_path, "seized", "nmi", "--pid", vm.pid, "--vcpu", "all")
+    paused_runs.append(run)
+    run.wait_paused()
+    vm.command({"cmd": "run"})
+    ev = vm.wait_event(lambda e: e.get("event") == "exit", 10, since=mark)
+    assert ev["vcpu"] == 1 and ev["reason"] == "SHUTDOWN", ev
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{vm.pid}/task/{dead_tid}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    r = run.release()
+    assert_clean_error(r, ExitCode.NOT_FOUND, f"thread {dead_tid}", "vCPU 1", "the VMM runs on")
+    vm.wait_event(lambda e: e.get("event") == "nmi" and e.get("vcpu") == 0, 10, since=mark)
+    assert vm.alive()
+    hb = heartbeat(vm, 0)
+    assert hb["check_failures"] == 0 and hb["nmi_count"] == 1
+    records = audit_since(n)
+    assert [(x["vcpu_id"], x["outcome"]) for x in records] == [(0, "ok"), (1, "failed")], records

@@ -35,7 +35,7 @@ from serrinj.errors import Conflict, InvalidInput, Unsupported
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, target
+from serrinj.ops import guard, host, target
 from serrinj.ops.guard import guarded
 from serrinj.ops.status import decode_events
 from serrinj.vcpu import Events
@@ -248,7 +248,7 @@ def load(tgt: target.Target, snap: Snapshot, *, force: bool = False) -> List[Loa
             hint="choose the vCPUs with --vcpu, or load into a VM with as many vCPUs",
         )
     vm = target.ensure_mapped(tgt.vm, wanted)
-    out = []
+    out: List[LoadResult] = guard.results()
     for vid in wanted:
         saved = by_id[vid].events(snap.arch)
         new = _for_set(snap.arch, saved, caps)

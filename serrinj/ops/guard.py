@@ -9,9 +9,11 @@ An attempt is audited whatever happens: ``ok``, ``dry-run``, ``refused``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 from serrinj import audit
 from serrinj.errors import (
@@ -61,6 +63,35 @@ def vm_dict(tgt: Target) -> Dict[str, object]:
     return {"pid": vm.pid, "name": vm.name, "vmm": vm.vmm, "arch": vm.arch}
 
 
+_AUDITED = "serrinj_audited"
+
+
+_results: contextvars.ContextVar[Optional[List[Any]]] = contextvars.ContextVar(
+    "serrinj_guarded_results", default=None
+)
+
+
+def results() -> List[Any]:
+    """The list a guarded use case appends each vCPU's result to as it completes.
+
+    If a later vCPU fails, the results already in it are audited as done and the
+    failure is recorded against the first selected vCPU without a result.
+    Outside a guarded call it is just a new list.
+    """
+    current = _results.get()
+    return current if current is not None else []
+
+
+def mark_audited(err: BaseException) -> None:
+    """Note that ``err``'s attempt is in the audit trail (the CLI records the rest)."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(err, _AUDITED, True)
+
+
+def was_audited(err: BaseException) -> bool:
+    return bool(getattr(err, _AUDITED, False))
+
+
 def record_refusal(
     action: str, request: Mapping[str, object], err: BaseException, tgt: Optional[Target] = None
 ) -> None:
@@ -72,6 +103,7 @@ def record_refusal(
         request=request,
         error=error_dict(err),
     )
+    mark_audited(err)
 
 
 def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Callable[[F], F]:
@@ -85,35 +117,48 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
         @functools.wraps(fn)
         def wrapper(tgt: Target, *args: Any, **kwargs: Any) -> Sequence[Any]:
             request = dict(describe(*args, **kwargs))
+
+            def record_done(results: Sequence[Any]) -> None:
+                for res in results:
+                    as_dict = getattr(res, "as_dict", None)
+                    data = as_dict() if callable(as_dict) else {}
+                    audit.record(
+                        action=action,
+                        outcome="dry-run" if data.get("dry_run") else "ok",
+                        vm=vm_dict(tgt),
+                        vcpu_id=data.get("vcpu_id"),
+                        request=request,
+                        detail={
+                            k: data[k]
+                            for k in ("delivery", "registers_restored", "thread_state", "notes")
+                            if k in data
+                        },
+                    )
+
+            done: List[Any] = []
+            token = _results.set(done)
             try:
                 with lock.vm_lock(tgt.vm.pid, tgt.vm.starttime, tgt.vm.label, wait=LOCK_WAIT):
-                    results = fn(tgt, *args, **kwargs)
-            except (SerrinjError, KeyboardInterrupt) as err:
+                    out = fn(tgt, *args, **kwargs)
+            except BaseException as err:
+                # internal errors too: every attempt is audited
+                record_done(done)
+                finished = {getattr(r, "vcpu_id", None) for r in done}
+                pending = [v for v in tgt.vcpu_ids if v not in finished]
                 audit.record(
                     action=action,
                     outcome=classify(err),
                     vm=vm_dict(tgt),
-                    vcpu_id=tgt.vcpu_ids[0] if len(tgt.vcpu_ids) == 1 else None,
+                    vcpu_id=pending[0] if len(pending) == 1 or done else None,
                     request={**request, "vcpus": list(tgt.vcpu_ids)},
                     error=error_dict(err),
                 )
+                mark_audited(err)
                 raise
-            for res in results:
-                as_dict = getattr(res, "as_dict", None)
-                data = as_dict() if callable(as_dict) else {}
-                audit.record(
-                    action=action,
-                    outcome="dry-run" if data.get("dry_run") else "ok",
-                    vm=vm_dict(tgt),
-                    vcpu_id=data.get("vcpu_id"),
-                    request=request,
-                    detail={
-                        k: data[k]
-                        for k in ("delivery", "registers_restored", "thread_state", "notes")
-                        if k in data
-                    },
-                )
-            return results
+            finally:
+                _results.reset(token)
+            record_done(out)
+            return out
 
         return wrapper  # type: ignore[return-value]
 

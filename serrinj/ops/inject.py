@@ -19,7 +19,7 @@ from serrinj.errors import Conflict, InvalidInput, NotDelivered, Unsupported
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, target
+from serrinj.ops import guard, host, target
 from serrinj.ops.guard import guarded
 from serrinj.ops.status import decode_events, thread_state
 from serrinj.remote.session import RemoteThread
@@ -216,7 +216,7 @@ def inject_serror(
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     tgt = replace(tgt, vm=vm)
     prediction = esr.predict_linux(req.esr, host_ras=caps.serror_esr).as_dict()
-    out = []
+    out: List[Injection] = guard.results()
     for vid in tgt.vcpu_ids:
         t0 = time.monotonic()
         with target.attach(vm, vid, SERROR_REQUESTS) as (vc, rt):
@@ -400,7 +400,7 @@ def inject_nmi(
     require_arch(tgt.vm.arch, "nmi")
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     tgt = replace(tgt, vm=vm)
-    out = []
+    out: List[Injection] = guard.results()
     for vid in tgt.vcpu_ids:
         t0 = time.monotonic()
         with target.attach(vm, vid, NMI_REQUESTS) as (vc, rt):
@@ -500,7 +500,7 @@ def inject_mce(
     mce.validate(req.mce, kvm_x86.KVM_MAX_MCE_BANKS)
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     tgt = replace(tgt, vm=vm)
-    out = []
+    out: List[Injection] = guard.results()
     for vid in tgt.vcpu_ids:
         t0 = time.monotonic()
         with target.attach(vm, vid, MCE_REQUESTS) as (vc, rt):

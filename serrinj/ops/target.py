@@ -190,15 +190,25 @@ def attach(
     held = _Held(vm, exclude=[v.thread.tid])
     with contextlib.ExitStack() as stack:
         stack.callback(held.release)
-        rt = stack.enter_context(
-            RemoteThread(
-                vm.pid,
-                v.thread.tid,
-                stop_timeout=timeout,
-                expected_starttime=vm.starttime,
-                on_stall=held.hold_others,
+        try:
+            rt = stack.enter_context(
+                RemoteThread(
+                    vm.pid,
+                    v.thread.tid,
+                    stop_timeout=timeout,
+                    expected_starttime=vm.starttime,
+                    on_stall=held.hold_others,
+                )
             )
-        )
+        except TargetGone as err:
+            if _vmm_running(vm):
+                raise TargetGone(
+                    f"thread {v.thread.tid} of {vm.label}, which ran vCPU {vcpu_id}, has exited;"
+                    " the VMM runs on",
+                    hint="the VMM ended that vCPU (e.g. its guest triple-faulted);"
+                    " `serrinj list` shows the VM as it is now",
+                ) from err
+            raise
         other = _stale(vm, v, rt)
         if other is not None:
             raise Conflict(
@@ -212,6 +222,14 @@ def attach(
         except SeccompBlocked as blocked:
             exec_thread = _helper_thread(vm, v, requests, stack, blocked, held)
         yield Vcpu(RemoteExecutor(exec_thread), v.fd, vcpu_id, vm.arch), rt
+
+
+def _vmm_running(vm: discover.Vm) -> bool:
+    try:
+        st = procfs.stat(vm.pid)
+    except ProcessLookupError:
+        return False
+    return st.starttime == vm.starttime and not st.exiting
 
 
 def _check_requests(rt: RemoteThread, fd: int, requests: Sequence[int]) -> None:
