@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import pytest
 
@@ -40,8 +40,12 @@ from serrinj.remote import RemoteThread
 from serrinj.remote.arch import Registers
 from serrinj.testvm.process import TestVmProcess
 
-pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.root,
+    pytest.mark.skipif(not X86, reason="x86_64 faults (NMI, machine checks); arm64: the lab"),
+]
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["seized", "borrowed", "syscall-done"]
 Event = Dict[str, Any]
@@ -601,3 +605,187 @@ def test_vcpu_thread_ending_during_an_all_vcpu_injection(
     assert hb["check_failures"] == 0 and hb["nmi_count"] == 1
     records = audit_since(n)
     assert [(x["vcpu_id"], x["outcome"]) for x in records] == [(0, "ok"), (1, "failed")], records
+
+
+# ====================================================================== pid reuse
+def pid_reuse_scenario() -> None:
+    """Run as the init of a fresh pid namespace (see the test below); prints a JSON report.
+
+    VM A is resolved by ``serrinj nmi --pid A``, which then waits for the VM's lock
+    (held here, as another serrinj run would). Meanwhile A is killed, and VM B is
+    started with the same pid (``ns_last_pid``), so that its vCPU thread even gets
+    A's vCPU thread's tid. serrinj must notice the reuse and send nothing to B.
+    """
+    from serrinj import procfs
+    from serrinj.ops import lock
+
+    def start() -> TestVmProcess:
+        vm = TestVmProcess.start(vcpus=1, mode="halt")
+        vm.wait_event(lambda e: e.get("event") == "guest-ready", 20)
+        return vm
+
+    a = start()
+    a_pid, a_tid, a_start = a.pid, a.vcpu(0).tid, procfs.stat(a.pid).starttime
+    report: Dict[str, Any] = {"a_pid": a_pid, "a_tid": a_tid}
+    with lock.vm_lock(a_pid, a_start, "A", wait=1):
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "serrinj", "nmi", "--pid", str(a_pid), "--vcpu", "0"],
+            env={**os.environ, "SERRINJ_LOCK_WAIT": "60"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lock_path = os.path.join(lock.lock_dir(), f"vm-{a_pid}-{a_start}.lock")
+        deadline = time.monotonic() + 30
+        while not any(  # serrinj has resolved the VM and waits for its lock
+            os.path.realpath(f"/proc/{cli.pid}/fd/{fd}") == lock_path
+            for fd in os.listdir(f"/proc/{cli.pid}/fd")
+        ):
+            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+            time.sleep(0.01)
+        os.kill(a_pid, signal.SIGKILL)
+        a.stop()
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(a_pid - 1))
+        b = start()
+        report.update(b_pid=b.pid, b_tid=b.vcpu(0).tid)
+    out, err = cli.communicate(timeout=60)
+    report.update(rc=cli.returncode, stdout=out, stderr=err)
+    report["b_nmi_count"] = heartbeat(b, 0)["nmi_count"]
+    report["b_alive"] = b.alive()
+    b.stop()
+    print("REPORT " + json.dumps(report), flush=True)
+
+
+def test_pid_reuse_between_discovery_and_attach_is_caught(tmp_path: Path) -> None:
+    exe = shutil.which("unshare")
+    if exe is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    code = "from tests.test_fault_matrix import pid_reuse_scenario; pid_reuse_scenario()"
+    n = audit_mark()
+    proc = subprocess.Popen(
+        [exe, "--pid", "--mount-proc", "--kill-child", sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # --kill-child takes the whole namespace with it
+            proc.communicate()
+    line = next((x for x in out.splitlines() if x.startswith("REPORT ")), None)
+    assert line is not None, (out, err)
+    rep = json.loads(line[len("REPORT ") :])
+    # the namespace really reused the pid, and even the vCPU thread's tid
+    assert rep["b_pid"] == rep["a_pid"] and rep["b_tid"] == rep["a_tid"], rep
+    r = Run(["nmi"], rep["rc"], rep["stdout"], rep["stderr"])
+    assert_clean_error(r, ExitCode.NOT_FOUND, "pid was reused")
+    assert rep["b_nmi_count"] == 0 and rep["b_alive"], rep
+    (rec,) = audit_since(n)
+    assert rec["outcome"] == "failed" and rec["error"]["kind"] == "target-gone", rec
+
+
+# ====================================================================== restartable syscalls
+#: x86_64 syscall numbers of what a --block-in vCPU thread blocks in
+BLOCKED_IN = {
+    # 219: restart_syscall, how the kernel resumes an interrupted timed wait
+    "futex": {202, 219},
+    "ppoll": {271},
+    "nanosleep": {35, 219},
+    "pipe": {0},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKED_IN))
+def test_interrupted_restartable_syscalls_of_every_kind_in_the_vmm(
+    start_vm: Callable[..., TestVmProcess], kind: str
+) -> None:
+    """The vCPU threads block in futex, ppoll, nanosleep or read(pipe) between runs
+    (each interrupted by the engine's stop gets a different restart code: -512,
+    -514, -516); the VMM checks every return value for a leaked restart code."""
+    from serrinj import discover
+    from serrinj.kvm import api
+    from serrinj.ops import target
+
+    vm = start_vm(vcpus=2, mode="futex", extra=["--block-in", kind, "--yield-ms", "20"])
+    found = target.ensure_mapped(discover.find(pid=vm.pid), (0, 1))
+    interrupted = 0
+    for i in range(400):
+        with target.attach(found, i % 2, (api.KVM_GET_VCPU_EVENTS,)) as (vc, rt):
+            vc.get_events()
+            assert rt.saved is not None
+            nr, _args = rt.arch.entry_call(rt.saved)
+            interrupted += nr in BLOCKED_IN[kind]
+        assert rt.verified
+    assert interrupted >= 100, f"only {interrupted} of 400 operations met the thread in {kind}"
+    mark = vm.mark()
+    for i in range(20):
+        r = serrinj("nmi", "--json", "--pid", vm.pid, "--vcpu", i % 2, "--wait")
+        assert r.rc == 0, r
+        assert r.data["injections"][0]["registers_restored"] is True
+    counters = assert_healthy(vm)  # no "error" event: no restart code ever leaked
+    assert [counters[v]["nmi_count"] for v in (0, 1)] == [10, 10]
+    assert len(guest_nmis(vm, mark)) == 20
+    assert all(c["yields"] > 0 for c in counters.values())
+
+
+def _naive_remote_getpid(pid: int, tid: int, kinds: Set[int]) -> bool:
+    """A tracer that gets restarts wrong, built from the engine's ptrace primitives:
+    it runs getpid in the thread, puts the registers back at its own syscall-exit
+    stop and lets the thread run on from there (PTRACE_CONT), skipping the restart
+    the kernel does in its signal path. Returns whether the thread was met blocked
+    in one of ``kinds`` (nothing is changed otherwise)."""
+    from serrinj.remote import ptrace
+    from serrinj.remote.arch import host_arch
+    from serrinj.remote.gadget import find_syscall_gadget
+
+    arch = host_arch()
+
+    def wait(kind: ptrace.StopKind) -> None:
+        while True:
+            stop = ptrace.wait_stop(tid, 5)
+            assert stop is not None and stop.kind is not ptrace.StopKind.EXITED
+            if stop.kind is kind:
+                return
+            sig = stop.signo if stop.kind is ptrace.StopKind.SIGNAL else 0
+            (ptrace.resume_syscall if kind is ptrace.StopKind.SYSCALL else ptrace.cont)(tid, sig)
+
+    ptrace.seize(tid)
+    ptrace.interrupt(tid)
+    wait(ptrace.StopKind.EVENT_STOP)
+    saved = Registers.unpack(arch, ptrace.get_regset(tid, ptrace.NT_PRSTATUS, arch.regs_size))
+    met = arch.entry_call(saved)[0] in kinds
+    if met:
+        gadget = find_syscall_gadget(pid, arch, avoid=(saved[arch.pc_reg],))
+        call = arch.prepare_syscall(saved, gadget, arch.nr["getpid"], ())
+        ptrace.set_regset(tid, ptrace.NT_PRSTATUS, call.pack())
+        ptrace.resume_syscall(tid, 0)
+        wait(ptrace.StopKind.SYSCALL)  # entry
+        ptrace.resume_syscall(tid, 0)
+        wait(ptrace.StopKind.SYSCALL)  # exit
+        ptrace.set_regset(tid, ptrace.NT_PRSTATUS, saved.pack())
+        ptrace.cont(tid, 0)  # the mistake: no stop in the signal path first
+        time.sleep(0.2)
+        ptrace.interrupt(tid)
+        wait(ptrace.StopKind.EVENT_STOP)
+    ptrace.detach(tid, 0)
+    return met
+
+
+@pytest.mark.parametrize("kind", ["pipe", "ppoll", "nanosleep"])
+def test_the_vmm_would_see_a_naive_tracers_leaked_restart_code(
+    start_vm: Callable[..., TestVmProcess], kind: str
+) -> None:
+    """The check above can fail: a tracer that skips the kernel's restart hands the
+    VMM the raw restart code, and the test VM reports it as an error event."""
+    vm = start_vm(vcpus=1, mode="futex", extra=["--block-in", kind, "--yield-ms", "50"])
+    tid = vm.vcpu(0).tid
+    if not any(_naive_remote_getpid(vm.pid, tid, BLOCKED_IN[kind]) for _ in range(200)):
+        pytest.fail(f"the vCPU thread was never met in {kind}")
+    ev = vm.wait_event(lambda e: e.get("event") == "error", 10)
+    assert ev["restart_code"] in (-512, -513, -514, -516), ev
+    assert ev["vcpu"] == 0
