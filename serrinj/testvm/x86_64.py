@@ -54,7 +54,10 @@ above 2**32-1 ticks count as 2**32-1. The loop
 makes no VM exits of its own, so the host can drive it through guest RAM
 (``ram_hva`` + ``percpu_gpa``) without disturbing it; the ``probe`` command does the
 same through the VMM. ``ready`` reports the TSC rate (``tsc_khz``) to convert
-ticks to time. The main loop's registers are saved around the probe.
+ticks to time. The main loop's registers are saved around the probe. While the
+probe is on, the NMI handler only counts (``PC_NMI_COUNT``) and sends no
+``nmi`` event: the report's VM exit would otherwise be measured as part of
+the injector's stall.
 
 Reports go out as ``out 0x600, al`` with an event code in AL; the VMM reads
 the vCPU's page to build the event (the vCPU is stopped in the exit, so the
@@ -487,9 +490,12 @@ nmi_isr:
     push eax
     push edx
     inc dword ptr ss:[PC_NMI_COUNT]
+    cmp dword ptr ss:[PC_PROBE], 0  # while probing, only count: a report is a VM
+    jne nmi_quiet                   # exit, which the probe would measure as a stall
     mov al, EV_NMI
     mov dx, REPORT_PORT
     out dx, al
+nmi_quiet:
     pop edx
     pop eax
     iret
