@@ -789,3 +789,120 @@ def test_the_vmm_would_see_a_naive_tracers_leaked_restart_code(
     ev = vm.wait_event(lambda e: e.get("event") == "error", 10)
     assert ev["restart_code"] in (-512, -513, -514, -516), ev
     assert ev["vcpu"] == 0
+
+
+# ====================================================================== sandboxed VMMs
+@pytest.mark.parametrize("action", ["trap", "kill", "errno"])
+def test_seccomp_filtered_vcpu_threads_through_the_cli(
+    start_vm: Callable[..., TestVmProcess], action: str
+) -> None:
+    """A Firecracker-like filter on the vCPU threads answers the vCPU-event ioctls
+    with SIGSYS, a kill or EPERM: status, nmi and mce are served from another
+    thread of the VMM, which never meets its own filter."""
+    vm = start_vm(vcpus=2, extra=["--seccomp", action])
+    mark = vm.mark()
+    r = serrinj("status", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    assert [v["seccomp_mode"] for v in r.data["vcpus"]] == [2, 2]
+    r = serrinj("nmi", "--json", "--pid", vm.pid, "--vcpu", 1, "--wait")
+    assert r.rc == 0, r
+    assert r.data["injections"][0]["delivery"]["delivered"] is True
+    for vid, preset, event in ((0, "uc", "mce"), (1, "corrected", "mce-poll")):
+        r = serrinj(
+            "mce", "--pid", vm.pid, "--vcpu", vid, "--bank", 2, "--preset", preset, "--wait"
+        )
+        assert r.rc == 0, r
+        vm.wait_event(lambda e, v=vid, k=event: e.get("event") == k and e.get("vcpu") == v, 10)
+    vm.wait_event(lambda e: e.get("event") == "nmi" and e.get("vcpu") == 1, 10, since=mark)
+    counters = assert_healthy(vm)
+    assert (counters[0]["mce_count"], counters[1]["nmi_count"], counters[1]["poll_count"]) == (
+        1,
+        1,
+        1,
+    )
+
+
+def test_seccomp_filter_on_every_thread_refuses_everything_through_the_cli(
+    start_vm: Callable[..., TestVmProcess],
+) -> None:
+    vm = start_vm(vcpus=2, extra=["--seccomp", "trap", "--seccomp-threads", "all"])
+    n = audit_mark()
+    for args in (
+        ["status", "--pid", vm.pid],
+        ["nmi", "--pid", vm.pid, "--vcpu", 0],
+        ["mce", "--pid", vm.pid, "--vcpu", 1, "--bank", 1, "--preset", "uc"],
+        ["mce", "--pid", vm.pid, "--vcpu", 0, "--bank", 1, "--preset", "ce", "--dry-run"],
+    ):
+        r = serrinj(*args)
+        assert_clean_error(r, ExitCode.UNSUPPORTED, "TRAP", "no other thread", "nothing was sent")
+    assert [(x["action"], x["outcome"]) for x in audit_since(n)] == [
+        ("inject-nmi", "refused"),
+        ("inject-mce", "refused"),
+        ("inject-mce", "refused"),
+    ]
+    counters = assert_healthy(vm)
+    assert all(c["nmi_count"] == c["mce_count"] == c["poll_count"] == 0 for c in counters.values())
+
+
+# ====================================================================== /proc churn
+CHURN = r"""
+import os, random, sys, threading, time
+from serrinj.executor import LocalExecutor
+from serrinj.kvm import api
+
+ex = LocalExecutor()
+deadline = time.monotonic() + float(sys.argv[1])
+live = set()
+made = 0
+while time.monotonic() < deadline:
+    while len(live) < 6:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                kvm = os.open("/dev/kvm", os.O_RDWR)
+                vm = ex.ioctl_int(kvm, api.KVM_CREATE_VM, 0)
+                for i in range(random.randint(0, 2)):
+                    ex.ioctl_int(vm, api.KVM_CREATE_VCPU, i)
+                    threading.Thread(target=time.sleep, args=(0.05,), daemon=True).start()
+                time.sleep(random.random() * 0.03)
+            finally:
+                os._exit(0)
+        live.add(pid)
+        made += 1
+    pid, _ = os.wait()
+    live.discard(pid)
+for pid in live:
+    os.waitpid(pid, 0)
+print(made, flush=True)
+"""
+
+
+def test_list_while_vmms_come_and_go() -> None:
+    """Processes holding KVM VM and vCPU fds start and exit all the time (their /proc
+    entries vanish mid-scan): discovery and `serrinj list` never fail."""
+    from serrinj import discover
+
+    churn = subprocess.Popen(
+        [sys.executable, "-c", CHURN, "12"], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        seen = scans = 0
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            vms = discover.scan()
+            scans += 1
+            seen += sum(1 for v in vms if v.pid != churn.pid and v.comm == "python")
+        for _ in range(10):
+            r = serrinj("list", "--json")
+            assert r.rc == 0, r
+            assert "Traceback" not in r.stderr and isinstance(r.data["vms"], list), r
+            r = serrinj("list")
+            assert r.rc == 0 and "Traceback" not in r.stderr, r
+        out, _ = churn.communicate(timeout=30)
+    finally:
+        if churn.poll() is None:
+            churn.kill()
+            churn.communicate()
+    assert churn.returncode == 0
+    assert int(out) > 100, "the churn made too few VMs"
+    assert seen > 50, f"only {seen} short-lived VMs seen in {scans} scans"
