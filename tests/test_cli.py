@@ -523,8 +523,27 @@ def test_demo_interrupted_ends_its_vm(sig: signal.Signals, delay: float) -> None
     assert proc.returncode in (0, ExitCode.INTERRUPTED, -sig), (proc.returncode, err)
     if proc.returncode == ExitCode.INTERRUPTED:
         assert json.loads(out)["error"]["kind"] == "interrupted"
-        assert "error: " in err and "Traceback" not in err
+        assert "error: " in err and "Traceback" not in _without_thread_start_race(err)
     assert not _is_testvm(vm_pid)
+
+
+def _without_thread_start_race(err: str) -> str:
+    """stderr without CPython's report of a signal landing inside ``Thread.start()``.
+
+    A signal whose handler raises (Ctrl-C, or serrinj's SIGTERM handler) right
+    after the new thread started makes ``start()`` forget it, and the new
+    thread then prints "Exception ignored in thread started by ... KeyError"
+    (CPython's threading.py, ``del _limbo[self]``). It is the interpreter's
+    message, not serrinj's, and serrinj still exits 130 with the VM ended.
+    """
+    head = "Exception ignored in thread started by:"
+    if head not in err:
+        return err
+    before, _, rest = err.partition(head)
+    lines = rest.splitlines(keepends=True)
+    end = next((i for i, line in enumerate(lines) if line.startswith("KeyError: <Thread(")), None)
+    assert end is not None, err  # any other exception there is a real failure
+    return before + "".join(lines[end + 1 :])
 
 
 # ====================================================================== completion
