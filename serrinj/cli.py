@@ -351,7 +351,19 @@ def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
     from serrinj.render import view_list
 
     ui = _ui()
-    vms = [discover.find(pid=pid, name=name)] if pid is not None or name else discover.scan()
+    if pid is not None or name:
+        vms = [discover.find(pid=pid, name=name)]
+    else:
+        vms = discover.scan()
+        denied = discover.hidden()
+        if denied:
+            if not vms:
+                raise discover.hidden_error(denied)
+            n = len(denied)
+            ui.warn(
+                f"serrinj may not read the fds of {n} process{'es' if n > 1 else ''};"
+                " a VM among them is not listed (run as root to see every VM)"
+            )
     if probe:
         probed = []
         for vm in vms:
@@ -804,6 +816,38 @@ def _traceback() -> None:
     traceback.print_exc()
 
 
+#: injecting commands -> their audit action; the use cases audit every attempt that
+#: reaches them, and :func:`_audit_attempt` the ones refused before (bad arguments,
+#: no VM found, no permission)
+_AUDITED_COMMANDS: Mapping[str, str] = MappingProxyType(
+    {
+        "inject": "inject-serror",
+        "mce": "inject-mce",
+        "nmi": "inject-nmi",
+        "events load": "events-load",
+    }
+)
+
+
+def _audit_attempt(
+    ui: Ui, args: Sequence[str], err: BaseException, raised: Optional[BaseException] = None
+) -> None:
+    """Audit an injection attempt that failed before its use case recorded it."""
+    action = _AUDITED_COMMANDS.get(ui.command)
+    if action is None:
+        return
+    if action == "inject-serror" and _flag_in(args, "--ext-dabt"):
+        action = "inject-ext-dabt"
+    from serrinj.ops import guard
+
+    if any(x is not None and guard.was_audited(x) for x in (err, raised)):
+        return
+    try:
+        guard.record_refusal(action, {"argv": list(args)}, err)
+    except Exception as problem:  # auditing never turns into another failure
+        ui.warn(f"cannot audit this attempt: {problem}")
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -843,18 +887,23 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         # shell completion ends here (click exits after printing the candidates)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.ERROR)
     except click.ClickException as e:
-        return _usage_error(ui, e)
-    except click.Abort:
+        code = _usage_error(ui, e)
+        _audit_attempt(ui, args, InvalidInput(e.format_message()), e)
+        return code
+    except click.Abort as e:
         # click turns Ctrl-C during a command into Abort
+        _audit_attempt(ui, args, e.__cause__ or KeyboardInterrupt(), e)
         ui.error("interrupted", "interrupted", _INTERRUPT_HINT, ExitCode.INTERRUPTED)
         return ExitCode.INTERRUPTED
     except SerrinjError as e:
+        _audit_attempt(ui, args, e)
         if ui.debug:
             _traceback()
         details = {"errno": e.errno} if hasattr(e, "errno") else None
         ui.error(e.kind, e.message, e.hint, e.exit_code, details=details)
         return int(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        _audit_attempt(ui, args, e)
         if ui.debug:
             _traceback()
         ui.error("interrupted", "interrupted", _INTERRUPT_HINT, ExitCode.INTERRUPTED)
@@ -865,6 +914,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return ExitCode.ERROR
     except Exception as e:
+        _audit_attempt(ui, args, e)
         if ui.debug:
             _traceback()
         ui.error(
@@ -874,6 +924,11 @@ def _run(argv: Optional[Sequence[str]]) -> int:
             ExitCode.ERROR,
         )
         return ExitCode.ERROR
+    finally:
+        # an audit record that could not be written is never silent
+        audit = sys.modules.get("serrinj.audit")
+        for problem in getattr(audit, "problems", ()):
+            ui.warn(problem)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:

@@ -283,7 +283,8 @@ def _map_by_names(
 
 
 def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
-    """The VM held by process ``pid``, or ``None`` when it holds no KVM fds."""
+    """The VM held by process ``pid``, or ``None`` when it holds no KVM fds (or
+    serrinj may not read them: :func:`hidden` names those processes)."""
     arch = arch or host_arch()
     try:
         vm_fds, vcpu_fds = _kvm_fds(pid)
@@ -313,7 +314,8 @@ def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
 
 
 def scan(arch: Optional[Arch] = None) -> List[Vm]:
-    """Every process on the host that holds KVM fds (those serrinj may inspect)."""
+    """Every process on the host that holds KVM fds (those serrinj may inspect;
+    :func:`hidden` names the others)."""
     out = []
     me = os.getpid()
     for pid in procfs.pids():
@@ -326,6 +328,45 @@ def scan(arch: Optional[Arch] = None) -> List[Vm]:
         if vm is not None:
             out.append(vm)
     return out
+
+
+def hidden() -> Tuple[int, ...]:
+    """User processes whose fds serrinj may not read: a VMM among them is never found."""
+    out = []
+    for pid in procfs.pids():
+        try:
+            os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            try:
+                if not procfs.stat(pid).kernel_thread:  # kernel threads are no VMMs
+                    out.append(pid)
+            except ProcessLookupError:
+                pass
+        except OSError:
+            continue  # exited meanwhile
+    return tuple(out)
+
+
+def hidden_error(denied: Sequence[int], what: str = "no KVM VM was found") -> PermissionDenied:
+    """The error for a search that found nothing while ``denied`` processes were hidden."""
+    n = len(denied)
+    vmms = [p for p in denied if _looks_like_vmm(p)]
+    shown = ", ".join(f"{p} ({_comm(p)})" for p in (vmms or list(denied))[:4])
+    among = "likely VMMs among them" if vmms else "e.g."
+    return PermissionDenied(
+        f"{what}, and serrinj may not read the fds of {n} process{'es' if n > 1 else ''}"
+        f" ({among}: {shown}): /proc/PID/fd access is missing",
+        hint="reading another user's /proc/PID/fd needs ptrace access: run serrinj as"
+        " the VMM's user, or as root (CAP_SYS_PTRACE)",
+    )
+
+
+def _looks_like_vmm(pid: int) -> bool:
+    try:
+        names = [procfs.comm(pid, t) for t in procfs.tids(pid)]
+        return vmm_kind(procfs.comm(pid), procfs.cmdline(pid), names) != "unknown"
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _candidates_hint(vms: Sequence[Vm]) -> str:
@@ -367,11 +408,17 @@ def find(pid: Optional[int] = None, name: Optional[str] = None) -> Vm:
         if len(named) == 1:
             return named[0]
         if not named:
+            denied = hidden()
+            if denied:
+                raise hidden_error(denied, f"no VM named {name!r} was found")
             raise TargetNotFound(f"no VM named {name!r}", hint=_candidates_hint(vms))
         raise InvalidInput(f"{len(named)} VMs are named {name!r}", hint=_candidates_hint(named))
     if len(vms) == 1:
         return vms[0]
     if not vms:
+        denied = hidden()
+        if denied:
+            raise hidden_error(denied)
         raise TargetNotFound("no KVM VM is running on this host", hint=_candidates_hint(vms))
     raise InvalidInput(f"{len(vms)} VMs are running; say which one", hint=_candidates_hint(vms))
 
