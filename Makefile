@@ -8,6 +8,7 @@ CACHE ?= $(HOME)/.cache/serrinj
 .PHONY: setup deps demo test lint lab-arm64 lab-shell bench soak docs clean
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || bash scripts/install-deps python
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -316,9 +316,28 @@ def dry_run_option(f: F) -> F:
 
 
 # ====================================================================== the group
+def _set_lock_wait(ctx: click.Context, _param: click.Parameter, value: Optional[float]) -> None:
+    if value is None:
+        return
+    if value < 0:
+        raise click.BadParameter("the wait must not be negative")
+    from serrinj.ops import guard
+
+    guard.LOCK_WAIT = value
+
+
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="serrinj")
 @_global_options(hidden=False)
+@click.option(
+    "--lock-wait",
+    type=float,
+    metavar="SECONDS",
+    expose_value=False,
+    is_eager=True,
+    callback=_set_lock_wait,
+    help="How long to wait for another serrinj run on the same VM (default 10; SERRINJ_LOCK_WAIT).",
+)
 def cli() -> None:
     """Inject RAS faults into a running KVM VM's vCPU: a virtual SError (arm64),
     a machine check or an NMI (x86_64).
@@ -778,6 +797,194 @@ def demo_cmd(arch: str) -> None:
     ui.emit(data, view_demo)
     ui.error(err.kind, err.message, err.hint, err.exit_code, stdout=False)
     raise click.exceptions.Exit(int(err.exit_code))
+
+
+# ====================================================================== events
+@cli.group("events", short_help="Save and load vCPU events (migrate pending faults).")
+def events_group() -> None:
+    """Save every vCPU's KVM_GET_VCPU_EVENTS, with what is needed to interpret it, as
+    versioned JSON, and load it into another VM of the same architecture.
+
+    A pending SError keeps its ESR and a pending NMI stays pending, as a VMM's
+    migration would move them. A cross-arch load, or an ESR load onto a host
+    without RAS, is refused before anything is sent.
+    """
+
+
+@events_group.command("save", short_help="Save a VM's vCPU events to a file.")
+@target_options
+@click.option("-o", "--output", metavar="FILE", help="Write to FILE (default: stdout).")
+@json_option
+@_command("events save")
+def events_save_cmd(
+    pid: Optional[int],
+    name: Optional[str],
+    fd: Optional[int],
+    vcpu: Optional[str],
+    output: Optional[str],
+) -> None:
+    """Save the events of every vCPU (or --vcpu) as JSON (schema serrinj-events/1).
+
+    Without -o the file itself goes to stdout (`serrinj events save > a.json`).
+    """
+    from serrinj.ops import events, target
+    from serrinj.render import view_events_saved
+
+    ui = _ui()
+    pid, name, spec = _target_args(pid, name, fd, vcpu)
+    snap = events.save(target.resolve(pid, name, spec))
+    if output is None and not ui.json:
+        sys.stdout.write(snap.dumps())
+        return
+    if output is not None:
+        tmp = f"{output}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(snap.dumps())
+            os.replace(tmp, output)
+        except OSError as err:
+            raise InvalidInput(f"cannot write {output}: {err.strerror}") from None
+    ui.emit({"file": output, "snapshot": snap.as_dict()}, view_events_saved)
+
+
+@events_group.command("load", short_help="Load saved vCPU events into a VM.")
+@click.argument("file", metavar="FILE")
+@target_options
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Load even if an SError is already pending on a vCPU (it cannot be cancelled).",
+)
+@json_option
+@_command("events load")
+def events_load_cmd(
+    file: str,
+    pid: Optional[int],
+    name: Optional[str],
+    fd: Optional[int],
+    vcpu: Optional[str],
+    force: bool,
+) -> None:
+    """Load FILE (from `serrinj events save`; - for stdin) into the matching vCPUs.
+
+    vCPUs are matched by vcpu_id. Each vCPU's events are read before and after.
+    """
+    from serrinj.ops import events, target
+    from serrinj.ops.status import vm_dict
+    from serrinj.render import view_events_loaded
+
+    ui = _ui()
+    try:
+        if file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(file, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as err:
+        raise InvalidInput(f"cannot read {file}: {err.strerror}") from None
+    snap = events.parse(text, file)
+    pid, name, spec = _target_args(pid, name, fd, vcpu)
+    tgt = target.resolve(pid, name, spec)
+    results = events.load(tgt, snap, force=force)
+    ui.emit(
+        {
+            "file": file,
+            "arch": snap.arch,
+            "vm": vm_dict(tgt.vm),
+            "results": [r.as_dict() for r in results],
+        },
+        view_events_loaded,
+    )
+
+
+# ====================================================================== campaigns
+@cli.command("run", short_help="Run a campaign of injections and expectations (TOML).")
+@click.argument("campaign_file", metavar="CAMPAIGN.toml")
+@click.option("--pid", type=int, shell_complete=_complete_pid, help="The VMM (replaces [target]).")
+@click.option("--name", shell_complete=_complete_name, help="The VM's name (replaces [target]).")
+@click.option("--pid-file", metavar="FILE", help="A file holding the VMM's pid.")
+@click.option("--log", metavar="FILE", help="The guest's log file (replaces [target] log).")
+@click.option("--junit", metavar="FILE", help="Write a JUnit XML report (Jenkins, GitLab).")
+@click.option("--check-only", is_flag=True, help="Only load and check the file; touch no VM.")
+@dry_run_option
+@json_option
+@_command("run")
+def run_cmd(
+    campaign_file: str,
+    pid: Optional[int],
+    name: Optional[str],
+    pid_file: Optional[str],
+    log: Optional[str],
+    junit: Optional[str],
+    check_only: bool,
+    dry_run: bool,
+) -> None:
+    """Run the steps of CAMPAIGN.toml: injections (with delivery confirmation),
+    waits, pauses and expectations on the guest's log.
+
+    The whole file is checked first (errors name the line and key) and nothing
+    is injected if it has an error. A progress bar shows on a terminal; with
+    --json, every step event is one JSON line, and the result is the last line.
+    Exit 0 when every step passed, 9 when one failed, or the error's own code.
+    See examples/ and examples/README.md for the format.
+    """
+    from serrinj.ops import campaign
+    from serrinj.render import view_campaign
+
+    ui = _ui()
+    if sum(x is not None for x in (pid, name, pid_file)) > 1:
+        raise InvalidInput("give only one of --pid, --name and --pid-file")
+
+    def write_junit(result: Any) -> None:
+        if junit is None:
+            return
+        try:
+            with open(junit, "w", encoding="utf-8") as f:
+                f.write(result.junit_xml())
+        except OSError as err:
+            ui.warn(f"cannot write the JUnit report {junit}: {err.strerror}")
+
+    try:
+        c = campaign.load(campaign_file)
+    except SerrinjError as err:
+        if not check_only:
+            write_junit(campaign.CampaignResult.from_error(err, campaign_file))
+        raise
+    if check_only:
+        ui.emit({"campaign": c.as_dict(), "ok": True}, lambda _d: [])
+        if not ui.json:
+            ui.note(f"{campaign_file}: ok")
+        return
+    with ui.progress_bar(f"campaign {c.name}") as update:
+
+        def on_event(p: Any) -> None:
+            if ui.json:
+                ui.emit_line({"event": p.as_dict()})
+            elif p.event == "message":
+                ui.note(p.message)
+            update(p.index, p.total, p.name or p.kind or c.name)
+
+        try:
+            result = campaign.run(
+                c,
+                target_override=campaign.TargetOverride(pid, name, pid_file, log),
+                dry_run=dry_run,
+                on_event=on_event,
+            )
+        except SerrinjError as err:
+            write_junit(campaign.CampaignResult.from_error(err, campaign_file, c.name))
+            raise
+    write_junit(result)
+    data = result.as_dict()
+    data["junit"] = junit
+    if ui.json:
+        ui.emit_line(data)
+    else:
+        ui.emit(data, view_campaign)
+    if result.exit_code:
+        if not ui.json:
+            ui.error("campaign-failed", result.summary(), None, result.exit_code, stdout=False)
+        raise click.exceptions.Exit(result.exit_code)
 
 
 # ====================================================================== entry points

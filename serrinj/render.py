@@ -296,6 +296,39 @@ class Ui:
             self.stdout.write(dump_json(envelope(self.command, {"error": err})))
             self.stdout.flush()
 
+    def emit_line(self, data: Mapping[str, Any]) -> None:
+        """One compact JSON line on stdout (streamed output, e.g. campaign events)."""
+        import json
+
+        self.stdout.write(
+            json.dumps(envelope(self.command, data), default=_json_default, separators=(",", ":"))
+            + "\n"
+        )
+        self.stdout.flush()
+
+    @contextlib.contextmanager
+    def progress_bar(self, text: str) -> Iterator[Callable[[int, int, str], None]]:
+        """A progress bar on stderr (terminal only); yields ``update(done, total, text)``."""
+        if not _tty(self.stderr) or self.color == "never" or self.json:
+            yield lambda _done, _total, _text: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=self._console(self.stderr),
+            transient=True,
+        )
+        with bar:
+            task = bar.add_task(text, total=None)
+
+            def update(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total or None, description=what)
+
+            yield update
+
     @contextlib.contextmanager
     def progress(self, text: str) -> Iterator[Callable[[str], None]]:
         """A spinner with ``text`` on stderr, only when stderr is a terminal.
@@ -831,4 +864,72 @@ def view_demo(data: Mapping[str, Any]) -> Doc:
             else Styled("the guest did not observe what was injected", BAD)
         )
     )
+    return doc
+
+
+# ====================================================================== events
+def view_events_saved(data: Mapping[str, Any]) -> Doc:
+    snap = data["snapshot"]
+    src = snap.get("source") or {}
+    where = data.get("file") or "stdout"
+    doc: Doc = [
+        Heading(f"Saved the vCPU events of VM {_vm_label(src)} ({snap['arch']}) to {where}")
+    ]
+    rows: List[List[Cell]] = [
+        [str(v["vcpu_id"]), events_summary(snap["arch"], v["decoded"])] for v in snap["vcpus"]
+    ]
+    doc.append(Table(["vCPU", "events"], rows))
+    return doc
+
+
+def view_events_loaded(data: Mapping[str, Any]) -> Doc:
+    arch = data.get("arch", "")
+    doc: Doc = [Heading(f"Loaded {data.get('file')} into VM {_vm_label(data.get('vm') or {})}")]
+    rows: List[List[Cell]] = []
+    for r in data["results"]:
+        rows.append(
+            [
+                str(r["vcpu_id"]),
+                events_summary(arch, r["before"]),
+                events_summary(arch, r["after"]),
+                "; ".join(r.get("notes") or []),
+            ]
+        )
+    doc.append(Table(["vCPU", "before", "after", "notes"], rows))
+    return doc
+
+
+# ====================================================================== campaigns
+_OUTCOME_STYLE = {"passed": OK, "failed": BAD, "error": BAD, "skipped": WARN}
+
+
+def view_campaign(data: Mapping[str, Any]) -> Doc:
+    camp = data.get("campaign") or {}
+    doc: Doc = [Heading(f"Campaign {camp.get('name')} ({camp.get('source')})")]
+    rows: List[List[Cell]] = []
+    for e in data.get("executions", []):
+        outcome = str(e.get("outcome"))
+        rows.append(
+            [
+                str(e.get("index")),
+                str(e.get("label") or e.get("name")),
+                Styled(outcome, _OUTCOME_STYLE.get(outcome, "")),
+                f"{float(e.get('duration_s') or 0):.3f} s",
+                str(e.get("message") or ""),
+            ]
+        )
+    doc.append(Table(["#", "step", "outcome", "time", "detail"], rows))
+    counts = data.get("counts") or {}
+    summary = ", ".join(f"{n} {o}" for o, n in counts.items() if n) or "nothing run"
+    code = int(data.get("exit_code", 0))
+    doc.append(
+        Line(
+            Styled(
+                f"{summary} in {float(data.get('duration_s') or 0):.2f} s (exit {code})",
+                OK if code == 0 else BAD,
+            )
+        )
+    )
+    if data.get("junit"):
+        doc.append(Line(f"JUnit report: {data['junit']}"))
     return doc

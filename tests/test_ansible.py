@@ -74,8 +74,6 @@ def test_the_playbook_runs_the_campaign_and_fetches_the_report(tmp_path: Any) ->
             "serrinj_become": False,
             "serrinj_venv": venv,
             "serrinj_python": sys.executable,
-            # `serrinj run` is the default; the plain-text runner needs no CLI
-            "serrinj_command": f"{venv}/bin/python -m serrinj.ops.campaign",
             "serrinj_run_args": f"--pid {vm.pid} --log {vm.log_path}",
             "serrinj_workdir": os.path.join(tmp, "host-work"),
             "serrinj_reports": reports,

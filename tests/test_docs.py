@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GEN = ROOT / "scripts" / "gen_docs.py"
-SUBCOMMANDS = ["demo", "esr", "inject", "list", "mce", "nmi", "status"]
+SUBCOMMANDS = ["demo", "esr", "events", "inject", "list", "mce", "nmi", "run", "status"]
 STRICT = os.environ.get("CI") == "true" or os.environ.get("SERRINJ_REQUIRE_ALL") == "1"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -85,17 +86,32 @@ class TestVmProcess:
         if arch is not None:
             argv += ["--arch", arch]
         argv += list(extra_args)
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            env=env,
-            close_fds=True,
-        )
-        vm = cls(popen, argv)
+        # A Ctrl-C landing inside Popen would leave a child nobody owns: hold the
+        # stop signals until the child is created and owned by ``vm``.
+        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        on_main = threading.current_thread() is threading.main_thread()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held) if on_main else None
+        vm: Optional[TestVmProcess] = None
+        try:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+                env=env,
+                close_fds=True,
+            )
+            vm = cls(popen, argv)
+        finally:
+            if old_mask is not None:
+                try:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                except BaseException:
+                    if vm is not None:
+                        vm.stop()
+                    raise
         try:
             vm.ready = vm.wait_event(lambda e: e.get("event") == "ready", timeout)
         except BaseException:

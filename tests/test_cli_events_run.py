@@ -1,0 +1,133 @@
+"""`serrinj events save|load` and `serrinj run`, through the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator, List, Tuple
+
+import pytest
+import xmlschema
+
+from serrinj.testvm.process import TestVmProcess
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root]
+ROOT = Path(__file__).resolve().parent.parent
+XSD = ROOT / "tests/data/junit/junit-10.xsd"
+X86 = os.uname().machine == "x86_64"
+
+
+def serrinj(*args: str) -> Tuple[int, str, str]:
+    p = subprocess.run(
+        [sys.executable, "-m", "serrinj", *args], capture_output=True, text=True, timeout=120
+    )
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture
+def pair() -> Iterator[Tuple[TestVmProcess, TestVmProcess]]:
+    paused = ["--start-paused"]
+    with (
+        TestVmProcess.start(vcpus=2, extra_args=paused) as a,
+        TestVmProcess.start(vcpus=2, extra_args=paused) as b,
+    ):
+        yield a, b
+
+
+@pytest.mark.skipif(not X86, reason="the arm64 scenario runs in the arm64 lab")
+def test_events_save_load_through_the_cli(
+    pair: Tuple[TestVmProcess, TestVmProcess], tmp_path: Path
+) -> None:
+    a, b = pair
+    assert serrinj("nmi", "--pid", str(a.pid), "--vcpu", "0")[0] == 0
+    # to stdout, as a plain file
+    rc, out, err = serrinj("events", "save", "--pid", str(a.pid))
+    assert rc == 0, err
+    assert json.loads(out)["schema"] == "serrinj-events/1"
+    saved = tmp_path / "a.json"
+    saved.write_text(out)
+    rc, out, err = serrinj("--json", "events", "load", str(saved), "--pid", str(b.pid))
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["command"] == "events load"
+    assert [r["after"]["nmi"]["pending"] for r in doc["results"]] == [1, 0]
+    mark = b.mark()
+    b.command({"cmd": "run"})
+    assert b.wait_event(lambda e: e["event"] == "nmi", since=mark)["vcpu"] == 0
+    # a broken file is refused, naming the key, and nothing is loaded
+    bad = json.loads(saved.read_text())
+    bad["arch"] = "mips"
+    saved.write_text(json.dumps(bad))
+    rc, _out, err = serrinj("events", "load", str(saved), "--pid", str(a.pid))
+    assert rc == 2 and "arch" in err
+
+
+class LoggedVm:
+    """The test VM with its event lines in a file the campaign's log steps read."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = open(log, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serrinj.testvm", "--vcpus", "2", "--ignore-eof"],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+        )
+        self.path = log
+
+    def ready(self) -> None:
+        import time
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            lines = self.path.read_text().splitlines()
+            if sum('"guest-ready"' in x for x in lines) >= 2:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the test VM did not get ready")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.mark.skipif(not X86, reason="x86-smoke.toml is the x86_64 example")
+def test_run_the_x86_example_with_junit_and_json_lines(tmp_path: Path) -> None:
+    vm = LoggedVm(tmp_path / "guest.log")
+    try:
+        vm.ready()
+        report = tmp_path / "report.xml"
+        rc, out, err = serrinj(
+            "--json", "run", str(ROOT / "examples/x86-smoke.toml"), "--pid", str(vm.proc.pid),
+            "--log", str(vm.path), "--junit", str(report),
+        )  # fmt: skip
+        assert rc == 0, (out, err)
+        lines: List[Any] = [json.loads(x) for x in out.splitlines()]
+        assert all(x["schema"] == "serrinj/1" and x["command"] == "run" for x in lines)
+        events = [x["event"]["event"] for x in lines[:-1]]
+        assert events[0] == "campaign-started" and events[-1] == "campaign-finished"
+        result = lines[-1]
+        assert result["exit_code"] == 0 and result["counts"]["failed"] == 0
+        schema = xmlschema.XMLSchema(str(XSD))
+        schema.validate(str(report))
+        assert 'failures="0"' in report.read_text()
+    finally:
+        vm.close()
+
+
+def test_run_refuses_a_bad_file_and_still_writes_a_report(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[steps]]\ninject = "nmi"\nsevrity = "ce"\n')
+    report = tmp_path / "r.xml"
+    rc, _out, err = serrinj("run", str(bad), "--junit", str(report), "--pid", "1")
+    assert rc == 2
+    assert f"{bad}:3" in err and "sevrity" in err
+    assert 'errors="1"' in report.read_text() or "<error" in report.read_text()
