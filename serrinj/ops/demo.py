@@ -272,12 +272,15 @@ class _Demo:
             cases.append(("serror-ras", esr.PRESETS["ce"], "SError, ISS 0x1811 (CE)"))
         cases.append(("serror-cpu", None, "SError, no ESR given"))
         return [
-            self.serror_step(name, iss, text, idx % len(self.vm.vcpus))
+            self.serror_step(name, iss, text, idx % len(self.vm.vcpus), caps.serror_esr)
             for idx, (name, iss, text) in enumerate(cases)
         ]
 
-    def serror_step(self, name: str, iss: Optional[int], text: str, vcpu_id: int) -> Step:
-        want = esr.guest_esr(iss)
+    def serror_step(
+        self, name: str, iss: Optional[int], text: str, vcpu_id: int, host_ras: bool = True
+    ) -> Step:
+        # None: a host without RAS lets the CPU choose the syndrome, so only the EC is known
+        want = esr.guest_esr(iss, host_ras=host_ras)
 
         def injector() -> List[inject.Injection]:
             return inject.inject_serror(self.target(vcpu_id), inject.SErrorRequest(iss), WAIT_S)
@@ -286,17 +289,25 @@ class _Demo:
             return e.get("event") == "serror" and e.get("vcpu") == vcpu_id
 
         def matches(e: Event) -> bool:
-            return (int(e.get("esr", -1)) & 0xFFFFFFFF) == want
+            seen = int(e.get("esr", -1)) & 0xFFFFFFFF
+            if want is None:
+                return seen >> esr.ESR_EC_SHIFT == esr.EC_SERROR
+            return seen == want
 
         def describe(e: Event) -> str:
             seen = int(e.get("esr", 0)) & 0xFFFFFFFF
             return f"SError exception on vCPU {e.get('vcpu')}\nESR_EL1 {seen:#x}"
 
+        expected_text = (
+            f"ESR_EL1 {want:#x}"
+            if want is not None
+            else f"EC {esr.EC_SERROR:#x} (syndrome chosen by the CPU)"
+        )
         return self.step(
             name,
             f"{text}\nto vCPU {vcpu_id}",
-            {"event": "serror", "vcpu": vcpu_id, "esr": want},
-            f"SError exception on vCPU {vcpu_id}\nESR_EL1 {want:#x}",
+            {"event": "serror", "vcpu": vcpu_id, "esr": want, "ec": esr.EC_SERROR},
+            f"SError exception on vCPU {vcpu_id}\n{expected_text}",
             injector,
             wanted,
             matches,
