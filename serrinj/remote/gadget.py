@@ -9,7 +9,7 @@ VMM, in its own text). Results are cached per process and re-validated with a
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from serrinj import _native, procfs
 from serrinj.errors import SerrinjError
@@ -65,15 +65,20 @@ def _still_valid(pid: int, addr: int, arch: Arch) -> bool:
         return False
 
 
-def find_syscall_gadget(pid: int, arch: Arch, avoid: Iterable[int] = ()) -> int:
+def find_syscall_gadget(
+    pid: int, arch: Arch, avoid: Iterable[int] = (), starttime: Optional[int] = None
+) -> int:
     """The address of a syscall instruction in an executable mapping of ``pid``.
 
     ``avoid`` lists addresses that must not be used (on aarch64, the
     instruction the thread will restart at: the kernel treats a pc equal to
-    its restart address specially).
+    its restart address specially). ``starttime`` is the process's start time
+    when the caller already read it (with a pidfd pinning the process); it
+    keys the cache against pid reuse.
     """
     avoid = tuple(avoid)
-    starttime = procfs.stat(pid).starttime
+    if starttime is None:
+        starttime = procfs.stat(pid).starttime
     key = (pid, starttime)
     cached = _cache.get(key)
     if cached and cached not in avoid and _still_valid(pid, cached, arch):

@@ -184,7 +184,15 @@ class RemoteThread:
         self.verified: Optional[bool] = None
         #: the thread exited while serrinj held it (nothing left to restore)
         self.gone = False
+        #: nanoseconds per phase: ``seize_ns`` (checks and PTRACE_SEIZE; the thread
+        #: still runs), ``interrupt_ns`` (PTRACE_INTERRUPT until the stop),
+        #: ``attach_ns`` (all of attach), ``syscall_ns`` (the last syscall),
+        #: ``syscall_total_ns`` (every syscall), ``restore_ns`` (registers and
+        #: memory back, verified), ``detach_ns``, ``restore_detach_ns``, and
+        #: ``held_ns``: from PTRACE_INTERRUPT until PTRACE_DETACH returned, the
+        #: time the thread was kept from running
         self.timings: Dict[str, int] = {}
+        self._t_interrupt = 0
         self._saved_syscallno: Optional[bytes] = None
         self._at_syscall_stop = False  # the baseline was captured at a syscall stop
         self._pidfd = -1
@@ -198,6 +206,8 @@ class RemoteThread:
         self._filters: Optional[List[List[seccomp.Insn]]] = None
         self._seccomp_mode = 0
         self._gadget: Optional[int] = None
+        self._gadget_hint: Optional[int] = None  # looked up before the thread was stopped
+        self._starttime: Optional[int] = None
         self._running = False  # resumed by us and not yet seen stopped
 
     # ------------------------------------------------------------------ lifecycle
@@ -230,13 +240,14 @@ class RemoteThread:
 
     def _attach(self) -> None:
         pid, tid = self.pid, self.tid
+        t_start = time.perf_counter_ns()
         try:
             sec = procfs.task_security(pid, tid)
             self._pidfd = _native.pidfd_open(pid)
-            if (
-                self.expected_starttime is not None
-                and procfs.stat(pid).starttime != self.expected_starttime
-            ):
+            # Read once, after the pidfd pins the process: it keys the gadget
+            # cache, so nothing re-reads /proc while the thread is held.
+            self._starttime = procfs.stat(pid).starttime
+            if self.expected_starttime is not None and self._starttime != self.expected_starttime:
                 raise TargetGone(
                     f"process {pid} exited and its pid was reused by another process",
                     hint="list the VMs again",
@@ -255,6 +266,7 @@ class RemoteThread:
                 " worker without user code; it cannot run a syscall for serrinj"
             )
         self._seccomp_mode = sec.seccomp_mode
+        self._prefetch_gadget()
         try:
             ptrace.seize(tid)
         except OSError as err:
@@ -264,7 +276,8 @@ class RemoteThread:
                 raise TargetGone(f"thread {tid} of process {pid} exited") from err
             raise
         self._seized = True
-        t0 = time.perf_counter_ns()
+        t0 = self._t_interrupt = time.perf_counter_ns()
+        self.timings["seize_ns"] = t0 - t_start
         self._ptrace(ptrace.interrupt, tid)
         self._running = True
         self.first_stop = self._wait_event_stop(deliver_signals=True)
@@ -286,7 +299,10 @@ class RemoteThread:
                     self.gone = True
                 finally:
                     self._seized = False
-                self.timings["restore_detach_ns"] = time.perf_counter_ns() - t0
+                t1 = time.perf_counter_ns()
+                self.timings["restore_detach_ns"] = t1 - t0
+                if self._t_interrupt:
+                    self.timings["held_ns"] = t1 - self._t_interrupt
         finally:
             if self._pidfd >= 0:
                 os.close(self._pidfd)
@@ -298,14 +314,25 @@ class RemoteThread:
         raw = self._ptrace(ptrace.get_regset, self.tid, ptrace.NT_PRSTATUS, self.arch.regs_size)
         return Registers.unpack(self.arch, raw)
 
+    def _prefetch_gadget(self) -> None:
+        """Find the syscall instruction while the thread still runs (not on the clock
+        of the stop); failures are left for :attr:`gadget` to report."""
+        with contextlib.suppress(SerrinjError, OSError):
+            self._gadget_hint = find_syscall_gadget(self.pid, self.arch, starttime=self._starttime)
+
     @property
     def gadget(self) -> int:
         """The address of the syscall instruction the engine executes."""
         if self._gadget is None:
             assert self.saved is not None
             avoid = (self.saved[self.arch.pc_reg],)
+            if self._gadget_hint is not None and self._gadget_hint not in avoid:
+                self._gadget = self._gadget_hint
+                return self._gadget
             try:
-                self._gadget = find_syscall_gadget(self.pid, self.arch, avoid=avoid)
+                self._gadget = find_syscall_gadget(
+                    self.pid, self.arch, avoid=avoid, starttime=self._starttime
+                )
             except (SerrinjError, ProcessLookupError) as err:
                 self._raise_if_gone(err)
                 raise
@@ -387,7 +414,9 @@ class RemoteThread:
         self._wait_syscall_stop()
         self._at_entry = False
         result = self.arch.syscall_result(self.get_registers())
-        self.timings["syscall_ns"] = time.perf_counter_ns() - t0
+        spent = time.perf_counter_ns() - t0
+        self.timings["syscall_ns"] = spent
+        self.timings["syscall_total_ns"] = self.timings.get("syscall_total_ns", 0) + spent
         _test_pause("syscall-done")
         return result
 
@@ -502,6 +531,7 @@ class RemoteThread:
     # ------------------------------------------------------------------ restore
     def _restore_and_detach(self) -> None:
         tid = self.tid
+        t_restore = time.perf_counter_ns()
         if self._running:
             if not self._dirty:
                 # Seized but never stopped (e.g. uninterruptible sleep) and
@@ -541,7 +571,10 @@ class RemoteThread:
                 with contextlib.suppress(ProcessLookupError):
                     _native.tgkill(self.pid, tid, sig)
             self._deferred.clear()
+            t0 = time.perf_counter_ns()
+            self.timings["restore_ns"] = t0 - t_restore
             self._ptrace(ptrace.detach, tid, 0)
+            self.timings["detach_ns"] = time.perf_counter_ns() - t0
         if failure is not None:
             raise failure
 
