@@ -784,8 +784,14 @@ def test_the_vmm_would_see_a_naive_tracers_leaked_restart_code(
     VMM the raw restart code, and the test VM reports it as an error event."""
     vm = start_vm(vcpus=1, mode="futex", extra=["--block-in", kind, "--yield-ms", "50"])
     tid = vm.vcpu(0).tid
-    if not any(_naive_remote_getpid(vm.pid, tid, BLOCKED_IN[kind]) for _ in range(200)):
-        pytest.fail(f"the vCPU thread was never met in {kind}")
+    # Bounded by time, not by attempts: an attempt that misses takes well under a
+    # millisecond, and the guest needs to run on (to its next tick) before its
+    # thread yields again.
+    deadline = time.monotonic() + 10
+    while not _naive_remote_getpid(vm.pid, tid, BLOCKED_IN[kind]):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the vCPU thread was never met in {kind}")
+        time.sleep(0.002)
     ev = vm.wait_event(lambda e: e.get("event") == "error", 10)
     assert ev["restart_code"] in (-512, -513, -514, -516), ev
     assert ev["vcpu"] == 0
