@@ -334,16 +334,13 @@ def hidden() -> Tuple[int, ...]:
     """User processes whose fds serrinj may not read: a VMM among them is never found."""
     out = []
     for pid in procfs.pids():
+        if pid == os.getpid() or not _fds_denied(pid):
+            continue
         try:
-            os.listdir(f"/proc/{pid}/fd")
-        except PermissionError:
-            try:
-                if not procfs.stat(pid).kernel_thread:  # kernel threads are no VMMs
-                    out.append(pid)
-            except ProcessLookupError:
-                pass
-        except OSError:
-            continue  # exited meanwhile
+            if not procfs.stat(pid).kernel_thread:  # kernel threads are no VMMs
+                out.append(pid)
+        except ProcessLookupError:
+            pass
     return tuple(out)
 
 
@@ -358,6 +355,42 @@ def hidden_error(denied: Sequence[int], what: str = "no KVM VM was found") -> Pe
         f" ({among}: {shown}): /proc/PID/fd access is missing",
         hint="reading another user's /proc/PID/fd needs ptrace access: run serrinj as"
         " the VMM's user, or as root (CAP_SYS_PTRACE)",
+    )
+
+
+def _fds_denied(pid: int) -> bool:
+    """Whether ``pid``'s fds are unreadable to serrinj. os.access() checks only the
+    mode bits, and a root caller may list /proc/PID/fd yet not read its links:
+    both also need ptrace read access to the process."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+        for name in names[:1]:
+            os.readlink(f"/proc/{pid}/fd/{name}")
+    except PermissionError:
+        return True
+    except OSError:
+        pass  # exited meanwhile
+    return False
+
+
+def _fd_denial(pid: int) -> PermissionDenied:
+    """Why this process may not read ``pid``'s fds (ptrace read access, file-system ids)."""
+    reason = ""
+    try:
+        sec = procfs.task_security(pid)
+        caps = int(procfs.status(os.getpid()).get("CapEff", "0"), 16)
+        fsuid, fsgid = procfs.task_security(os.getpid()).uid[3], os.getegid()
+        if not procfs.has_capability(procfs.CAP_SYS_PTRACE):
+            if any(u != fsuid for u in sec.uid[:3]) or any(g != fsgid for g in sec.gid[:3]):
+                reason = f": it runs as uid {sec.uid[0]} gid {sec.gid[0]}, serrinj as uid {fsuid}"
+            elif sec.cap_permitted & ~caps:
+                reason = ": it holds capabilities serrinj lacks, and serrinj has no CAP_SYS_PTRACE"
+    except ProcessLookupError:
+        raise TargetGone(f"process {pid} exited") from None
+    return PermissionDenied(
+        f"cannot read the fds of process {pid} ({_comm(pid)}){reason}",
+        hint="reading /proc/PID/fd needs ptrace access: run serrinj as the VMM's user (with"
+        " at least its capabilities), or as root with CAP_SYS_PTRACE",
     )
 
 
@@ -390,11 +423,8 @@ def find(pid: Optional[int] = None, name: Optional[str] = None) -> Vm:
         except ProcessLookupError:
             raise TargetGone(f"process {pid} exited") from None
         if vm is None:
-            if not os.access(f"/proc/{pid}/fd", os.R_OK):
-                raise PermissionDenied(
-                    f"cannot read the fds of process {pid}",
-                    hint="run serrinj as the VMM's user or as root",
-                )
+            if _fds_denied(pid):
+                raise _fd_denial(pid)
             raise TargetNotFound(
                 f"process {pid} ({_comm(pid)}) is not a KVM VMM: it holds no KVM VM or vCPU fds",
                 hint=_candidates_hint(scan()),

@@ -113,19 +113,26 @@ class TaskSecurity:
     """Ptrace- and seccomp-relevant facts of a thread."""
 
     tracer_pid: int
+    #: real, effective, saved and filesystem ids
     uid: Tuple[int, int, int, int]
     seccomp_mode: int
     seccomp_filters: int
+    gid: Tuple[int, int, int, int] = (0, 0, 0, 0)
+    #: the permitted capability set (a tracer needs all of them, or CAP_SYS_PTRACE)
+    cap_permitted: int = 0
 
 
 def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
     st = status(pid, tid)
     uids = st.get("Uid", "0 0 0 0").split()
+    gids = st.get("Gid", "0 0 0 0").split()
     return TaskSecurity(
         tracer_pid=int(st.get("TracerPid", "0")),
         uid=(int(uids[0]), int(uids[1]), int(uids[2]), int(uids[3])),
         seccomp_mode=int(st.get("Seccomp", "0")),
         seccomp_filters=int(st.get("Seccomp_filters", "0")),
+        gid=(int(gids[0]), int(gids[1]), int(gids[2]), int(gids[3])),
+        cap_permitted=int(st.get("CapPrm", "0"), 16),
     )
 
 

@@ -391,6 +391,7 @@ def test_target_choice_with_several_vms(
 ) -> None:
     a, b = fake_vm("x86_64", pid=100, name="a"), fake_vm("x86_64", pid=200, name="b")
     monkeypatch.setattr(discover, "scan", lambda arch=None: [a, b])
+    monkeypatch.setattr(discover, "hidden", lambda: ())  # no process hidden from serrinj
     r = run("nmi")
     assert r.rc == ExitCode.USAGE
     assert "2 VMs are running" in r.stderr and "'a' (pid 100)" in r.stderr

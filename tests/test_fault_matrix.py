@@ -912,3 +912,16 @@ def test_list_while_vmms_come_and_go() -> None:
     assert churn.returncode == 0
     assert int(out) > 100, "the churn made too few VMs"
     assert seen > 50, f"only {seen} short-lived VMs seen in {scans} scans"
+
+
+def test_test_vm_ends_on_sigterm_even_if_started_with_stop_signals_held() -> None:
+    """TestVmProcess holds SIGINT/SIGTERM/SIGHUP while it forks the VMM, and a signal
+    mask survives exec: the VMM must unblock them, or every stop() above would be
+    a SIGKILL after a timeout and 'the VMM exits cleanly' would prove nothing."""
+    vm = TestVmProcess.start(vcpus=1)
+    try:
+        with open(f"/proc/{vm.pid}/status") as f:
+            blocked = int(next(x for x in f if x.startswith("SigBlk:")).split()[1], 16)
+        assert not blocked & (1 << (signal.SIGTERM - 1)), f"SigBlk {blocked:#x}"
+    finally:
+        assert vm.stop() == 0  # SIGTERM did it, not the SIGKILL fallback

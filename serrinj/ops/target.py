@@ -30,6 +30,7 @@ from serrinj.errors import (
     Conflict,
     InvalidInput,
     KvmRejected,
+    PermissionDenied,
     SeccompBlocked,
     TargetGone,
     TargetNotFound,
@@ -265,6 +266,15 @@ def _helper_thread(
         held.exclude.add(t.tid)
         stack.callback(rt.close)
         return rt
+    if not procfs.has_capability(procfs.CAP_SYS_ADMIN):
+        # Without CAP_SYS_ADMIN no filter can be read (PTRACE_SECCOMP_GET_FILTER),
+        # so what stopped serrinj is its own privilege, not a known verdict.
+        raise PermissionDenied(
+            f"every thread of {vm.label} runs under a seccomp filter, and serrinj may not"
+            " read the filters to check that its ioctls are allowed: CAP_SYS_ADMIN is missing",
+            hint="nothing was sent; run serrinj as root (reading seccomp filters needs"
+            " CAP_SYS_ADMIN)",
+        )
     raise SeccompBlocked(
         f"{blocked.message}, and no other thread of {vm.label} may issue it either",
         hint="nothing was sent; the VMM's sandbox forbids these ioctls everywhere",

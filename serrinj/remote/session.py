@@ -98,17 +98,20 @@ def _explain_seize_eperm(pid: int, tid: int) -> SerrinjError:
         )
     cap = procfs.has_capability(procfs.CAP_SYS_PTRACE)
     scope = procfs.ptrace_scope()
-    me = os.geteuid()
+    # PTRACE_ATTACH/SEIZE compare the tracer's *real* ids with the target's real,
+    # effective and saved ids (kernel/ptrace.c __ptrace_may_access)
+    ruid, rgid = os.getuid(), os.getgid()
     if scope == 3:
         return PermissionDenied(
             f"ptrace of process {pid} denied: Yama ptrace_scope is 3 (no attach at all)",
             hint="ptrace_scope 3 can only be lowered by a reboot",
         )
     if not cap:
-        if any(u != me for u in sec.uid):
+        if any(u != ruid for u in sec.uid[:3]) or any(g != rgid for g in sec.gid[:3]):
             return PermissionDenied(
-                f"ptrace of process {pid} denied: it runs as uid {sec.uid[1]}, serrinj as"
-                f" uid {me}, without CAP_SYS_PTRACE",
+                f"ptrace of process {pid} denied: it runs as uid {sec.uid[0]} gid"
+                f" {sec.gid[0]}, serrinj as uid {ruid} gid {rgid} (its real ids; ptrace"
+                f" needs them to match), without CAP_SYS_PTRACE",
                 hint="run serrinj as the VMM's user, or as root / with CAP_SYS_PTRACE",
             )
         if scope == 2:
@@ -130,6 +133,17 @@ def _explain_seize_eperm(pid: int, tid: int) -> SerrinjError:
                 )
         except OSError:
             pass
+        try:
+            mine = procfs.task_security(os.getpid()).cap_permitted
+        except ProcessLookupError:  # pragma: no cover - we are alive
+            mine = 0
+        if sec.cap_permitted & ~mine:
+            return PermissionDenied(
+                f"ptrace of process {pid} denied: it holds capabilities serrinj lacks"
+                f" (CapPrm {sec.cap_permitted:#x}, serrinj {mine:#x}), and serrinj has no"
+                " CAP_SYS_PTRACE",
+                hint="run serrinj with at least the VMM's capabilities, or with CAP_SYS_PTRACE",
+            )
     return PermissionDenied(
         f"ptrace of process {pid} denied by a security module (SELinux, AppArmor or similar)",
         hint="check the audit log for the denial",

@@ -866,6 +866,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for sig in _STOP_SIGNALS:
         signal.signal(sig, on_stop)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    # A blocked signal mask is inherited through fork and exec: a parent that held
+    # its stop signals while starting us must not leave us deaf to SIGTERM.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     vm: Optional[Vm] = None
     try:

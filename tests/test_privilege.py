@@ -1,0 +1,308 @@
+"""What serrinj needs, and what it says when it lacks it.
+
+serrinj runs as a less privileged user (``setpriv``, from util-linux) against a
+real test VM: every command that touches a VM or /dev/kvm must exit 4 with a
+message naming what is missing (ptrace permission, /dev/kvm access,
+/proc/PID/fd access, CAP_SYS_ADMIN for seccomp filters), after nothing more
+than the permission check: a real ``strace`` of serrinj shows no ptrace, no
+process_vm_* and no KVM ioctl, and the guest took nothing. The minimal
+privileges really are enough: with no capability at all, serrinj injects into a
+VMM of its own uid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import pytest
+
+from serrinj.errors import ExitCode
+from serrinj.testvm.process import TestVmProcess
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root]
+X86 = os.uname().machine == "x86_64"
+NOBODY = 65534
+SETPRIV = shutil.which("setpriv")
+AS_NOBODY = ["--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+NO_CAPS = ["--bounding-set=-all", "--inh-caps=-all"]
+
+
+@dataclass
+class Run:
+    argv: List[str]
+    rc: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:
+        return f"{self.argv} -> {self.rc}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+@pytest.fixture(scope="module")
+def shared_dir() -> Iterator[Path]:
+    """A directory every uid may write: the audit log and the locks of these runs."""
+    d = Path(tempfile.mkdtemp(prefix="serrinj-priv-"))
+    try:
+        d.chmod(0o777)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_as(
+    setpriv_args: Sequence[str],
+    *args: object,
+    shared: Path,
+    strace_to: Optional[Path] = None,
+) -> Run:
+    """``setpriv ARGS python -m serrinj ARGS``, optionally under a real strace."""
+    if SETPRIV is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    argv = [str(a) for a in args]
+    cmd = [SETPRIV, *setpriv_args, sys.executable, "-m", "serrinj", *argv]
+    if strace_to is not None:
+        strace = shutil.which("strace")
+        if strace is None:
+            pytest.skip("strace is not installed (apt-get install strace)")
+        cmd = [strace, "-f", "-qq", "-o", str(strace_to), *cmd]
+    env = {
+        **os.environ,
+        "SERRINJ_AUDIT_LOG": str(shared / "audit.jsonl"),
+        "SERRINJ_LOCK_DIR": str(shared / "locks"),
+        "HOME": str(shared),
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd="/")
+    return Run(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def audit_records(shared: Path) -> List[Dict[str, Any]]:
+    try:
+        with open(shared / "audit.jsonl") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
+    vms: List[TestVmProcess] = []
+
+    def start(python: str = sys.executable, extra: Sequence[str] = ()) -> TestVmProcess:
+        vm = TestVmProcess.start(vcpus=2, mode="halt", python=python, extra_args=list(extra))
+        vms.append(vm)
+        for v in (0, 1):
+            vm.wait_event(lambda e, v=v: e.get("event") == "guest-ready" and e.get("vcpu") == v, 20)
+        return vm
+
+    try:
+        yield start
+    finally:
+        for vm in vms:
+            vm.stop()
+
+
+@pytest.fixture
+def nocap_python(tmp_path: Path) -> str:
+    """A python that runs as root but with no capability at all (a minimal VMM)."""
+    if SETPRIV is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    script = tmp_path / "python-nocaps"
+    script.write_text(f'#!/bin/sh\nexec {SETPRIV} {" ".join(NO_CAPS)} {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def guest_counts(vm: TestVmProcess) -> List[tuple]:  # type: ignore[type-arg]
+    out = []
+    for v in (0, 1):
+        mark = vm.mark()
+        vm.command({"cmd": "heartbeat", "vcpu": v})
+        hb = vm.wait_event(
+            lambda e, v=v: e.get("event") == "heartbeat" and e["vcpu"] == v, since=mark
+        )
+        out.append((hb["nmi_count"], hb["mce_count"], hb["poll_count"], hb["check_failures"]))
+    return out
+
+
+def assert_refused(r: Run, *words: str) -> None:
+    assert r.rc == ExitCode.PERMISSION, r
+    assert r.stderr.startswith("error: "), r
+    assert "Traceback" not in r.stderr + r.stdout, r
+    for w in words:
+        assert w in r.stderr, (w, str(r))
+
+
+def _commands(pid: int) -> Dict[str, List[object]]:
+    return {
+        "list": ["list"],
+        "list-json": ["list", "--json"],
+        "list-pid": ["list", "--pid", pid],
+        "status": ["status", "--pid", pid],
+        "status-any": ["status"],
+        "nmi": ["nmi", "--pid", pid, "--vcpu", 0],
+        "nmi-any": ["nmi", "--vcpu", 0],
+        "mce": ["mce", "--pid", pid, "--vcpu", 1, "--bank", 1, "--preset", "uc"],
+        "mce-dry-run": [
+            "mce",
+            "--pid",
+            pid,
+            "--vcpu",
+            1,
+            "--bank",
+            1,
+            "--preset",
+            "ce",
+            "--dry-run",
+        ],
+        "inject": ["inject", "--pid", pid, "--vcpu", 0],
+        "demo": ["demo"],
+    }
+
+
+#: command -> what its message must name
+MISSING = {
+    "list": ["/proc/PID/fd access is missing", f"{os.getpid()}"],
+    "list-json": ["/proc/PID/fd access is missing"],
+    "list-pid": ["cannot read the fds of process", "uid 0"],
+    "status": ["/dev/kvm"],
+    "status-any": ["/dev/kvm"],
+    "nmi": ["cannot read the fds of process", "uid 0"],
+    "nmi-any": ["/proc/PID/fd access is missing"],
+    "mce": ["cannot read the fds of process", "uid 0"],
+    "mce-dry-run": ["cannot read the fds of process"],
+    "inject": ["cannot read the fds of process"],
+    "demo": ["/dev/kvm"],
+}
+
+
+# ====================================================================== an unprivileged user
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+def test_unprivileged_user_gets_exit_4_for_every_vm_command(
+    start_vm: Callable[..., TestVmProcess], shared_dir: Path
+) -> None:
+    vm = start_vm()
+    before = guest_counts(vm)
+    audit_before = len(audit_records(shared_dir))
+    commands = _commands(vm.pid)
+    for name, args in commands.items():
+        r = run_as(AS_NOBODY, *args, shared=shared_dir)
+        words = list(MISSING[name])
+        if name == "list":
+            # serrinj names the processes it could not inspect; the test VM (a
+            # root process with vCPU threads named like QEMU's) comes first
+            words = ["/proc/PID/fd access is missing", "likely VMMs", str(vm.pid)]
+        assert_refused(r, *words)
+    # the injection attempts are audited as refused, by uid 65534
+    records = audit_records(shared_dir)[audit_before:]
+    assert [(x["action"], x["outcome"]) for x in records] == [
+        ("inject-nmi", "refused"),
+        ("inject-nmi", "refused"),
+        ("inject-mce", "refused"),
+        ("inject-mce", "refused"),
+        ("inject-serror", "refused"),
+    ], records
+    assert all(x["user"]["uid"] == NOBODY for x in records)
+    assert all(x["error"]["exit_code"] == ExitCode.PERMISSION for x in records)
+    assert guest_counts(vm) == before
+
+
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+@pytest.mark.parametrize("name", ["list", "status", "nmi", "mce"])
+def test_unprivileged_user_attempts_nothing_beyond_the_permission_check(
+    start_vm: Callable[..., TestVmProcess], shared_dir: Path, tmp_path: Path, name: str
+) -> None:
+    """strace of the refused command: no ptrace, no process_vm_*, no KVM ioctl."""
+    vm = start_vm()
+    trace = tmp_path / "strace.out"
+    r = run_as(AS_NOBODY, *_commands(vm.pid)[name], shared=shared_dir, strace_to=trace)
+    assert_refused(r)
+    calls = trace.read_text()
+    assert "execve(" in calls  # the trace did follow serrinj
+    for forbidden in ("ptrace(", "process_vm_readv(", "process_vm_writev(", "pidfd_getfd("):
+        assert forbidden not in calls, [x for x in calls.splitlines() if forbidden in x][:5]
+    kvm_ioctls = [x for x in calls.splitlines() if "ioctl(" in x and ("KVM" in x or "0xae" in x)]
+    assert kvm_ioctls == []
+
+
+def test_pure_commands_need_no_privilege(shared_dir: Path) -> None:
+    r = run_as(AS_NOBODY, "esr", "decode", "--json", "0x1811", shared=shared_dir)
+    assert r.rc == 0, r
+    assert json.loads(r.stdout)["syndrome"]["aet_name"] == "CE"
+    r = run_as(AS_NOBODY, "esr", "encode", "--severity", "uer", shared=shared_dir)
+    assert r.rc == 0 and "0xc11" in r.stdout, r
+    r = run_as(AS_NOBODY, "--help", shared=shared_dir)
+    assert r.rc == 0, r
+
+
+# ====================================================================== one privilege missing
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+def test_no_capability_at_all_is_enough_for_a_vmm_of_the_same_uid(
+    start_vm: Callable[..., TestVmProcess], nocap_python: str, shared_dir: Path
+) -> None:
+    """The minimal privileges: the VMM's uid (here 0, but with no capability, like an
+    ordinary user's VMM) and read access to /dev/kvm. No CAP_SYS_PTRACE needed."""
+    vm = start_vm(python=nocap_python)
+    r = run_as(NO_CAPS, "status", "--json", "--pid", vm.pid, shared=shared_dir)
+    assert r.rc == 0, r
+    assert [v["registers_restored"] for v in json.loads(r.stdout)["vcpus"]] == [True, True]
+    r = run_as(NO_CAPS, "nmi", "--pid", vm.pid, "--vcpu", 1, "--wait", shared=shared_dir)
+    assert r.rc == 0, r
+    r = run_as(NO_CAPS, "mce", "--pid", vm.pid, "--vcpu", 0, "--bank", 2, "--preset", "uc",
+               "--wait", shared=shared_dir)  # fmt: skip
+    assert r.rc == 0, r
+    assert guest_counts(vm) == [(0, 1, 0, 0), (1, 0, 0, 0)]
+
+
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+def test_real_uid_that_differs_is_named_as_the_ptrace_problem(
+    start_vm: Callable[..., TestVmProcess], nocap_python: str, shared_dir: Path
+) -> None:
+    """A set-uid-like serrinj (real uid 65534, effective uid 0, no capability): it may
+    read the fds (file-system ids match) but PTRACE_SEIZE checks the real ids."""
+    vm = start_vm(python=nocap_python)
+    setuid_like = ["--ruid", str(NOBODY), "--euid", "0", "--clear-groups", *NO_CAPS]
+    for args in (["nmi", "--pid", vm.pid, "--vcpu", 0], ["status", "--pid", vm.pid]):
+        r = run_as(setuid_like, *args, shared=shared_dir)
+        assert_refused(r, "ptrace of process", f"serrinj as uid {NOBODY}", "real ids",
+                       "CAP_SYS_PTRACE")  # fmt: skip
+    assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
+
+
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+def test_missing_cap_sys_ptrace_against_a_more_privileged_vmm(
+    start_vm: Callable[..., TestVmProcess], shared_dir: Path
+) -> None:
+    """Root without CAP_SYS_PTRACE (e.g. in a container) against a root VMM that holds
+    capabilities serrinj lacks: the kernel refuses even reading its fds."""
+    vm = start_vm()
+    no_ptrace = ["--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
+    r = run_as(no_ptrace, "nmi", "--pid", vm.pid, "--vcpu", 0, shared=shared_dir)
+    assert_refused(r, f"cannot read the fds of process {vm.pid}", "capabilities serrinj lacks")
+    assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
+
+
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+def test_seccomp_filters_need_cap_sys_admin_only_when_every_thread_is_filtered(
+    start_vm: Callable[..., TestVmProcess], shared_dir: Path
+) -> None:
+    no_admin = ["--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+    # vCPU threads filtered: another thread serves the call, no filter needs reading
+    vm = start_vm(extra=["--seccomp", "trap"])
+    r = run_as(no_admin, "nmi", "--pid", vm.pid, "--vcpu", 0, "--wait", shared=shared_dir)
+    assert r.rc == 0, r
+    assert guest_counts(vm)[0][0] == 1
+    # every thread filtered: serrinj cannot check the filters and says why
+    vm = start_vm(extra=["--seccomp", "trap", "--seccomp-threads", "all"])
+    for args in (["nmi", "--pid", vm.pid, "--vcpu", 0], ["status", "--pid", vm.pid]):
+        r = run_as(no_admin, *args, shared=shared_dir)
+        assert_refused(r, "seccomp filter", "CAP_SYS_ADMIN", "nothing was sent")
+    assert vm.alive()
+    assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
