@@ -1032,6 +1032,7 @@ _AUDITED_COMMANDS: Mapping[str, str] = MappingProxyType(
         "mce": "inject-mce",
         "nmi": "inject-nmi",
         "events load": "events-load",
+        "run": "campaign-run",
     }
 )
 
@@ -1045,6 +1046,8 @@ def _audit_attempt(
         return
     if action == "inject-serror" and _flag_in(args, "--ext-dabt"):
         action = "inject-ext-dabt"
+    if action == "campaign-run" and _flag_in(args, "--check-only"):
+        return  # checking a file injects nothing
     from serrinj.ops import guard
 
     if any(x is not None and guard.was_audited(x) for x in (err, raised)):

@@ -925,3 +925,121 @@ def test_test_vm_ends_on_sigterm_even_if_started_with_stop_signals_held() -> Non
         assert not blocked & (1 << (signal.SIGTERM - 1)), f"SigBlk {blocked:#x}"
     finally:
         assert vm.stop() == 0  # SIGTERM did it, not the SIGKILL fallback
+
+
+# ====================================================================== the audit trail
+def _audited(n: int) -> List[tuple]:  # type: ignore[type-arg]
+    return [
+        (r["action"], r["outcome"], r["vcpu_id"], (r["error"] or {}).get("kind"))
+        for r in audit_since(n)
+    ]
+
+
+def test_every_cli_injection_attempt_is_audited_with_its_outcome(
+    start_vm: Callable[..., TestVmProcess], tmp_path: Path
+) -> None:
+    """Each command and each way it can be refused leaves exactly one record per
+    attempt (per vCPU once a VM is resolved): ok, dry-run, refused, not-delivered."""
+    from serrinj.kvm import arm64 as kvm_arm64
+    from serrinj.ops import events
+
+    vm = start_vm(vcpus=2)
+    paused = start_vm(vcpus=1, extra=["--start-paused"], ready=False)
+    pid = vm.pid
+    saved = tmp_path / "events.json"
+    cross = tmp_path / "arm64.json"
+    cross.write_text(
+        events.Snapshot("aarch64", [events.SavedVcpu(0, kvm_arm64.VcpuEvents().pack())]).dumps()
+    )
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text('{"schema": "serrinj-events/1", "arch": ')
+    bad_campaign = tmp_path / "bad.toml"
+    bad_campaign.write_text('[campaign]\nname = "x"\n[[step]]\nkind = "bogus"\n')
+    cases: List[tuple] = [  # type: ignore[type-arg]
+        # (argv, exit code, the records it must leave)
+        (["nmi", "--pid", pid, "--vcpu", 1], 0, [("inject-nmi", "ok", 1, None)]),
+        (["nmi", "--pid", pid, "--vcpu", "all", "--dry-run"], 0,
+         [("inject-nmi", "dry-run", 0, None), ("inject-nmi", "dry-run", 1, None)]),
+        (["nmi", "--pid", pid], 2, [("inject-nmi", "refused", None, "invalid-input")]),
+        (["nmi", "--pid", pid, "--vcpu", 7], 3,
+         [("inject-nmi", "refused", None, "target-not-found")]),
+        (["nmi", "--pid", 4_000_000], 3, [("inject-nmi", "refused", None, "target-not-found")]),
+        (["nmi", "--bogus"], 2, [("inject-nmi", "refused", None, "invalid-input")]),
+        (["nmi", "--pid", pid, "--vcpu", 0, "--wait", "-1"], 2,
+         [("inject-nmi", "refused", None, "invalid-input")]),
+        (["mce", "--pid", pid, "--vcpu", 0, "--bank", 2, "--preset", "uc", "--wait"], 0,
+         [("inject-mce", "ok", 0, None)]),
+        (["mce", "--pid", pid, "--vcpu", 1, "--bank", 1, "--preset", "ce", "--dry-run"], 0,
+         [("inject-mce", "dry-run", 1, None)]),
+        (["mce", "--pid", pid, "--vcpu", 0, "--bank", 40, "--preset", "ce"], 2,
+         [("inject-mce", "refused", None, "invalid-input")]),
+        (["mce", "--pid", pid, "--vcpu", 0, "--bank", 1, "--status", "val,bogus"], 2,
+         [("inject-mce", "refused", None, "invalid-input")]),
+        (["mce", "--pid", pid, "--vcpu", 0, "--preset", "ce"], 2,
+         [("inject-mce", "refused", None, "invalid-input")]),
+        (["mce", "--pid", paused.pid, "--bank", 1, "--preset", "uc-fatal"], 8,
+         [("inject-mce", "refused", 0, "conflict")]),
+        (["inject", "--pid", pid, "--vcpu", 0, "--severity", "ce"], 5,
+         [("inject-serror", "refused", None, "unsupported")]),
+        (["inject", "--pid", pid, "--vcpu", 0, "--ext-dabt"], 5,
+         [("inject-ext-dabt", "refused", None, "unsupported")]),
+        (["inject", "--esr", "0x2000011"], 2,
+         [("inject-serror", "refused", None, "invalid-input")]),
+        (["events", "save", "--pid", pid, "-o", saved], 0, []),
+        (["events", "load", saved, "--pid", pid], 0,
+         [("events-load", "ok", 0, None), ("events-load", "ok", 1, None)]),
+        (["events", "load", garbage, "--pid", pid], 2,
+         [("events-load", "refused", None, "invalid-input")]),
+        (["events", "load", cross, "--pid", pid, "--vcpu", 0], 5,
+         [("events-load", "refused", 0, "unsupported")]),
+        (["run", bad_campaign, "--pid", pid], 2,
+         [("campaign-run", "refused", None, "campaign-error")]),
+        (["run", "--check-only", bad_campaign], 2, []),
+        (["status", "--pid", pid], 0, []),
+        (["list"], 0, []),
+        (["esr", "decode", "0x1811"], 0, []),
+    ]  # fmt: skip
+    for argv, code, want in cases:
+        n = audit_mark()
+        r = serrinj(*argv)
+        assert r.rc == code, r
+        assert "Traceback" not in r.stderr, r
+        assert _audited(n) == want, (argv, audit_since(n))
+    # a refused attempt carries who, where and what was asked
+    n = audit_mark()
+    serrinj("nmi", "--pid", pid)
+    (rec,) = audit_since(n)
+    assert rec["request"]["argv"] == ["nmi", "--pid", str(pid)]
+    assert rec["user"]["uid"] == os.getuid() and rec["serrinj_pid"] > 0
+    assert rec["error"]["exit_code"] == ExitCode.USAGE
+    # a fault still pending when --wait runs out: the VMM is stopped
+    n = audit_mark()
+    with frozen(pid):
+        r = serrinj("nmi", "--pid", pid, "--vcpu", 0, "--wait", "0.2")
+    assert r.rc == ExitCode.NOT_DELIVERED, r
+    assert _audited(n) == [("inject-nmi", "not-delivered", 0, "not-delivered")]
+    assert_healthy(vm)
+
+
+def test_internal_errors_inside_a_use_case_are_audited_as_failed(
+    start_vm: Callable[..., TestVmProcess],
+) -> None:
+    """Not only serrinj's own errors: anything that escapes a guarded use case."""
+    from serrinj.ops import guard, target
+
+    vm = start_vm(vcpus=2)
+    tgt = target.resolve(pid=vm.pid, vcpu="all")
+
+    @guard.guarded("inject-test", lambda: {"what": "test"})
+    def broken(t: Any) -> List[Any]:
+        out: List[Any] = guard.results()
+        out.append(type("R", (), {"as_dict": lambda self: {"vcpu_id": 0}})())
+        raise ZeroDivisionError("a bug")
+
+    n = audit_mark()
+    with pytest.raises(ZeroDivisionError):
+        broken(tgt)
+    assert _audited(n) == [
+        ("inject-test", "ok", 0, None),
+        ("inject-test", "failed", 1, "ZeroDivisionError"),
+    ]

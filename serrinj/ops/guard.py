@@ -82,6 +82,14 @@ def results() -> List[Any]:
     return current if current is not None else []
 
 
+def _vcpu_of(result: Any) -> Any:
+    vid = getattr(result, "vcpu_id", None)
+    as_dict = getattr(result, "as_dict", None)
+    if vid is None and callable(as_dict):
+        vid = as_dict().get("vcpu_id")
+    return vid
+
+
 def mark_audited(err: BaseException) -> None:
     """Note that ``err``'s attempt is in the audit trail (the CLI records the rest)."""
     with contextlib.suppress(AttributeError, TypeError):
@@ -143,7 +151,7 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
             except BaseException as err:
                 # internal errors too: every attempt is audited
                 record_done(done)
-                finished = {getattr(r, "vcpu_id", None) for r in done}
+                finished = {_vcpu_of(r) for r in done}
                 pending = [v for v in tgt.vcpu_ids if v not in finished]
                 audit.record(
                     action=action,
