@@ -8,15 +8,15 @@ process, exactly as a user would. QEMU's own QMP is the independent witness
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -80,47 +80,68 @@ def test_list_and_status_find_qemu_and_its_vcpu_threads(qemu: Qemu) -> None:
     assert qemu.status() == "running"
 
 
-def _stopped_threads_during(pid: int, action: Any) -> Set[int]:
-    """Tids of ``pid`` seen in ptrace stop (state t) while ``action()`` runs."""
-    seen: Set[int] = set()
-    done = threading.Event()
+def _thread_states(pid: int) -> Dict[int, str]:
+    out: Dict[int, str] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        out[int(tid)] = raw[raw.rindex(")") + 2]
+    return out
 
-    def sample() -> None:
-        while not done.is_set():
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                try:
-                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                        raw = f.read()
-                except OSError:
-                    continue
-                if raw[raw.rindex(")") + 2] == "t":
-                    seen.add(int(tid))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+def _states_while_held(qemu: Qemu, vcpu: int, tmp: Path) -> Dict[int, str]:
+    """Every QEMU thread's state while serrinj holds vCPU ``vcpu`` at its
+    ``borrowed`` pause point (registers replaced, the ioctl not yet run)."""
+    marker = tmp / f"held-{vcpu}"
+    env = dict(
+        os.environ,
+        SERRINJ_TEST_PAUSE_AT="borrowed",
+        SERRINJ_TEST_PAUSE_FILE=str(marker),
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serrinj", "nmi", "--name", qemu.name, "--vcpu", str(vcpu)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        action()
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.01)
+        states = _thread_states(qemu.pid)
     finally:
-        done.set()
-        sampler.join()
-    return seen
+        # The engine pauses at this phase of every remote syscall: keep releasing.
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+            time.sleep(0.005)
+        _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    return states
 
 
 @pytest.mark.parametrize("qemu", [True, False], indirect=True, ids=["debug-threads", "unnamed"])
-def test_nmi_and_machine_checks_reach_the_guest_and_qemu_runs_on(qemu: Qemu) -> None:
+def test_nmi_and_machine_checks_reach_the_guest_and_qemu_runs_on(
+    qemu: Qemu, tmp_path: Path
+) -> None:
     threads = qemu.cpu_threads()
     mark = qemu.mark()
-    results: List[Tuple[int, Any, str]] = []
-    stopped = _stopped_threads_during(
-        qemu.pid,
-        lambda: results.append(serrinj("nmi", "--name", qemu.name, "--vcpu", "1", "--wait")),
-    )
-    rc, doc, err = results[0]
+    states = _states_while_held(qemu, 1, tmp_path)
+    assert states[threads[1]] == "t", "the target vCPU thread is not in a ptrace stop"
+    stopped = [tid for tid, st in states.items() if st == "t" and tid != threads[1]]
+    assert stopped == [], f"other QEMU threads were stopped: {stopped}"
+    qemu.wait_line("nmi cpu=1 count=1", since=mark)
+    rc, doc, err = serrinj("nmi", "--name", qemu.name, "--vcpu", "1", "--wait")
     assert rc == 0, err
     assert doc["injections"][0]["delivery"]["delivered"] is True
-    qemu.wait_line("nmi cpu=1 count=1", since=mark)
-    assert threads[1] in stopped, "the sampler never saw the target thread stopped"
-    assert threads[0] not in stopped, "the other vCPU's thread was stopped"
+    qemu.wait_line("nmi cpu=1 count=2", since=mark)
     for vid, name, bank in ((0, "corrected", 2), (0, "srao", 1)):
         p = mce.preset(name).build(bank=bank, addr=0x7000 + bank)
         mark = qemu.mark()

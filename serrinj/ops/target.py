@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -115,6 +116,9 @@ def ensure_mapped(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
     return vm
 
 
+_PAUSED_LOOKS = 5
+
+
 def _paused_fallback(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
     """A VM whose threads are all blocked outside KVM_RUN (paused) needs no mapping.
 
@@ -124,10 +128,19 @@ def _paused_fallback(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
     vCPU thread start running meanwhile, the stall guard in :func:`attach`
     holds it out of KVM_RUN.
     """
-    fresh = discover.inspect(vm.pid)
-    if fresh is None or any(t.state != "blocked" for t in fresh.threads):
-        return vm
-    if not fresh.threads:
+    # A busy host may catch one of a paused VMM's helper threads on a CPU: look a
+    # few times. Never fall back if any look finds a thread inside KVM_RUN.
+    fresh: Optional[discover.Vm] = None
+    for attempt in range(_PAUSED_LOOKS):
+        look = discover.inspect(vm.pid)
+        if look is None or any(t.state == "in-kvm-run" for t in look.threads):
+            return vm
+        if look.threads and all(t.state == "blocked" for t in look.threads):
+            fresh = look
+            break
+        if attempt + 1 < _PAUSED_LOOKS:
+            time.sleep(0.02)
+    if fresh is None:
         return vm
     main = next((t for t in fresh.threads if t.tid == vm.pid), fresh.threads[0])
     from dataclasses import replace
@@ -199,6 +212,7 @@ def attach(
                     stop_timeout=timeout,
                     expected_starttime=vm.starttime,
                     on_stall=held.hold_others,
+                    prefetch_maps=any(_ioc_size(r) for r in requests),
                 )
             )
         except TargetGone as err:
@@ -233,6 +247,11 @@ def _vmm_running(vm: discover.Vm) -> bool:
     return st.starttime == vm.starttime and not st.exiting
 
 
+def _ioc_size(request: int) -> int:
+    """The argument size encoded in an ioctl number (nonzero: it passes a buffer)."""
+    return (request >> 16) & 0x3FFF
+
+
 def _check_requests(rt: RemoteThread, fd: int, requests: Sequence[int]) -> None:
     for req in requests:
         rt.check_seccomp(rt.arch.nr["ioctl"], (fd, req, 0))
@@ -253,7 +272,13 @@ def _helper_thread(
         key=lambda t: (t.tid in vcpu_tids, t.seccomp_filters, t.tid),
     )
     for t in others:
-        rt = RemoteThread(vm.pid, t.tid, expected_starttime=vm.starttime, on_stall=held.hold_others)
+        rt = RemoteThread(
+            vm.pid,
+            t.tid,
+            expected_starttime=vm.starttime,
+            on_stall=held.hold_others,
+            prefetch_maps=any(_ioc_size(r) for r in requests),
+        )
         try:
             rt.attach()
         except (TargetGone, Conflict):
