@@ -183,6 +183,7 @@ class RemoteThread:
         expected_starttime: Optional[int] = None,
         on_stall: Optional[Callable[[], None]] = None,
         stall_after: float = 0.25,
+        prefetch_maps: bool = False,
     ) -> None:
         self.pid = pid
         #: called once when a syscall of ours has not returned after ``stall_after``
@@ -203,8 +204,8 @@ class RemoteThread:
         #: ``attach_ns`` (all of attach), ``syscall_ns`` (the last syscall),
         #: ``syscall_total_ns`` (every syscall), ``restore_ns`` (registers and
         #: memory back, verified), ``detach_ns``, ``restore_detach_ns``, and
-        #: ``held_ns``: from PTRACE_INTERRUPT until PTRACE_DETACH returned, the
-        #: time the thread was kept from running
+        #: ``held_ns``: from PTRACE_INTERRUPT until PTRACE_DETACH, the time the
+        #: thread was kept from running
         self.timings: Dict[str, int] = {}
         self._t_interrupt = 0
         self._saved_syscallno: Optional[bytes] = None
@@ -222,6 +223,10 @@ class RemoteThread:
         self._gadget: Optional[int] = None
         self._gadget_hint: Optional[int] = None  # looked up before the thread was stopped
         self._starttime: Optional[int] = None
+        #: read /proc/PID/maps before the stop, for :meth:`scratch` (callers that
+        #: will pass buffers say so; the read then costs the VMM nothing)
+        self.prefetch_maps = prefetch_maps
+        self._maps: Optional[List[procfs.Mapping]] = None
         self._running = False  # resumed by us and not yet seen stopped
 
     # ------------------------------------------------------------------ lifecycle
@@ -281,6 +286,10 @@ class RemoteThread:
             )
         self._seccomp_mode = sec.seccomp_mode
         self._prefetch_gadget()
+        self._warm_up()
+        if self.prefetch_maps:
+            with contextlib.suppress(OSError):
+                self._maps = procfs.maps(pid)
         try:
             ptrace.seize(tid)
         except OSError as err:
@@ -313,10 +322,7 @@ class RemoteThread:
                     self.gone = True
                 finally:
                     self._seized = False
-                t1 = time.perf_counter_ns()
-                self.timings["restore_detach_ns"] = t1 - t0
-                if self._t_interrupt:
-                    self.timings["held_ns"] = t1 - self._t_interrupt
+                self.timings["restore_detach_ns"] = time.perf_counter_ns() - t0
         finally:
             if self._pidfd >= 0:
                 os.close(self._pidfd)
@@ -333,6 +339,20 @@ class RemoteThread:
         of the stop); failures are left for :attr:`gadget` to report."""
         with contextlib.suppress(SerrinjError, OSError):
             self._gadget_hint = find_syscall_gadget(self.pid, self.arch, starttime=self._starttime)
+
+    def _warm_up(self) -> None:
+        """Run the code of the stop path once before the thread is stopped.
+
+        The first call of each native wrapper resolves its libc symbol and builds
+        its C types (cffi parses type strings on first use), and the first
+        register (un)pack compiles its struct format: hundreds of microseconds
+        that would otherwise be spent while the vCPU is held, in every fresh
+        process (each CLI run). Waiting for our own pid only fails with ECHILD.
+        """
+        with contextlib.suppress(OSError):
+            _native.waitpid(os.getpid(), ptrace.WNOHANG)
+        _native.address_of(bytearray(8))
+        Registers.unpack(self.arch, bytes(self.arch.regs_size)).pack()
 
     @property
     def gadget(self) -> int:
@@ -449,12 +469,16 @@ class RemoteThread:
         base = (top - need) & ~15
         if self._scratch_base and base >= self._scratch_base:
             return base
-        try:
-            maps = procfs.maps(self.pid)
-        except ProcessLookupError as err:
-            self._raise_if_gone(err)
-            raise
-        mapping = next((m for m in maps if m.contains(base, top - base)), None)
+        # A stack read before the stop still holds the stack: the thread has been
+        # running on it since. Anything else is checked against a fresh read.
+        mapping = next((m for m in self._maps or () if m.contains(base, top - base)), None)
+        if mapping is None or not mapping.writable:
+            try:
+                maps = procfs.maps(self.pid)
+            except ProcessLookupError as err:
+                self._raise_if_gone(err)
+                raise
+            mapping = next((m for m in maps if m.contains(base, top - base)), None)
         if mapping is None or not mapping.writable:
             self._raise_if_gone(EngineError("no stack mapping"))
             raise EngineError(
@@ -587,6 +611,10 @@ class RemoteThread:
             self._deferred.clear()
             t0 = time.perf_counter_ns()
             self.timings["restore_ns"] = t0 - t_restore
+            if self._t_interrupt:
+                # The thread runs again from inside PTRACE_DETACH (and may take
+                # this CPU from us before the call returns).
+                self.timings["held_ns"] = t0 - self._t_interrupt
             self._ptrace(ptrace.detach, tid, 0)
             self.timings["detach_ns"] = time.perf_counter_ns() - t0
         if failure is not None:
