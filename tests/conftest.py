@@ -81,3 +81,12 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("serrinj-state")
     os.environ.setdefault("SERRINJ_AUDIT_LOG", str(base / "audit.jsonl"))
     os.environ.setdefault("SERRINJ_LOCK_DIR", str(base / "locks"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-count",
+        type=int,
+        default=500,
+        help="injections made by tests/test_soak.py (default 500; `make soak` runs 10000)",
+    )
