@@ -38,7 +38,7 @@ import os
 import signal
 import time
 from types import TracebackType
-from typing import Callable, Dict, List, Optional, Sequence, Type
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
 
 from serrinj import _native, procfs
 from serrinj.errors import (
@@ -56,6 +56,13 @@ from serrinj.remote.gadget import find_syscall_gadget
 _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 #: the most scratch memory a session borrows below the stack pointer
 MAX_SCRATCH = 4096
+
+#: (pid, start time, tid) -> (start, end) of the writable mapping a thread's
+#: scratch range was last found in. The thread runs on that stack, so a range
+#: below its stack pointer that lies inside it needs no new read of
+#: /proc/PID/maps; any other range is checked against a fresh read.
+_stack_cache: Dict[Tuple[int, int, int], Tuple[int, int]] = {}
+_STACK_CACHE_MAX = 4096
 
 
 #: Test-only pause points (the fault-injection tests of serrinj itself): when
@@ -287,7 +294,7 @@ class RemoteThread:
         self._seccomp_mode = sec.seccomp_mode
         self._prefetch_gadget()
         self._warm_up()
-        if self.prefetch_maps:
+        if self.prefetch_maps and self._stack_key() not in _stack_cache:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
         try:
@@ -469,26 +476,39 @@ class RemoteThread:
         base = (top - need) & ~15
         if self._scratch_base and base >= self._scratch_base:
             return base
-        # A stack read before the stop still holds the stack: the thread has been
-        # running on it since. Anything else is checked against a fresh read.
-        mapping = next((m for m in self._maps or () if m.contains(base, top - base)), None)
-        if mapping is None or not mapping.writable:
-            try:
-                maps = procfs.maps(self.pid)
-            except ProcessLookupError as err:
-                self._raise_if_gone(err)
-                raise
-            mapping = next((m for m in maps if m.contains(base, top - base)), None)
-        if mapping is None or not mapping.writable:
-            self._raise_if_gone(EngineError("no stack mapping"))
-            raise EngineError(
-                f"no writable memory below the stack pointer {sp:#x} of thread {self.tid}"
-            )
+        key = self._stack_key()
+        known = _stack_cache.get(key)
+        if known is None or not known[0] <= base < top <= known[1]:
+            # A stack read before the stop still holds the stack: the thread has
+            # been running on it since. Anything else is checked against a fresh read.
+            mapping = next((m for m in self._maps or () if m.contains(base, top - base)), None)
+            if mapping is None or not mapping.writable:
+                try:
+                    maps = procfs.maps(self.pid)
+                except ProcessLookupError as err:
+                    self._raise_if_gone(err)
+                    raise
+                mapping = next((m for m in maps if m.contains(base, top - base)), None)
+            if mapping is not None and mapping.writable:
+                if len(_stack_cache) >= _STACK_CACHE_MAX:
+                    _stack_cache.clear()
+                _stack_cache[key] = (mapping.start, mapping.end)
+            else:
+                self._scratch_fail(sp)
         old_base = self._scratch_base or top
         extra = self.read_memory(base, old_base - base)
         self._scratch_saved = extra + self._scratch_saved
         self._scratch_base = base
         return base
+
+    def _stack_key(self) -> Tuple[int, int, int]:
+        return (self.pid, self._starttime or 0, self.tid)
+
+    def _scratch_fail(self, sp: int) -> NoReturn:
+        self._raise_if_gone(EngineError("no stack mapping"))
+        raise EngineError(
+            f"no writable memory below the stack pointer {sp:#x} of thread {self.tid}"
+        )
 
     def read_memory(self, addr: int, size: int) -> bytes:
         return self._vm(_native.process_vm_read, self.pid, addr, size)
