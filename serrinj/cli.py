@@ -1000,7 +1000,9 @@ def _flag_in(args: Sequence[str], flag: str) -> bool:
 def _usage_error(ui: Ui, err: click.ClickException) -> int:
     code = int(getattr(err, "exit_code", ExitCode.USAGE))
     ctx = getattr(err, "ctx", None)
-    if isinstance(err, click.exceptions.NoArgsIsHelpError) or (
+    # NoArgsIsHelpError is click >= 8.2 (Python >= 3.10); older clicks print help themselves
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    if (no_args and isinstance(err, no_args)) or (
         isinstance(err, click.UsageError) and ctx is not None and not err.format_message()
     ):
         err.show()
@@ -1088,6 +1090,11 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         json=_flag_in(args, "--json"),
         debug=_flag_in(args, "--debug") or bool(os.environ.get("SERRINJ_DEBUG")),
     )
+    if not args and not os.environ.get("_SERRINJ_COMPLETE"):
+        # A bare `serrinj` is a usage error (exit 2) with the help, on every click version.
+        with click.Context(cli, info_name="serrinj") as ctx:
+            click.echo(cli.get_help(ctx))
+        return int(ExitCode.USAGE)
     try:
         rv = cli.main(args=args, prog_name="serrinj", standalone_mode=False, obj=ui)
         return int(rv) if isinstance(rv, int) else 0
