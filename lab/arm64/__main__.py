@@ -3,8 +3,9 @@
 Commands::
 
     run    [--kernel 6.1|6.12|all] [--cpu max|cortex-a57|all] [--no-qemu] [--timeout S]
-           [--refresh] [-- PYTEST ARGS]
-           boot the matrix and run the suite in each boot (``make lab-arm64``)
+           [--jobs N] [--refresh] [-- PYTEST ARGS]
+           boot the matrix and run the suite in each boot (``make lab-arm64``);
+           N boots side by side (default: one per CPU)
     shell  [--kernel 6.1|6.12] [--cpu max|cortex-a57] [--no-qemu] [--timeout S]
            boot once with a shell on the console (``make lab-shell``)
     fetch  [--kernel ...] [--no-qemu] [--refresh]
@@ -19,11 +20,13 @@ the suite, finished it, and no test failed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import shutil
 import sys
+import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from lab import protocol
 from lab.arm64 import boot, config, initramfs, prepare
@@ -94,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
         default=config.BOOT_TIMEOUT_S,
         help=f"wall-clock limit of each boot in seconds (default {config.BOOT_TIMEOUT_S})",
     )
+    run.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        help="boots at a time (default: one per CPU; each boot keeps about one CPU busy)",
+    )
     run.add_argument("pytest_args", nargs="*", help="after --: pytest arguments inside the lab")
 
     shell = sub.add_parser("shell", help="boot once with a shell on the console (make lab-shell)")
@@ -131,6 +140,60 @@ def _summary(passed: int, failed: int, skipped: int) -> str:
     return text + (f", {skipped} skipped" if skipped else "")
 
 
+def _run_boot(
+    spec: boot.BootSpec,
+    kimg: prepare.KernelImage,
+    initrd: str,
+    log: str,
+    args: argparse.Namespace,
+    out: Callable[[str], None],
+    cancel: threading.Event,
+) -> boot.BootOutcome:
+    """One boot of ``run``: its header, a line per test, its summary, all through ``out``."""
+    debian = kimg.package.version
+    out(f"== {spec.name}: Linux {kimg.release} (Debian {debian}), -cpu {spec.cpu.name}")
+    say(f"booting {spec.name}")
+
+    def on_line(
+        report: protocol.BootReport, done: Optional[protocol.CaseResult], text: str
+    ) -> None:
+        if protocol.TAG + " " + protocol.INFO in text:
+            info = report.info
+            caps = " ".join(f"{c}={info.get(f'cap{c}', '?')}" for c in (41, 158, 178))
+            ras = {"1": "yes", "0": "no"}.get(info.get("ras_detected", ""), "?")
+            out(f"   kernel RAS detection: {ras}; /dev/kvm caps: {caps}")
+        if done is not None:
+            out(f"   {done.outcome:<8} {done.nodeid}  ({done.duration:.2f} s)")
+        elif f"{protocol.TAG} {protocol.DETAIL}" in text and report.results:
+            # the detail lines of a failure (or a skip's reason) follow its RESULT
+            last = report.results[-1]
+            if last.failed or last.outcome == "XPASS" or len(last.details) == 1:
+                out(f"            | {last.details[-1]}")
+
+    outcome = boot.run(spec, initrd, log, args.timeout, args.with_qemu, on_line, cancel)
+    rep = outcome.report
+    for err in rep.errors:
+        out(f"   guest error: {err}")
+    status = "ok" if outcome.ok else "FAILED: " + "; ".join(outcome.problems())
+    out(
+        f"   {spec.name}: {_summary(rep.passed, rep.failed, rep.skipped)} "
+        f"in {outcome.seconds:.1f} s -- {status}"
+    )
+    if not rep.reached_suite or not rep.finished or not rep.results:
+        out(f"   last console lines (full log: {outcome.log}):")
+        for text in outcome.tail[-20:]:
+            out(f"   > {text}")
+    say(f"{spec.name} done in {outcome.seconds:.1f} s")
+    return outcome
+
+
+def _jobs(requested: Optional[int], boots: int) -> int:
+    """Boots at a time: one per CPU by default (a boot keeps about one CPU busy)."""
+    if requested is not None:
+        return max(1, min(requested, boots))
+    return max(1, min(os.cpu_count() or 1, boots))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     combos = boot.matrix(_kernels(args.kernel), _cpus(args.cpu))
     labels = list(dict.fromkeys(k for k, _ in combos))
@@ -140,52 +203,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     initrd = prepare.concatenate(
         _pieces(prepared, _project(run_dir, args.pytest_args)), os.path.join(run_dir, "initrd.img")
     )
-    say(f"ready in {time.monotonic() - started:.1f} s; {len(combos)} boot(s), logs in {run_dir}")
+    jobs = _jobs(args.jobs, len(combos))
+    say(
+        f"ready in {time.monotonic() - started:.1f} s; {len(combos)} boot(s), {jobs} at a time,"
+        f" logs in {run_dir}"
+    )
 
-    outcomes: List[boot.BootOutcome] = []
-    for kernel, cpu in combos:
-        kimg = prepared.kernels[kernel]
-        spec = boot.BootSpec(kernel, config.CPUS[cpu], kimg.image)
-        _out(f"== {spec.name}: Linux {kimg.release} (Debian {kimg.package.version}), -cpu {cpu}")
-        say(f"booting {spec.name}")
+    specs = [
+        boot.BootSpec(kernel, config.CPUS[cpu], prepared.kernels[kernel].image)
+        for kernel, cpu in combos
+    ]
+    cancel = threading.Event()
+    lock = threading.Lock()
 
-        def on_line(
-            report: protocol.BootReport, done: Optional[protocol.CaseResult], text: str
-        ) -> None:
-            if protocol.TAG + " " + protocol.INFO in text:
-                info = report.info
-                caps = " ".join(f"{c}={info.get(f'cap{c}', '?')}" for c in (41, 158, 178))
-                ras = {"1": "yes", "0": "no"}.get(info.get("ras_detected", ""), "?")
-                _out(f"   kernel RAS detection: {ras}; /dev/kvm caps: {caps}")
-            if done is not None:
-                _out(f"   {done.outcome:<8} {done.nodeid}  ({done.duration:.2f} s)")
-            elif f"{protocol.TAG} {protocol.DETAIL}" in text and report.results:
-                # the detail lines of a failure (or a skip's reason) follow its RESULT
-                last = report.results[-1]
-                if last.failed or last.outcome == "XPASS" or len(last.details) == 1:
-                    _out(f"            | {last.details[-1]}")
+    def one(spec: boot.BootSpec) -> boot.BootOutcome:
+        log = os.path.join(run_dir, f"{spec.kernel}-{spec.cpu.name}.log")
+        kimg = prepared.kernels[spec.kernel]
+        if jobs == 1:
+            return _run_boot(spec, kimg, initrd, log, args, _out, cancel)
+        # boots running side by side: each one's lines are printed together when it ends
+        lines: List[str] = []
+        try:
+            return _run_boot(spec, kimg, initrd, log, args, lines.append, cancel)
+        finally:
+            with lock:
+                for text in lines:
+                    _out(text)
 
-        outcome = boot.run(
-            spec,
-            initrd,
-            os.path.join(run_dir, f"{kernel}-{cpu}.log"),
-            args.timeout,
-            args.with_qemu,
-            on_line,
-        )
-        outcomes.append(outcome)
-        rep = outcome.report
-        for err in rep.errors:
-            _out(f"   guest error: {err}")
-        status = "ok" if outcome.ok else "FAILED: " + "; ".join(outcome.problems())
-        _out(
-            f"   {spec.name}: {_summary(rep.passed, rep.failed, rep.skipped)} "
-            f"in {outcome.seconds:.1f} s -- {status}"
-        )
-        if not rep.reached_suite or not rep.finished or not rep.results:
-            _out(f"   last console lines (full log: {outcome.log}):")
-            for text in outcome.tail[-20:]:
-                _out(f"   > {text}")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="boot")
+    try:
+        futures = [pool.submit(one, spec) for spec in specs]
+        outcomes = [f.result() for f in futures]
+    except BaseException:
+        cancel.set()  # every running boot kills its QEMU within a second
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
     passed = sum(o.report.passed for o in outcomes)
     failed = sum(o.report.failed for o in outcomes)

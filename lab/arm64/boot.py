@@ -111,8 +111,12 @@ def run(
     on_line: Optional[
         Callable[[protocol.BootReport, Optional[protocol.CaseResult], str], None]
     ] = None,
+    cancel: Optional[threading.Event] = None,
 ) -> BootOutcome:
-    """Boot once in ``run`` mode; every console line goes to ``log_path``."""
+    """Boot once in ``run`` mode; every console line goes to ``log_path``.
+
+    Setting ``cancel`` (from another thread) ends the boot: QEMU is killed by its pid.
+    """
     guest_timeout = max(10, int(timeout) - config.GUEST_MARGIN_S)
     cmd = command(spec, initrd, append_line(spec, "run", with_qemu, guest_timeout))
     report = protocol.BootReport()
@@ -139,6 +143,8 @@ def run(
                 left = start + timeout - time.monotonic()
                 if left <= 0:
                     timed_out = True
+                    break
+                if cancel is not None and cancel.is_set():
                     break
                 try:
                     text = lines.get(timeout=min(left, 1.0))
