@@ -381,7 +381,13 @@ def build_nested(userland: Userland, base_sonames: Set[str], kernel_image: str, 
 
 def _project_files(repo: str) -> Iterable[Tuple[str, str]]:
     """(archive path, host file) of what the project piece carries from the tree."""
-    wanted = [("serrinj", None), ("lab", ("arm64",)), ("tests", ("data",))]
+    wanted = [
+        ("serrinj", None),
+        ("lab", ("arm64",)),
+        ("tests", ("data",)),
+        # the campaign examples run for real in the lab (lab/suite/test_campaign_arm64.py)
+        ("examples", ("ansible",)),
+    ]
     for top, skip in wanted:
         base = os.path.join(repo, top)
         for dirpath, dirs, files in os.walk(base):
