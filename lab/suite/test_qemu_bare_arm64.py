@@ -13,15 +13,16 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
-from typing import Callable, Iterator, List, Optional, Set
+from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
 from lab.guest import env
+from lab.guest.cli import serrinj
 from lab.guest.nested import InnerQemu, NestedAssets
+from lab.guest.qmp import Qmp
 from serrinj.testvm.firmware_arm64 import PROBE_ADDR, FirmwareOptions, build
 
 BOOT_TIMEOUT_S = 60
@@ -31,21 +32,35 @@ ISS_KSELFTEST = 0x101D1ED
 _KVM_RUN_SYSCALL = re.compile(r"^29 0x[0-9a-f]+ 0xae80 ")
 
 
-def _command(qemu: str, elf: str, smp: int, debug_threads: bool) -> List[str]:
+#: the VM's name with -name guest=NAME,debug-threads=on
+NAME = "bare"
+
+
+def _command(qemu: str, elf: str, smp: int, debug_threads: bool, qmp: str) -> List[str]:
     cmd = [qemu, "-M", "virt,gic-version=3", "-accel", "kvm", "-cpu", "host", "-nodefaults",
            "-display", "none", "-no-reboot", "-m", "64", "-serial", "stdio", "-kernel", elf,
-           "-smp", str(smp)]  # fmt: skip
+           "-smp", str(smp), "-qmp", f"unix:{qmp},server=on,wait=off"]  # fmt: skip
     if debug_threads:
-        cmd += ["-name", "bare,debug-threads=on"]
+        cmd += ["-name", f"guest={NAME},debug-threads=on"]
     return cmd
 
 
 class Bare:
     """One inner QEMU running the bare guest."""
 
-    def __init__(self, vm: InnerQemu, smp: int) -> None:
+    def __init__(self, vm: InnerQemu, smp: int, qmp_path: str, debug_threads: bool) -> None:
         self.vm = vm
         self.smp = smp
+        self.qmp_path = qmp_path
+        self.debug_threads = debug_threads
+
+    def qmp(self) -> Qmp:
+        """A QMP session with this QEMU (close it, or use it in ``with``)."""
+        return Qmp(self.qmp_path)
+
+    def target(self) -> List[str]:
+        """How serrinj is told which VM: by name when QEMU has one, else by pid."""
+        return ["--name", NAME] if self.debug_threads else ["--pid", str(self.pid)]
 
     @property
     def pid(self) -> int:
@@ -77,6 +92,9 @@ class Bare:
         with open(f"/proc/{self.pid}/task/{tid}/syscall") as fh:
             return fh.read().strip()
 
+    def proc_alive(self) -> bool:
+        return self.vm.proc.poll() is None
+
     def problems(self) -> List[str]:
         return [
             line for line in self.vm.lines if line.startswith(("exception", "halted", "timeout"))
@@ -93,15 +111,16 @@ def bare(nested: NestedAssets) -> Iterator[StartBare]:
 
     def _start(opts: FirmwareOptions, smp: int, debug_threads: bool = True) -> Bare:
         elf = os.path.join(tmp.name, f"guest{len(started)}.elf")
+        qmp = os.path.join(tmp.name, f"qmp{len(started)}.sock")
         with open(elf, "wb") as fh:
             fh.write(build(opts).elf())
         proc = subprocess.Popen(
-            _command(nested.qemu, elf, smp, debug_threads),
+            _command(nested.qemu, elf, smp, debug_threads, qmp),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         vm = InnerQemu(proc)
         started.append(vm)
-        return Bare(vm, smp)
+        return Bare(vm, smp, qmp, debug_threads)
 
     try:
         yield _start
@@ -184,14 +203,21 @@ def test_mmio_probe_is_answered_by_qemu(bare: StartBare) -> None:
     assert b.problems() == []
 
 
-# --- through serrinj: the remote engine injects into the inner QEMU, the guest reports
+# --- through serrinj's CLI: the remote engine injects into the inner QEMU, the guest reports
 
-
-def _serrinj(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "serrinj", *args, "--json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+ISS_UER = 0x0C11
+ESR_SERROR = 0xBE000000
+IDS = 1 << 24
+#: (--esr value or None for the CPU's own syndrome)
+CE, UER, KSELFTEST, CPU = ISS_CE, ISS_UER, ISS_KSELFTEST, None
+#: (smp, debug-threads, mode, injections): every pair of vCPU count, thread naming and
+#: idle/busy guest occurs once, and every syndrome twice; vCPUs are taken last first
+PAIRWISE = [
+    (1, False, "wfi", (CE, CPU)),
+    (2, True, "wfi", (UER, KSELFTEST)),
+    (1, True, "spin", (KSELFTEST, CE)),
+    (2, False, "spin", (CPU, UER)),
+]
 
 
 def _esr(line: str) -> int:
@@ -200,30 +226,59 @@ def _esr(line: str) -> int:
     return int(m.group(1), 16)
 
 
-@pytest.mark.parametrize("mode", ["wfi", "spin"])
-def test_serrinj_injects_serror_into_the_bare_guest(
-    bare: StartBare, mode: str, lab: env.LabConfig
-) -> None:
-    b = bare(FirmwareOptions(mode=mode), 2)
-    b.wait_ready()
-    for vcpu in (1, 0):
-        args = ["inject", "--pid", str(b.pid), "--vcpu", str(vcpu), "--wait", "20"]
-        if lab.expect_ras:
-            args += ["--esr", hex(ISS_CE)]
-        t0 = time.monotonic()
-        proc = _serrinj(*args)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        line = b.vm.wait_for(rf"^serror cpu={vcpu} ", 20)
-        print(
-            f"bare {mode}: serrinj inject vcpu={vcpu} -> {line!r} in {time.monotonic() - t0:.2f} s"
-        )
-        if lab.expect_ras:
-            assert _esr(line) == 0xBE000000 | ISS_CE
-        else:
-            assert _esr(line) >> 26 == 0x2F
+def _still_running(b: Bare, pongs: int) -> None:
+    """QEMU's own word (QMP) that the VM runs, and the guest's answer on its console."""
+    with b.qmp() as q:
+        assert q.execute("query-status")["status"] == "running"
     b.type("p")
-    b.vm.wait_for(r"^pong cpu=0 n=1$", 20)  # QEMU and its guest carry on
+    b.vm.wait_for(rf"^pong cpu=0 n={pongs}$", 20)
+    assert b.proc_alive()
     assert b.problems() == []
+
+
+@pytest.mark.parametrize(
+    "smp, debug_threads, mode, injections",
+    PAIRWISE,
+    ids=[f"smp{n}-{'named' if d else 'unnamed'}-{m}" for n, d, m, _ in PAIRWISE],
+)
+def test_serrinj_injects_serror_into_the_bare_guest(
+    bare: StartBare,
+    smp: int,
+    debug_threads: bool,
+    mode: str,
+    injections: Tuple[Optional[int], ...],
+    lab: env.LabConfig,
+) -> None:
+    b = bare(FirmwareOptions(mode=mode), smp, debug_threads)
+    b.wait_ready()
+    with b.qmp() as q:
+        threads = q.cpu_threads()  # QEMU's own cpu-index -> thread id
+    assert sorted(threads) == list(range(smp))
+    if not lab.expect_ras:
+        injections = (CPU,)  # an ESR needs RAS (refused with exit 5: test_cli_arm64)
+    for n, iss in enumerate(injections):
+        vcpu = (smp - 1 - n) % smp
+        args = ["inject", *b.target(), "--vcpu", str(vcpu)]
+        if iss is not None:
+            args += ["--esr", hex(iss)]
+        if n == 0:
+            args += ["--wait", "20"]
+        r = serrinj(*args)
+        assert r.rc == 0, r
+        inj = r.data["injections"][0]
+        assert inj["tid"] == threads[vcpu], "serrinj stopped another thread than QEMU's vCPU"
+        assert inj["registers_restored"] is True
+        if n == 0:
+            assert inj["delivery"]["delivered"] is True
+        line = b.vm.wait_for(rf"^serror cpu={vcpu} ", 20)
+        print(f"bare {mode} smp={smp} {b.target()[0]}: {iss} -> {line!r}")
+        if iss is not None:
+            assert _esr(line) == ESR_SERROR | iss
+        elif lab.expect_ras:
+            assert _esr(line) == ESR_SERROR | IDS  # KVM's own syndrome on a RAS host
+        else:
+            assert _esr(line) >> 26 == 0x2F  # chosen by a CPU without RAS
+    _still_running(b, 1)
 
 
 def test_serrinj_masked_serror_waits_for_unmask(bare: StartBare, lab: env.LabConfig) -> None:
@@ -231,8 +286,8 @@ def test_serrinj_masked_serror_waits_for_unmask(bare: StartBare, lab: env.LabCon
         pytest.skip("needs a host with RAS (an ESR is refused otherwise)")
     b = bare(FirmwareOptions(mode="wfi", mask_serror=True), 2)
     b.wait_ready()
-    proc = _serrinj("inject", "--pid", str(b.pid), "--vcpu", "1", "--esr", hex(ISS_KSELFTEST))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = serrinj("inject", "--pid", str(b.pid), "--vcpu", "1", "--esr", hex(ISS_KSELFTEST))
+    assert r.rc == 0, r
     b.type("p")
     b.vm.wait_for(r"^pong ", 20)
     assert not [line for line in b.vm.lines if line.startswith("serror")]
@@ -242,18 +297,22 @@ def test_serrinj_masked_serror_waits_for_unmask(bare: StartBare, lab: env.LabCon
     assert b.problems() == []
 
 
-def test_serrinj_ext_dabt_hits_the_probe(bare: StartBare) -> None:
-    b = bare(FirmwareOptions(mode="spin", mmio_probe=True), 2)
+@pytest.mark.parametrize(
+    "smp, debug_threads", [(2, True), (1, False)], ids=["smp2-named", "smp1-unnamed"]
+)
+def test_serrinj_ext_dabt_hits_the_probe(bare: StartBare, smp: int, debug_threads: bool) -> None:
+    b = bare(FirmwareOptions(mode="spin", mmio_probe=True), smp, debug_threads)
     b.wait_ready()
-    proc = _serrinj(
-        "inject", "--pid", str(b.pid), "--vcpu", "1", "--ext-dabt", "--mmio-addr", hex(PROBE_ADDR)
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    line = b.vm.wait_for(r"^sync cpu=1 ", 20)
+    vcpu = smp - 1
+    r = serrinj(
+        "inject", *b.target(), "--vcpu", str(vcpu), "--ext-dabt", "--mmio-addr", hex(PROBE_ADDR),
+        "--mmio-timeout", "20",
+    )  # fmt: skip
+    assert r.rc == 0, r
+    assert r.data["injections"][0]["before"]["mmio_exit"]["phys_addr"] == PROBE_ADDR
+    line = b.vm.wait_for(rf"^sync cpu={vcpu} ", 20)
     print(f"bare ext_dabt: {line!r}")
     low = _esr(line) & 0xFFFFFFFF
     assert low >> 26 == 0x25 and low & 0x3F == 0x10
     assert line.endswith(f"far=0x{PROBE_ADDR:016x}")
-    b.type("p")
-    b.vm.wait_for(r"^pong cpu=0 n=1$", 20)  # the probe load was skipped and the guest runs on
-    assert b.problems() == []
+    _still_running(b, 1)  # the probe load was skipped and the guest runs on

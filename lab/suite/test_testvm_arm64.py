@@ -9,8 +9,6 @@ Every check is on what the guest itself read from ESR_EL1 / ELR_EL1 / FAR_EL1.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -258,35 +256,3 @@ def test_self_check_catches_a_changed_register(testvm: StartVm) -> None:
     failed = vm.wait_event(_on("guest-check-failed", 0), EVENT_TIMEOUT_S, since=mark)
     assert failed["x20"] in (7, 6)  # seen before or after the loop's decrement
     assert _heartbeat(vm, 0)["check_failures"] == 1
-
-
-# --- through serrinj: the remote engine runs the ioctl inside the test VM's process
-
-
-@pytest.mark.parametrize("mode", ["halt", "spin"])
-def test_serrinj_remote_serror_is_seen_by_the_guest(
-    testvm: StartVm, mode: str, lab: env.LabConfig
-) -> None:
-    vm = testvm(mode)
-    for vcpu in (1, 0):
-        mark = vm.mark()
-        args = ["inject", "--pid", str(vm.pid), "--vcpu", str(vcpu), "--wait", "20"]
-        if lab.expect_ras:
-            args += ["--esr", hex(ISS_KSELFTEST)]
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "serrinj", *args, "--json"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        seen = vm.wait_event(_on("serror", vcpu), EVENT_TIMEOUT_S, since=mark)
-        print(
-            f"remote {mode} vcpu={vcpu}: ESR_EL1={seen['esr']:#x} in {time.monotonic() - t0:.2f} s"
-        )
-        if lab.expect_ras:
-            assert seen["esr"] == ESR_SERROR_BASE | ISS_KSELFTEST
-        assert seen["ec"] == EC_SERROR
-        assert _heartbeat(vm, vcpu)["serror_count"] == 1
-    _no_trouble(vm)

@@ -1,0 +1,123 @@
+"""A pending SError, with its ESR, moved from one VM to another: ``serrinj events save|load``.
+
+KVM's split between "an SError is pending" and "pending with this ESR" is
+there so that a VMM can migrate a pending SError. As tests/test_events_migration.py
+does for a pending NMI on x86_64, the SError is made pending in VM A (its guest
+masks SErrors), saved, loaded into VM B (whose guest masks them too), and B's
+guest must take it with the same syndrome when it unmasks. Both VMs are the
+built-in test VM in processes of their own; serrinj runs through its CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Iterator, Tuple
+
+import pytest
+
+from lab.guest import env
+from lab.guest.cli import serrinj
+from lab.guest.testvm import (
+    EVENT_TIMEOUT_S,
+    heartbeat,
+    local_events,
+    on,
+    serrors,
+    start,
+    trouble,
+    unmask,
+)
+from serrinj.testvm.process import TestVmProcess
+
+ISS = 0x101D1ED  # IDS | 0x1d1ed, the kselftest's value: nothing KVM would make up itself
+ESR_SERROR = 0xBE000000
+EC_SERROR = 0x2F
+
+
+@pytest.fixture
+def pair() -> Iterator[Tuple[TestVmProcess, TestVmProcess]]:
+    a = start("halt", vcpus=2, extra=["--mask-serror"])
+    try:
+        b = start("halt", vcpus=2, extra=["--mask-serror"])
+        try:
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
+def _raw_serror(esr: int) -> str:
+    """struct kvm_vcpu_events (arm64, BRIEF section 2) with an SError pending with ``esr``."""
+    raw = bytes([1, 1, 0, 0, 0, 0, 0, 0]) + esr.to_bytes(8, "little") + bytes(48)
+    assert len(raw) == 64
+    return raw.hex()
+
+
+def test_pending_serror_moves_with_its_esr(
+    pair: Tuple[TestVmProcess, TestVmProcess], lab: env.LabConfig
+) -> None:
+    a, b = pair
+    ras = lab.expect_ras
+    with tempfile.TemporaryDirectory(prefix="events-") as tmp:
+        saved = os.path.join(tmp, "a.json")
+        # A: an SError pending on masked vCPU 1 (with an ESR on a RAS host)
+        esr = ["--esr", hex(ISS)] if ras else []
+        r = serrinj("inject", "--pid", str(a.pid), "--vcpu", "1", *esr)
+        assert r.rc == 0, r
+        assert r.data["injections"][0]["after"]["serror_pending"] is True
+        r = serrinj("events", "save", "--pid", str(a.pid), "-o", saved)
+        assert r.rc == 0, r
+        with open(saved) as fh:
+            doc = json.load(fh)
+        assert doc["schema"] == "serrinj-events/1" and doc["arch"] == "aarch64"
+        assert doc["source"]["pid"] == a.pid
+        by_id = {v["vcpu_id"]: v for v in doc["vcpus"]}
+        assert sorted(by_id) == [0, 1]
+        raw = bytes.fromhex(by_id[1]["raw"])  # the bytes of GET, laid out as BRIEF section 2 says
+        assert raw[0] == 1 and raw[1] == int(ras) and raw[2] == 0
+        assert int.from_bytes(raw[8:16], "little") == (ISS if ras else 0)
+        assert by_id[1]["decoded"]["serror_pending"] is True
+        assert by_id[1]["decoded"]["serror_masked"] is True
+        assert by_id[0]["decoded"]["serror_pending"] is False
+
+        if not ras:
+            # A file with an ESR cannot load on a host without RAS: exit 5, nothing sent
+            forged = dict(doc)
+            forged["vcpus"] = [{"vcpu_id": 1, "raw": _raw_serror(0x1811)}]
+            bad = os.path.join(tmp, "esr.json")
+            with open(bad, "w") as fh:
+                json.dump(forged, fh)
+            r = serrinj("events", "load", bad, "--pid", str(b.pid))
+            assert r.rc == 5, r
+            assert "KVM_CAP_ARM_INJECT_SERROR_ESR is 0" in r.error["message"], r
+            assert local_events(b, 1)["events"]["serror_pending"] is False
+
+        # B: load; the VMM's own read-back shows it pending with the same ESR
+        r = serrinj("events", "load", saved, "--pid", str(b.pid))
+        assert r.rc == 0, r
+        res = {x["vcpu_id"]: x for x in r.data["results"]}
+        assert res[1]["after"]["serror_pending"] is True
+        assert any("nothing pending" in n for n in res[0]["notes"]), res[0]
+        own = local_events(b, 1)
+        assert own["events"]["serror_pending"] is True and own["pstate_a"] is True
+        if ras:
+            assert res[1]["after"]["serror_esr"] == ISS
+            assert own["events"]["serror_esr"] == ISS
+    mark = b.mark()
+    heartbeat(b, 1)
+    assert serrors(b, 1, mark) == []  # B's guest runs, masked, and has not taken it
+    unmask(b, 1)
+    seen = b.wait_event(on("serror", 1), EVENT_TIMEOUT_S, since=mark)
+    print(f"B's guest took the migrated SError: ESR_EL1 {seen['esr']:#x}")
+    if ras:
+        assert seen["esr"] == ESR_SERROR | ISS
+    assert seen["ec"] == EC_SERROR
+    # nothing was loaded onto B's vCPU 0, and A still has its own pending
+    unmask(b, 0)
+    assert heartbeat(b, 0)["serror_count"] == 0 and serrors(b, 0) == []
+    assert heartbeat(b, 1)["serror_count"] == 1
+    assert local_events(a, 1)["events"]["serror_pending"] is True
+    assert trouble(a) == [] and trouble(b) == []
