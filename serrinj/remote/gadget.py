@@ -9,13 +9,16 @@ VMM, in its own text). Results are cached per process and re-validated with a
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from serrinj import _native, procfs
 from serrinj.errors import SerrinjError
 from serrinj.remote.arch import Arch
 
 _CHUNK = 1 << 20
+#: libc's first syscall instruction is usually within its first pages: a small
+#: first read keeps a fresh process (every CLI run) from copying a whole MiB
+_FIRST_WINDOW = 1 << 16
 _cache: Dict[Tuple[int, int], int] = {}
 _EXCLUDED = ("[vsyscall]", "[vectors]", "[uprobes]")
 
@@ -31,18 +34,21 @@ def _rank(m: procfs.Mapping, exe: str) -> int:
     return 3  # [vdso] and anonymous executable memory last
 
 
-def _candidates(pid: int) -> List[procfs.Mapping]:
+def _candidates(pid: int, maps: Optional[Sequence[procfs.Mapping]] = None) -> List[procfs.Mapping]:
     exe = procfs.exe(pid) or ""
-    maps = [m for m in procfs.maps(pid) if m.readable and m.executable and m.path not in _EXCLUDED]
-    return sorted(maps, key=lambda m: _rank(m, exe))
+    if maps is None:
+        maps = procfs.maps(pid)
+    found = [m for m in maps if m.readable and m.executable and m.path not in _EXCLUDED]
+    return sorted(found, key=lambda m: _rank(m, exe))
 
 
 def _scan(pid: int, m: procfs.Mapping, arch: Arch, avoid: Iterable[int]) -> int:
     insn = arch.syscall_insn
     avoid = set(avoid)
     addr = m.start
+    window = _FIRST_WINDOW
     while addr < m.end:
-        size = min(_CHUNK, m.end - addr)
+        size = min(window, m.end - addr)
         try:
             data = _native.process_vm_read(pid, addr, size)
         except OSError:
@@ -53,8 +59,11 @@ def _scan(pid: int, m: procfs.Mapping, arch: Arch, avoid: Iterable[int]) -> int:
             if hit % arch.insn_align == 0 and hit not in avoid:
                 return hit
             pos = data.find(insn, pos + 1)
-        # an instruction split across chunks is simply found in the next window
-        addr += size - (len(insn) - 1) if size == _CHUNK else size
+        if addr + size >= m.end:
+            break
+        # windows overlap, so an instruction split across two is found in the next
+        addr += size - (len(insn) - 1)
+        window = _CHUNK
     return 0
 
 
@@ -66,7 +75,11 @@ def _still_valid(pid: int, addr: int, arch: Arch) -> bool:
 
 
 def find_syscall_gadget(
-    pid: int, arch: Arch, avoid: Iterable[int] = (), starttime: Optional[int] = None
+    pid: int,
+    arch: Arch,
+    avoid: Iterable[int] = (),
+    starttime: Optional[int] = None,
+    maps: Optional[Sequence[procfs.Mapping]] = None,
 ) -> int:
     """The address of a syscall instruction in an executable mapping of ``pid``.
 
@@ -74,7 +87,8 @@ def find_syscall_gadget(
     instruction the thread will restart at: the kernel treats a pc equal to
     its restart address specially). ``starttime`` is the process's start time
     when the caller already read it (with a pidfd pinning the process); it
-    keys the cache against pid reuse.
+    keys the cache against pid reuse. ``maps`` is a /proc/PID/maps the caller
+    has just read (only used when the cache has no answer).
     """
     avoid = tuple(avoid)
     if starttime is None:
@@ -83,7 +97,7 @@ def find_syscall_gadget(
     cached = _cache.get(key)
     if cached and cached not in avoid and _still_valid(pid, cached, arch):
         return cached
-    for m in _candidates(pid):
+    for m in _candidates(pid, maps):
         hit = _scan(pid, m, arch, avoid)
         if hit:
             _cache[key] = hit

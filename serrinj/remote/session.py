@@ -63,6 +63,7 @@ MAX_SCRATCH = 4096
 #: /proc/PID/maps; any other range is checked against a fresh read.
 _stack_cache: Dict[Tuple[int, int, int], Tuple[int, int]] = {}
 _STACK_CACHE_MAX = 4096
+_warmed = False  # the native calls of the stop path have run once in this process
 
 
 #: Test-only pause points (the fault-injection tests of serrinj itself): when
@@ -292,11 +293,11 @@ class RemoteThread:
                 " worker without user code; it cannot run a syscall for serrinj"
             )
         self._seccomp_mode = sec.seccomp_mode
-        self._prefetch_gadget()
-        self._warm_up()
         if self.prefetch_maps and self._stack_key() not in _stack_cache:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
+        self._prefetch_gadget()
+        self._warm_up()
         try:
             ptrace.seize(tid)
         except OSError as err:
@@ -345,7 +346,9 @@ class RemoteThread:
         """Find the syscall instruction while the thread still runs (not on the clock
         of the stop); failures are left for :attr:`gadget` to report."""
         with contextlib.suppress(SerrinjError, OSError):
-            self._gadget_hint = find_syscall_gadget(self.pid, self.arch, starttime=self._starttime)
+            self._gadget_hint = find_syscall_gadget(
+                self.pid, self.arch, starttime=self._starttime, maps=self._maps
+            )
 
     def _warm_up(self) -> None:
         """Run the code of the stop path once before the thread is stopped.
@@ -356,10 +359,14 @@ class RemoteThread:
         that would otherwise be spent while the vCPU is held, in every fresh
         process (each CLI run). Waiting for our own pid only fails with ECHILD.
         """
+        global _warmed
+        if _warmed:
+            return
         with contextlib.suppress(OSError):
             _native.waitpid(os.getpid(), ptrace.WNOHANG)
         _native.address_of(bytearray(8))
         Registers.unpack(self.arch, bytes(self.arch.regs_size)).pack()
+        _warmed = True
 
     @property
     def gadget(self) -> int:
