@@ -66,6 +66,17 @@ def ensure_gdb(progress: Callable[[str], None]) -> Optional[str]:
     return None
 
 
+def _busy_warning(m: Mapping[str, Any]) -> Optional[str]:
+    load = m.get("load_average_start") or []
+    cpus = m.get("cpus_online") or 1
+    if load and load[0] > 0.5 * cpus:
+        return (
+            f"warning: the machine is busy (load {load[0]} on {cpus} CPUs): absolute figures"
+            " are inflated and spreads wide; the interleaved ratios suffer less"
+        )
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     figures = FIGURES
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -112,6 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     if gdb_problem:
         doc["errors"]["gdb"] = gdb_problem
+    busy = _busy_warning(doc["machine"])
+    if busy:
+        progress(busy)
+        doc["warnings"] = [busy]
     ctx = Context(scale=args.scale)
     try:
         for name in args.only or list(figures):

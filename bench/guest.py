@@ -71,7 +71,7 @@ class GuestProbe:
     def samples(self) -> int:
         return self._u64("PC_PR_SAMPLES")
 
-    def new_window(self, timeout: float = 5.0) -> None:
+    def new_window(self, timeout: float = 20.0) -> None:
         """Start a window (its maximum restarts from 0) and wait for the guest to see it."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._put32("PC_PR_WSEQ", self._seq)
@@ -80,7 +80,7 @@ class GuestProbe:
             if time.monotonic() > deadline:
                 raise ProbeError(f"the guest did not start window {self._seq} within {timeout} s")
 
-    def window_max_us(self, settle_samples: int = 3, timeout: float = 5.0) -> float:
+    def window_max_us(self, settle_samples: int = 3, timeout: float = 20.0) -> float:
         """The largest gap of the current window, once the guest has run on.
 
         Waits until the guest has taken ``settle_samples`` more samples, so a

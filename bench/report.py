@@ -35,6 +35,7 @@ def render_text(doc: Mapping[str, Any]) -> str:
     lines = [
         f"serrinj benchmarks ({doc.get('started')}, {doc.get('duration_s')} s)",
         f"machine: {_machine_line(doc.get('machine', {}))}",
+        *doc.get("warnings", []),
         "",
     ]
     for fig in doc.get("figures", {}).values():
@@ -42,6 +43,9 @@ def render_text(doc: Mapping[str, Any]) -> str:
         table = fig.get("table")
         if table:
             lines.append(stats.text_table(table["headers"], table["rows"]))
+        for extra in fig.get("extra_tables", []):
+            lines.append(extra["title"])
+            lines.append(stats.text_table(extra["headers"], extra["rows"]))
         lines += _goal_lines(fig)
         for note in fig.get("notes", []):
             lines.append(f"  note: {note}")
@@ -60,6 +64,11 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
         table = fig.get("table")
         if table:
             parts.append(stats.markdown_table(table["headers"], table["rows"]))
+            parts.append("")
+        for extra in fig.get("extra_tables", []):
+            parts.append(f"_{extra['title']}_")
+            parts.append("")
+            parts.append(stats.markdown_table(extra["headers"], extra["rows"]))
             parts.append("")
         goals: List[Dict[str, Any]] = fig.get("goals", [])
         for g in goals:
