@@ -159,18 +159,25 @@ def parse(text: str, path: str = "<events>") -> Snapshot:
         pstate = item.get("pstate")
         if pstate is not None and (not isinstance(pstate, int) or isinstance(pstate, bool)):
             raise _err(path, f"{where}.pstate", f"{pstate!r} is not an integer")
-        decoded = item.get("decoded")
-        if decoded is not None:
+        try:
+            # KVM would refuse what does not decode (an SError ESR beyond ISS bits
+            # [24:0]), so refuse it here, with or without a "decoded" to compare
             fresh = _jsonable(decode_events(arch, _unpack(arch, raw), pstate))
-            if _jsonable(decoded) != fresh:
-                raise _err(
-                    path,
-                    f"{where}.decoded",
-                    "does not match 'raw'",
-                    hint="'raw' is what is loaded; edit it, or delete 'decoded'",
-                )
+        except InvalidInput as err:
+            raise _err(path, f"{where}.raw", err.message) from None
+        decoded = item.get("decoded")
+        if decoded is not None and _jsonable(decoded) != fresh:
+            raise _err(
+                path,
+                f"{where}.decoded",
+                "does not match 'raw'",
+                hint="'raw' is what is loaded; edit it, or delete 'decoded'",
+            )
         vcpus.append(SavedVcpu(vid, raw, pstate))
-    caps_any = data.get("host", {}).get("caps", {}) if isinstance(data.get("host"), dict) else {}
+    host_doc = data.get("host")
+    caps_any = host_doc.get("caps") if isinstance(host_doc, dict) else None
+    if not isinstance(caps_any, dict):  # informative only: anything else is ignored
+        caps_any = {}
     caps = {k: v for k, v in caps_any.items() if isinstance(k, str) and isinstance(v, int)}
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
     return Snapshot(arch, vcpus, caps, source or {}, str(data.get("saved_at", "")))
