@@ -1043,3 +1043,29 @@ def test_internal_errors_inside_a_use_case_are_audited_as_failed(
         ("inject-test", "ok", 0, None),
         ("inject-test", "failed", 1, "ZeroDivisionError"),
     ]
+
+
+# ====================================================================== serrinj killed outright
+def test_serrinj_sigkilled_before_changing_anything_leaves_the_vmm_running(
+    start_vm: Callable[..., TestVmProcess], paused_runs: List[Paused], tmp_path: Path
+) -> None:
+    """SIGKILL cannot be caught: the kernel detaches the thread for the dead tracer.
+    PTRACE_O_EXITKILL is never set, so the VMM lives on; held at `seized`, nothing
+    of the thread had been changed. (From `borrowed` to the restore a SIGKILL would
+    leave the thread on borrowed registers: docs/SAFETY.md, "Limits".)"""
+    vm = start_vm(vcpus=2, mode="spin")
+    tid = vm.vcpu(0).tid
+    with frozen(vm.pid):
+        before = observe(vm.pid, tid)
+        run = Paused(tmp_path, "seized", "nmi", "--pid", vm.pid, "--vcpu", 0)
+        paused_runs.append(run)
+        run.wait_paused()
+        run.proc.kill()
+        run.proc.wait(10)
+        run.marker.unlink()
+        with open(f"/proc/{vm.pid}/task/{tid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read()
+        after = observe(vm.pid, tid)
+    assert after == before, before.diff(after)
+    counters = assert_healthy(vm)
+    assert counters[0]["nmi_count"] == 0
