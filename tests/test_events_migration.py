@@ -21,6 +21,8 @@ from serrinj.ops import events, host, inject, target
 from serrinj.testvm.process import TestVmProcess
 
 X86 = os.uname().machine == "x86_64"
+ARM64 = os.uname().machine == "aarch64"
+ISS_KSELFTEST = 0x101D1ED  # IDS | 0x1d1ed: a syndrome KVM would not make up itself
 
 
 @pytest.fixture
@@ -54,6 +56,35 @@ def test_pending_nmi_moves_to_another_vm(pair: Tuple[TestVmProcess, TestVmProces
     assert ev["vcpu"] == 1
     time.sleep(0.3)
     assert [e["vcpu"] for e in b.events_seen[mark:] if e["event"] == "nmi"] == [1]
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.skipif(not ARM64, reason="arm64 SErrors (the arm64 lab runs this file)")
+def test_pending_serror_moves_to_another_vm(pair: Tuple[TestVmProcess, TestVmProcess]) -> None:
+    """A pending SError keeps its ESR through save and load, and B's guest takes it with
+    that ESR once it runs (a host without RAS moves it without one)."""
+    a, b = pair
+    iss = ISS_KSELFTEST if host.probe().serror_esr else None
+    inject.inject_serror(target.resolve(pid=a.pid, vcpu=1), inject.SErrorRequest(iss))
+    snap = events.save(target.resolve(pid=a.pid))
+    doc = json.loads(snap.dumps())
+    assert doc["arch"] == "aarch64"
+    assert [v["decoded"]["serror_pending"] for v in doc["vcpus"]] == [False, True]
+    if iss is not None:
+        assert doc["vcpus"][1]["decoded"]["serror_esr"] == iss
+    res = events.load(target.resolve(pid=b.pid), events.parse(snap.dumps(), "a.json"))
+    assert [r.vcpu_id for r in res] == [0, 1]
+    assert res[1].after["serror_pending"] is True
+    assert res[0].after["serror_pending"] is False
+    mark = b.mark()
+    b.command({"cmd": "run"})
+    ev = b.wait_event(lambda e: e["event"] == "serror", since=mark, timeout=20)
+    assert ev["vcpu"] == 1 and ev["ec"] == 0x2F
+    if iss is not None:
+        assert ev["esr"] == 0xBE000000 | iss
+    time.sleep(0.3)
+    assert [e["vcpu"] for e in b.events_seen[mark:] if e["event"] == "serror"] == [1]
 
 
 def _snapshot(arch: str, raw: bytes) -> events.Snapshot:

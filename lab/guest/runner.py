@@ -36,6 +36,10 @@ HOST_TESTS = (
     "tests/test_remote_engine.py",
     "tests/test_faults.py",
     "tests/test_seccomp.py",
+    # the use cases against the test VM (arm64 variants where x86 injects NMIs/#MC)
+    "tests/test_engine_kvm.py",
+    "tests/test_sandbox_and_fds.py",
+    "tests/test_events_migration.py",
 )
 RAS_MESSAGE = "RAS Extension Support"
 CAPS = (41, 158, 178)
