@@ -899,11 +899,17 @@ def test_list_while_vmms_come_and_go() -> None:
             scans += 1
             seen += sum(1 for v in vms if v.pid != churn.pid and v.comm == "python")
         for _ in range(10):
-            r = serrinj("list", "--json")
-            assert r.rc == 0, r
-            assert "Traceback" not in r.stderr and isinstance(r.data["vms"], list), r
-            r = serrinj("list")
-            assert r.rc == 0 and "Traceback" not in r.stderr, r
+            for args in (["list", "--json"], ["list"]):
+                r = serrinj(*args)
+                assert "Traceback" not in r.stderr, r
+                if r.rc == ExitCode.PERMISSION:
+                    # no VM alive at that instant, and some process serrinj may not
+                    # inspect (pid 1 of a container can be one, even for root)
+                    assert_clean_error(r, ExitCode.PERMISSION, "may not read the fds")
+                else:
+                    assert r.rc == 0, r
+                    if "--json" in args:
+                        assert isinstance(r.data["vms"], list), r
         out, _ = churn.communicate(timeout=30)
     finally:
         if churn.poll() is None:
