@@ -140,7 +140,11 @@ def assert_refused(r: Run, *words: str) -> None:
         assert w in r.stderr, (w, str(r))
 
 
-def _commands(pid: int) -> Dict[str, List[object]]:
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _commands(pid: int, shared: Optional[Path] = None) -> Dict[str, List[object]]:
+    events_file = (shared or Path("/nonexistent")) / "events.json"
     return {
         "list": ["list"],
         "list-json": ["list", "--json"],
@@ -164,6 +168,9 @@ def _commands(pid: int) -> Dict[str, List[object]]:
         ],
         "inject": ["inject", "--pid", pid, "--vcpu", 0],
         "demo": ["demo"],
+        "events-save": ["events", "save", "--pid", pid],
+        "events-load": ["events", "load", events_file, "--pid", pid],
+        "run": ["run", ROOT / "examples" / "x86-smoke.toml", "--pid", pid],
     }
 
 
@@ -181,6 +188,9 @@ MISSING = {
     "mce-dry-run": ["cannot read the fds of process"],
     "inject": ["cannot read the fds of process"],
     "demo": ["/dev/kvm"],
+    "events-save": ["cannot read the fds of process", "uid 0"],
+    "events-load": ["cannot read the fds of process", "uid 0"],
+    "run": ["cannot read the fds of process", "uid 0"],
 }
 
 
@@ -192,7 +202,13 @@ def test_unprivileged_user_gets_exit_4_for_every_vm_command(
     vm = start_vm()
     before = guest_counts(vm)
     audit_before = len(audit_records(shared_dir))
-    commands = _commands(vm.pid)
+    saved = subprocess.run(
+        [sys.executable, "-m", "serrinj", "events", "save", "--pid", str(vm.pid)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    (shared_dir / "events.json").write_text(saved)
+    (shared_dir / "events.json").chmod(0o644)
+    commands = _commands(vm.pid, shared_dir)
     for name, args in commands.items():
         r = run_as(AS_NOBODY, *args, shared=shared_dir)
         assert_refused(r, *MISSING[name])
@@ -204,6 +220,8 @@ def test_unprivileged_user_gets_exit_4_for_every_vm_command(
         ("inject-mce", "refused"),
         ("inject-mce", "refused"),
         ("inject-serror", "refused"),
+        ("events-load", "refused"),
+        ("campaign-run", "refused"),
     ], records
     assert all(x["user"]["uid"] == NOBODY for x in records)
     assert all(x["error"]["exit_code"] == ExitCode.PERMISSION for x in records)
