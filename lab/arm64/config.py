@@ -121,7 +121,7 @@ KERNEL_APPEND = "console=ttyAMA0 rdinit=/init panic=-1 quiet"
 
 #: wall-clock limit of one boot of `run`, and what the guest leaves itself for teardown
 #: (a safety net, not a target: boots side by side, or a busy machine, take longer)
-BOOT_TIMEOUT_S = 600
+BOOT_TIMEOUT_S = 900
 GUEST_MARGIN_S = 20
 
 
