@@ -20,7 +20,11 @@ event stop, in its signal path. Restoring the registers at the engine's own
 syscall-exit stop and detaching there would skip that path and hand the VMM
 an impossible -ERESTARTSYS. Stopping once more in the signal path and
 detaching from there lets the kernel perform the restart exactly as if
-serrinj had never been there, and leaves the registers bit-identical.
+serrinj had never been there, and leaves the registers bit-identical. On
+x86_64, when the saved state holds no restart code (the usual vCPU thread:
+KVM_RUN returned -EINTR) and no signal is waiting to be re-sent, there is
+nothing for the signal path to do, and the thread is let go from the
+syscall-exit stop with its registers restored (``_signal_path_needed``).
 
 Signals that arrive for the thread while its registers are borrowed are not
 delivered on the borrowed state: they are held and re-sent (tgkill) after the
@@ -50,7 +54,7 @@ from serrinj.errors import (
     TargetGone,
 )
 from serrinj.remote import ptrace, seccomp
-from serrinj.remote.arch import Arch, Registers, host_arch
+from serrinj.remote.arch import Arch, Registers, host_arch, to_signed
 from serrinj.remote.gadget import find_syscall_gadget
 
 _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
@@ -64,6 +68,8 @@ MAX_SCRATCH = 4096
 _stack_cache: Dict[Tuple[int, int, int], Tuple[int, int]] = {}
 _STACK_CACHE_MAX = 4096
 _warmed = False  # the native calls of the stop path have run once in this process
+#: -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK
+_RESTART_CODES = frozenset({-512, -513, -514, -516})
 
 
 #: Test-only pause points (the fault-injection tests of serrinj itself): when
@@ -597,6 +603,8 @@ class RemoteThread:
     def _restore_and_detach(self) -> None:
         tid = self.tid
         t_restore = time.perf_counter_ns()
+        # at one of our own syscall stops (not interrupted in our syscall)
+        at_our_stop = not self._running
         if self._running:
             if not self._dirty:
                 # Seized but never stopped (e.g. uninterruptible sleep) and
@@ -616,7 +624,7 @@ class RemoteThread:
                 self._skip_current_syscall()
             if self.saved is not None and self._dirty:
                 self._put_baseline()
-                if not self._at_syscall_stop:
+                if not self._at_syscall_stop and self._signal_path_needed(at_our_stop):
                     # Back into the kernel's signal path (see the module docstring).
                     self._ptrace(ptrace.interrupt, tid)
                     self._resume(ptrace.cont, 0)
@@ -646,6 +654,23 @@ class RemoteThread:
             self.timings["detach_ns"] = time.perf_counter_ns() - t0
         if failure is not None:
             raise failure
+
+    def _signal_path_needed(self, at_our_stop: bool) -> bool:
+        """Whether the thread must stop once more in the kernel's signal path
+        before it is let go (see the module docstring).
+
+        Not on x86_64 when the thread sits at our own syscall-exit stop, no signal
+        waits to be re-sent, and the saved state holds no restart code: the
+        baseline stop was in the signal path with nothing left to restart (a
+        KVM_RUN that returned -EINTR, or user code), so returning to user mode
+        straight from the syscall exit, with the baseline registers, is what the
+        signal path would have done. It saves a stop and a resume: a tenth to
+        a fifth of the time the vCPU is held. Anything else takes the full path.
+        """
+        if self.arch.name != "x86_64" or not at_our_stop or self._deferred:
+            return True
+        assert self.saved is not None
+        return to_signed(self.saved["rax"]) in _RESTART_CODES
 
     def _put_baseline(self) -> None:
         assert self.saved is not None
