@@ -191,7 +191,7 @@ def test_soak(vms: List[Any], soak_count: int, tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT), "SERRINJ_AUDIT_LOG": str(audit_log)},
     )  # fmt: skip
     try:
-        out, err = proc.communicate(timeout=60 + count * 0.1)
+        out, err = proc.communicate(timeout=120 + count * 0.5)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -94,6 +94,11 @@ def _test_pause(phase: str) -> None:
         time.sleep(0.01)
 
 
+def _check_signals() -> None:
+    """Nothing: calling a Python function makes the interpreter run pending signal
+    handlers (its eval-breaker check)."""
+
+
 class EngineError(SerrinjError):
     """The traced thread did something the engine did not expect."""
 
@@ -811,9 +816,10 @@ class RemoteThread:
         pending = signal.sigpending() & _GUARDED_SIGNALS
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if pending and not (old & pending):
-            # Unblocking delivered them (KeyboardInterrupt or the default
-            # action) already; this line runs only if a handler returned.
-            pass
+            # Unblocking delivered them to the C-level handler; Python runs its
+            # handler (KeyboardInterrupt, SystemExit...) at its next check, which a
+            # call guarantees: act on the signal here, before anything else runs.
+            _check_signals()
 
     def interrupt_pending(self) -> bool:
         """Whether SIGINT/SIGTERM arrived for serrinj during the session."""
