@@ -95,6 +95,12 @@ def describe() -> Dict[str, object]:
     uname = platform.uname()
     return {
         "cpu_model": info.get("model name") or platform.processor() or "unknown",
+        "cpu_family_model_stepping": [info.get(k) for k in ("cpu family", "model", "stepping")],
+        "cpu_flags_of_note": [
+            f
+            for f in ("hypervisor", "vmx", "svm", "avx512f", "amx_tile", "constant_tsc")
+            if f in flags
+        ],
         "cpus_online": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "memory_bytes": _meminfo_total(),
