@@ -8,6 +8,7 @@ and the goals, and writes ``bench/results/<UTC timestamp>.json`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -110,6 +111,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for p in problems:
             print(f"bench: cannot run: {p}", file=sys.stderr)
         return 2
+    # Before any thread or child exists, so all of them inherit it: at nice -20
+    # whatever else runs on the machine rarely takes a CPU from the processes
+    # measured (serrinj, gdb, QEMU and the test VM alike); on an idle machine
+    # it changes nothing.
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, -20)
+        nice = -20
     gdb_problem = ensure_gdb(progress)
     started = time.monotonic()
     when = datetime.datetime.now(datetime.timezone.utc)
@@ -118,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "started": when.isoformat(timespec="seconds"),
         "machine": machine.describe(),
         "scale": args.scale,
+        "nice": nice,
         "figures": {},
         "errors": {},
     }
