@@ -331,16 +331,27 @@ def scan(arch: Optional[Arch] = None) -> List[Vm]:
 
 
 def hidden() -> Tuple[int, ...]:
-    """User processes whose fds serrinj may not read: a VMM among them is never found."""
+    """User processes whose fds serrinj may not read and that may be VMMs it misses.
+
+    Without CAP_SYS_PTRACE any other user's process may be a VMM. With it, a
+    process that still cannot be read is protected by something else (e.g. a
+    container's init outside serrinj's reach): it counts only when it looks
+    like a VMM (its name, command line or thread names), so that root on a
+    host with such a process still gets "no VM" (exit 3), not a permission error.
+    """
+    privileged = procfs.has_capability(procfs.CAP_SYS_PTRACE)
     out = []
     for pid in procfs.pids():
         if pid == os.getpid() or not _fds_denied(pid):
             continue
         try:
-            if not procfs.stat(pid).kernel_thread:  # kernel threads are no VMMs
-                out.append(pid)
+            if procfs.stat(pid).kernel_thread:  # kernel threads are no VMMs
+                continue
         except ProcessLookupError:
-            pass
+            continue
+        if privileged and not _looks_like_vmm(pid):
+            continue
+        out.append(pid)
     return tuple(out)
 
 

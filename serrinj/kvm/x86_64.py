@@ -324,7 +324,7 @@ def sregs_set_dtable(raw: bytearray, name: str, base: int, limit: int) -> None:
 CR4_MCE = 1 << 6
 
 
-def pack_msrs(indices: "Tuple[int, ...]") -> bytes:
+def pack_msrs(indices: Tuple[int, ...]) -> bytes:
     """``struct kvm_msrs`` asking for ``indices`` (data fields zeroed)."""
     head = struct.pack("<II", len(indices), 0)
     return head + b"".join(struct.pack("<IIQ", i, 0, 0) for i in indices)
