@@ -45,6 +45,7 @@ soak: setup
 
 docs: setup
 	$(PY) scripts/gen_docs.py
+	$(PY) scripts/gen_ffi.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

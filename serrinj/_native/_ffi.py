@@ -1,42 +1,25 @@
-"""The cffi declarations (ABI mode: nothing is compiled at install time).
+"""The cffi FFI object and libc (ABI mode: nothing is compiled, ever).
 
-Only this package imports cffi. Variadic libc functions (``ioctl``,
-``syscall``, ``prctl``) are declared variadic, and every argument is passed as
-an explicit ``long`` so that the calling convention is unambiguous.
+Only this package imports cffi. The declarations live in ``cdefs.py``; the
+generated ``_abi.py`` (``scripts/gen_ffi.py``; a test keeps it current) holds
+them pre-parsed. If this cffi cannot load that module, the declarations are
+parsed here instead, which is slower but equivalent.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import cffi
+__all__ = ["ffi", "libc"]
 
-ffi = cffi.FFI()
-ffi.cdef(
-    """
-    typedef int pid_t;
-    typedef long ssize_t;
-    typedef unsigned long size_t;
+try:
+    from serrinj._native._abi import ffi
+except Exception:  # a cffi whose backend refuses the generated module
+    import cffi
 
-    struct iovec { void *iov_base; size_t iov_len; };
+    from serrinj._native.cdefs import CDEF
 
-    struct sock_filter { uint16_t code; uint8_t jt; uint8_t jf; uint32_t k; };
-    struct sock_fprog { unsigned short len; struct sock_filter *filter; };
-
-    int ioctl(int fd, unsigned long request, ...);
-    long syscall(long number, ...);
-    int prctl(int option, ...);
-    pid_t waitpid(pid_t pid, int *wstatus, int options);
-    ssize_t process_vm_readv(pid_t pid, const struct iovec *local_iov, unsigned long liovcnt,
-                             const struct iovec *remote_iov, unsigned long riovcnt,
-                             unsigned long flags);
-    ssize_t process_vm_writev(pid_t pid, const struct iovec *local_iov, unsigned long liovcnt,
-                              const struct iovec *remote_iov, unsigned long riovcnt,
-                              unsigned long flags);
-    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
-    int munmap(void *addr, size_t length);
-    char *strerror(int errnum);
-    """
-)
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
 
 libc: Any = ffi.dlopen(None)
