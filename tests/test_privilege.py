@@ -57,6 +57,49 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+#: the packages an unprivileged serrinj imports
+_PACKAGES = (
+    "serrinj", "click", "rich", "markdown_it", "mdurl", "pygments", "cffi", "_cffi_backend",
+    "pycparser", "typing_extensions",
+)  # fmt: skip
+_readable: List[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _world_readable_packages() -> Iterator[None]:
+    """A copy of serrinj and what it imports that any user may read.
+
+    The checkout (and its venv) may sit in a directory only root can enter, such
+    as CI's fresh clone made with ``mktemp -d``: an unprivileged serrinj must not
+    fail to *import* there, or these tests would test nothing.
+    """
+    import importlib.util
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="serrinj-priv-")
+    try:
+        for name in _PACKAGES:
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.origin is None:
+                continue
+            if spec.submodule_search_locations:
+                src = next(iter(spec.submodule_search_locations))
+                shutil.copytree(
+                    src, os.path.join(base, name), ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy2(spec.origin, base)
+        for root, _dirs, files in os.walk(base):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644 if not f.endswith(".so") else 0o755)
+        _readable.append(base)
+        yield
+    finally:
+        _readable.clear()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def run_as(
     setpriv_args: Sequence[str],
     *args: object,
@@ -75,6 +118,7 @@ def run_as(
         cmd = [strace, "-f", "-qq", "-o", str(strace_to), *cmd]
     env = {
         **os.environ,
+        "PYTHONPATH": os.pathsep.join(_readable),
         "SERRINJ_AUDIT_LOG": str(shared / "audit.jsonl"),
         "SERRINJ_LOCK_DIR": str(shared / "locks"),
         "HOME": str(shared),
@@ -145,6 +189,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _commands(pid: int, shared: Optional[Path] = None) -> Dict[str, List[object]]:
     events_file = (shared or Path("/nonexistent")) / "events.json"
+    campaign = ROOT / "examples" / "x86-smoke.toml"
+    if shared is not None:
+        # the checkout may be unreadable to the unprivileged user (see above)
+        copy = shared / "x86-smoke.toml"
+        shutil.copyfile(campaign, copy)
+        copy.chmod(0o644)
+        campaign = copy
     return {
         "list": ["list"],
         "list-json": ["list", "--json"],
@@ -170,7 +221,7 @@ def _commands(pid: int, shared: Optional[Path] = None) -> Dict[str, List[object]
         "demo": ["demo"],
         "events-save": ["events", "save", "--pid", pid],
         "events-load": ["events", "load", events_file, "--pid", pid],
-        "run": ["run", ROOT / "examples" / "x86-smoke.toml", "--pid", pid],
+        "run": ["run", campaign, "--pid", pid],
     }
 
 
