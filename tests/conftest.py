@@ -14,6 +14,29 @@ import shutil
 from typing import Callable, Dict, Optional
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+
+def _inside_arm64_lab() -> bool:
+    try:
+        with open("/proc/cmdline") as f:
+            return "lab.mode=" in f.read()
+    except OSError:
+        return False
+
+
+# Inside the arm64 lab everything runs under full emulation (10-30x slower, three
+# boots sharing two host CPUs): speed health checks and per-example deadlines
+# would measure the emulator, not the code, so the lab turns them off and runs
+# fewer examples. The properties themselves are unchanged.
+settings.register_profile(
+    "lab",
+    deadline=None,
+    max_examples=30,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+if _inside_arm64_lab():
+    settings.load_profile("lab")
 
 
 def _strict() -> bool:
