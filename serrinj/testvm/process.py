@@ -16,6 +16,7 @@ after a timeout) and reaps it; leaving the ``with`` block calls it.
 from __future__ import annotations
 
 import contextlib
+import os
 import json
 import signal
 import subprocess
@@ -80,8 +81,17 @@ class TestVmProcess:
         timeout: float = 30.0,
         python: str = sys.executable,
         env: Optional[Dict[str, str]] = None,
+        own_process_group: bool = False,
     ) -> TestVmProcess:
-        """Spawn the test VM and wait for its ``ready`` event."""
+        """Spawn the test VM and wait for its ``ready`` event.
+
+        With ``own_process_group`` the VM leads a process group of its own in
+        this session, as a shell puts a job: the job-control stop signals
+        (SIGTSTP, SIGTTIN, SIGTTOU) stop it then whatever process group the
+        caller runs in. The kernel discards those signals for a member of an
+        orphaned process group, which the caller's group may be (a background
+        job whose shell has gone, a CI runner).
+        """
         argv = [python, "-m", "serrinj.testvm", "--vcpus", str(vcpus), "--mode", mode]
         if arch is not None:
             argv += ["--arch", arch]
@@ -102,6 +112,8 @@ class TestVmProcess:
                 bufsize=1,
                 env=env,
                 close_fds=True,
+                # not process_group=0: that is Python 3.11+
+                preexec_fn=os.setpgrp if own_process_group else None,
             )
             vm = cls(popen, argv)
         finally:
