@@ -16,8 +16,8 @@ after a timeout) and reaps it; leaving the ``with`` block calls it.
 from __future__ import annotations
 
 import contextlib
-import os
 import json
+import os
 import signal
 import subprocess
 import sys
