@@ -5,13 +5,17 @@ Outside CI a missing resource skips the test with a reason that says how to
 enable it. With ``CI=true`` (set by ``.ci/run``) or ``SERRINJ_REQUIRE_ALL=1``
 a missing resource is a test failure: CI must never pass by skipping the
 real-KVM tests.
+
+A test that needs something no marker covers (a tool such as strace or gdb)
+calls :func:`need_tool`, or :func:`missing` with its own reason: the same rule
+applies.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NoReturn, Optional
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -41,6 +45,25 @@ if _inside_arm64_lab():
 
 def _strict() -> bool:
     return os.environ.get("CI") == "true" or os.environ.get("SERRINJ_REQUIRE_ALL") == "1"
+
+
+def missing(reason: str, resource: str = "") -> NoReturn:
+    """A resource the test needs is missing: a failure in CI, else a skip.
+
+    ``reason`` says what is missing and how to get it (``run `make deps```).
+    """
+    if _strict():
+        name = f" '{resource}'" if resource else ""
+        pytest.fail(f"required resource{name} is missing in CI: {reason}", pytrace=False)
+    pytest.skip(f"{reason} (CI=true makes this a failure)")
+
+
+def need_tool(tool: str, package: str) -> str:
+    """The path of ``tool``; when it is not installed, :func:`missing` (Debian ``package``)."""
+    path = shutil.which(tool)
+    if path is None:
+        missing(f"{tool} is not installed; run `make deps` (apt-get install {package})")
+    return path
 
 
 def _kvm_missing() -> Optional[str]:
@@ -90,9 +113,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = _cache[name]
         if reason is None:
             continue
-        if _strict():
-            pytest.fail(f"required resource '{name}' is missing in CI: {reason}", pytrace=False)
-        pytest.skip(f"{reason} (CI=true makes this a failure)")
+        missing(reason, name)
 
 
 @pytest.fixture(autouse=True, scope="session")

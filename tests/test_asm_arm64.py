@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -18,6 +17,7 @@ from typing import Callable, List, Tuple
 import pytest
 
 from serrinj.testvm.asm_arm64 import Asm, AsmError, encode_logical_imm
+from tests.conftest import need_tool
 
 Case = Tuple[Callable[[Asm], None], str]
 
@@ -315,8 +315,7 @@ def _words(raw: bytes) -> List[int]:
 @pytest.fixture(scope="module")
 def gnu_words() -> List[List[int]]:
     """The GNU encoding of every case, assembled in one run, split back per case."""
-    if not shutil.which("aarch64-linux-gnu-as"):
-        pytest.skip("aarch64-linux-gnu-as is missing; run `make deps`")
+    need_tool("aarch64-linux-gnu-as", "binutils-aarch64-linux-gnu")
     # a marker word between cases (udf #0xabcd) keeps the split unambiguous
     sep = "\n.inst 0x0000abcd\n"
     raw = _words(_gnu_assemble(sep.join(text for _, text in CASES)))

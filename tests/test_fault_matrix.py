@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from serrinj.errors import ExitCode
 from serrinj.remote import RemoteThread
 from serrinj.remote.arch import Registers
 from serrinj.testvm.process import TestVmProcess
+from tests.conftest import need_tool
 
 X86 = os.uname().machine == "x86_64"
 pytestmark = [
@@ -441,9 +441,7 @@ def _wait_traced(pid: int, tid: int, timeout: float = 20.0) -> int:
 @contextlib.contextmanager
 def traced_by(tool: str, pid: int, tid: int) -> Iterator[subprocess.Popen[str]]:
     """A real strace (one thread) or gdb (the whole process) attached to the VMM."""
-    exe = shutil.which(tool)
-    if exe is None:
-        pytest.skip(f"{tool} is not installed (apt-get install {tool})")
+    exe = need_tool(tool, tool)
     if tool == "strace":
         argv = [exe, "-q", "-o", os.devnull, "-p", str(tid)]
     else:
@@ -666,9 +664,7 @@ def pid_reuse_scenario() -> None:
 
 
 def test_pid_reuse_between_discovery_and_attach_is_caught(tmp_path: Path) -> None:
-    exe = shutil.which("unshare")
-    if exe is None:
-        pytest.skip("unshare (util-linux) is not installed")
+    exe = need_tool("unshare", "util-linux")
     code = "from tests.test_fault_matrix import pid_reuse_scenario; pid_reuse_scenario()"
     n = audit_mark()
     proc = subprocess.Popen(

@@ -26,11 +26,11 @@ import pytest
 
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
+from tests.conftest import need_tool
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
 NOBODY = 65534
-SETPRIV = shutil.which("setpriv")
 AS_NOBODY = ["--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 NO_CAPS = ["--bounding-set=-all", "--inh-caps=-all"]
 
@@ -107,15 +107,17 @@ def run_as(
     strace_to: Optional[Path] = None,
 ) -> Run:
     """``setpriv ARGS python -m serrinj ARGS``, optionally under a real strace."""
-    if SETPRIV is None:
-        pytest.skip("setpriv (util-linux) is not installed")
     argv = [str(a) for a in args]
-    cmd = [SETPRIV, *setpriv_args, sys.executable, "-m", "serrinj", *argv]
+    cmd = [
+        need_tool("setpriv", "util-linux"),
+        *setpriv_args,
+        sys.executable,
+        "-m",
+        "serrinj",
+        *argv,
+    ]
     if strace_to is not None:
-        strace = shutil.which("strace")
-        if strace is None:
-            pytest.skip("strace is not installed (apt-get install strace)")
-        cmd = [strace, "-f", "-qq", "-o", str(strace_to), *cmd]
+        cmd = [need_tool("strace", "strace"), "-f", "-qq", "-o", str(strace_to), *cmd]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(_readable),
@@ -156,10 +158,9 @@ def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
 @pytest.fixture
 def nocap_python(tmp_path: Path) -> str:
     """A python that runs as root but with no capability at all (a minimal VMM)."""
-    if SETPRIV is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+    setpriv = need_tool("setpriv", "util-linux")
     script = tmp_path / "python-nocaps"
-    script.write_text(f'#!/bin/sh\nexec {SETPRIV} {" ".join(NO_CAPS)} {sys.executable} "$@"\n')
+    script.write_text(f'#!/bin/sh\nexec {setpriv} {" ".join(NO_CAPS)} {sys.executable} "$@"\n')
     script.chmod(0o755)
     return str(script)
 
