@@ -365,36 +365,12 @@ def cli() -> None:
 @_command("list")
 def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
     """List the KVM VMs on this host, their vCPUs and the threads that run them."""
-    from serrinj import discover
+    from serrinj.ops.listing import list_vms
     from serrinj.ops.status import vm_dict
     from serrinj.render import view_list
 
     ui = _ui()
-    if pid is not None or name:
-        vms = [discover.find(pid=pid, name=name)]
-    else:
-        vms = discover.scan()
-        denied = discover.hidden()
-        if denied:
-            if not vms:
-                raise discover.hidden_error(denied)
-            n = len(denied)
-            ui.warn(
-                f"serrinj may not read the fds of {n} process{'es' if n > 1 else ''};"
-                " a VM among them is not listed (run as root to see every VM)"
-            )
-    if probe:
-        probed = []
-        for vm in vms:
-            if vm.unmapped:
-                try:
-                    vm = discover.probe(vm)
-                except SerrinjError as err:
-                    if len(vms) == 1:
-                        raise
-                    ui.warn(f"cannot probe {vm.label}: {err.message}")
-            probed.append(vm)
-        vms = probed
+    vms = list_vms(pid, name, probe=probe, warn=ui.warn)
     if not vms and not ui.json:
         ui.note("no KVM VMs are running on this host")
     ui.emit({"vms": [vm_dict(vm) for vm in vms]}, view_list)
@@ -528,25 +504,6 @@ def inject_cmd(
 
 
 # ====================================================================== mce (x86_64)
-def _mce_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Optional[int]:
-    """A number, or flag names joined by commas (``val,uc,en``)."""
-    if text is None:
-        return None
-    words = [w.strip().lower() for w in text.split(",") if w.strip()]
-    if words and all(w in names for w in words):
-        value = 0
-        for w in words:
-            value |= names[w]
-        return value
-    if any(ch.isalpha() for ch in text) and not text.strip().lower().startswith(("0x", "0b", "0o")):
-        unknown = [w for w in words if w not in names]
-        raise InvalidInput(
-            f"{what}: unknown flag(s) {', '.join(unknown)}",
-            hint=f"flags: {', '.join(names)}; or give a number",
-        )
-    return _number(text, what)
-
-
 @cli.command("mce", short_help="Raise a machine check (x86_64).")
 @target_options
 @click.option("--bank", type=int, metavar="N", help="The machine-check bank (MCi); required.")
@@ -616,7 +573,7 @@ def mce_cmd(
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
     p = mce_mod.preset(preset) if preset else None
-    status = _mce_value(status_text, "--status", mce_mod.STATUS_BITS)
+    status = mce_mod.parse_value(status_text, "--status", mce_mod.STATUS_BITS)
     if status is None:
         if p is None:
             raise InvalidInput(
@@ -624,7 +581,7 @@ def mce_cmd(
                 hint=f"presets: {', '.join(mce_mod.PRESETS)}",
             )
         status = p.status
-    mcg = _mce_value(mcg_status, "--mcg-status", mce_mod.MCG_STATUS_BITS)
+    mcg = mce_mod.parse_value(mcg_status, "--mcg-status", mce_mod.MCG_STATUS_BITS)
     if mcg is None:
         mcg = p.mcg_status if p else 0
     misc_v = _number(misc, "--misc")

@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from serrinj.errors import InvalidInput
+from serrinj.esr import parse_int
 from serrinj.kvm.x86_64 import (
     CR4_MCE,
     MC_VECTOR,
@@ -100,6 +101,32 @@ MCG_STATUS_BITS: Mapping[str, int] = MappingProxyType(
         "lmce_s": MCG_STATUS_LMCE_S,
     }
 )
+
+
+def parse_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Optional[int]:
+    """A register value as a user types it: a number, or flag names joined by commas.
+
+    ``"val,uc,en"`` is the OR of those bits of ``names`` (case-insensitive);
+    anything else is read by :func:`serrinj.esr.parse_int` as a 64-bit number.
+    Text with a letter that is neither a flag name nor part of a 0x/0b/0o
+    number is refused, naming the unknown flags. ``None`` (not given) stays ``None``.
+    """
+    if text is None:
+        return None
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    if words and all(w in names for w in words):
+        value = 0
+        for w in words:
+            value |= names[w]
+        return value
+    if any(ch.isalpha() for ch in text) and not text.strip().lower().startswith(("0x", "0b", "0o")):
+        unknown = [w for w in words if w not in names]
+        raise InvalidInput(
+            f"{what}: unknown flag(s) {', '.join(unknown)}",
+            hint=f"flags: {', '.join(names)}; or give a number",
+        )
+    return parse_int(text, what=what, bits=64)
+
 
 # --------------------------------------------------------------------------- MCA error codes
 

@@ -14,13 +14,13 @@ import contextlib
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
 from serrinj import cli, discover, esr, mce
-from serrinj.errors import ExitCode, TargetNotFound
+from serrinj.errors import Conflict, ExitCode, PermissionDenied, TargetNotFound
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
@@ -403,6 +403,73 @@ def test_target_choice_with_several_vms(
     monkeypatch.setattr(discover, "scan", lambda arch=None: [b])
     assert run("nmi").rc == 0  # the only VM on the host is the target
     assert captured["inject_nmi"][0].vm.pid == 200
+
+
+# ====================================================================== list
+def _unmapped(vm: Any) -> Any:
+    return replace(vm, vcpus=tuple(replace(v, thread=None, mapped_by="") for v in vm.vcpus))
+
+
+def test_list_warns_about_hidden_processes_and_fails_when_nothing_is_seen(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = fake_vm("x86_64", pid=100, name="a")
+    monkeypatch.setattr(discover, "scan", lambda arch=None: [a])
+    monkeypatch.setattr(discover, "hidden", lambda: (7, 8))
+    r = run("list", "--json")
+    assert r.rc == 0, r
+    assert [vm["pid"] for vm in r.data["vms"]] == [100]
+    assert r.stderr == (
+        "warning: serrinj may not read the fds of 2 processes; a VM among them is not listed"
+        " (run as root to see every VM)\n"
+    )
+    monkeypatch.setattr(discover, "scan", lambda arch=None: [])
+    monkeypatch.setattr(
+        discover, "hidden_error", lambda denied: PermissionDenied(f"hidden: {list(denied)}")
+    )
+    r = run("list")
+    assert r.rc == ExitCode.PERMISSION and r.stderr == "error: hidden: [7, 8]\n"
+    monkeypatch.setattr(discover, "hidden", lambda: ())
+    r = run("list")
+    assert r.rc == 0 and r.stderr == "no KVM VMs are running on this host\n"
+    # --pid/--name ask discover.find, and never look for hidden processes
+    monkeypatch.setattr(discover, "hidden", lambda: pytest.fail("scanned for hidden processes"))
+    monkeypatch.setattr(discover, "find", lambda pid=None, name=None: a)
+    assert run("list", "--json", "--name", "a").data["vms"][0]["name"] == "a"
+
+
+def test_list_probe_maps_unmapped_vcpus_and_warns_for_one_vm_of_several(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = fake_vm("x86_64", pid=100, name="a")
+    b, c = (
+        _unmapped(fake_vm("x86_64", pid=200, name="b")),
+        _unmapped(fake_vm("x86_64", pid=300, name=None)),
+    )
+    probed: List[int] = []
+
+    def probe(vm: Any, timeout: float = 0.5) -> Any:
+        probed.append(vm.pid)
+        if vm.pid == 300:
+            raise Conflict("thread 301 is traced by another process")
+        return fake_vm("x86_64", pid=vm.pid, name=vm.name)
+
+    monkeypatch.setattr(discover, "scan", lambda arch=None: [a, b, c])
+    monkeypatch.setattr(discover, "hidden", lambda: ())
+    monkeypatch.setattr(discover, "probe", probe)
+    r = run("list", "--json")
+    assert r.rc == 0 and probed == []  # no --probe: nothing is stopped
+    assert [v["tid"] for vm in r.data["vms"] for v in vm["vcpus"]] == [101, None, None]
+    r = run("list", "--json", "--probe")
+    assert r.rc == 0, r
+    assert probed == [200, 300]  # only the VMs with unmapped vCPUs
+    assert [v["tid"] for vm in r.data["vms"] for v in vm["vcpus"]] == [101, 201, None]
+    assert r.stderr == "warning: cannot probe pid 300: thread 301 is traced by another process\n"
+    # the only VM asked for: its probe failure is the command's error
+    monkeypatch.setattr(discover, "find", lambda pid=None, name=None: c)
+    r = run("list", "--probe", "--pid", 300)
+    assert r.rc == ExitCode.CONFLICT
+    assert r.stderr == "error: thread 301 is traced by another process\n"
 
 
 # ====================================================================== esr

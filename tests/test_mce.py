@@ -105,6 +105,30 @@ def test_encode_status_errors() -> None:
     assert mce.encode_status("VAL", "Uc") == MCI_STATUS_VAL | MCI_STATUS_UC
 
 
+def test_parse_value_takes_numbers_or_flag_names() -> None:
+    bits = mce.STATUS_BITS
+    assert mce.parse_value(None, "--status", bits) is None
+    assert mce.parse_value("val,uc,en", "--status", bits) == mce.encode_status("val", "uc", "en")
+    assert mce.parse_value(" VAL , Pcc ,", "--status", bits) == MCI_STATUS_VAL | mce.MCI_STATUS_PCC
+    assert mce.parse_value("0xbd000000000000c0", "--status", bits) == 0xBD000000000000C0
+    assert mce.parse_value("0b101", "--mcg-status", mce.MCG_STATUS_BITS) == 5
+    assert mce.parse_value("7", "--mcg-status", mce.MCG_STATUS_BITS) == 7
+    assert (
+        mce.parse_value("mcip,ripv", "--mcg-status", mce.MCG_STATUS_BITS)
+        == MCG_STATUS_MCIP | MCG_STATUS_RIPV
+    )
+    with pytest.raises(InvalidInput) as err:
+        mce.parse_value("val,bogus,uc,nope", "--status", bits)
+    assert err.value.message == "--status: unknown flag(s) bogus, nope"
+    assert err.value.hint == f"flags: {', '.join(bits)}; or give a number"
+    with pytest.raises(InvalidInput, match=r"--status: .*negative"):
+        mce.parse_value("-1", "--status", bits)
+    with pytest.raises(InvalidInput, match=r"--addr: .*not a number"):
+        mce.parse_value("0xfoo", "--addr", bits)
+    with pytest.raises(InvalidInput, match="wider than 64 bits"):
+        mce.parse_value("0x1" + "0" * 16, "--status", bits)
+
+
 @given(st.integers(0, 15))
 def test_mcg_status_round_trip(value: int) -> None:
     d = mce.decode_mcg_status(value)
