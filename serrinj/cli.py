@@ -422,7 +422,8 @@ def status_cmd(
     help="Inject a synchronous external data abort instead. KVM aims it at the access of"
     " the vCPU's last exit, so serrinj waits for the vCPU's next MMIO exit (a guest access"
     " to an emulated address) and injects right there; a guest that makes none gets"
-    " nothing (exit 7).",
+    " nothing (exit 7). KVM never shows the abort pending, so --wait cannot confirm its"
+    " delivery and is refused with it.",
 )
 @click.option(
     "--mmio-addr",
@@ -484,16 +485,17 @@ def inject_cmd(
         value = esr.resolve_iss(esr_text)
     elif severity is not None:
         value = esr.PRESETS[severity]
-    addr = _number(mmio_addr, "--mmio-addr")
-    tgt = _resolve_injection_target("ext-dabt" if ext_dabt else "serror", pid, name, fd, vcpu)
+    dabt: Optional[inject.ExtDabtRequest] = None
     if ext_dabt:
-        timeout = 5.0 if mmio_timeout is None else mmio_timeout
-        if timeout <= 0:
-            raise InvalidInput("--mmio-timeout must be positive")
+        dabt = inject.ExtDabtRequest(
+            inject.DEFAULT_MMIO_TIMEOUT_S if mmio_timeout is None else mmio_timeout,
+            _number(mmio_addr, "--mmio-addr"),
+        )
+        inject.validate_ext_dabt(dabt, wait)
+    tgt = _resolve_injection_target("ext-dabt" if ext_dabt else "serror", pid, name, fd, vcpu)
+    if dabt is not None:
         with ui.progress("waiting for an MMIO exit"):
-            injs = inject.inject_ext_dabt(
-                tgt, inject.ExtDabtRequest(timeout, addr), dry_run=dry_run
-            )
+            injs = inject.inject_ext_dabt(tgt, dabt, wait, dry_run=dry_run)
     else:
         msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
         with ui.progress(msg):

@@ -307,6 +307,8 @@ def test_every_problem_is_reported_at_once_in_line_order() -> None:
         ('inject = "nmi"\nrepeat = 0', 3, "key 'steps[1].repeat': 0 is out of range: it must be between 1 and 1000000"),  # noqa: E501
         ('inject = "nmi"\non_failure = "ignore"', 3, "key 'steps[1].on_failure': 'ignore' is not one of 'stop', 'continue'"),  # noqa: E501
         ('inject = "ext-dabt"\nforce = true', 3, "key 'steps[1].force': 'force' does not apply to an inject = 'ext-dabt' step"),  # noqa: E501
+        ('inject = "ext-dabt"\nwait = 2', 3, "key 'steps[1].wait': 'wait' does not apply to an inject = 'ext-dabt' step: KVM never reports an external data abort as pending"),  # noqa: E501
+        ('inject = "ext-dabt"\nwait = false', 3, "mmio_timeout bounds the wait for the MMIO exit"),
         ('inject = "nmi"\nexpect = "log"', 3, "key 'steps[1].expect': a step does one thing"),
         ('name = "x"', 1, "key 'steps[1]': a step needs one of inject, expect, pause or wait"),
         ('wait = 1\nmatch = "x"', 3, "key 'steps[1].match': 'match' does not apply to a wait step"),

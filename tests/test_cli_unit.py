@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from serrinj import cli, discover, esr, mce
-from serrinj.errors import Conflict, ExitCode, PermissionDenied, TargetNotFound
+from serrinj import audit, cli, discover, esr, mce
+from serrinj.errors import Conflict, ExitCode, InvalidInput, PermissionDenied, TargetNotFound
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
@@ -75,13 +75,13 @@ def fake_vm(arch: str, vcpus: int = 1, pid: int = 4242, name: Optional[str] = "g
     )
 
 
-def fake_caps(arch: str, ras: bool = True) -> host.HostCaps:
+def fake_caps(arch: str, ras: bool = True, ext_dabt: bool = True) -> host.HostCaps:
     caps = {"KVM_CAP_VCPU_EVENTS": 1}
     if arch == "aarch64":
         caps.update(
             {
                 "KVM_CAP_ARM_INJECT_SERROR_ESR": int(ras),
-                "KVM_CAP_ARM_INJECT_EXT_DABT": 1,
+                "KVM_CAP_ARM_INJECT_EXT_DABT": int(ext_dabt),
                 "KVM_CAP_ONE_REG": 1,
             }
         )
@@ -140,7 +140,9 @@ class FakeThread:
 def fake_host(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Install a fake VM + host + engine; returns a setter and the fake vCPUs."""
 
-    def install(arch: str, vcpus: int = 1, ras: bool = True, **vcpu_kw: Any) -> Dict[str, Any]:
+    def install(
+        arch: str, vcpus: int = 1, ras: bool = True, ext_dabt: bool = True, **vcpu_kw: Any
+    ) -> Dict[str, Any]:
         vm = fake_vm(arch, vcpus)
         state: Dict[str, Any] = {
             "vm": vm,
@@ -149,7 +151,7 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> Any:
         }
         monkeypatch.setattr(discover, "find", lambda pid=None, name=None: vm)
         monkeypatch.setattr(discover, "scan", lambda arch=None: [vm])
-        monkeypatch.setattr(host, "probe", lambda: fake_caps(arch, ras))
+        monkeypatch.setattr(host, "probe", lambda: fake_caps(arch, ras, ext_dabt))
 
         @contextlib.contextmanager
         def attach(
@@ -242,6 +244,50 @@ def test_dry_run_reads_but_sends_nothing(run: Any, fake_host: Any) -> None:
     assert st["attached"] == 1 and sent(st) == []
     r = run("inject", "--dry-run", "--esr", "0x11")
     assert "Would inject an SError" in r.stdout and "nothing (--dry-run)" in r.stdout
+
+
+def test_ext_dabt_refused_when_the_host_cannot_inject_one(run: Any, fake_host: Any) -> None:
+    st = fake_host("aarch64", ext_dabt=False)
+    n = len(audit.read())
+    r = run("inject", "--json", "--ext-dabt")
+    assert r.rc == ExitCode.UNSUPPORTED, r
+    assert r.data["error"]["message"] == (
+        "this host cannot inject external data aborts: KVM_CAP_ARM_INJECT_EXT_DABT is 0"
+    )
+    assert st["attached"] == 0 and sent(st) == []
+    (rec,) = audit.read()[n:]
+    assert (rec["action"], rec["outcome"]) == ("inject-ext-dabt", "refused")
+    # the same host injects SErrors
+    assert run("inject").rc == 0 and sent(st) == [("serror", None)]
+
+
+def test_ext_dabt_refuses_wait_before_anything(
+    run: Any, fake_host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = fake_host("aarch64")
+    n = len(audit.read())
+    for wait in (["--wait"], ["--wait=1"], ["--wait", "0.5", "--dry-run"]):
+        r = run("inject", "--json", "--ext-dabt", *wait)
+        assert r.rc == ExitCode.USAGE, (wait, r)
+        err = r.data["error"]
+        assert err["kind"] == "invalid-input"
+        assert err["message"].startswith("--wait does not apply to --ext-dabt")
+        assert "--mmio-timeout bounds the wait" in err["hint"]
+    assert st["attached"] == 0 and sent(st) == []
+    records = audit.read()[n:]
+    assert [(x["action"], x["outcome"]) for x in records] == [("inject-ext-dabt", "refused")] * 3
+    # the use case refuses it too (campaigns and API callers), before it probes or attaches
+    monkeypatch.setattr(host, "probe", lambda: pytest.fail("probed the host"))
+    tgt = target.Target(st["vm"], (0,))
+    with pytest.raises(InvalidInput, match="--wait does not apply to --ext-dabt"):
+        inject.inject_ext_dabt(tgt, inject.ExtDabtRequest(), 1.0)
+    rec = audit.read()[-1]
+    assert (rec["action"], rec["outcome"], rec["request"]["wait"]) == (
+        "inject-ext-dabt",
+        "refused",
+        1.0,
+    )
+    assert st["attached"] == 0
 
 
 def test_x86_commands_on_arm64_point_to_inject(run: Any, fake_host: Any) -> None:

@@ -770,7 +770,15 @@ def _inject_step(
     _unknown_step_keys(ck, path, raw, allowed, f"an inject = {fault!r} step")
     vcpus = _vcpus(ck, path, raw)
     wait: Optional[float] = None
-    if "wait" in raw and type(raw["wait"]) is bool:
+    if fault == "ext-dabt" and "wait" in raw:
+        # the same refusal as `inject --ext-dabt --wait` (inject.validate_ext_dabt)
+        ck.problem(
+            (*path, "wait"),
+            "'wait' does not apply to an inject = 'ext-dabt' step: KVM never reports an"
+            " external data abort as pending, so its delivery cannot be confirmed;"
+            " mmio_timeout bounds the wait for the MMIO exit",
+        )
+    elif "wait" in raw and type(raw["wait"]) is bool:
         wait = DEFAULT_WAIT_S if raw["wait"] else None
     else:
         wait = ck.seconds(path, raw, "wait", zero_ok=False)
@@ -783,7 +791,9 @@ def _inject_step(
     elif fault == "ext-dabt":
         timeout = ck.seconds(path, raw, "mmio_timeout", zero_ok=False)
         addr = ck.integer(path, raw, "mmio_addr", hi=(1 << 64) - 1)
-        request = inject.ExtDabtRequest(5.0 if timeout is None else timeout, addr)
+        request = inject.ExtDabtRequest(
+            inject.DEFAULT_MMIO_TIMEOUT_S if timeout is None else timeout, addr
+        )
     elif fault == "mce":
         m = _mce(ck, path, raw)
         if m is not None:

@@ -34,6 +34,8 @@ MCE_REQUESTS = (
     kvm_x86.KVM_X86_SET_MCE,
 )
 _POLL_START = 0.0005
+#: how long ``--ext-dabt`` waits for the vCPU's next MMIO exit by default
+DEFAULT_MMIO_TIMEOUT_S = 5.0
 _POLL_MAX = 0.02
 
 
@@ -104,7 +106,10 @@ class SErrorRequest:
 
 @dataclass(frozen=True)
 class ExtDabtRequest:
-    mmio_timeout: float = 5.0
+    """``mmio_timeout``: how long to wait for the vCPU's next MMIO exit; ``mmio_addr``:
+    only an exit at this guest-physical address."""
+
+    mmio_timeout: float = DEFAULT_MMIO_TIMEOUT_S
     mmio_addr: Optional[int] = None
 
 
@@ -145,6 +150,25 @@ def validate_serror(req: SErrorRequest, caps: host.HostCaps) -> None:
             hint="leave out --esr/--severity and KVM injects an SError with an"
             " implementation-defined syndrome",
         )
+
+
+def validate_ext_dabt(req: ExtDabtRequest, wait: Optional[float] = None) -> None:
+    """Refuse an external data abort request that cannot be carried out as asked.
+
+    ``wait`` (delivery confirmation) is refused: KVM_GET_VCPU_EVENTS never
+    shows a pending external data abort (BRIEF section 2), so nothing could
+    tell whether the guest took it. The wait the injection does have, for the
+    MMIO exit the abort is aimed at, is bounded by ``req.mmio_timeout``.
+    """
+    if wait is not None:
+        raise InvalidInput(
+            "--wait does not apply to --ext-dabt: KVM never reports an external data abort"
+            " as pending, so its delivery cannot be confirmed; nothing was sent",
+            hint="leave out --wait; --mmio-timeout bounds the wait for the MMIO exit, and the"
+            " guest takes the abort when its vCPU next enters the guest",
+        )
+    if not req.mmio_timeout > 0:
+        raise InvalidInput("--mmio-timeout must be positive")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -294,6 +318,7 @@ def _explain_common(rt: RemoteThread) -> str:
     lambda req, wait=None, **kw: {
         "mmio_addr": req.mmio_addr,
         "mmio_timeout": req.mmio_timeout,
+        "wait": wait,
         "dry_run": kw.get("dry_run", False),
     },
 )
@@ -313,7 +338,9 @@ def inject_ext_dabt(
     there, before the VMM completes the access.
 
     ``dry_run`` stops after the checks: the thread is not traced at all.
+    ``wait`` is refused (:func:`validate_ext_dabt`): the abort cannot be read back.
     """
+    validate_ext_dabt(req, wait)
     require_arch(tgt.vm.arch, "ext-dabt")
     caps = host.probe()
     if not caps.ext_dabt:
