@@ -136,6 +136,14 @@ def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
     )
 
 
+def owner_uid(pid: int) -> int:
+    """The owner of ``/proc/PID``: the process's euid, or root when it is not dumpable."""
+    try:
+        return os.stat(f"{PROC}/{pid}").st_uid
+    except FileNotFoundError as err:
+        raise ProcessLookupError(errno.ESRCH, f"process {pid} vanished") from err
+
+
 def sigkill_pending(pid: int, tid: Optional[int] = None) -> bool:
     """Whether SIGKILL is pending for the thread or its process (it is about to die)."""
     st = status(pid, tid)

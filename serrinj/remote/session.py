@@ -115,6 +115,17 @@ def _explain_seize_eperm(pid: int, tid: int) -> SerrinjError:
             f" ({_comm_or_unknown(sec.tracer_pid)})",
             hint="detach the debugger or tracer (gdb, strace) first; a thread has one tracer",
         )
+    return explain_ptrace_denial(pid, sec, f"ptrace of process {pid}")
+
+
+def explain_ptrace_denial(pid: int, sec: procfs.TaskSecurity, what: str) -> PermissionDenied:
+    """Why the kernel's ptrace access check refused ``what`` on process ``pid``.
+
+    PTRACE_SEIZE and ``pidfd_getfd`` make the same check (kernel/ptrace.c
+    ``__ptrace_may_access`` in PTRACE_MODE_ATTACH_REALCREDS, then Yama's hook):
+    the message names the first thing that fails it, read from ``sec`` (the
+    target's ids and capabilities), serrinj's own ids and capabilities, and Yama.
+    """
     cap = procfs.has_capability(procfs.CAP_SYS_PTRACE)
     scope = procfs.ptrace_scope()
     # PTRACE_ATTACH/SEIZE compare the tracer's *real* ids with the target's real,
@@ -122,31 +133,31 @@ def _explain_seize_eperm(pid: int, tid: int) -> SerrinjError:
     ruid, rgid = os.getuid(), os.getgid()
     if scope == 3:
         return PermissionDenied(
-            f"ptrace of process {pid} denied: Yama ptrace_scope is 3 (no attach at all)",
+            f"{what} denied: Yama ptrace_scope is 3 (no attach at all)",
             hint="ptrace_scope 3 can only be lowered by a reboot",
         )
     if not cap:
         if any(u != ruid for u in sec.uid[:3]) or any(g != rgid for g in sec.gid[:3]):
             return PermissionDenied(
-                f"ptrace of process {pid} denied: it runs as uid {sec.uid[0]} gid"
+                f"{what} denied: it runs as uid {sec.uid[0]} gid"
                 f" {sec.gid[0]}, serrinj as uid {ruid} gid {rgid} (its real ids; ptrace"
                 f" needs them to match), without CAP_SYS_PTRACE",
                 hint="run serrinj as the VMM's user, or as root / with CAP_SYS_PTRACE",
             )
         if scope == 2:
             return PermissionDenied(
-                f"ptrace of process {pid} denied: Yama ptrace_scope is 2 (admin only)",
+                f"{what} denied: Yama ptrace_scope is 2 (admin only)",
                 hint="run serrinj with CAP_SYS_PTRACE (e.g. as root)",
             )
         if scope == 1:
             return PermissionDenied(
-                f"ptrace of process {pid} denied: Yama ptrace_scope is 1 (descendants only)",
+                f"{what} denied: Yama ptrace_scope is 1 (descendants only)",
                 hint="run serrinj with CAP_SYS_PTRACE, or set kernel.yama.ptrace_scope=0",
             )
         try:
-            if os.stat(f"/proc/{pid}").st_uid != sec.uid[1]:
+            if procfs.owner_uid(pid) != sec.uid[1]:
                 return PermissionDenied(
-                    f"ptrace of process {pid} denied: the VMM is not dumpable"
+                    f"{what} denied: the VMM is not dumpable"
                     " (PR_SET_DUMPABLE 0 or a set-uid binary)",
                     hint="run serrinj with CAP_SYS_PTRACE",
                 )
@@ -158,13 +169,13 @@ def _explain_seize_eperm(pid: int, tid: int) -> SerrinjError:
             mine = 0
         if sec.cap_permitted & ~mine:
             return PermissionDenied(
-                f"ptrace of process {pid} denied: it holds capabilities serrinj lacks"
+                f"{what} denied: it holds capabilities serrinj lacks"
                 f" (CapPrm {sec.cap_permitted:#x}, serrinj {mine:#x}), and serrinj has no"
                 " CAP_SYS_PTRACE",
                 hint="run serrinj with at least the VMM's capabilities, or with CAP_SYS_PTRACE",
             )
     return PermissionDenied(
-        f"ptrace of process {pid} denied by a security module (SELinux, AppArmor or similar)",
+        f"{what} denied by a security module (SELinux, AppArmor or similar)",
         hint="check the audit log for the denial",
     )
 
