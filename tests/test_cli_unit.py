@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import host, inject, target
+from serrinj.remote import ptrace
 from serrinj.remote.arch import X86_64, Aarch64
 from serrinj.render import Fields, Heading, Styled, Table, Ui, to_plain
 
@@ -96,6 +98,7 @@ class FakeVcpu:
 
     arch: str
     vcpu_id: int = 0
+    fd: int = 10
     events: Any = None
     pstate_value: int = 0x3C5  # EL1h, DAIF all set
     sent: List[Tuple[str, Any]] = field(default_factory=list)
@@ -125,12 +128,27 @@ class FakeVcpu:
 
 
 class FakeThread:
-    def __init__(self, arch: str, tid: int) -> None:
+    """A stopped vCPU thread: by default it left KVM_RUN on arm64 and was in user code on x86.
+
+    ``regs`` replaces the saved registers, ``first_stop`` the stop that seized it.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        tid: int,
+        regs: Optional[Dict[str, int]] = None,
+        first_stop: Optional[ptrace.Stop] = None,
+    ) -> None:
         self.tid = tid
         self.arch = Aarch64() if arch == "aarch64" else X86_64()
-        self.first_stop = None
+        self.first_stop = first_stop
         self.saved: Dict[str, int] = (
-            {"x8": 29, "x1": api.KVM_RUN} if arch == "aarch64" else {"orig_rax": -1 & (2**64 - 1)}
+            regs
+            if regs is not None
+            else {"x8": 29, "x1": api.KVM_RUN}
+            if arch == "aarch64"
+            else {"orig_rax": -1 & (2**64 - 1)}
         )
         self.verified = True
         self.timings: Dict[str, int] = {"attach_ns": 1000}
@@ -141,12 +159,18 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Install a fake VM + host + engine; returns a setter and the fake vCPUs."""
 
     def install(
-        arch: str, vcpus: int = 1, ras: bool = True, ext_dabt: bool = True, **vcpu_kw: Any
+        arch: str,
+        vcpus: int = 1,
+        ras: bool = True,
+        ext_dabt: bool = True,
+        regs: Optional[Dict[str, int]] = None,
+        first_stop: Optional[ptrace.Stop] = None,
+        **vcpu_kw: Any,
     ) -> Dict[str, Any]:
         vm = fake_vm(arch, vcpus)
         state: Dict[str, Any] = {
             "vm": vm,
-            "vcpus": {i: FakeVcpu(arch, i, **vcpu_kw) for i in range(vcpus)},
+            "vcpus": {i: FakeVcpu(arch, i, 10 + i, **vcpu_kw) for i in range(vcpus)},
             "attached": 0,
         }
         monkeypatch.setattr(discover, "find", lambda pid=None, name=None: vm)
@@ -158,7 +182,8 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> Any:
             vm_: Any, vcpu_id: int, requests: Any, *, timeout: float = 2.0
         ) -> Iterator[Tuple[Any, Any]]:
             state["attached"] += 1
-            yield state["vcpus"][vcpu_id], FakeThread(arch, vm.vcpu(vcpu_id).thread.tid)
+            tid = vm.vcpu(vcpu_id).thread.tid
+            yield state["vcpus"][vcpu_id], FakeThread(arch, tid, regs, first_stop)
 
         monkeypatch.setattr(target, "attach", attach)
         return state
@@ -288,6 +313,59 @@ def test_ext_dabt_refuses_wait_before_anything(
         1.0,
     )
     assert st["attached"] == 0
+
+
+# where the vCPU thread was when --wait ran out, and what the error says about it
+_HALTED = "the vCPU has not entered the guest since (halted, or not scheduled)"
+_PAUSED = "the vCPU thread is not running the guest (VM paused or the VMM is busy)"
+_STOPPED = "the VMM process is stopped (SIGSTOP); continue it with SIGCONT"
+_GROUP_STOP = ptrace.Stop(ptrace.StopKind.EVENT_STOP, signal.SIGSTOP)
+_FUTEX_ARM64 = 98
+_FUTEX_X86 = 202
+
+
+@pytest.mark.parametrize(
+    ("regs", "first_stop", "reason"),
+    [
+        ({"x8": 29, "x1": api.KVM_RUN}, None, _HALTED),  # left ioctl(fd, KVM_RUN)
+        ({"x8": _FUTEX_ARM64, "x1": 0x80}, None, _PAUSED),  # a paused QEMU waits in a futex
+        ({"x8": 29, "x1": 0x8040AE9F}, None, _PAUSED),  # another ioctl than KVM_RUN
+        ({"x8": 29, "x1": api.KVM_RUN}, _GROUP_STOP, _STOPPED),
+    ],
+    ids=["halted", "paused", "other-ioctl", "stopped"],
+)
+def test_arm64_wait_timeout_explains_where_the_vcpu_thread_was(
+    run: Any, fake_host: Any, regs: Dict[str, int], first_stop: Any, reason: str
+) -> None:
+    # SErrors unmasked (PSTATE.A=0), and the fake SError stays pending
+    fake_host("aarch64", regs=regs, first_stop=first_stop, pstate_value=0x3C5 & ~0x100)
+    r = run("inject", "--json", "--severity", "ce", "--wait", "0.05")
+    assert r.rc == ExitCode.NOT_DELIVERED, r
+    assert r.data["error"]["message"] == (
+        f"the serror was still pending on vCPU 0 after 0.05 s: {reason}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("regs", "first_stop", "reason"),
+    [
+        ({"orig_rax": 16, "rsi": api.KVM_RUN, "rdi": 10}, None, _HALTED),
+        ({"orig_rax": 2**64 - 1, "rsi": 0, "rdi": 0}, None, _PAUSED),  # user code
+        ({"orig_rax": _FUTEX_X86, "rsi": 0x80, "rdi": 0}, None, _PAUSED),
+        ({"orig_rax": 16, "rsi": api.KVM_RUN, "rdi": 10}, _GROUP_STOP, _STOPPED),
+    ],
+    ids=["halted", "paused-user", "paused-futex", "stopped"],
+)
+def test_x86_wait_timeout_explains_where_the_vcpu_thread_was(
+    run: Any, fake_host: Any, regs: Dict[str, int], first_stop: Any, reason: str
+) -> None:
+    pending = kvm_x86.VcpuEvents(nmi=kvm_x86.Nmi(pending=1))
+    fake_host("x86_64", regs=regs, first_stop=first_stop, events=pending)
+    r = run("nmi", "--json", "--wait", "0.05")
+    assert r.rc == ExitCode.NOT_DELIVERED, r
+    assert r.data["error"]["message"] == (
+        f"the nmi was still pending on vCPU 0 after 0.05 s: {reason}"
+    )
 
 
 def test_x86_commands_on_arm64_point_to_inject(run: Any, fake_host: Any) -> None:

@@ -299,16 +299,24 @@ def _explain_serror(vc: Vcpu, rt: RemoteThread) -> str:
     pstate = vc.pstate()
     if pstate & kvm_arm64.PSTATE_A:
         return "the guest masks SErrors (PSTATE.A=1); it takes the SError when it unmasks"
-    return _explain_common(rt)
+    return _explain_common(vc, rt)
 
 
-def _explain_common(rt: RemoteThread) -> str:
-    stop = rt.first_stop
-    if stop is not None and stop.group_stop:
-        name = signal.Signals(stop.signo).name
+def _explain_common(vc: Vcpu, rt: RemoteThread) -> str:
+    """Why the vCPU has not taken a fault, from where its thread was at the last poll.
+
+    The same facts as ``status`` shows (:func:`~serrinj.ops.status.thread_state`),
+    on both architectures: a group stop (the VMM is stopped), a thread outside
+    KVM_RUN (x86_64: its registers name no KVM_RUN; arm64: x8/x1 are not
+    ``ioctl``/KVM_RUN), or a thread inside KVM_RUN whose guest did not run
+    into the fault (halted, or not scheduled).
+    """
+    where = thread_state(None, rt, vc.fd)
+    if where == "stopped":
+        assert rt.first_stop is not None
+        name = signal.Signals(rt.first_stop.signo).name
         return f"the VMM process is stopped ({name}); continue it with SIGCONT"
-    assert rt.saved is not None
-    if rt.arch.kvm_run_fd_at_stop(rt.saved) is None and rt.arch.name == "x86_64":
+    if where == "userspace":
         return "the vCPU thread is not running the guest (VM paused or the VMM is busy)"
     return "the vCPU has not entered the guest since (halted, or not scheduled)"
 
@@ -470,7 +478,7 @@ def _explain_nmi(vc: Vcpu, rt: RemoteThread) -> str:
     assert isinstance(ev, kvm_x86.VcpuEvents)
     if ev.nmi.masked:
         return "NMIs are blocked (the guest is inside an NMI handler and has not returned)"
-    return _explain_common(rt)
+    return _explain_common(vc, rt)
 
 
 def _mce_state(vc: Vcpu, bank: int) -> Tuple[mce.GuestMceState, int]:
@@ -568,7 +576,7 @@ def inject_mce(
         )
         if wait is not None and not dry_run:
             if effect.raises_mc:
-                delivery = _poll(tgt, vid, MCE_REQUESTS, _mc_pending, _explain_common_vc, wait, t0)
+                delivery = _poll(tgt, vid, MCE_REQUESTS, _mc_pending, _explain_common, wait, t0)
             else:
                 delivery = Delivery(
                     True, None, 0, "logged in the bank; it raises no exception (the guest polls)"
@@ -583,7 +591,3 @@ def _mc_pending(vc: Vcpu) -> bool:
     assert isinstance(ev, kvm_x86.VcpuEvents)
     exc = ev.exception
     return bool((exc.pending or exc.injected) and exc.nr == kvm_x86.MC_VECTOR)
-
-
-def _explain_common_vc(vc: Vcpu, rt: RemoteThread) -> str:
-    return _explain_common(rt)
