@@ -791,6 +791,114 @@ def test_pid_file_target_and_an_operator_pause(vm: LoggedVm, tmp_path: Any) -> N
     vm.wait_for(lambda e: e["event"] == "nmi" and e["vcpu"] == 1)
 
 
+def _end(proc: subprocess.Popen[Any]) -> None:
+    """End a serrinj we started, by its pid (SIGTERM is safe at any moment: exit 130)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _json_lines(path: str) -> List[Dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _has_open(pid: int, prefix: str) -> bool:
+    """Whether process ``pid`` holds a file whose name starts with ``prefix`` open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if os.path.basename(target).startswith(prefix):
+            return True
+    return False
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@x86_only
+def test_a_campaign_holds_the_vm_for_its_whole_run(vm: LoggedVm, tmp_path: Any) -> None:
+    """Two `serrinj run` on one VM never interleave: while the first is between two of its
+    steps, a second one fails with exit 8 naming the first (short --lock-wait), or waits
+    and runs once the first has ended (long --lock-wait)."""
+    go = os.path.join(str(tmp_path), "go")
+    first = write(
+        tmp_path,
+        "[[steps]]\ninject = 'nmi'\nvcpus = [0]\nwait = 5\n"
+        "[[steps]]\npause = 'hold the VM'\nuntil_file = 'go'\ntimeout = 60\n"
+        "[[steps]]\ninject = 'nmi'\nvcpus = [1]\nwait = 5\n",
+        "first.toml",
+    )
+    second = write(tmp_path, "[[steps]]\ninject = 'nmi'\nvcpus = [0]\nwait = 5\n", "second.toml")
+    serrinj = [sys.executable, "-m", "serrinj"]
+    target = ["--pid", str(vm.pid), "--json"]
+    first_out = os.path.join(str(tmp_path), "first.out")
+    with open(first_out, "w") as out:
+        a = subprocess.Popen([*serrinj, "run", first, *target], stdout=out, stderr=subprocess.PIPE)
+    waiting: Optional[subprocess.Popen[Any]] = None
+    try:
+        deadline = time.monotonic() + 60
+        while not any(
+            line.get("event", {}).get("event") == "message" for line in _json_lines(first_out)
+        ):
+            assert a.poll() is None, f"the first campaign ended early: {_json_lines(first_out)}"
+            assert time.monotonic() < deadline, "the first campaign did not reach its pause"
+            time.sleep(0.05)
+        assert [e["vcpu"] for e in vm.events() if e["event"] == "nmi"] == [0]
+
+        refused = subprocess.run(
+            [*serrinj, "--lock-wait", "0.3", "run", second, *target],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == ExitCode.CONFLICT == 8, refused.stderr
+        err = json.loads(refused.stdout)["error"]
+        assert err["kind"] == "conflict"
+        assert err["message"].startswith(f"VM pid {vm.pid} is in use by serrinj process {a.pid} (")
+        assert "first.toml" in err["message"] and "--lock-wait" in err["hint"]
+        assert refused.stderr.startswith(f"error: VM pid {vm.pid} is in use by serrinj process")
+
+        waiting = subprocess.Popen(
+            [*serrinj, "--lock-wait", "60", "run", second, *target],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        # it has reached the lock once it holds the VM's lock file open
+        lock_file = f"vm-{vm.pid}-"
+        while not _has_open(waiting.pid, lock_file):
+            assert waiting.poll() is None, waiting.communicate()
+            assert time.monotonic() < deadline, "the second campaign never reached the lock"
+            time.sleep(0.02)
+        time.sleep(0.5)
+        assert waiting.poll() is None  # still waiting, and it has sent nothing
+        assert [e["vcpu"] for e in vm.events() if e["event"] == "nmi"] == [0]
+
+        with open(go, "w"):
+            pass
+        _, a_err = a.communicate(timeout=60)
+        assert a.returncode == 0, a_err
+        b_out, b_err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, b_err
+        result = json.loads(b_out.splitlines()[-1])
+        assert result["counts"]["passed"] == 1
+    finally:
+        for proc in (a, waiting):
+            if proc is not None:
+                _end(proc)
+        if a.stderr is not None:
+            a.stderr.close()
+    # the first campaign's NMIs, then the second's: nothing in between
+    vm.wait_for(lambda e: e["event"] == "nmi", count=3)
+    assert [e["vcpu"] for e in vm.events() if e["event"] == "nmi"] == [0, 1, 0]
+
+
 def test_a_missing_vm_is_an_error_before_anything_runs(tmp_path: Any) -> None:
     text = "[target]\npid_file = 'gone.pid'\n" + MINIMAL
     c = campaign.load(write(tmp_path, text))

@@ -93,8 +93,11 @@ API::
     open("report.xml", "w").write(result.junit_xml())
     sys.exit(result.exit_code)
 
-Every injection goes through :mod:`serrinj.ops.inject`, so each is locked
-and audited like a command-line injection. ``python -m serrinj.ops.campaign
+The VM's lock (:mod:`serrinj.ops.lock`) is held from the first step to the
+last, so another serrinj run on the VM, a second campaign included, waits
+for the campaign to end (or gives up after ``--lock-wait``) instead of
+interleaving with it. Every injection goes through :mod:`serrinj.ops.inject`,
+so each is audited like a command-line injection. ``python -m serrinj.ops.campaign
 CAMPAIGN.toml [--junit F] [--json] [--dry-run]`` is a plain-text runner.
 """
 
@@ -1237,7 +1240,12 @@ class CampaignResult:
     ) -> CampaignResult:
         """A result holding one errored test case, for a campaign that could not start
         (a bad file, no such VM), so that CI still gets a report that says why."""
-        label = "load and check the campaign" if isinstance(err, InvalidInput) else "find the VM"
+        if isinstance(err, InvalidInput):
+            label = "load and check the campaign"
+        elif isinstance(err, Conflict):
+            label = "lock the VM"  # another serrinj run holds it
+        else:
+            label = "find the VM"
         ex = Execution(
             index=1,
             step=0,
@@ -1422,6 +1430,9 @@ def run(
     Before anything is sent, the VM is found (``target_override`` first, then
     ``[target]``) and the campaign is checked against it; problems raise
     :class:`CampaignError`, a missing VM :class:`~serrinj.errors.TargetNotFound`.
+    The VM's lock is then held until the last step has run; when another
+    serrinj run holds it for longer than ``guard.LOCK_WAIT`` (``--lock-wait``),
+    :class:`~serrinj.errors.Conflict` names that run and nothing is sent.
     After that, failures are recorded in the result rather than raised.
     ``dry_run`` runs every check and reads each vCPU but sends nothing and
     skips waits, pauses and expectations. ``on_event`` receives
@@ -1555,12 +1566,21 @@ class _Runner:
 
     # ------------------------------------------------------------ the run
     def run(self) -> CampaignResult:
+        from serrinj.ops import guard, lock
+
+        self.vm = self.find_vm()
+        plan, _ = self.preflight()
+        # One lock for the whole run, so that no other serrinj run interleaves with the
+        # steps; each injection takes it again (the lock is re-entrant in one process).
+        vm = self.vm
+        with lock.vm_lock(vm.pid, vm.starttime, vm.label, wait=guard.LOCK_WAIT):
+            return self._run_plan(plan)
+
+    def _run_plan(self, plan: List[_Plan]) -> CampaignResult:
         from serrinj.ops.status import vm_dict
 
         t_start = time.monotonic()
         started_at = _now()
-        self.vm = self.find_vm()
-        plan, _ = self.preflight()
         total = len(plan)
         self.start_marks = self._marks()
         self.inject_marks = dict(self.start_marks)
