@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import syslog
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
@@ -52,6 +54,50 @@ def test_lock_excludes_another_process_and_names_it(tmp_path: Path) -> None:
         holder.wait()
         assert holder.stdout is not None
         holder.stdout.close()
+
+
+def test_every_record_also_goes_to_syslog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: List[Tuple[str, Any]] = []
+    monkeypatch.setattr(syslog, "openlog", lambda *a: sent.append(("openlog", a)))
+    monkeypatch.setattr(syslog, "syslog", lambda *a: sent.append(("syslog", a)))
+    monkeypatch.setattr(audit, "problems", [])
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("SERRINJ_AUDIT_LOG", str(log))
+    vm = {"pid": 4242, "name": "web1", "vmm": "qemu", "arch": "x86_64"}
+    request = {"bank": 9, "status": 0xBD000000000000C0, "wait": 5.0}
+    entry = audit.record(
+        action="inject-mce",
+        outcome="refused",
+        vm=vm,
+        vcpu_id=1,
+        request=request,
+        error={"kind": "conflict", "message": "vCPU 1: this machine check would be dropped"},
+    )
+    assert sent == [
+        ("openlog", ("serrinj", syslog.LOG_PID, syslog.LOG_USER)),
+        (
+            "syslog",
+            (
+                syslog.LOG_NOTICE,
+                f"inject-mce refused user={entry['user']['name']} vm={vm} vcpu=1"  # type: ignore[index]
+                f" request={json.dumps(request)}"
+                " error=vCPU 1: this machine check would be dropped",
+            ),
+        ),
+    ]
+    assert audit.read(log=str(log)) == [json.loads(json.dumps(entry))]
+    # a record without a VM, request or error, and one the file cannot take: syslog has both
+    sent.clear()
+    audit.record(action="inject-nmi", outcome="ok")
+    monkeypatch.setenv("SERRINJ_AUDIT_LOG", str(log / "not-a-directory.jsonl"))
+    audit.record(action="campaign-run", outcome="failed", error={"message": "gone"})
+    user = entry["user"]["name"]  # type: ignore[index]
+    assert [a for kind, a in sent if kind == "syslog"] == [
+        (syslog.LOG_NOTICE, f"inject-nmi ok user={user} vcpu=None request=-"),
+        (syslog.LOG_NOTICE, f"campaign-run failed user={user} vcpu=None request=- error=gone"),
+    ]
+    assert len(audit.problems) == 1 and "cannot write the audit log" in audit.problems[0]
+    assert len(audit.read(log=str(log))) == 2
 
 
 @pytest.fixture
