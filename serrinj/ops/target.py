@@ -39,7 +39,7 @@ from serrinj.errors import (
 from serrinj.executor import LocalExecutor
 from serrinj.kvm import api
 from serrinj.remote.executor import RemoteExecutor
-from serrinj.remote.session import RemoteThread
+from serrinj.remote.session import RemoteThread, explain_ptrace_denial
 from serrinj.vcpu import Vcpu
 
 VcpuSpec = Union[int, str, None]  # an id, "all", or None (= all when there is one, else error)
@@ -327,6 +327,10 @@ def resolve_fd(fd: int, pid: Optional[int] = None) -> FdResolution:
             pidfd = _native.pidfd_open(pid)
             try:
                 taken = _native.pidfd_getfd(pidfd, fd)
+            except OSError as err:
+                if err.errno == errno.EPERM:
+                    raise _getfd_denied(pid, fd) from err
+                raise
             finally:
                 os.close(pidfd)
             mine = taken
@@ -375,12 +379,24 @@ def resolve_fd(fd: int, pid: Optional[int] = None) -> FdResolution:
             raise TargetGone(f"process {pid} exited") from err
         if err.errno == errno.EBADF:
             raise TargetNotFound(f"fd {fd} is not open in process {pid}") from err
-        if err.errno == errno.EPERM:
-            raise TargetNotFound(f"no permission to take fd {fd} of process {pid}") from err
         raise
     finally:
         if taken >= 0:
             os.close(taken)
+
+
+def _getfd_denied(pid: int, fd: int) -> Union[TargetGone, PermissionDenied]:
+    """Why ``pidfd_getfd`` of ``pid``'s ``fd`` said EPERM.
+
+    The kernel checks ptrace access to the process (PTRACE_MODE_ATTACH_REALCREDS),
+    exactly as for PTRACE_SEIZE, so the same causes apply: ids, Yama, a missing
+    CAP_SYS_PTRACE, a non-dumpable VMM.
+    """
+    try:
+        sec = procfs.task_security(pid)
+    except ProcessLookupError:
+        return TargetGone(f"process {pid} exited")
+    return explain_ptrace_denial(pid, sec, f"taking fd {fd} of process {pid} (pidfd_getfd)")
 
 
 def _owner_rank(owner: discover.FdOwner) -> Tuple[bool, int]:
