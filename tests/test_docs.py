@@ -10,6 +10,7 @@ this virtualenv, so the subcommands it offers come from the program itself.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,58 @@ def test_man_page_content() -> None:
         assert f".TP\n\\fB{int(code)}\\fR\n{code.name}: " in page
         assert EXIT_CODE_DOCS[code].replace("-", "\\-") in page.replace("\n", " ")
     assert ".SH JSON OUTPUT" in page and "serrinj/1" in page
+
+
+def _section(page: str, name: str) -> str:
+    start = page.index(f".SH {name}\n")
+    end = page.find("\n.SH ", start + 1)
+    return page[start : end if end >= 0 else len(page)]
+
+
+def test_man_page_permissions_exit_codes_are_the_code_s() -> None:
+    from serrinj.errors import ExitCode, PermissionDenied, SeccompBlocked
+
+    perms = " ".join(_section((ROOT / "man/serrinj.1").read_text(), "PERMISSIONS").split())
+    # unreadable filters (no CAP_SYS_ADMIN) are a permission refusal; forbidding ones unsupported
+    assert PermissionDenied.exit_code == ExitCode.PERMISSION == 4
+    assert SeccompBlocked.exit_code == ExitCode.UNSUPPORTED == 5
+    assert "it is missing, the VMM is refused (exit 4)" in perms
+    assert "forbid the ioctl on every thread, it is refused (exit 5)" in perms
+
+
+_ENV_READ = re.compile(
+    r"""os\.environ\.get\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
+    r"""|os\.environ\[\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
+    r"""|os\.getenv\(\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
+    r"""|["']([A-Za-z_][A-Za-z0-9_]*)["']\s+(?:not\s+)?in\s+os\.environ"""
+)
+
+
+def test_man_page_documents_every_environment_variable_and_the_state_files() -> None:
+    read = set()
+    for path in (ROOT / "serrinj").rglob("*.py"):
+        for match in _ENV_READ.finditer(path.read_text()):
+            read.add(next(g for g in match.groups() if g))
+    # the fault-injection hooks of tests/test_fault_matrix.py are not for users
+    read = {name for name in read if not name.startswith("SERRINJ_TEST_")}
+    assert {"SERRINJ_AUDIT_LOG", "SERRINJ_LOCK_DIR", "SERRINJ_LOCK_WAIT"} <= read
+    page = (ROOT / "man/serrinj.1").read_text()
+    env = _section(page, "ENVIRONMENT")
+    documented = set(re.findall(r"^\\fB([A-Za-z0-9_\\-]+)\\fR$", env, re.M))
+    assert documented == {name.replace("-", "\\-") for name in read}
+    files = " ".join(_section(page, "FILES").split()).replace("\\-", "-")
+    for words in (
+        "/var/log/serrinj/audit.jsonl",
+        "$XDG_STATE_HOME/serrinj/audit.jsonl",
+        "SERRINJ_AUDIT_LOG overrides both",
+        "goes to syslog",
+        "vm-PID-STARTTIME.lock",
+        "--lock-wait",
+        "SERRINJ_LOCK_DIR",
+        "/run/serrinj",
+        "/tmp/serrinj-locks",
+    ):
+        assert words in files, words
 
 
 def test_man_page_renders_without_warnings() -> None:
