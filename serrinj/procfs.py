@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
+#: where procfs is mounted; every reader here builds its paths from it (the unit
+#: tests point it at a fake tree)
 PROC = "/proc"
 
 #: task_struct->flags bits (include/linux/sched.h) of tasks that never run
@@ -230,7 +232,7 @@ def fd_targets(pid: int) -> Iterator[Tuple[int, str]]:
 def ptrace_scope() -> Optional[int]:
     """Yama's ptrace_scope, or ``None`` when Yama is not enabled."""
     try:
-        return int(_read("/proc/sys/kernel/yama/ptrace_scope").strip())
+        return int(_read(f"{PROC}/sys/kernel/yama/ptrace_scope").strip())
     except (ProcessLookupError, OSError, ValueError):
         return None
 
