@@ -7,14 +7,17 @@ reports what it observed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Iterator
 
 import pytest
 
-from serrinj import discover, mce
+from serrinj import discover, mce, procfs
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
@@ -196,6 +199,40 @@ def test_paused_vm_takes_the_serror_after_run(vm: TestVmProcess) -> None:
     ev = vm.wait_event(lambda e: e["event"] == "serror", since=mark, timeout=10)
     if iss is not None:
         assert ev["esr"] == ESR_SERROR | iss
+
+
+@pytest.mark.parametrize("vm", [("halt", 2)], indirect=True, ids=["halt"])
+def test_status_of_a_paused_vm_is_userspace(vm: TestVmProcess) -> None:
+    """Paused, each vCPU thread waits on a condition variable outside KVM_RUN (the
+    test VM's ``pause``): ``status`` stops it there and says ``userspace``, through
+    the ops API and through ``serrinj status --json``; the guest runs on after."""
+    vm.command({"cmd": "pause"})
+    vm.wait_event(lambda e: e["event"] == "ack" and e["cmd"] == "pause")
+    for v in vm.vcpus:  # not in KVM_RUN, as the kernel sees it
+        sc = procfs.syscall(vm.pid, v.tid)
+        assert not (len(sc.args) > 1 and sc.args[1] == api.KVM_RUN), (v, sc)
+    tids = {v.vcpu_id: v.tid for v in vm.vcpus}
+    rep = status.status(pid=vm.pid)
+    assert [(s.vcpu_id, s.tid, s.state) for s in rep.vcpus] == [
+        (0, tids[0], "userspace"),
+        (1, tids[1], "userspace"),
+    ]
+    assert all(s.registers_restored and s.mapped_by == "name" for s in rep.vcpus)
+    proc = subprocess.run(
+        [sys.executable, "-m", "serrinj", "status", "--pid", str(vm.pid), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [(v["vcpu_id"], v["thread"]["tid"], v["state"]) for v in out["vcpus"]] == [
+        (0, tids[0], "userspace"),
+        (1, tids[1], "userspace"),
+    ]
+    vm.command({"cmd": "run"})
+    for vid in (0, 1):
+        assert _heartbeat(vm, vid)["check_failures"] == 0
 
 
 @pytest.mark.parametrize("vm", [("spin", 1)], indirect=True, ids=["spin"])
