@@ -52,7 +52,15 @@ JSON_NOTE = (
     ' "schema" ("serrinj/1") and "command", followed by the command\'s data.'
     " Integers are exact (64-bit values included). On failure the object is"
     ' {"schema", "command", "error": {"kind", "message", "hint", "exit_code"}}.'
+    " `serrinj run` prints JSON lines instead: one compact object per step event"
+    ' ({"schema", "command", "event": {...}}) as it happens, and the result as the last'
+    " line (an error that stops the campaign before its first step is the error object)."
     " Diagnostics always go to stderr."
+)
+JSON_HELP = "Print one JSON object (schema serrinj/1) instead of text."
+JSON_LINES_HELP = (
+    "Print JSON lines (schema serrinj/1) instead of text: one object per step event as it"
+    " happens, and the result as the last line."
 )
 
 #: kept in step with serrinj.esr.SEVERITIES and serrinj.mce.PRESETS/PRESET_ALIASES
@@ -112,7 +120,7 @@ def _set_color(ctx: click.Context, _param: click.Parameter, value: Optional[str]
         ctx.ensure_object(Ui).color = value
 
 
-def _global_options(hidden: bool) -> Callable[[F], F]:
+def _global_options(hidden: bool, json_help: str = JSON_HELP) -> Callable[[F], F]:
     def deco(f: F) -> F:
         f = click.option(
             "--color",
@@ -140,7 +148,7 @@ def _global_options(hidden: bool) -> Callable[[F], F]:
             expose_value=False,
             is_eager=True,
             callback=_set_json,
-            help="Print one JSON object (schema serrinj/1) instead of text.",
+            help=json_help,
         )(f)
 
     return deco
@@ -149,6 +157,11 @@ def _global_options(hidden: bool) -> Callable[[F], F]:
 def json_option(f: F) -> F:
     """--json on every command (and --debug/--color, documented on `serrinj` itself)."""
     return _global_options(hidden=True)(f)
+
+
+def json_lines_option(f: F) -> F:
+    """--json for a command that streams: JSON lines, the result last (``run``)."""
+    return _global_options(hidden=True, json_help=JSON_LINES_HELP)(f)
 
 
 def _scan_quiet() -> List[Any]:
@@ -328,7 +341,11 @@ def _set_lock_wait(ctx: click.Context, _param: click.Parameter, value: Optional[
 
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "-V", "--version", prog_name="serrinj")
-@_global_options(hidden=False)
+@_global_options(
+    hidden=False,
+    json_help="Print one JSON object (schema serrinj/1) instead of text; `run` prints JSON"
+    " lines, the result last.",
+)
 @click.option(
     "--lock-wait",
     type=float,
@@ -866,7 +883,7 @@ def events_load_cmd(
 @click.option("--junit", metavar="FILE", help="Write a JUnit XML report (Jenkins, GitLab).")
 @click.option("--check-only", is_flag=True, help="Only load and check the file; touch no VM.")
 @dry_run_option
-@json_option
+@json_lines_option
 @_command("run")
 def run_cmd(
     campaign_file: str,
@@ -882,8 +899,10 @@ def run_cmd(
     waits, pauses and expectations on the guest's log.
 
     The whole file is checked first (errors name the line and key) and nothing
-    is injected if it has an error. A progress bar shows on a terminal; with
-    --json, every step event is one JSON line, and the result is the last line.
+    is injected if it has an error. The VM is locked for the whole run, so no
+    other serrinj run interleaves with it (see --lock-wait). A progress bar
+    shows on a terminal; with --json, every step event is one JSON line, and
+    the result is the last line (--check-only: one object).
     Exit 0 when every step passed, 9 when one failed, or the error's own code.
     See examples/ and examples/README.md for the format.
     """
