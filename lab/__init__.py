@@ -9,6 +9,7 @@ in-lab suite, which runs inside and reports on the serial console. See
 Layout::
 
     lab/protocol.py   the console line protocol (both sides)
+    lab/skips.py      the skips each kind of boot accepts; any other skip fails the boot
     lab/arm64/        host side: fetch, build the initramfs, boot, report
     lab/guest/        guest side: /init, the runner, the pytest plugin, the inner QEMU helper
     lab/suite/        the tests that run inside the lab

@@ -9,6 +9,8 @@ every line meant for the host starts with :data:`TAG` and is found by a search
     @@LAB@@ RESULT PASSED lab/suite/test_smoke.py::test_dev_kvm_opens 0.01
     @@LAB@@ RESULT FAILED lab/suite/test_smoke.py::test_x 0.20
     @@LAB@@ | assert 0 == 1            (failure detail of the RESULT above)
+    @@LAB@@ RESULT PASSED lab/suite/test_x.py::test_y 3.10
+    @@LAB@@ OBS guest ESR_EL1 0xbe001811   (what the passing test above printed)
     @@LAB@@ ERROR serrinj could not be imported: ...
     @@LAB@@ END rc=0
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 TAG = "@@LAB@@"
 
@@ -28,6 +30,7 @@ BEGIN = "BEGIN"
 INFO = "INFO"
 RESULT = "RESULT"
 DETAIL = "|"
+OBSERVED = "OBS"
 ERROR = "ERROR"
 END = "END"
 
@@ -42,7 +45,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def line(kind: str, text: str = "") -> str:
     """One protocol line (without the newline)."""
     flat = text.replace("\r", " ").replace("\n", " ")
-    return f"{TAG} {kind} {flat}".rstrip() if kind != DETAIL else f"{TAG} {DETAIL} {flat}"
+    if kind in (DETAIL, OBSERVED):
+        return f"{TAG} {kind} {flat}"
+    return f"{TAG} {kind} {flat}".rstrip()
 
 
 def fields(text: str) -> Dict[str, str]:
@@ -63,10 +68,18 @@ class CaseResult:
     nodeid: str
     duration: float = 0.0
     details: List[str] = field(default_factory=list)
+    #: what the test printed (its observations), sent for passing tests
+    observed: List[str] = field(default_factory=list)
+    #: why a skip is accepted (the allow-list entry), set by :meth:`BootReport.problems`
+    allowed_because: Optional[str] = None
 
     @property
     def failed(self) -> bool:
         return self.outcome in FAILING
+
+    @property
+    def skip_reason(self) -> str:
+        return self.details[0] if self.outcome == "SKIPPED" and self.details else ""
 
 
 @dataclass
@@ -102,8 +115,25 @@ class BootReport:
     def finished(self) -> bool:
         return self.end is not None
 
-    def problems(self) -> List[str]:
-        """Why this boot does not count as a pass (empty when it does)."""
+    def unexpected_skips(self, allowed: Callable[[CaseResult], Optional[str]]) -> List[CaseResult]:
+        """The skipped tests ``allowed`` gives no reason for (it notes the others' reasons)."""
+        out: List[CaseResult] = []
+        for r in self.results:
+            if r.outcome != "SKIPPED":
+                continue
+            r.allowed_because = allowed(r)
+            if r.allowed_because is None:
+                out.append(r)
+        return out
+
+    def problems(
+        self, allowed_skip: Optional[Callable[[CaseResult], Optional[str]]] = None
+    ) -> List[str]:
+        """Why this boot does not count as a pass (empty when it does).
+
+        Every skip is a problem unless ``allowed_skip`` returns why it is accepted
+        (the boot's allow-list, :mod:`lab.skips`).
+        """
         out: List[str] = []
         if not self.reached_suite:
             out.append("the boot never reached the suite")
@@ -114,6 +144,10 @@ class BootReport:
             out.append(f"the suite exited with rc={self.end.get('rc')}")
         if self.failed:
             out.append(f"{self.failed} test(s) failed")
+        skips = self.unexpected_skips(allowed_skip or (lambda r: None))
+        if skips:
+            names = ", ".join(r.nodeid for r in skips[:5]) + (", ..." if len(skips) > 5 else "")
+            out.append(f"{len(skips)} test(s) skipped outside the boot's allow-list: {names}")
         if self.finished and not self.results:
             out.append("no test ran")
         out.extend(f"guest error: {e}" for e in self.errors)
@@ -153,6 +187,9 @@ def feed(report: BootReport, raw_line: str) -> Optional[CaseResult]:
     elif kind == DETAIL:
         if report.results:
             report.results[-1].details.append(text)
+    elif kind == OBSERVED:
+        if report.results:
+            report.results[-1].observed.append(text)
     elif kind == ERROR:
         report.errors.append(text)
     elif kind == END:

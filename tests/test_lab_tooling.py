@@ -16,15 +16,27 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
-from lab import protocol
-from lab.arm64 import boot, config, cpio, debian, elf, initramfs, wheels
+from lab import protocol, skips
+from lab.arm64 import __main__ as lab_main
+from lab.arm64 import boot, config, cpio, debian, elf, initramfs, prepare, wheels
 from lab.guest import env, nested
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _need(present: bool, what: str) -> None:
+    """A missing host tool skips the test, except in CI (``CI=true`` or
+    ``SERRINJ_REQUIRE_ALL=1``), where it fails, as tests/conftest.py does for the
+    resource markers."""
+    if present:
+        return
+    if os.environ.get("CI") == "true" or os.environ.get("SERRINJ_REQUIRE_ALL") == "1":
+        pytest.fail(f"required resource is missing in CI: {what}", pytrace=False)
+    pytest.skip(f"{what} (CI=true makes this a failure)")
 
 
 # --- cpio -------------------------------------------------------------------------
@@ -106,8 +118,8 @@ def test_cpio_tree_refuses_bad_paths() -> None:
     assert "usr/lib/x" in tree
 
 
-@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio is not installed: make deps")
 def test_cpio_matches_gnu_cpio(tmp_path: Path) -> None:
+    _need(shutil.which("cpio") is not None, "GNU cpio is not installed: make deps")
     tree = _sample_tree(tmp_path)
     path = _archive(tree, tmp_path)
     with open(path, "rb") as fh:
@@ -144,8 +156,8 @@ def _readelf_needed(path: str, readelf: str = "readelf") -> List[str]:
     ]
 
 
-@pytest.mark.skipif(shutil.which("readelf") is None, reason="binutils is not installed")
 def test_read_elf_matches_readelf_on_a_host_binary() -> None:
+    _need(shutil.which("readelf") is not None, "readelf (binutils) is not installed: make deps")
     path = os.path.realpath(shutil.which("ls") or "/bin/ls")  # a dynamic Debian binary
     info = elf.read_elf_file(path)
     assert info is not None
@@ -260,9 +272,12 @@ def test_resolve_in_root_stays_inside_the_package(tmp_path: Path) -> None:
     assert initramfs.resolve_in_root(str(root), "lib/missing") is None
 
 
-@pytest.mark.skipif(not initramfs.can_precompile(), reason="needs the lab's CPython version")
 @pytest.mark.parametrize("checked", [False, True])
 def test_precompiled_bytecode_loads(tmp_path: Path, checked: bool) -> None:
+    _need(
+        initramfs.can_precompile(),
+        f"needs CPython {config.PYTHON_VERSION}, the lab's version, to precompile its bytecode",
+    )
     source = b"VALUE = 6 * 7\n"
     data = initramfs.pyc_bytes(source, "/opt/demo_mod.py", checked)
     assert data is not None
@@ -450,10 +465,17 @@ def test_plugin_and_parser_on_a_real_pytest_run(tmp_path: Path) -> None:
             """\
             import pytest
 
+            import sys
+
             def test_pass():
+                print("guest ESR_EL1 0xbe001811")
+                print("chatter", file=sys.stderr)
+
+            def test_quiet():
                 pass
 
             def test_fail():
+                print("seen before failing")
                 assert 1 + 1 == 3
 
             @pytest.mark.skip(reason="not here")
@@ -503,6 +525,7 @@ def test_plugin_and_parser_on_a_real_pytest_run(tmp_path: Path) -> None:
     outcomes: Dict[str, str] = {r.nodeid.split("::")[-1]: r.outcome for r in report.results}
     assert outcomes == {
         "test_pass": "PASSED",
+        "test_quiet": "PASSED",
         "test_fail": "FAILED",
         "test_skip": "SKIPPED",
         "test_teardown_error": "ERROR",
@@ -512,6 +535,203 @@ def test_plugin_and_parser_on_a_real_pytest_run(tmp_path: Path) -> None:
     assert any("== 3" in d for d in details["test_fail"]), details
     assert any("teardown broke" in d for d in details["test_teardown_error"])
     assert details["test_skip"] == ["not here"]
+    # a pass sends what it printed to stdout (stderr is chatter); a failure's output
+    # is in its details, as pytest reports it
+    observed = {r.nodeid.split("::")[-1]: r.observed for r in report.results}
+    assert observed["test_pass"] == ["guest ESR_EL1 0xbe001811"], proc.stdout
+    assert observed["test_quiet"] == [] and observed["test_fail"] == []
+    assert any("seen before failing" in d for d in details["test_fail"])
+
+
+def test_protocol_observation_lines_follow_their_result() -> None:
+    report = protocol.parse(
+        [
+            protocol.line(protocol.RESULT, "PASSED a::b 1.0"),
+            protocol.line(protocol.OBSERVED, "  guest ESR_EL1 0xbe000411"),
+            protocol.line(protocol.RESULT, "PASSED a::c 1.0"),
+        ]
+    )
+    assert report.results[0].observed == ["  guest ESR_EL1 0xbe000411"]
+    assert report.results[0].details == [] and report.results[1].observed == []
+
+
+# --- skips: every one is a failure unless the boot's allow-list has it -------------------
+
+_RAS_ONLY = "lab/suite/test_campaign_arm64.py::test_arm64_ras_example"
+_NO_RAS_ONLY = (
+    "lab/suite/test_qemu_linux_arm64.py::"
+    "test_without_ras_an_esr_is_refused_and_the_cpus_own_serror_is_fatal"
+)
+_X86_ONLY = "tests/test_engine_kvm.py::test_nmi_and_machine_checks_reach_the_guest[spin]"
+
+
+def _skipped(nodeid: str, reason: str = "some reason") -> protocol.CaseResult:
+    return protocol.CaseResult("SKIPPED", nodeid, 0.0, [reason])
+
+
+@pytest.mark.parametrize(
+    ("nodeid", "reason", "ras", "with_qemu", "accepted"),
+    [
+        (_RAS_ONLY, "x", False, True, True),  # a RAS-only test on the boot without RAS
+        (_RAS_ONLY, "x", True, True, False),  # ... but never on a boot with RAS
+        (_NO_RAS_ONLY, "x", True, True, True),
+        (_NO_RAS_ONLY, "x", False, True, False),
+        (_X86_ONLY, "x", True, True, True),  # x86_64-only host tests, on every boot
+        (_X86_ONLY, "x", False, True, True),
+        (_X86_ONLY.replace("[spin]", "_more[spin]"), "x", True, True, False),
+        ("lab/suite/test_cli_arm64.py::test_demo_matches_on_every_host", "x", True, True, False),
+        ("lab/suite/test_smoke.py::test_x", skips.NO_QEMU_REASON, True, False, True),
+        ("lab/suite/test_smoke.py::test_x", skips.NO_QEMU_REASON, True, True, False),
+        ("lab/suite/test_smoke.py::test_x", "something else", False, False, False),
+    ],
+)
+def test_skip_allow_list(
+    nodeid: str, reason: str, ras: bool, with_qemu: bool, accepted: bool
+) -> None:
+    why = skips.allowed_for(ras, with_qemu)(_skipped(nodeid, reason))
+    assert (why is not None) is accepted, why
+
+
+def test_skip_allow_list_names_tests_that_exist() -> None:
+    """A stale entry would accept nothing, or worse, a new test of the same name."""
+    for entry in skips.ALLOWED:
+        if entry.pattern == "*":
+            assert entry.reason and entry.when == skips.NO_QEMU
+            continue
+        path, _, name = entry.pattern.partition("::")
+        source = (REPO / path).read_text()
+        assert f"def {name.removesuffix('[*]')}(" in source, entry
+        assert entry.when in (skips.ALWAYS, skips.RAS, skips.NO_RAS), entry
+        assert entry.why, entry
+
+
+def test_protocol_problems_fail_a_skip_outside_the_allow_list() -> None:
+    lines = [
+        "@@LAB@@ BEGIN kernel=6.1 cpu=max expect_ras=1",
+        "@@LAB@@ RESULT PASSED lab/suite/test_a.py::test_ok 0.01",
+        f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.00",
+        "@@LAB@@ | needs RAS",
+        "@@LAB@@ END rc=0",
+    ]
+    report = protocol.parse(lines)
+    # no allow-list: the skip is a failure
+    assert report.problems() == [f"1 test(s) skipped outside the boot's allow-list: {_RAS_ONLY}"]
+    assert report.problems(skips.allowed_for(ras=True, with_qemu=True)) != []
+    assert report.problems(skips.allowed_for(ras=False, with_qemu=True)) == []
+    assert report.results[1].allowed_because is not None
+
+
+# --- the run command: its lines, its closing line and its exit status ----------------------
+
+
+def test_summary_line() -> None:
+    assert lab_main._summary(3, 0, 0) == "3 passed, 0 failed"
+    assert lab_main._summary(3, 1, 2) == "3 passed, 1 failed, 2 skipped"
+
+
+def _outcome(name: str, lines: List[str], ras: bool = True) -> boot.BootOutcome:
+    cpu = config.CPUS["max" if ras else "cortex-a57"]
+    return boot.BootOutcome(
+        spec=boot.BootSpec("6.1", cpu, "Image"),
+        report=protocol.parse(lines),
+        seconds=1.0,
+        log=f"{name}.log",
+    )
+
+
+_OK_BOOT = [
+    "@@LAB@@ BEGIN kernel=6.1 cpu=max expect_ras=1",
+    "@@LAB@@ RESULT PASSED lab/suite/test_a.py::test_ok 0.01",
+    "@@LAB@@ RESULT PASSED lab/suite/test_a.py::test_ok2 0.01",
+    "@@LAB@@ END rc=0",
+]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "wall"),
+    [
+        (484.6, "wall time 484.6 s (8 min 05 s), within the 10-minute target"),
+        (600.0, "wall time 600.0 s (10 min 00 s), within the 10-minute target"),
+        (600.4, "wall time 600.4 s (10 min 00 s), OVER the 10-minute target"),
+        (1234.5, "wall time 1234.5 s (20 min 34 s), OVER the 10-minute target"),
+    ],
+)
+def test_closing_line_gives_counts_boots_and_wall_time(seconds: float, wall: str) -> None:
+    failing = [*_OK_BOOT[:2], "@@LAB@@ RESULT FAILED lab/suite/test_a.py::test_bad 0.1",
+               f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", "@@LAB@@ | needs RAS",
+               "@@LAB@@ END rc=1"]  # fmt: skip
+    outcomes = [_outcome("a", _OK_BOOT), _outcome("b", failing)]
+    line = lab_main._closing(outcomes, seconds)
+    assert line == f"== overall: 3 passed, 1 failed, 1 skipped; 1/2 boots ok; {wall}"
+
+
+def _boot_lines(ras: bool, extra: List[str]) -> List[str]:
+    cpu = "max" if ras else "cortex-a57"
+    return [
+        f"@@LAB@@ BEGIN kernel=6.1.0-57-arm64 label=6.1 cpu={cpu} expect_ras={int(ras)}",
+        f"@@LAB@@ INFO ras_detected={int(ras)} kvm=1 cap41=1 cap158={int(ras)} cap178=1",
+        "@@LAB@@ RESULT PASSED lab/suite/test_a.py::test_ok 0.5",
+        "@@LAB@@ OBS guest ESR_EL1 0xbe001811",
+        *extra,
+        "@@LAB@@ END rc=0",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("max_extra", "a57_extra", "rc", "failed_boots"),
+    [
+        # every skip on the boot whose allow-list has it
+        ([f"@@LAB@@ RESULT SKIPPED {_NO_RAS_ONLY} 0.0", "@@LAB@@ | no RAS only"],
+         [f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", "@@LAB@@ | RAS only"], 0, None),
+        # a RAS-only test skipped on a RAS boot: that boot fails
+        ([f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", "@@LAB@@ | RAS only"], [], 1, "6.1/max"),
+        # a failed test
+        ([], ["@@LAB@@ RESULT FAILED lab/suite/test_a.py::test_bad 0.1", "@@LAB@@ | E boom"],
+         1, "6.1/cortex-a57"),
+    ],
+)  # fmt: skip
+def test_cmd_run_exit_status_and_closing_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    max_extra: List[str],
+    a57_extra: List[str],
+    rc: int,
+    failed_boots: Optional[str],
+) -> None:
+    """``run`` with preparation and QEMU replaced by a transcript per boot: the lines it
+    prints, its closing line, and its exit status."""
+    package = debian.Package("linux-image-6.1.0-57-arm64", "6.1.192-3", "k.deb", 1, "0" * 64)
+    kimg = prepare.KernelImage("6.1", package, str(tmp_path / "Image"))
+    prepared = prepare.Prepared({"6.1": kimg}, str(tmp_path / "base"), None)
+    monkeypatch.setattr(lab_main, "_prepare", lambda labels, with_qemu, refresh: prepared)
+    monkeypatch.setattr(lab_main, "_project", lambda run_dir, args: str(tmp_path / "project"))
+    monkeypatch.setattr(prepare, "new_run_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(prepare, "concatenate", lambda pieces, out: out)
+    transcripts = {"6.1/max": _boot_lines(True, max_extra),
+                   "6.1/cortex-a57": _boot_lines(False, a57_extra)}  # fmt: skip
+
+    def fake_run(spec, initrd, log, timeout, with_qemu, on_line, cancel):  # type: ignore[no-untyped-def]
+        report = protocol.BootReport()
+        for text in transcripts[spec.name]:
+            on_line(report, protocol.feed(report, text), text)
+        return boot.BootOutcome(spec, report, 2.0, log, with_qemu=with_qemu)
+
+    monkeypatch.setattr(boot, "run", fake_run)
+    assert lab_main.main(["run", "--kernel", "6.1", "--cpu", "all", "--jobs", "1"]) == rc
+    out = capsys.readouterr().out.splitlines()
+    assert "   PASSED   lab/suite/test_a.py::test_ok  (0.50 s)" in out
+    assert "            > guest ESR_EL1 0xbe001811" in out  # a pass's observation
+    closing = out[-1]
+    assert closing.startswith("== overall: 2 passed, ")
+    assert ("2/2 boots ok" if rc == 0 else "1/2 boots ok") in closing
+    assert "wall time " in closing and "within the 10-minute target" in closing
+    if failed_boots:
+        assert out[-2].startswith(f"   failed boots: {failed_boots} ")
+    if rc == 0:
+        assert any("(accepted: " in line for line in out)
+    elif "RAS only" in " ".join(max_extra):
+        assert any("NOT in the allow-list" in line for line in out), out
 
 
 # --- boot matrix and guest-side config ------------------------------------------------------

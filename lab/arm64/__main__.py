@@ -14,7 +14,9 @@ Commands::
 
 Results go to stdout (one line per test, a summary per boot and overall);
 progress goes to stderr. The exit status is 0 only when every boot reached
-the suite, finished it, and no test failed.
+the suite, finished it, no test failed, and every skip was one the boot's
+allow-list accepts (``lab/skips.py``). The closing line gives the run's
+wall-clock time and whether it met the lab's 10-minute target.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence
 
-from lab import protocol
+from lab import protocol, skips
 from lab.arm64 import boot, config, initramfs, prepare
 from lab.arm64.config import say
 from lab.arm64.debian import DebianError
@@ -39,6 +41,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREPARE = 3
+#: observation lines printed under a passing test (all of them are in the boot's log)
+OBSERVED_LINES = 12
 
 
 def _out(text: str = "") -> None:
@@ -140,6 +144,27 @@ def _summary(passed: int, failed: int, skipped: int) -> str:
     return text + (f", {skipped} skipped" if skipped else "")
 
 
+def _minutes(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60:02d} s"
+
+
+def _closing(outcomes: Sequence[boot.BootOutcome], seconds: float) -> str:
+    """The run's last line: the counts, the boots that passed, and the wall-clock time
+    of the whole run (preparation included) against the lab's target."""
+    passed = sum(o.report.passed for o in outcomes)
+    failed = sum(o.report.failed for o in outcomes)
+    skipped = sum(o.report.skipped for o in outcomes)
+    ok = sum(1 for o in outcomes if o.ok)
+    target = config.WALL_TARGET_S
+    verdict = "within" if seconds <= target else "OVER"
+    return (
+        f"== overall: {_summary(passed, failed, skipped)}; {ok}/{len(outcomes)} boots ok; "
+        f"wall time {seconds:.1f} s ({_minutes(seconds)}), {verdict} the "
+        f"{target // 60}-minute target"
+    )
+
+
 def _run_boot(
     spec: boot.BootSpec,
     kimg: prepare.KernelImage,
@@ -151,6 +176,7 @@ def _run_boot(
 ) -> boot.BootOutcome:
     """One boot of ``run``: its header, a line per test, its summary, all through ``out``."""
     debian = kimg.package.version
+    allowed = skips.allowed_for(spec.cpu.ras, args.with_qemu)
     out(f"== {spec.name}: Linux {kimg.release} (Debian {debian}), -cpu {spec.cpu.name}")
     say(f"booting {spec.name}")
 
@@ -167,8 +193,19 @@ def _run_boot(
         elif f"{protocol.TAG} {protocol.DETAIL}" in text and report.results:
             # the detail lines of a failure (or a skip's reason) follow its RESULT
             last = report.results[-1]
-            if last.failed or last.outcome == "XPASS" or len(last.details) == 1:
+            if last.failed or last.outcome == "XPASS":
                 out(f"            | {last.details[-1]}")
+            elif last.outcome == "SKIPPED" and len(last.details) == 1:
+                why = allowed(last)
+                verdict = f"accepted: {why}" if why else "NOT in the allow-list: a failure"
+                out(f"            | {last.details[-1]} ({verdict})")
+        elif f"{protocol.TAG} {protocol.OBSERVED} " in text and report.results:
+            # what a passing test printed: its first lines (the boot log keeps them all)
+            n = len(report.results[-1].observed)
+            if n <= OBSERVED_LINES:
+                out(f"            > {report.results[-1].observed[-1]}")
+            elif n == OBSERVED_LINES + 1:
+                out(f"            > ... (more in {log})")
 
     outcome = boot.run(spec, initrd, log, args.timeout, args.with_qemu, on_line, cancel)
     rep = outcome.report
@@ -246,17 +283,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     pool.shutdown(wait=True)
 
-    passed = sum(o.report.passed for o in outcomes)
-    failed = sum(o.report.failed for o in outcomes)
-    skipped = sum(o.report.skipped for o in outcomes)
     bad = [o for o in outcomes if not o.ok]
-    _out(
-        f"== overall: {_summary(passed, failed, skipped)}; "
-        f"{len(outcomes) - len(bad)}/{len(outcomes)} boots ok "
-        f"in {time.monotonic() - started:.1f} s"
-    )
     if bad:
         _out("   failed boots: " + ", ".join(o.spec.name for o in bad) + f" (logs in {run_dir})")
+    _out(_closing(outcomes, time.monotonic() - started))
     return EXIT_OK if not bad else EXIT_FAILED
 
 

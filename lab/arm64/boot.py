@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from lab import protocol
+from lab import protocol, skips
 from lab.arm64 import config
 
 QEMU = "qemu-system-aarch64"
@@ -43,12 +43,18 @@ class BootOutcome:
     timed_out: bool = False
     qemu_rc: Optional[int] = None
     tail: List[str] = field(default_factory=list)
+    #: whether the boot had the inner QEMU (decides which skips are accepted)
+    with_qemu: bool = True
+
+    def allowed_skip(self, result: protocol.CaseResult) -> Optional[str]:
+        """Why this boot accepts ``result``'s skip (``lab/skips.py``), or None."""
+        return skips.allowed_for(self.spec.cpu.ras, self.with_qemu)(result)
 
     def problems(self) -> List[str]:
         out = []
         if self.timed_out:
             out.append(f"timed out after {self.seconds:.0f} s (QEMU killed)")
-        return out + self.report.problems()
+        return out + self.report.problems(self.allowed_skip)
 
     @property
     def ok(self) -> bool:
@@ -173,6 +179,7 @@ def run(
         timed_out=timed_out,
         qemu_rc=rc,
         tail=tail,
+        with_qemu=with_qemu,
     )
 
 

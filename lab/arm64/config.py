@@ -123,6 +123,9 @@ KERNEL_APPEND = "console=ttyAMA0 rdinit=/init panic=-1 quiet"
 #: (a safety net, not a target: boots side by side, or a busy machine, take longer)
 BOOT_TIMEOUT_S = 900
 GUEST_MARGIN_S = 20
+#: the whole lab (every boot of the matrix, warm cache, 2 CPUs) should take at most this
+#: long; ``run`` says on its closing line whether it did
+WALL_TARGET_S = 600
 
 
 def cache_root() -> str:

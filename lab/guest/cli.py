@@ -75,5 +75,6 @@ def serrinj(*args: str, json_output: bool = True, timeout: Optional[float] = Non
     )
     took = time.monotonic() - t0
     result = CliResult(argv, proc.returncode, proc.stdout, proc.stderr, took)
-    print(f"serrinj {' '.join(argv)}: rc={proc.returncode} in {took:.2f} s")
+    # process chatter to stderr (shown for failures); stdout is for the test's observations
+    print(f"serrinj {' '.join(argv)}: rc={proc.returncode} in {took:.2f} s", file=sys.stderr)
     return result

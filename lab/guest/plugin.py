@@ -3,7 +3,12 @@
 pytest's own verbose output stays on the console for humans. After each test
 this plugin adds a ``RESULT`` line with the final outcome (a failing teardown
 turns a pass into ERROR), followed by ``|`` detail lines for failures and the
-reason of skips, which the host prints under the test.
+reason of skips, and, for a pass, ``OBS`` lines with what the test printed
+while it ran (its observations: the guest's ESR_EL1, QEMU still running, ...),
+which pytest itself would not show. The host prints them under the test.
+
+Tests print observations to stdout; process chatter (each serrinj command and
+its time, a VM's start) goes to stderr, which pytest shows for failures only.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import pytest
 from lab import protocol
 
 MAX_DETAIL_LINES = 40
+#: observation lines sent per passing test, and their width (the boot log keeps them)
+MAX_OBSERVED_LINES = 60
+MAX_OBSERVED_WIDTH = 240
 
 _RANK = {"PASSED": 0, "XFAIL": 0, "SKIPPED": 1, "XPASS": 2, "FAILED": 3, "ERROR": 4}
 
@@ -25,6 +33,7 @@ class _State:
         self.outcome: Dict[str, str] = {}
         self.details: Dict[str, List[str]] = {}
         self.duration: Dict[str, float] = {}
+        self.observed: Dict[str, List[str]] = {}
 
     def write(self, text: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -63,6 +72,18 @@ def _detail(report: pytest.TestReport) -> List[str]:
     return lines
 
 
+def _observed(report: pytest.TestReport) -> List[str]:
+    """The non-blank lines the test body printed to stdout (not its fixtures)."""
+    text = "".join(c for name, c in report.sections if name == "Captured stdout call")
+    lines = [x.rstrip() for x in text.splitlines() if x.strip()]
+    if len(lines) > MAX_OBSERVED_LINES:
+        more = len(lines) - MAX_OBSERVED_LINES
+        lines = [*lines[:MAX_OBSERVED_LINES], f"... {more} more line(s)"]
+    return [
+        x if len(x) <= MAX_OBSERVED_WIDTH else x[: MAX_OBSERVED_WIDTH - 3] + "..." for x in lines
+    ]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _state
     _state = _State(config)
@@ -74,6 +95,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     outcome = _outcome(report)
     nodeid = report.nodeid
     _state.duration[nodeid] = _state.duration.get(nodeid, 0.0) + report.duration
+    if report.when == "call" and report.passed:
+        _state.observed[nodeid] = _observed(report)
     if outcome is None:
         return
     previous = _state.outcome.get(nodeid)
@@ -91,6 +114,10 @@ def pytest_runtest_logfinish(nodeid: str) -> None:
     _state.write(protocol.line(protocol.RESULT, f"{outcome} {nodeid} {duration:.2f}"))
     for text in _state.details.pop(nodeid, []):
         _state.write(protocol.line(protocol.DETAIL, text))
+    observed = _state.observed.pop(nodeid, [])
+    if outcome == "PASSED":
+        for text in observed:
+            _state.write(protocol.line(protocol.OBSERVED, text))
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:

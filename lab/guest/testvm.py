@@ -7,6 +7,7 @@ themselves: the tests that use them inject through serrinj's CLI.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Dict, Sequence
 
@@ -36,7 +37,7 @@ def start(mode: str, vcpus: int = 2, extra: Sequence[str] = ()) -> TestVmProcess
         vm.stop()
         raise
     print(f"test VM pid {vm.pid} mode={mode} vcpus={vcpus} {' '.join(extra)}"
-          f" up in {time.monotonic() - t0:.2f} s")  # fmt: skip
+          f" up in {time.monotonic() - t0:.2f} s", file=sys.stderr)  # fmt: skip
     return vm
 
 

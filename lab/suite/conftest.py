@@ -15,6 +15,7 @@ from typing import Iterator, List
 
 import pytest
 
+from lab import skips
 from lab.guest import env
 from lab.guest.nested import NestedAssets
 
@@ -36,7 +37,7 @@ def kvm_fd() -> Iterator[int]:
 @pytest.fixture
 def nested(lab: env.LabConfig) -> NestedAssets:
     if not lab.with_qemu:
-        pytest.skip("the lab was booted without the inner QEMU (drop --no-qemu)")
+        pytest.skip(skips.NO_QEMU_REASON)  # accepted on --no-qemu boots only (lab/skips.py)
     assets = NestedAssets()
     missing = assets.missing()
     if missing:
