@@ -10,9 +10,12 @@ ended by its pid.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Callable, Iterator, List, Optional, Set
@@ -23,6 +26,7 @@ from lab.guest import env
 from lab.guest.cli import serrinj
 from lab.guest.nested import InnerQemu, NestedAssets
 from lab.guest.qmp import Qmp
+from serrinj import audit
 from serrinj.testvm.firmware_arm64 import PROBE_ADDR, FirmwareOptions, build
 
 BOOT_TIMEOUT_S = 60
@@ -231,9 +235,10 @@ def _still_running(b: Bare, pongs: int) -> None:
     with b.qmp() as q:
         assert q.execute("query-status")["status"] == "running"
     b.type("p")
-    b.vm.wait_for(rf"^pong cpu=0 n={pongs}$", 20)
+    pong = b.vm.wait_for(rf"^pong cpu=0 n={pongs}$", 20)
     assert b.proc_alive()
     assert b.problems() == []
+    print(f"QEMU still running (QMP query-status), the guest answered {pong!r}")
 
 
 @pytest.mark.parametrize(
@@ -266,7 +271,8 @@ def test_serrinj_injects_serror_into_the_bare_guest(
     assert inj["tid"] == threads[vcpu], "serrinj stopped another thread than QEMU's vCPU"
     assert inj["registers_restored"] is True and inj["delivery"]["delivered"] is True
     line = b.vm.wait_for(rf"^serror cpu={vcpu} ", 20)
-    print(f"bare {mode} smp={smp} {b.target()[0]}: {iss} -> {line!r}")
+    what = "the CPU's own syndrome" if iss is None else f"--esr {iss:#x}"
+    print(f"bare {mode} smp={smp} {b.target()[0]}: {what} -> {line!r}")
     if iss is not None:
         assert _esr(line) == ESR_SERROR | iss
     elif lab.expect_ras:
@@ -312,3 +318,109 @@ def test_serrinj_ext_dabt_hits_the_probe(bare: StartBare, smp: int, debug_thread
     assert low >> 26 == 0x25 and low & 0x3F == 0x10
     assert line.endswith(f"far=0x{PROBE_ADDR:016x}")
     _still_running(b, 1)  # the probe load was skipped and the guest runs on
+
+
+def _iss_for(lab: env.LabConfig) -> Optional[int]:
+    """A survivable RAS syndrome on a RAS host; the CPU's own without RAS (an ESR is refused)."""
+    return ISS_CE if lab.expect_ras else CPU
+
+
+def _check_esr(line: str, iss: Optional[int], lab: env.LabConfig) -> None:
+    if iss is not None:
+        assert _esr(line) == ESR_SERROR | iss, line
+    elif lab.expect_ras:
+        assert _esr(line) == ESR_SERROR | IDS, line
+    else:
+        assert _esr(line) >> 26 == 0x2F, line
+
+
+def test_paused_qemu_takes_the_serror_after_cont(bare: StartBare, lab: env.LabConfig) -> None:
+    """QMP ``stop``, then serrinj injects into the paused QEMU: it succeeds, the guest
+    takes nothing while paused, and takes exactly the injected SError after ``cont``."""
+    b = bare(FirmwareOptions(mode="wfi"), 2)
+    b.wait_ready()
+    with b.qmp() as q:
+        q.execute("stop")
+        assert q.execute("query-status")["status"] == "paused"
+    iss = _iss_for(lab)
+    r = serrinj("inject", *b.target(), "--vcpu", "1", *([] if iss is None else ["--esr", hex(iss)]))
+    assert r.rc == 0, r
+    inj = r.data["injections"][0]
+    assert inj["registers_restored"] is True
+    after = inj["after"]
+    print(
+        f"paused QEMU: inject --vcpu 1 ok (thread {inj['thread_state']}); after SET"
+        f" serror_pending={after['serror_pending']} serror_esr={after['serror_esr']:#x}"
+    )
+    if after["serror_pending"] and lab.expect_ras:
+        assert after["serror_esr"] == (IDS if iss is None else iss)
+    # paused: the guest runs nothing, so it prints no serror line
+    with pytest.raises(TimeoutError):
+        b.vm.wait_for(r"^serror ", 1.0)
+    with b.qmp() as q:
+        q.execute("cont")
+    line = b.vm.wait_for(r"^serror cpu=1 ", 20)
+    print(f"after cont the guest printed {line!r}")
+    _check_esr(line, iss, lab)
+    assert [x for x in b.vm.lines if x.startswith("serror")] == [line]  # one, not two
+    _still_running(b, 1)
+
+
+def test_qemu_exiting_mid_injection_is_a_clear_error(bare: StartBare, lab: env.LabConfig) -> None:
+    """QEMU is killed while serrinj holds its vCPU thread (registers borrowed, the ioctl
+    not yet run): serrinj ends with a clear error (exit 3, no traceback), the VM's lock
+    is free again and the audit log records the failed injection."""
+    b = bare(FirmwareOptions(mode="wfi"), 2)
+    b.wait_ready()
+    with tempfile.TemporaryDirectory(prefix="exit-mid-") as tmp:
+        _exit_mid_injection(b, lab, tmp)
+
+
+def _exit_mid_injection(b: Bare, lab: env.LabConfig, tmp: str) -> None:
+    marker = os.path.join(tmp, "pause")
+    audit_log = os.path.join(tmp, "audit.jsonl")
+    locks = os.path.join(tmp, "locks")
+    env_vars = dict(
+        os.environ,
+        SERRINJ_TEST_PAUSE_AT="borrowed",
+        SERRINJ_TEST_PAUSE_FILE=marker,
+        SERRINJ_AUDIT_LOG=audit_log,
+        SERRINJ_LOCK_DIR=locks,
+    )
+    iss = _iss_for(lab)
+    args = ["inject", *b.target(), "--vcpu", "0", *([] if iss is None else ["--esr", hex(iss)])]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serrinj", *args],
+        env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(marker):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        os.kill(b.pid, signal.SIGKILL)  # the QEMU this test started
+        time.sleep(0.2)
+        os.unlink(marker)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the serrinj this test started
+            proc.communicate()
+    print(f"serrinj with QEMU killed mid-injection: rc={proc.returncode}, {err.strip()!r}")
+    assert proc.returncode == 3, (out, err)
+    assert err.startswith("error: ") and "exited" in err, err
+    assert "Traceback" not in err
+    assert b.vm.proc.wait(timeout=10) == -signal.SIGKILL
+    # no bad state: the VM's lock is free, and the attempt is in the audit log
+    held = [f for f in os.listdir(locks) if f.startswith(f"vm-{b.pid}-")]
+    assert len(held) == 1, os.listdir(locks)
+    fd = os.open(os.path.join(locks, held[0]), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
+    finally:
+        os.close(fd)
+    records = audit.read(log=audit_log)
+    assert [(x["action"], x["outcome"]) for x in records] == [("inject-serror", "failed")]
+    rec = records[0]
+    assert rec["error"]["kind"] == "target-gone" and rec["vcpu_id"] == 0, rec
+    print(f"lock {held[0]} free; audit: {rec['action']} {rec['outcome']} ({rec['error']['kind']})")
