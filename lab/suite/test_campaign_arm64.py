@@ -102,6 +102,13 @@ def _junit(path: str) -> Dict[str, Any]:
     return {"counts": counts, "cases": cases, "name": suite.get("name")}
 
 
+def _show(rep: Dict[str, Any]) -> None:
+    """The JUnit report as observation lines: the suite's counts, then each case."""
+    print(f"junit {rep['name']}: {rep['counts']}")
+    for case in rep["cases"]:
+        print(f"  {case['outcome']}: {case['name']}")
+
+
 class _Run:
     """``serrinj --json run ...`` in the background, its JSON lines read as they come."""
 
@@ -235,7 +242,7 @@ def test_arm64_masked_serror_example(nested: NestedAssets, lab: env.LabConfig) -
         result = run.lines[-1]
         assert result["exit_code"] == 0 and result["counts"]["failed"] == 0, result
         rep = _junit(report)
-        print(json.dumps(rep))
+        _show(rep)
         assert rep["name"] == "arm64-masked-serror"
         assert rep["counts"] == {"tests": 6, "failures": 0, "errors": 0, "skipped": 0}, rep
         assert all(c["outcome"] == "passed" for c in rep["cases"]), rep
@@ -281,7 +288,7 @@ def test_arm64_ras_example(nested: NestedAssets) -> None:
             assert result["exit_code"] == 0, result
             assert qemu.wait(timeout=60) == 0  # the panic rebooted the guest: QEMU exited
         rep = _junit(report)
-        print(json.dumps(rep))
+        _show(rep)
         assert rep["name"] == "arm64-ras"
         assert rep["counts"] == {"tests": 6, "failures": 0, "errors": 0, "skipped": 0}, rep
         names = " | ".join(c["name"] for c in rep["cases"])
