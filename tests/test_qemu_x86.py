@@ -4,11 +4,14 @@ QEMU boots serrinj's firmware guest (``-bios``), which prints what it
 observes on its serial port. serrinj is used through its CLI, in its own
 process, exactly as a user would. QEMU's own QMP is the independent witness
 (``query-cpus-fast`` thread ids, ``query-status``).
+
+Each test prints what the guest printed on its serial port for each injection;
+pytest shows that for passing tests too, in an "observations" section of its
+terminal summary (``tests.helpers.qemu.show_observations``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,10 +24,21 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 
 from serrinj import mce
-from tests.helpers.qemu import Qemu, build_firmware
+from tests.helpers.qemu import Qemu, build_firmware, show_observations
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kvm, pytest.mark.root]
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _observations(request: pytest.FixtureRequest) -> None:
+    show_observations(request)
+
+
+def _observe(qemu: Qemu, since: int, what: str) -> None:
+    """Print the guest's serial lines since ``since``: the observation of one injection."""
+    lines = qemu.lines_since(since)
+    print(f"{what}: guest serial: {' | '.join(lines) if lines else '(nothing)'}")
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +106,17 @@ def _thread_states(pid: int) -> Dict[int, str]:
     return out
 
 
-def _states_while_held(qemu: Qemu, vcpu: int, tmp: Path) -> Dict[int, str]:
-    """Every QEMU thread's state while serrinj holds vCPU ``vcpu`` at its
-    ``borrowed`` pause point (registers replaced, the ioctl not yet run)."""
-    marker = tmp / f"held-{vcpu}"
+_STOPPED = ("t", "T")  # ptrace stop, job-control stop
+
+
+def _held_run(qemu: Qemu, vcpu: int, tmp: Path, *args: str) -> Tuple[int, int]:
+    """Run ``serrinj ARGS`` with the engine pausing at every remote syscall (its
+    ``borrowed`` pause point: registers replaced, the ioctl not yet run), and sample
+    every QEMU thread's state at each pause and between them. Asserts that vCPU
+    ``vcpu``'s thread is in a ptrace stop at each pause and that no other QEMU thread
+    is ever stopped; returns (pauses, samples)."""
+    tid = qemu.cpu_threads()[vcpu]
+    marker = tmp / f"held-{vcpu}-{time.monotonic_ns()}"
     env = dict(
         os.environ,
         SERRINJ_TEST_PAUSE_AT="borrowed",
@@ -103,59 +124,77 @@ def _states_while_held(qemu: Qemu, vcpu: int, tmp: Path) -> Dict[int, str]:
         PYTHONPATH=str(ROOT),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serrinj", "nmi", "--name", qemu.name, "--vcpu", str(vcpu)],
+        [sys.executable, "-m", "serrinj", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    at_pauses: List[Dict[int, str]] = []
+    samples: List[Dict[int, str]] = []
     try:
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
-            time.sleep(0.01)
-        states = _thread_states(qemu.pid)
-    finally:
-        # The engine pauses at this phase of every remote syscall: keep releasing.
         deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(FileNotFoundError):
-                marker.unlink()
-            time.sleep(0.005)
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "serrinj did not finish"
+            if marker.exists():
+                at_pauses.append(_thread_states(qemu.pid))
+                marker.unlink()  # release this pause; the next syscall pauses again
+            else:
+                samples.append(_thread_states(qemu.pid))
+                time.sleep(0.002)
         _out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the serrinj started above
+            proc.communicate()
     assert proc.returncode == 0, err
-    return states
+    assert at_pauses, "the engine never reached its borrowed pause point"
+    for states in at_pauses:
+        assert states[tid] == "t", f"the target vCPU thread is not in a ptrace stop: {states}"
+    stopped = sorted(
+        {t for st in [*at_pauses, *samples] for t, state in st.items() if state in _STOPPED} - {tid}
+    )
+    assert stopped == [], f"other QEMU threads were stopped: {stopped}"
+    return len(at_pauses), len(samples) + len(at_pauses)
 
 
 @pytest.mark.parametrize("qemu", [True, False], indirect=True, ids=["debug-threads", "unnamed"])
 def test_nmi_and_machine_checks_reach_the_guest_and_qemu_runs_on(
     qemu: Qemu, tmp_path: Path
 ) -> None:
-    threads = qemu.cpu_threads()
+    """An NMI and two machine checks, each with serrinj held at every remote syscall:
+    only the target vCPU's thread is ever stopped, the guest reports each fault on its
+    serial port and answers a ping after each one, and QEMU keeps running."""
     mark = qemu.mark()
-    states = _states_while_held(qemu, 1, tmp_path)
-    assert states[threads[1]] == "t", "the target vCPU thread is not in a ptrace stop"
-    stopped = [tid for tid, st in states.items() if st == "t" and tid != threads[1]]
-    assert stopped == [], f"other QEMU threads were stopped: {stopped}"
+    held = _held_run(qemu, 1, tmp_path, "nmi", "--name", qemu.name, "--vcpu", "1")
     qemu.wait_line("nmi cpu=1 count=1", since=mark)
+    qemu.ping()
+    _observe(qemu, mark, f"nmi vCPU 1, held at {held[0]} pause(s), no other thread stopped")
+    mark = qemu.mark()
     rc, doc, err = serrinj("nmi", "--name", qemu.name, "--vcpu", "1", "--wait")
     assert rc == 0, err
     assert doc["injections"][0]["delivery"]["delivered"] is True
     qemu.wait_line("nmi cpu=1 count=2", since=mark)
+    qemu.ping()
+    _observe(qemu, mark, "nmi vCPU 1 --wait")
     for vid, name, bank in ((0, "corrected", 2), (0, "srao", 1)):
         p = mce.preset(name).build(bank=bank, addr=0x7000 + bank)
         mark = qemu.mark()
-        rc, doc, err = serrinj(
+        held = _held_run(
+            qemu, vid, tmp_path,
             "mce", "--name", qemu.name, "--vcpu", str(vid), "--bank", str(bank),
             "--status", hex(p.status), "--addr", hex(p.addr), "--misc", hex(p.misc),
             "--mcg-status", hex(p.mcg_status),
         )  # fmt: skip
-        assert rc == 0, err
         kind = "mce" if p.status & (1 << 61) else "mce-poll"
         line = qemu.wait_line(f"{kind} cpu={vid} bank={bank} *", since=mark)
         assert f"status=0x{p.status:016x}" in line and f"addr=0x{p.addr:016x}" in line
         assert qemu.status() == "running"
-    assert qemu.ping().startswith("pong cpu=0")
+        assert qemu.ping().startswith("pong cpu=0")  # the guest answers after each one
+        _observe(
+            qemu, mark, f"mce {name} vCPU {vid} bank {bank}, held at {held[0]} pause(s),"
+            " no other thread stopped",
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("qemu", [True, False], indirect=True, ids=["debug-threads", "unnamed"])
@@ -177,9 +216,12 @@ def test_paused_qemu_takes_the_faults_after_cont(qemu: Qemu) -> None:
     qemu.wait_line("nmi cpu=1 count=1", since=mark)
     qemu.wait_line(f"mce cpu=0 bank=3 status=0x{uc.status:016x}*", since=mark)
     assert qemu.status() == "running"
+    assert qemu.ping().startswith("pong cpu=0")
+    _observe(qemu, mark, "nmi vCPU 1 and mce srao vCPU 0 while paused, then cont")
 
 
 def test_qemu_exiting_mid_injection_is_a_clear_error(qemu: Qemu, tmp_path: Path) -> None:
+    mark = qemu.mark()
     marker = tmp_path / "pause"
     env = dict(
         os.environ,
@@ -206,3 +248,4 @@ def test_qemu_exiting_mid_injection_is_a_clear_error(qemu: Qemu, tmp_path: Path)
     assert err.startswith("error: ") and "exited" in err
     assert "Traceback" not in err
     qemu.proc.wait(timeout=10)
+    _observe(qemu, mark, f"nmi vCPU 0, QEMU killed mid-injection: serrinj said {err.strip()!r}")

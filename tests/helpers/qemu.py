@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Dict, List, Optional, Sequence
 
+import pytest
+
 
 def build_firmware(out: Path) -> Path:
     subprocess.run(
@@ -175,3 +177,52 @@ class Qemu:
                     stream.close()
             self._stderr.close()
             self._reader.join(5)
+
+
+class Observations:
+    """What the passing tests of one module printed, shown in pytest's terminal summary.
+
+    pytest shows a test's output only when it fails. The QEMU tests print what the
+    guest said on its serial port for each injection (their observations); this
+    plugin collects the output of the passing ones and prints it in a section of
+    its own at the end of the run, without changing pytest's options for the
+    other tests. Register it with :func:`show_observations`.
+    """
+
+    def __init__(self) -> None:
+        self.prefixes: List[str] = []
+        self.seen: Dict[str, List[str]] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" or not report.passed:
+            return
+        if not any(report.nodeid.startswith(p) for p in self.prefixes):
+            return
+        text = "".join(c for name, c in report.sections if name == "Captured stdout call")
+        lines = [x.rstrip() for x in text.splitlines() if x.strip()]
+        if lines:
+            self.seen[report.nodeid] = lines
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.seen:
+            return
+        terminalreporter.section("observations of passing tests (what the guest printed)")
+        for nodeid, lines in self.seen.items():
+            terminalreporter.write_line(nodeid)
+            for line in lines:
+                terminalreporter.write_line(f"    {line}")
+
+
+_PLUGIN = "serrinj-qemu-observations"
+
+
+def show_observations(request: pytest.FixtureRequest) -> None:
+    """Show, at the end of the run, what the passing tests of ``request``'s module printed."""
+    manager = request.config.pluginmanager
+    plugin = manager.get_plugin(_PLUGIN)
+    if plugin is None:
+        plugin = Observations()
+        manager.register(plugin, _PLUGIN)
+    prefix = request.node.nodeid + "::"
+    if prefix not in plugin.prefixes:
+        plugin.prefixes.append(prefix)
