@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any, Iterator, List, Tuple
 import pytest
 
 from serrinj import audit
-from serrinj.errors import Conflict, Unsupported
+from serrinj.errors import Conflict, ExitCode, PermissionDenied, Unsupported
 from serrinj.ops import inject, lock, target
 from serrinj.testvm.process import TestVmProcess
 
@@ -54,6 +55,24 @@ def test_lock_excludes_another_process_and_names_it(tmp_path: Path) -> None:
         holder.wait()
         assert holder.stdout is not None
         holder.stdout.close()
+
+
+def test_a_lock_directory_serrinj_may_not_write_is_a_permission_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SERRINJ_LOCK_DIR", str(tmp_path))
+
+    def refuse(path: str, *args: Any) -> int:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(PermissionDenied) as err, lock.vm_lock(1, 2, "pid 1", wait=0.1):
+        pytest.fail("the lock was taken")
+    assert err.value.exit_code == ExitCode.PERMISSION
+    assert err.value.message == (
+        f"cannot take the lock of VM pid 1: {tmp_path}/vm-1-2.lock: Permission denied"
+    )
+    assert err.value.hint is not None and "SERRINJ_LOCK_DIR" in err.value.hint
 
 
 def test_every_record_also_goes_to_syslog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

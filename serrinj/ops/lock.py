@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Dict, Iterator, Tuple
 
-from serrinj.errors import Conflict
+from serrinj.errors import Conflict, PermissionDenied
 
 _held: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (pid, starttime) -> (fd, depth)
 
@@ -59,9 +59,17 @@ def vm_lock(pid: int, starttime: int, label: str, wait: float = 10.0) -> Iterato
             _held[key] = (fd, depth - 1)
         return
     directory = lock_dir()
-    os.makedirs(directory, mode=0o1777, exist_ok=True)
     path = _path(pid, starttime)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        os.makedirs(directory, mode=0o1777, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PermissionDenied(
+            f"cannot take the lock of VM {label}: {path}: {err.strerror}",
+            hint="set SERRINJ_LOCK_DIR to a directory this user may write; nothing was sent",
+        ) from None
     deadline = time.monotonic() + wait
     delay = 0.01
     try:
