@@ -332,8 +332,8 @@ def dry_run_option(f: F) -> F:
 def _set_lock_wait(ctx: click.Context, _param: click.Parameter, value: Optional[float]) -> None:
     if value is None:
         return
-    if value < 0:
-        raise click.BadParameter("the wait must not be negative")
+    if not value >= 0:  # NaN too
+        raise click.BadParameter("the wait must be a number of seconds, 0 or more")
     from serrinj.ops import guard
 
     guard.LOCK_WAIT = value
@@ -349,6 +349,7 @@ def _set_lock_wait(ctx: click.Context, _param: click.Parameter, value: Optional[
 @click.option(
     "--lock-wait",
     type=float,
+    envvar="SERRINJ_LOCK_WAIT",
     metavar="SECONDS",
     expose_value=False,
     is_eager=True,

@@ -744,3 +744,23 @@ def test_help_and_json_paths_do_not_load_rich_rendering() -> None:
         loaded = [line.split("|")[-1].strip() for line in out.stderr.splitlines()]
         assert not [m for m in loaded if m.startswith("rich.")], args
         assert "serrinj.cli" in loaded
+
+
+# ====================================================================== --lock-wait
+@pytest.mark.parametrize("value", ["x", "-1", "nan"])
+def test_bad_lock_wait_is_a_usage_error_from_the_option_or_the_environment(
+    run: Any, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from serrinj.ops import guard
+
+    monkeypatch.setattr(guard, "LOCK_WAIT", guard.LOCK_WAIT)  # the option sets it
+    r = run("--lock-wait", value, "esr", "decode", "0x1811")
+    assert r.rc == ExitCode.USAGE and "--lock-wait" in r.stderr, r
+    monkeypatch.setenv("SERRINJ_LOCK_WAIT", value)
+    r = run("esr", "decode", "0x1811")
+    assert r.rc == ExitCode.USAGE and "--lock-wait" in r.stderr, r
+    assert guard._lock_wait_from_env() == 10.0  # the module itself never fails on it
+    monkeypatch.setenv("SERRINJ_LOCK_WAIT", "2.5")
+    assert guard._lock_wait_from_env() == 2.5
+    r = run("esr", "decode", "0x1811")
+    assert r.rc == 0 and guard.LOCK_WAIT == 2.5, r

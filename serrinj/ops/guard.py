@@ -32,8 +32,19 @@ from serrinj.ops.target import Target
 
 F = TypeVar("F", bound=Callable[..., Sequence[Any]])
 
+
+def _lock_wait_from_env(default: float = 10.0) -> float:
+    """SERRINJ_LOCK_WAIT, or ``default`` when it is unset or not a usable number
+    (the command line reports a bad value itself: --lock-wait reads the same variable)."""
+    try:
+        value = float(os.environ.get("SERRINJ_LOCK_WAIT", default))
+    except ValueError:
+        return default
+    return value if value >= 0 else default  # also false for NaN
+
+
 #: seconds to wait for another serrinj run on the same VM (``--lock-wait``)
-LOCK_WAIT = float(os.environ.get("SERRINJ_LOCK_WAIT", "10"))
+LOCK_WAIT = _lock_wait_from_env()
 
 _REFUSALS = (InvalidInput, Unsupported, Conflict, PermissionDenied, TargetNotFound)
 
