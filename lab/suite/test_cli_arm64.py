@@ -350,7 +350,8 @@ def test_syndromes_reach_the_guest_exactly(guest: Guest, lab: env.LabConfig) -> 
         seen = vm.wait_event(on("serror", vcpu), EVENT_TIMEOUT_S, since=mark)
         count += 1
         assert seen["count"] == count  # one SError per injection
-        print(f"{guest.mode}: {form} {value}: guest ESR_EL1 {seen['esr']:#x}")
+        how = f"{form} {value}" if value is not None else "the CPU's own syndrome"
+        print(f"{guest.mode}: {how}: guest ESR_EL1 {seen['esr']:#x}")
         if iss is None and not lab.expect_ras:
             # no RAS: the CPU chooses an implementation-defined syndrome; only EC is known
             assert seen["ec"] == EC_SERROR and seen["esr"] >> 26 == EC_SERROR
