@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -722,12 +723,17 @@ def test_cmd_run_exit_status_and_closing_line(
     out = capsys.readouterr().out.splitlines()
     assert "   PASSED   lab/suite/test_a.py::test_ok  (0.50 s)" in out
     assert "            > guest ESR_EL1 0xbe001811" in out  # a pass's observation
-    closing = out[-1]
+    closing, tally = out[-2], out[-1]
     assert closing.startswith("== overall: 2 passed, ")
+    # the plain last line CI reads; a failed boot is never "0 failed"
+    if rc == 0:
+        assert tally == "lab-arm64: 2 passed, 0 failed, 2 skipped", tally
+    else:
+        assert re.fullmatch(r"lab-arm64: 2 passed, [1-9]\d* failed(, \d+ skipped)?", tally), tally
     assert ("2/2 boots ok" if rc == 0 else "1/2 boots ok") in closing
     assert "wall time " in closing and "within the 10-minute target" in closing
     if failed_boots:
-        assert out[-2].startswith(f"   failed boots: {failed_boots} ")
+        assert out[-3].startswith(f"   failed boots: {failed_boots} ")
     if rc == 0:
         assert any("(accepted: " in line for line in out)
     elif "RAS only" in " ".join(max_extra):
