@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
 import struct
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -64,7 +63,8 @@ class HostCaps:
 
 
 def machine() -> str:
-    m = platform.machine()
+    # what platform.machine() returns on Linux, without importing platform (~1 ms)
+    m = os.uname().machine
     return "aarch64" if m == "arm64" else m
 
 
