@@ -388,7 +388,9 @@ def _wait_state(pid: int, tid: Optional[int], states: str, timeout: float = 10.0
 
 # ====================================================================== serrinj is signalled
 @pytest.mark.parametrize("phase", PHASES)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 @pytest.mark.parametrize("command", ["nmi", "mce"])
 def test_signal_to_the_cli_mid_injection_restores_first_and_exits_130(
     start_vm: Callable[..., TestVmProcess],
@@ -398,8 +400,9 @@ def test_signal_to_the_cli_mid_injection_restores_first_and_exits_130(
     sig: int,
     command: str,
 ) -> None:
-    """Ctrl-C (or SIGTERM) while serrinj holds the vCPU thread: the thread is restored
-    bit for bit and detached, no further ioctl is sent, and serrinj exits 130."""
+    """Ctrl-C (or SIGTERM, or SIGHUP: the terminal went away) while serrinj holds the
+    vCPU thread: the thread is restored bit for bit and detached, no further ioctl is
+    sent, and serrinj exits 130."""
     vm = start_vm(vcpus=2, mode="spin")
     tid = vm.vcpu(1).tid
     args: List[object] = [command, "--pid", vm.pid, "--vcpu", 1]
