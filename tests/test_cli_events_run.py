@@ -131,3 +131,52 @@ def test_run_refuses_a_bad_file_and_still_writes_a_report(tmp_path: Path) -> Non
     assert rc == 2
     assert f"{bad}:3" in err and "sevrity" in err
     assert 'errors="1"' in report.read_text() or "<error" in report.read_text()
+
+
+@pytest.mark.skipif(not X86, reason="x86-smoke.toml is the x86_64 example")
+def test_run_on_a_terminal_draws_a_progress_bar(tmp_path: Path) -> None:
+    """With stderr on a terminal (a pty here), ``serrinj run`` draws rich's progress
+    bar there while the steps run: the step being run and its count out of the total."""
+    import pty
+    import re
+    import select
+
+    vm = LoggedVm(tmp_path / "guest.log")
+    master, slave = pty.openpty()
+    try:
+        vm.ready()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serrinj", "run", str(ROOT / "examples/x86-smoke.toml"),
+             "--pid", str(vm.proc.pid), "--log", str(vm.path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+            env={**{k: v for k, v in os.environ.items() if k != "NO_COLOR"},
+                 "TERM": "xterm", "COLUMNS": "120"},
+        )  # fmt: skip
+        os.close(slave)
+        slave = -1
+        screen = b""
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the pty has gone
+                break
+            if not chunk:
+                break
+            screen += chunk
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (out, screen[-2000:])
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
+        # MofNCompleteColumn: "done/total" with the campaign's 9 steps, and the bar itself
+        counts = {int(m) for m in re.findall(r"\b(\d)/9\b", text)}
+        assert len(counts) >= 2 and max(counts) <= 9, text[-2000:]
+        assert "━" in text, text[-2000:]
+        # the report itself goes to stdout, not the terminal
+        assert b"x86-smoke" in out
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+        vm.close()
