@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -566,21 +567,30 @@ def test_x86_smoke_example_runs_for_real(
 @pytest.mark.kvm
 @pytest.mark.root
 @x86_only
-def test_plain_text_runner_end_to_end(
-    vm: LoggedVm, tmp_path: Any, schema: xmlschema.XMLSchema
-) -> None:
+def test_serrinj_run_end_to_end(vm: LoggedVm, tmp_path: Any, schema: xmlschema.XMLSchema) -> None:
+    """``serrinj run`` with its output piped: the plain-text report on stdout, a row per
+    execution, the summary and the JUnit report's path; the report is valid JUnit."""
     report = os.path.join(str(tmp_path), "junit.xml")
+    smoke = os.path.join(EXAMPLES, "x86-smoke.toml")
     proc = subprocess.run(
-        [sys.executable, "-m", "serrinj.ops.campaign", os.path.join(EXAMPLES, "x86-smoke.toml"),
-         "--pid", str(vm.pid), "--log", vm.log_path, "--junit", report, "--json"],
+        [sys.executable, "-m", "serrinj", "run", smoke,
+         "--pid", str(vm.pid), "--log", vm.log_path, "--junit", report],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
-    assert data["exit_code"] == 0 and data["counts"]["passed"] == 9
-    assert "[9/9] PASSED step 06: expect no log line" in proc.stderr
-    assert "campaign x86-smoke: 9 passed" in proc.stderr
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"Campaign x86-smoke ({smoke})"
+    assert lines[1].split() == ["#", "step", "outcome", "time", "detail"]
+    rows = lines[2:11]
+    assert [r.split()[0] for r in rows] == [str(i) for i in range(1, 10)]
+    assert all(re.search(r"  passed +\d+\.\d{3} s\b", r) for r in rows), rows
+    assert rows[8].split()[1:5] == ["expect", "no", "log", "line"]
+    assert re.fullmatch(r"  9 passed in \d+\.\d\d s \(exit 0\)", lines[11]), lines[11]
+    assert lines[12:] == [f"  JUnit report: {report}"]
     schema.validate(report)
+    suite = ET.parse(report).getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("9", "0", "0")
 
 
 @pytest.mark.kvm
@@ -906,7 +916,7 @@ def test_a_missing_vm_is_an_error_before_anything_runs(tmp_path: Any) -> None:
         campaign.run(c)
     report = os.path.join(str(tmp_path), "r.xml")
     proc = subprocess.run(
-        [sys.executable, "-m", "serrinj.ops.campaign", os.path.join(str(tmp_path), "c.toml"),
+        [sys.executable, "-m", "serrinj", "run", os.path.join(str(tmp_path), "c.toml"),
          "--junit", report],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -916,7 +926,7 @@ def test_a_missing_vm_is_an_error_before_anything_runs(tmp_path: Any) -> None:
     assert case is not None and case.get("name") == "step 00: find the VM"
     bad = write(tmp_path, "[[steps]]\ninject = 'nmi'\nbogus = 1\n", "bad.toml")
     proc = subprocess.run(
-        [sys.executable, "-m", "serrinj.ops.campaign", bad, "--junit", report],
+        [sys.executable, "-m", "serrinj", "run", bad, "--junit", report],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == ExitCode.USAGE
@@ -955,9 +965,10 @@ def test_check_only_loads_and_checks_without_a_vm() -> None:
     for name in EXAMPLE_FILES:
         path = os.path.join(EXAMPLES, name)
         proc = subprocess.run(
-            [sys.executable, "-m", "serrinj.ops.campaign", path, "--check-only", "--json"],
+            [sys.executable, "-m", "serrinj", "run", path, "--check-only", "--json"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-        data = json.loads(proc.stdout)
-        assert data["source"] == path and data["steps"][0]["number"] == 1
+        data = json.loads(proc.stdout)  # one object (docs/json-schema.md, run --check-only)
+        assert (data["schema"], data["command"], data["ok"]) == ("serrinj/1", "run", True)
+        assert data["campaign"]["source"] == path and data["campaign"]["steps"][0]["number"] == 1

@@ -97,13 +97,12 @@ The VM's lock (:mod:`serrinj.ops.lock`) is held from the first step to the
 last, so another serrinj run on the VM, a second campaign included, waits
 for the campaign to end (or gives up after ``--lock-wait``) instead of
 interleaving with it. Every injection goes through :mod:`serrinj.ops.inject`,
-so each is audited like a command-line injection. ``python -m serrinj.ops.campaign
-CAMPAIGN.toml [--junit F] [--json] [--dry-run]`` is a plain-text runner.
+so each is audited like a command-line injection. The command line is
+``serrinj run`` (:mod:`serrinj.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import difflib
 import json
@@ -111,7 +110,6 @@ import math
 import os
 import re
 import socket
-import sys
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -165,7 +163,6 @@ __all__ = [
     "check_arch",
     "load",
     "loads",
-    "main",
     "run",
 ]
 
@@ -2001,79 +1998,3 @@ def _count_lines(f: IO[bytes], end: int) -> int:
         n += block.count(b"\n")
         left -= len(block)
     return n
-
-
-# ====================================================================== plain-text runner
-def _print_progress(stream: IO[str]) -> EventCallback:
-    def show(p: Progress) -> None:
-        if p.event == "step-finished":
-            width = len(str(p.total))
-            took = f" ({p.duration_s:.3f} s)" if p.duration_s is not None else ""
-            line = f"[{p.index:>{width}}/{p.total}] {p.outcome.upper() if p.outcome else ''}"
-            line += f" {p.name}{took}"
-            if p.outcome != "passed" and p.message:
-                line += f"\n    {p.message}"
-            print(line, file=stream, flush=True)
-        elif p.event == "message":
-            print(f"PAUSE: {p.message}", file=stream, flush=True)
-        elif p.event == "campaign-finished":
-            print(p.message, file=stream, flush=True)
-
-    return show
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m serrinj.ops.campaign CAMPAIGN.toml [--junit F] [--json] [--dry-run]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m serrinj.ops.campaign",
-        description="Run a serrinj campaign (plain-text runner; `serrinj run` is the full CLI).",
-    )
-    parser.add_argument("campaign", help="the campaign file (TOML)")
-    parser.add_argument("--junit", metavar="FILE", help="write a JUnit XML report to FILE")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    parser.add_argument("--dry-run", action="store_true", help="check everything, send nothing")
-    sel = parser.add_mutually_exclusive_group()
-    sel.add_argument("--pid", type=int, help="the VMM's pid (replaces [target])")
-    sel.add_argument("--name", help="the VM's name (replaces [target])")
-    sel.add_argument("--pid-file", help="a file holding the VMM's pid (replaces [target])")
-    parser.add_argument("--log", help="the guest's log file (replaces [target] log)")
-    parser.add_argument("--check-only", action="store_true", help="only load and check the file")
-    args = parser.parse_args(argv)
-
-    def write_junit(result: CampaignResult) -> None:
-        if args.junit:
-            with open(args.junit, "w", encoding="utf-8") as f:
-                f.write(result.junit_xml())
-
-    try:
-        c = load(args.campaign)
-        if args.check_only:
-            print(json.dumps(c.as_dict(), indent=2) if args.json else f"{c.source}: ok")
-            return 0
-        result = run(
-            c,
-            target_override=TargetOverride(args.pid, args.name, args.pid_file, args.log),
-            dry_run=args.dry_run,
-            on_event=_print_progress(sys.stderr),
-        )
-    except SerrinjError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        if not args.check_only:
-            write_junit(CampaignResult.from_error(err, args.campaign))
-        return int(err.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return int(ExitCode.INTERRUPTED)
-    write_junit(result)
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2, default=str))
-    return result.exit_code
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, so there is one copy of its classes.
-    from serrinj.ops.campaign import main as _main
-
-    sys.exit(_main())
