@@ -902,8 +902,9 @@ def run_cmd(
     The whole file is checked first (errors name the line and key) and nothing
     is injected if it has an error. The VM is locked for the whole run, so no
     other serrinj run interleaves with it (see --lock-wait). A progress bar
-    shows on a terminal; with --json, every step event is one JSON line, and
-    the result is the last line (--check-only: one object).
+    shows on a terminal, and a line per finished step goes to stderr otherwise
+    (a CI log); with --json, every step event is one JSON line, and the result
+    is the last line (--check-only: one object).
     Exit 0 when every step passed, 9 when one failed, or the error's own code.
     See examples/ and examples/README.md for the format.
     """
@@ -941,6 +942,8 @@ def run_cmd(
                 ui.emit_line({"event": p.as_dict()})
             elif p.event == "message":
                 ui.note(p.message)
+            elif p.event == "step-finished":
+                ui.step_line(p.index, p.total, p.outcome or "", p.name, p.duration_s, p.message)
             update(p.index, p.total, p.name or p.kind or c.name)
 
         try:

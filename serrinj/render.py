@@ -329,6 +329,27 @@ class Ui:
 
             yield update
 
+    def step_line(
+        self,
+        index: int,
+        total: int,
+        outcome: str,
+        name: str,
+        seconds: Optional[float],
+        message: str = "",
+    ) -> None:
+        """A finished step as one line on stderr, when stderr is not a terminal (a CI
+        job's log): what the progress bar shows on a terminal, with the step's full
+        name. Nothing with --json, whose step events are data on stdout."""
+        if self.json or _tty(self.stderr):
+            return
+        took = f" ({seconds:.3f} s)" if seconds is not None else ""
+        line = f"[{index:>{len(str(total))}}/{total}] {outcome.upper()} {name}{took}"
+        if outcome != "passed" and message:
+            line += f"\n    {message}"
+        self.stderr.write(line + "\n")
+        self.stderr.flush()
+
     @contextlib.contextmanager
     def progress(self, text: str) -> Iterator[Callable[[str], None]]:
         """A spinner with ``text`` on stderr, only when stderr is a terminal.

@@ -569,7 +569,8 @@ def test_x86_smoke_example_runs_for_real(
 @x86_only
 def test_serrinj_run_end_to_end(vm: LoggedVm, tmp_path: Any, schema: xmlschema.XMLSchema) -> None:
     """``serrinj run`` with its output piped: the plain-text report on stdout, a row per
-    execution, the summary and the JUnit report's path; the report is valid JUnit."""
+    execution, the summary and the JUnit report's path; a line per finished step on
+    stderr as it finishes; the report is valid JUnit."""
     report = os.path.join(str(tmp_path), "junit.xml")
     smoke = os.path.join(EXAMPLES, "x86-smoke.toml")
     proc = subprocess.run(
@@ -587,6 +588,12 @@ def test_serrinj_run_end_to_end(vm: LoggedVm, tmp_path: Any, schema: xmlschema.X
     assert rows[8].split()[1:5] == ["expect", "no", "log", "line"]
     assert re.fullmatch(r"  9 passed in \d+\.\d\d s \(exit 0\)", lines[11]), lines[11]
     assert lines[12:] == [f"  JUnit report: {report}"]
+    # stderr is not a terminal: a line per finished step, with the step's full name
+    progress = [x for x in proc.stderr.splitlines() if x.startswith("[")]
+    assert [x.split("]")[0] for x in progress] == [f"[{i}/9" for i in range(1, 10)], proc.stderr
+    assert progress[0].startswith("[1/9] PASSED step 01: inject nmi [vcpu 0]"), progress[0]
+    assert "NMI on every vCPU, delivery confirmed" in progress[0]
+    assert progress[8].startswith("[9/9] PASSED step 06: expect no log line"), progress[8]
     schema.validate(report)
     suite = ET.parse(report).getroot().find("testsuite")
     assert suite is not None
