@@ -41,7 +41,7 @@ bench: deps setup
 	$(PY) -m bench
 
 soak: setup
-	$(PY) -m pytest tests/test_soak.py --soak-count=10000
+	$(PY) -m pytest tests/test_soak.py --soak-count=10000 -rP
 
 docs: setup
 	$(PY) scripts/gen_docs.py
