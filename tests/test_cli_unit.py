@@ -260,6 +260,30 @@ def test_pending_serror_refused_without_force(run: Any, fake_host: Any) -> None:
     assert r.rc == 0 and sent(st) == [("serror", 0x11)]
 
 
+def test_serror_taken_at_set_time_counts_as_delivered(
+    run: Any, fake_host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some kernels (6.17-era) deliver an unmasked SError inside KVM_SET_VCPU_EVENTS:
+    the read-back shows nothing pending. ``--wait`` reports it delivered at injection
+    time, without polling for a pending SError that will never show."""
+    st = fake_host("aarch64", pstate_value=0x3C5 & ~kvm_arm64.PSTATE_A)
+    vcpu = st["vcpus"][0]
+
+    def taken_at_set(esr_value: Optional[int]) -> None:
+        vcpu.sent.append(("serror", esr_value))
+        vcpu.events = kvm_arm64.VcpuEvents(serror_pending=0, serror_has_esr=1)
+
+    monkeypatch.setattr(vcpu, "inject_serror", taken_at_set)
+    r = run("inject", "--severity", "ce", "--wait", "1", "--json")
+    assert r.rc == 0, r
+    (inj,) = r.data["injections"]
+    assert inj["after"]["serror_pending"] is False
+    assert inj["delivery"]["delivered"] is True and inj["delivery"]["polls"] == 0
+    assert inj["delivery"]["reason"] == "taken at injection time"
+    assert sent(st) == [("serror", 0x1811)]
+    assert st["attached"] == 1  # no polling session
+
+
 def test_dry_run_reads_but_sends_nothing(run: Any, fake_host: Any) -> None:
     st = fake_host("aarch64")
     r = run("inject", "--json", "--dry-run", "--esr", "0x11")
