@@ -214,8 +214,9 @@ ESR_SERROR = 0xBE000000
 IDS = 1 << 24
 #: (--esr value or None for the CPU's own syndrome)
 CE, UER, KSELFTEST, CPU = ISS_CE, ISS_UER, ISS_KSELFTEST, None
-#: (smp, debug-threads, mode, the ISS): every pair of vCPU count, thread naming and
-#: idle/busy guest occurs once, and so does every syndrome (CE, UER, IDS, the CPU's own)
+#: (smp, debug-threads, mode, the first ISS): every pair of vCPU count, thread naming
+#: and idle/busy guest occurs once; each configuration then takes every syndrome
+SYNDROMES = [CE, UER, KSELFTEST, CPU]
 PAIRWISE = [
     (1, False, "wfi", CE),
     (2, True, "wfi", UER),
@@ -254,32 +255,39 @@ def test_serrinj_injects_serror_into_the_bare_guest(
     iss: Optional[int],
     lab: env.LabConfig,
 ) -> None:
+    """Every syndrome (CE, UER, IDS, the CPU's own; starting with the configuration's
+    own) reaches the bare guest exactly, injected in turn into each of its vCPUs
+    through the thread QEMU itself names for that vCPU; QEMU runs on."""
     b = bare(FirmwareOptions(mode=mode), smp, debug_threads)
     b.wait_ready()
     with b.qmp() as q:
         threads = q.cpu_threads()  # QEMU's own cpu-index -> thread id
     assert sorted(threads) == list(range(smp))
-    if not lab.expect_ras:
-        iss = CPU  # an ESR needs RAS (refused with exit 5: test_cli_arm64)
-    vcpu = smp - 1
-    args = ["inject", *b.target(), "--vcpu", str(vcpu), "--wait", "20"]
-    if iss is not None:
-        args += ["--esr", hex(iss)]
-    r = serrinj(*args)
-    assert r.rc == 0, r
-    inj = r.data["injections"][0]
-    assert inj["tid"] == threads[vcpu], "serrinj stopped another thread than QEMU's vCPU"
-    assert inj["registers_restored"] is True and inj["delivery"]["delivered"] is True
-    line = b.vm.wait_for(rf"^serror cpu={vcpu} ", 20)
-    what = "the CPU's own syndrome" if iss is None else f"--esr {iss:#x}"
-    print(f"bare {mode} smp={smp} {b.target()[0]}: {what} -> {line!r}")
-    if iss is not None:
-        assert _esr(line) == ESR_SERROR | iss
-    elif lab.expect_ras:
-        assert _esr(line) == ESR_SERROR | IDS  # KVM's own syndrome on a RAS host
-    else:
-        assert _esr(line) >> 26 == 0x2F  # chosen by a CPU without RAS
-    assert not [x for x in b.vm.lines if x.startswith("serror") and x != line]  # only one
+    # an ESR needs RAS (refused with exit 5: test_cli_arm64)
+    order = [iss, *[x for x in SYNDROMES if x != iss]] if lab.expect_ras else [CPU]
+    seen: List[str] = []
+    for i, syndrome in enumerate(order):
+        vcpu = (smp - 1 - i) % smp  # the last vCPU first, then alternating
+        args = ["inject", *b.target(), "--vcpu", str(vcpu), "--wait", "20"]
+        if syndrome is not None:
+            args += ["--esr", hex(syndrome)]
+        r = serrinj(*args)
+        assert r.rc == 0, r
+        inj = r.data["injections"][0]
+        assert inj["tid"] == threads[vcpu], "serrinj stopped another thread than QEMU's vCPU"
+        assert inj["registers_restored"] is True and inj["delivery"]["delivered"] is True
+        line = b.vm.wait_for(rf"^serror cpu={vcpu} ", 20)
+        seen.append(line)
+        what = "the CPU's own syndrome" if syndrome is None else f"--esr {syndrome:#x}"
+        print(f"bare {mode} smp={smp} {b.target()[0]} vCPU {vcpu}: {what} -> {line!r}")
+        if syndrome is not None:
+            assert _esr(line) == ESR_SERROR | syndrome
+        elif lab.expect_ras:
+            assert _esr(line) == ESR_SERROR | IDS  # KVM's own syndrome on a RAS host
+        else:
+            assert _esr(line) >> 26 == 0x2F  # chosen by a CPU without RAS
+    # exactly one SError per injection
+    assert [x for x in b.vm.lines if x.startswith("serror")] == seen
     _still_running(b, 1)
 
 
