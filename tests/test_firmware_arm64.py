@@ -13,7 +13,6 @@ import os
 import pathlib
 import re
 import select
-import shutil
 import struct
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 
 from serrinj.testvm import firmware_arm64 as fwmod
 from serrinj.testvm.firmware_arm64 import FirmwareOptions, build
+from tests.conftest import need_tool
 
 ALL_OPTIONS = [
     FirmwareOptions(mode=m, mask_serror=mask, mmio_probe=probe)
@@ -185,13 +185,7 @@ def test_text_disassembles_cleanly(opts: FirmwareOptions, tmp_path: pathlib.Path
 
 
 def _qemu_aarch64() -> str:
-    path = shutil.which("qemu-system-aarch64")
-    if path is None:
-        msg = "qemu-system-aarch64 is not installed; run `make deps`"
-        if os.environ.get("CI") == "true" or os.environ.get("SERRINJ_REQUIRE_ALL") == "1":
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-    return path
+    return need_tool("qemu-system-aarch64", "qemu-system-arm")
 
 
 class _Bare:

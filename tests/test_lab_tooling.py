@@ -25,19 +25,16 @@ from lab import protocol, skips
 from lab.arm64 import __main__ as lab_main
 from lab.arm64 import boot, config, cpio, debian, elf, initramfs, prepare, wheels
 from lab.guest import env, nested
+from tests.conftest import missing
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _need(present: bool, what: str) -> None:
-    """A missing host tool skips the test, except in CI (``CI=true`` or
-    ``SERRINJ_REQUIRE_ALL=1``), where it fails, as tests/conftest.py does for the
-    resource markers."""
-    if present:
-        return
-    if os.environ.get("CI") == "true" or os.environ.get("SERRINJ_REQUIRE_ALL") == "1":
-        pytest.fail(f"required resource is missing in CI: {what}", pytrace=False)
-    pytest.skip(f"{what} (CI=true makes this a failure)")
+    """A missing host tool skips the test, except in CI, where it fails
+    (:func:`tests.conftest.missing`)."""
+    if not present:
+        missing(what)
 
 
 # --- cpio -------------------------------------------------------------------------
