@@ -105,6 +105,19 @@ def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fd: int) -
     return "userspace"
 
 
+def reconcile_state(arch: str, state: str, mp: Optional[str]) -> str:
+    """Make ``state`` agree with the MP state read at the same stop.
+
+    The thread's /proc sample is taken before the seize, so a halted x86 vCPU that a
+    timer woke in between looks "halted" there while KVM_GET_MP_STATE, read at the stop,
+    says "runnable". On x86_64 the MP state is the authority for a thread inside KVM_RUN.
+    On arm64 KVM reports a WFI-blocked vCPU as runnable, so the thread sample decides.
+    """
+    if arch != "x86_64" or mp is None or state not in ("halted", "in-guest"):
+        return state
+    return "in-guest" if mp == "runnable" else "halted"
+
+
 def _left_kvm_run_generic(rt: RemoteThread) -> bool:
     # aarch64 keeps the request in x1 and the number in x8 after the syscall returns.
     assert rt.saved is not None
@@ -142,9 +155,7 @@ def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
             "D": bool(pstate & kvm_arm64.PSTATE_D),
             "mode": kvm_arm64.PSTATE_MODE_NAMES.get(pstate & kvm_arm64.PSTATE_MODE_MASK, "?"),
         }
-    state = thread_state(v.thread, rt, v.fd)
-    if state == "in-guest" and mp == "halted":
-        state = "halted"
+    state = reconcile_state(vm.arch, thread_state(v.thread, rt, v.fd), mp)
     return VcpuStatus(
         vcpu_id=v.vcpu_id,
         fd=v.fd,
