@@ -6,7 +6,9 @@ failure to write is kept in :data:`problems` for the CLI to report.
 
 File: ``$SERRINJ_AUDIT_LOG`` if set; else ``/var/log/serrinj/audit.jsonl`` for
 root and ``$XDG_STATE_HOME/serrinj/audit.jsonl`` (``~/.local/state/...``) for
-other users.
+other users. When serrinj runs as root for a caller who is not root (sudo),
+the environment cannot move root's audit log: ``SERRINJ_AUDIT_LOG`` is then
+ignored with a warning, and each record names the caller.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ problems: List[str] = []
 
 
 def path() -> str:
-    env = os.environ.get("SERRINJ_AUDIT_LOG")
+    from serrinj import privilege
+
+    env = privilege.env_path("SERRINJ_AUDIT_LOG")
     if env:
         return env
     if os.geteuid() == 0:
@@ -38,16 +42,21 @@ def path() -> str:
 
 
 def _user() -> Dict[str, object]:
+    from serrinj import privilege
+
     uid = os.getuid()
     try:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
         name = str(uid)
+    caller = privilege.current()
     return {
         "uid": uid,
         "euid": os.geteuid(),
         "name": name,
         "sudo_user": os.environ.get("SUDO_USER"),
+        # who serrinj acts for: the sudo caller's uid and name, or the user itself
+        "caller": caller.as_dict(),
     }
 
 
@@ -80,6 +89,8 @@ def record(
     }
     if detail:
         entry["detail"] = dict(detail)
+    from serrinj import privilege
+
     line = json.dumps(entry, default=str)
     target = path()
     try:
@@ -93,10 +104,12 @@ def record(
         problems.append(f"cannot write the audit log {target}: {err.strerror}")
     if _syslog is not None:
         vm_text = f" vm={entry['vm']}" if vm else ""
+        caller = privilege.current()
+        caller_text = f" caller={caller.name} (uid {caller.uid})" if caller.elevated else ""
         _syslog.openlog("serrinj", _syslog.LOG_PID, _syslog.LOG_USER)
         _syslog.syslog(
             _syslog.LOG_NOTICE,
-            f"{action} {outcome} user={entry['user']['name']}{vm_text}"  # type: ignore[index]
+            f"{action} {outcome} user={entry['user']['name']}{caller_text}{vm_text}"  # type: ignore[index]
             f" vcpu={vcpu_id} request={json.dumps(request, default=str) if request else '-'}"
             + (f" error={error.get('message')}" if error else ""),
         )

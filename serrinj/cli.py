@@ -809,18 +809,18 @@ def events_save_cmd(
 
     ui = _ui()
     pid, name, spec = _target_args(pid, name, fd, vcpu)
-    snap = events.save(target.resolve(pid, name, spec))
-    if output is None and not ui.json:
+    out = events.OutputFile(output) if output is not None else None
+    try:
+        snap = events.save(target.resolve(pid, name, spec))
+    except BaseException:
+        if out is not None:
+            out.discard()
+        raise
+    if out is None and not ui.json:
         sys.stdout.write(snap.dumps())
         return
-    if output is not None:
-        tmp = f"{output}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(snap.dumps())
-            os.replace(tmp, output)
-        except OSError as err:
-            raise InvalidInput(f"cannot write {output}: {err.strerror}") from None
+    if out is not None:
+        out.commit(snap.dumps())
     ui.emit({"file": output, "snapshot": snap.as_dict()}, view_events_saved)
 
 
@@ -851,14 +851,7 @@ def events_load_cmd(
     from serrinj.render import view_events_loaded
 
     ui = _ui()
-    try:
-        if file == "-":
-            text = sys.stdin.read()
-        else:
-            with open(file, encoding="utf-8") as f:
-                text = f.read()
-    except OSError as err:
-        raise InvalidInput(f"cannot read {file}: {err.strerror}") from None
+    text = sys.stdin.read() if file == "-" else events.read_file(file)
     snap = events.parse(text, file)
     pid, name, spec = _target_args(pid, name, fd, vcpu)
     tgt = target.resolve(pid, name, spec)
@@ -915,14 +908,13 @@ def run_cmd(
     if sum(x is not None for x in (pid, name, pid_file)) > 1:
         raise InvalidInput("give only one of --pid, --name and --pid-file")
 
+    # opened first, with the caller's rights: a report the caller may not write is
+    # refused before anything is sent (exit 4 under sudo), not found out at the end
+    report = campaign.JunitReport(junit, ui.warn) if junit and not check_only else None
+
     def write_junit(result: Any) -> None:
-        if junit is None:
-            return
-        try:
-            with open(junit, "w", encoding="utf-8") as f:
-                f.write(result.junit_xml())
-        except OSError as err:
-            ui.warn(f"cannot write the JUnit report {junit}: {err.strerror}")
+        if report is not None:
+            report.write(result)
 
     try:
         c = campaign.load(campaign_file)
@@ -1124,7 +1116,11 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         )
         return ExitCode.ERROR
     finally:
-        # an audit record that could not be written is never silent
+        # an audit record that could not be written is never silent, nor an ignored
+        # environment override
+        privilege = sys.modules.get("serrinj.privilege")
+        for note in getattr(privilege, "warnings", ()):
+            ui.warn(note)
         audit = sys.modules.get("serrinj.audit")
         for problem in getattr(audit, "problems", ()):
             ui.warn(problem)

@@ -595,6 +595,12 @@ def view_status(data: Mapping[str, Any]) -> Doc:
                     )
                 )
             )
+    pol = data.get("policy")
+    if pol:
+        doc.append(Line(f"policy: {pol['applies']}"))
+        if pol.get("allowed") is not None:
+            allowed = ", ".join(pol["allowed"]) or "nothing"
+            doc.append(Line(f"{pol['caller']['name']} may do here: {allowed}"))
     return doc
 
 

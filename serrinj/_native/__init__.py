@@ -38,6 +38,8 @@ __all__ = [
     "ptrace_buf",
     "ptrace_iovec",
     "seccomp_install_filter",
+    "securebits",
+    "set_thread_fs_creds",
     "tgkill",
     "waitpid",
 ]
@@ -52,6 +54,11 @@ _SYSCALLS = {
 # poll() and sleep functions use poll and clock_nanosleep instead).
 _SYSCALLS["x86_64"].update(ppoll=271, nanosleep=35)
 _SYSCALLS["aarch64"].update(ppoll=73, nanosleep=101)
+# The raw credential calls: the kernel keeps credentials per thread, and only
+# glibc's wrappers of setgroups (and setuid & co.) broadcast a change to every
+# thread of the process; these raw calls change the calling thread alone.
+_SYSCALLS["x86_64"].update(setgroups=116, getgroups=115, setfsuid=122, setfsgid=123)
+_SYSCALLS["aarch64"].update(setgroups=159, getgroups=158, setfsuid=151, setfsgid=152)
 try:
     _NR = _SYSCALLS[platform.machine()]
 except KeyError:  # pragma: no cover - only x86_64 and aarch64 hosts are supported
@@ -69,6 +76,7 @@ _KCMP_FILE = 0
 _PR_SET_NAME = 15
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
+_PR_GET_SECUREBITS = 27
 _SECCOMP_MODE_FILTER = 2
 
 
@@ -264,6 +272,67 @@ def seccomp_install_filter(program: bytes) -> None:
     )
     if ret < 0:
         _raise("prctl(PR_SET_SECCOMP)")
+
+
+def securebits() -> int:
+    """The calling thread's securebits (``prctl(PR_GET_SECUREBITS)``)."""
+    ret = libc.prctl(_long(_PR_GET_SECUREBITS), _long(0), _long(0), _long(0), _long(0))
+    if ret < 0:
+        _raise("prctl(PR_GET_SECUREBITS)")
+    return int(ret)
+
+
+def _thread_groups() -> Tuple[int, ...]:
+    count = libc.syscall(_long(_NR["getgroups"]), _long(0), _long(0))
+    if count < 0:
+        _raise("getgroups")
+    buf = ffi.new("unsigned int[]", max(int(count), 1))
+    got = libc.syscall(_long(_NR["getgroups"]), _long(int(count)), ffi.cast("unsigned int *", buf))
+    if got < 0:
+        _raise("getgroups")
+    return tuple(int(buf[i]) for i in range(int(got)))
+
+
+def _set_thread_groups(groups: Tuple[int, ...]) -> None:
+    buf = ffi.new("unsigned int[]", list(groups) or [0])
+    ret = libc.syscall(_long(_NR["setgroups"]), _long(len(groups)), ffi.cast("unsigned int *", buf))
+    if ret < 0:
+        _raise("setgroups")
+
+
+def _set_fs_id(name: str, value: int) -> None:
+    # setfsuid/setfsgid return the previous id whatever happens; asking again with
+    # -1 (never a valid id: nothing changes) reads the id now in force.
+    libc.syscall(_long(_NR[name]), _long(value))
+    now = int(libc.syscall(_long(_NR[name]), _long(-1)))
+    if now != value:
+        raise OSError(1, f"{name}({value}): the id is still {now}")
+
+
+def set_thread_fs_creds(
+    fsuid: int, fsgid: int, groups: Tuple[int, ...]
+) -> Tuple[int, int, Tuple[int, ...]]:
+    """Give the calling thread, and it alone, the file-system credentials
+    ``fsuid``/``fsgid`` and the supplementary ``groups``; returns the previous ones.
+
+    The kernel checks file access with these. Moving the fsuid off 0 also drops
+    the file capabilities (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER...)
+    from the thread's effective set, and moving it back to 0 restores them; the
+    other capabilities (CAP_SYS_PTRACE) and the real and effective ids are kept.
+    """
+    old_groups = _thread_groups()
+    old_fsuid = int(libc.syscall(_long(_NR["setfsuid"]), _long(-1)))
+    old_fsgid = int(libc.syscall(_long(_NR["setfsgid"]), _long(-1)))
+    if fsuid == 0:
+        # going back to root: the uid first (it brings back CAP_DAC_*), then the rest
+        _set_fs_id("setfsuid", fsuid)
+        _set_fs_id("setfsgid", fsgid)
+        _set_thread_groups(groups)
+    else:
+        _set_thread_groups(groups)
+        _set_fs_id("setfsgid", fsgid)
+        _set_fs_id("setfsuid", fsuid)
+    return old_fsuid, old_fsgid, old_groups
 
 
 class Memory:

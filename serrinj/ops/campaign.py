@@ -103,6 +103,7 @@ so each is audited like a command-line injection. The command line is
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import json
@@ -545,8 +546,12 @@ def load(path: str, *, arch: Optional[str] = None) -> Campaign:
     ``arch`` (``"x86_64"`` or ``"aarch64"``) also checks the steps against a
     VM of that arch, as :func:`run` does once it has found the VM.
     """
+    from serrinj import privilege
+
     try:
-        doc = tomlsubset.load(path)
+        with privilege.open_file(path, "rb", "campaign file") as f:
+            raw = f.read()
+        doc = tomlsubset.loadb(raw, path)
     except FileNotFoundError:
         raise InvalidInput(f"campaign file {path} does not exist") from None
     except IsADirectoryError:
@@ -1543,6 +1548,22 @@ class _Runner:
                     plan.append(_Plan(step, vcpu, rep, n == 0))
         return plan, vcpus_of
 
+    def check_files(self) -> None:
+        """Every file the steps will read, looked up with the caller's rights now,
+        before anything is sent: a guest log the caller may not read ends the run
+        here (exit 4), whether or not it exists yet."""
+        from serrinj import privilege
+
+        for step in self.c.steps:
+            if isinstance(step, ExpectStep) and step.expect == "log":
+                path = self.log_file(step)
+                assert path is not None
+                # missing (it may appear later) or unreadable for another reason: not here
+                with contextlib.suppress(OSError):
+                    privilege.open_file(path, "rb", "guest log").close()
+            elif isinstance(step, PauseStep) and step.until_file is not None:
+                privilege.stat(step.until_file, "pause file")
+
     def _cap_problems(self, step: InjectStep, caps: Any, key: str) -> List[Problem]:
         from serrinj.kvm import api
 
@@ -1563,10 +1584,12 @@ class _Runner:
 
     # ------------------------------------------------------------ the run
     def run(self) -> CampaignResult:
-        from serrinj.ops import guard, lock
+        from serrinj.ops import guard, lock, policy
 
         self.vm = self.find_vm()
         plan, _ = self.preflight()
+        self.check_files()
+        policy.enforce_campaign(self.c, self.vm, self.dry_run)
         # One lock for the whole run, so that no other serrinj run interleaves with the
         # steps; each injection takes it again (the lock is re-entrant in one process).
         vm = self.vm
@@ -1921,9 +1944,41 @@ def _ids(ids: Sequence[int]) -> str:
     return ", ".join(str(i) for i in ids)
 
 
+class JunitReport:
+    """The JUnit report file, opened (created) with the caller's rights before the run.
+
+    Under sudo, a place the caller may not write raises
+    :class:`~serrinj.errors.PermissionDenied` here, before anything is sent; any
+    other failure to open or write it is only reported through ``warn``.
+    """
+
+    def __init__(self, path: str, warn: Callable[[str], None]) -> None:
+        from serrinj import privilege
+
+        self.path = path
+        self.warn = warn
+        self.f: Optional[IO[str]] = None
+        try:
+            self.f = privilege.open_file(path, "w", "JUnit report", encoding="utf-8")
+        except OSError as err:
+            warn(f"cannot write the JUnit report {path}: {err.strerror}")
+
+    def write(self, result: CampaignResult) -> None:
+        if self.f is None:
+            return
+        try:
+            with self.f:
+                self.f.write(result.junit_xml())
+        except OSError as err:
+            self.warn(f"cannot write the JUnit report {self.path}: {err.strerror}")
+        self.f = None
+
+
 def _read_pid_file(path: str) -> int:
+    from serrinj import privilege
+
     try:
-        with open(path, encoding="utf-8") as f:
+        with privilege.open_file(path, "r", "pid file", encoding="utf-8") as f:
             text = f.read().strip()
     except FileNotFoundError:
         raise TargetNotFound(f"pid file {path} does not exist", hint="is the VM running?") from None
@@ -1935,17 +1990,17 @@ def _read_pid_file(path: str) -> int:
 
 
 def _mtime(path: str) -> Optional[float]:
-    try:
-        return os.stat(path).st_mtime_ns / 1e9
-    except OSError:
-        return None
+    from serrinj import privilege
+
+    st = privilege.stat(path, "pause file")
+    return None if st is None else st.st_mtime_ns / 1e9
 
 
 def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
+    from serrinj import privilege
+
+    st = privilege.stat(path, "guest log")
+    return 0 if st is None else st.st_size
 
 
 class _LogReader:
@@ -1960,10 +2015,13 @@ class _LogReader:
         self.lineno: Optional[int] = None  # the line number of the next line
 
     def lines(self, *, final: bool = False) -> List[Tuple[int, str]]:
+        from serrinj import privilege
+
         try:
-            f = open(self.path, "rb")  # noqa: SIM115 (a missing file is not an error here)
+            # with the caller's rights: a refusal (PermissionDenied) ends the step
+            f = privilege.open_file(self.path, "rb", "guest log")
         except OSError:
-            return []
+            return []  # a missing file is not an error here
         self.exists = True
         with f:
             size = os.fstat(f.fileno()).st_size

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
+from serrinj import privilege
 from serrinj.errors import Conflict, InvalidInput, Unsupported
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
@@ -95,6 +97,9 @@ def _unpack(arch: str, raw: bytes) -> Events:
 # ---------------------------------------------------------------------- save
 def save(tgt: target.Target) -> Snapshot:
     """Read KVM_GET_VCPU_EVENTS of every selected vCPU."""
+    from serrinj.ops import policy
+
+    policy.enforce("events-save", tgt.vm)
     caps = host.probe()
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     requests = SAVE_REQUESTS_ARM64 if vm.arch == "aarch64" else SAVE_REQUESTS_X86
@@ -111,6 +116,54 @@ def save(tgt: target.Target) -> Snapshot:
         source={"pid": vm.pid, "name": vm.name, "vmm": vm.vmm},
         saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+# ---------------------------------------------------------------------- files
+class OutputFile:
+    """The file ``events save -o`` writes.
+
+    It is created (as a temporary next to it) with the caller's rights before
+    any VM is read, so that a place the caller may not write is refused first
+    (:class:`~serrinj.errors.PermissionDenied` under sudo), and it is moved into
+    place whole by :meth:`commit`.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            self._f: Optional[IO[str]] = privilege.open_file(
+                self.tmp, "w", "events file", encoding="utf-8"
+            )
+        except OSError as err:
+            raise InvalidInput(f"cannot write {path}: {err.strerror}") from None
+
+    def commit(self, text: str) -> None:
+        assert self._f is not None
+        try:
+            with self._f:
+                self._f.write(text)
+            self._f = None
+            privilege.replace(self.tmp, self.path, "events file")
+        except OSError as err:
+            self.discard()
+            raise InvalidInput(f"cannot write {self.path}: {err.strerror}") from None
+
+    def discard(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        privilege.unlink_quietly(self.tmp)
+
+
+def read_file(path: str) -> str:
+    """The text of an events file, read with the caller's rights."""
+    try:
+        with privilege.open_file(path, "r", "events file", encoding="utf-8") as f:
+            text: str = f.read()
+            return text
+    except OSError as err:
+        raise InvalidInput(f"cannot read {path}: {err.strerror}") from None
 
 
 # ---------------------------------------------------------------------- parse

@@ -154,6 +154,12 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
                         },
                     )
 
+            # the policy for callers who are not root (sudo): audited and raised here,
+            # before the lock and before anything is read or sent
+            from serrinj.ops import policy
+
+            operation, severity = policy.request_of(action, args)
+            policy.enforce(operation, tgt.vm, severity, action=action, audit_request=request)
             done: List[Any] = []
             token = _results.set(done)
             try:

@@ -4,7 +4,9 @@ The lock is an ``flock`` on ``<dir>/vm-<pid>-<starttime>.lock`` (the start
 time keeps a reused pid from sharing a lock), with the holder's pid and
 command line written inside for the error message. ``<dir>`` is
 ``$SERRINJ_LOCK_DIR``, else ``/run/serrinj`` when writable, else
-``/tmp/serrinj-locks``. It is re-entrant within one process.
+``/tmp/serrinj-locks``. When serrinj runs as root for a caller who is not
+root (sudo), ``SERRINJ_LOCK_DIR`` is ignored with a warning: the caller may not
+choose where root creates files. It is re-entrant within one process.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ _held: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (pid, starttime) -> (fd, d
 
 
 def lock_dir() -> str:
-    env = os.environ.get("SERRINJ_LOCK_DIR")
+    from serrinj import privilege
+
+    env = privilege.env_path("SERRINJ_LOCK_DIR")
     if env:
         return env
     if os.access("/run", os.W_OK):

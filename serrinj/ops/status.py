@@ -57,13 +57,18 @@ class StatusReport:
     host: host.HostCaps
     vm: discover.Vm
     vcpus: Sequence[VcpuStatus]
+    #: which policy applies to the caller (serrinj.ops.policy.describe)
+    policy: Optional[Dict[str, object]] = None
 
     def as_dict(self) -> Dict[str, object]:
-        return {
+        out: Dict[str, object] = {
             "host": self.host.as_dict(),
             "vm": vm_dict(self.vm),
             "vcpus": [v.as_dict() for v in self.vcpus],
         }
+        if self.policy is not None:
+            out["policy"] = self.policy
+        return out
 
 
 def vm_dict(vm: discover.Vm) -> Dict[str, object]:
@@ -178,8 +183,11 @@ def status(
     vcpu: target.VcpuSpec = None,
 ) -> StatusReport:
     """Host caps plus a snapshot of every selected vCPU."""
+    from serrinj.ops import policy
+
     caps = host.probe()
     tgt = target.resolve(pid, name, vcpu)
+    policy.enforce("status", tgt.vm)
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     requests = STATUS_REQUESTS_ARM64 if vm.arch == "aarch64" else STATUS_REQUESTS_X86
     out: List[VcpuStatus] = []
@@ -187,7 +195,7 @@ def status(
         with target.attach(vm, vid, requests) as (vc, rt):
             snap = read_vcpu(vm, vc, rt)
         out.append(_restored(snap, rt))
-    return StatusReport(caps, vm, out)
+    return StatusReport(caps, vm, out, policy.describe(vm))
 
 
 def _restored(snap: VcpuStatus, rt: RemoteThread) -> VcpuStatus:

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Uni
 
 from serrinj.errors import InvalidInput
 
-__all__ = ["Document", "Path", "TomlError", "format_path", "load", "loads"]
+__all__ = ["Document", "Path", "TomlError", "format_path", "load", "loadb", "loads"]
 
 #: a key path: table keys are strings, array elements 0-based integers
 Path = Tuple[Union[str, int], ...]
@@ -128,6 +128,11 @@ def load(path: str) -> Document:
     """Read and parse the UTF-8 file at ``path``."""
     with open(path, "rb") as f:
         raw = f.read()
+    return loadb(raw, path)
+
+
+def loadb(raw: bytes, path: str) -> Document:
+    """Parse the UTF-8 bytes ``raw`` read from the file ``path``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -87,6 +87,10 @@ def _test_pause(phase: str) -> None:
     marker = os.environ.get("SERRINJ_TEST_PAUSE_FILE")
     if not marker:
         return
+    from serrinj import privilege
+
+    if privilege.current().elevated:
+        return  # never for a sudo caller: it would have root create a file it names
     with open(marker, "w") as f:
         f.write(f"{os.getpid()} {phase}\n")
     deadline = time.monotonic() + 60
