@@ -825,6 +825,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         help="arm64: the guest keeps loading from an unmapped address (an MMIO exit each"
         " time), so that an external data abort can be injected right after one",
     )
+    parser.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the VM's name: only shown in the command line, where serrinj finds the names"
+        " of VMs (as QEMU's -name), for `serrinj --name` and the policy's VM names",
+    )
     ns = parser.parse_args(argv)
     if not 1 <= ns.vcpus <= 32:
         parser.error("--vcpus must be between 1 and 32")
