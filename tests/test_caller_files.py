@@ -109,7 +109,7 @@ def test_files_are_opened_with_the_callers_uid_gid_and_groups(
     with privilege.open_file(str(for_group), "r", "campaign file") as f:
         assert f.read() == "the users group\n"
     # the path's directories are searched as the caller too
-    with pytest.raises(PermissionDenied, match="pid file .*inside"):
+    with pytest.raises(PermissionDenied, match=r"pid file .*inside"):
         privilege.open_file(str(closed / "inside"), "r", "pid file")
     with pytest.raises(PermissionDenied, match="pause file"):
         privilege.stat(str(closed / "inside"), "pause file")

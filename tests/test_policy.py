@@ -41,7 +41,9 @@ vmm_users = ["caller"]
 do = ["read", "nmi"]
 """
 
-ALICE = Subject(uid=1001, name="alice", gids=frozenset({100, 2000}), group_names=frozenset({"users", "ras"}))
+ALICE = Subject(
+    uid=1001, name="alice", gids=frozenset({100, 2000}), group_names=frozenset({"users", "ras"})
+)
 BOB = Subject(uid=1002, name="bob", gids=frozenset({100}), group_names=frozenset({"users"}))
 QEMU_UID = 64055
 
@@ -89,7 +91,9 @@ def test_messages_name_the_file_the_rule_and_its_line() -> None:
         " mce (fatal) on VM 'ras-1' to alice"
     )
     d = policy.decide(pol, BOB, Request("nmi", "prod", None, 0, "survivable"))
-    assert d.message == "/etc/serrinj/policy.toml: no rule allows nmi (survivable) on VM 'prod' to bob"
+    assert d.message == (
+        "/etc/serrinj/policy.toml: no rule allows nmi (survivable) on VM 'prod' to bob"
+    )
 
 
 def test_what_a_caller_may_do_on_one_vm() -> None:

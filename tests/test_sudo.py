@@ -19,6 +19,7 @@ policy's VM names match; what they observed is read from the guest itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -148,10 +149,8 @@ def sudo_user() -> Iterator[SudoUser]:
         subprocess.run(["groupdel", name], capture_output=True)  # the user's own, if left
         shutil.rmtree(state, ignore_errors=True)
         for mount_point in reversed(created):
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(mount_point)
-            except OSError:
-                pass
 
 
 @pytest.fixture
