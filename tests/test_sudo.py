@@ -20,6 +20,7 @@ policy's VM names match; what they observed is read from the guest itself.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import pwd
@@ -235,8 +236,10 @@ def test_a_caller_cannot_learn_whether_a_pattern_matches_a_file_it_cannot_read(
     }  # fmt: skip
     assert rec["user"]["sudo_user"] == sudo_user.name
 
-    # the same campaign on a log the caller may read runs: the refusal was the file's
-    readable = write(base / "guest.log", "root:x:0:0\n")
+    # the same campaign on a log the caller may read runs: the refusal was the file's.
+    # It is root's, readable by the caller's supplementary group only: sudo's group list.
+    readable = write(base / "guest.log", "root:x:0:0\n", 0o640)
+    os.chown(readable, 0, grp.getgrnam(sudo_user.group).gr_gid)
     ok = write(base / "ok.toml", campaign(vm.pid, readable, PROBE))
     r = sudo_user.run("run", ok)
     assert r.rc == 0, r
