@@ -50,13 +50,21 @@ README_END = "<!-- END exit-codes -->"
 #: every environment variable serrinj reads (tests/test_docs.py checks the sources);
 #: the fault-injection test hooks (SERRINJ_TEST_*) are left out on purpose
 ENVIRONMENT: Tuple[Tuple[str, str], ...] = (
-    ("SERRINJ_AUDIT_LOG", "The audit log file (see FILES)."),
+    (
+        "SERRINJ_AUDIT_LOG",
+        "The audit log file (see FILES). Ignored, with a warning, when serrinj runs as root"
+        " for a caller who is not root (sudo): the caller may not move root's files.",
+    ),
     (
         "XDG_STATE_HOME",
         "Where the audit log of a user other than root goes: $XDG_STATE_HOME/serrinj/"
         " (default ~/.local/state/serrinj/).",
     ),
-    ("SERRINJ_LOCK_DIR", "The directory of the per-VM lock files (see FILES)."),
+    (
+        "SERRINJ_LOCK_DIR",
+        "The directory of the per-VM lock files (see FILES). Ignored, with a warning, for a"
+        " caller who is not root (sudo), as SERRINJ_AUDIT_LOG.",
+    ),
     (
         "SERRINJ_LOCK_WAIT",
         "The default of --lock-wait: seconds to wait for another serrinj run on the same VM"
@@ -66,11 +74,39 @@ ENVIRONMENT: Tuple[Tuple[str, str], ...] = (
     ("NO_COLOR", "Set (to anything): no colours on a terminal, unless --color always."),
     ("SUDO_USER", "Recorded in each audit record, next to the real and effective uid."),
     (
+        "SUDO_UID",
+        "Set by sudo (with SUDO_GID): when serrinj runs as root with SUDO_UID naming another"
+        " user, that user is the caller: the files it names are opened with its rights, the"
+        " policy applies to it and the audit records name it (see SUDO).",
+    ),
+    ("SUDO_GID", "The sudo caller's group (see SUDO_UID)."),
+    (
         "_SERRINJ_COMPLETE",
         "Set by the shell completion scripts when they call serrinj for candidates;"
         " not for use by hand.",
     ),
 )
+
+#: the policy example of the man page and the README (tests/test_policy.py parses it)
+POLICY_EXAMPLE = """\
+[[rule]]
+name = "no-fatal-into-others"
+effect = "deny"
+users = ["*"]
+owner = "other"
+severity = "fatal"
+
+[[rule]]
+name = "ras-lab"
+groups = ["ras"]
+vms = ["ras-*"]
+do = ["*"]
+
+[[rule]]
+name = "ras-look-elsewhere"
+groups = ["ras"]
+do = ["status"]
+"""
 
 # --------------------------------------------------------------------------- roff
 _BACKTICK = re.compile(r"`([^`]+)`")
@@ -196,7 +232,60 @@ def man_page() -> str:
             f" it is refused (exit {int(ExitCode.UNSUPPORTED)}). Nothing is sent either way."
             " Host capabilities are read from /dev/kvm (the kvm group or root)."
         ),
+        ".SH SUDO",
+        roff_text(
+            "serrinj may be granted to users through sudo, with a rule for its full path"
+            " (no arguments restricted):"
+        ),
+        ".PP",
+        ".nf",
+        "%ras ALL=(root) /usr/local/bin/serrinj",
+        ".fi",
+        ".PP",
+        roff_text(
+            "Run that way (effective uid 0, SUDO_UID naming another user), serrinj keeps"
+            " root's rights for ptrace and /dev/kvm only. Every file the caller names (the"
+            " campaign, the guest log of a campaign's log steps, the JUnit report, events files"
+            " to save or load, the pid file, a pause step's file) is opened with the caller's"
+            " uid, gid and supplementary groups (those of the user database), and files on /proc"
+            " are refused: a file the caller may not read or write is refused with exit"
+            f" {int(ExitCode.PERMISSION)}, naming the file and the uid, before anything is sent"
+            " (a campaign cannot probe /etc/shadow with a log step). SERRINJ_AUDIT_LOG and"
+            " SERRINJ_LOCK_DIR are ignored with a warning, and every audit record names the"
+            " caller."
+        ),
+        ".PP",
+        roff_text(
+            "Without a policy file the caller may do to any VM on the host whatever root may."
+            " The optional /etc/serrinj/policy.toml (see FILES) narrows that. Its rules are"
+            " tried in order and the first that matches decides; when none matches, the"
+            " operation is refused. A rule has a name, an effect (allow, the default, or deny),"
+            " whom it is for (users: names or uids; groups: names or gids; \"*\" for anyone),"
+            " and optionally which VMs (vms: name globs; domains: libvirt domain globs;"
+            " vmm_users: the VMM process's owner, or \"caller\"; owner: \"caller\" or"
+            " \"other\"), which operations (do: status, events-save, serror, ext-dabt, mce,"
+            " nmi, events-load; read and inject name the two kinds; \"*\") and which severity"
+            " (severity: fatal or survivable, serrinj's own prediction of a Linux guest: a"
+            " SError Linux cannot contain, an external data abort, a machine check the guest"
+            " panics on, events that carry one of these). A refusal exits"
+            f" {int(ExitCode.PERMISSION)}, names the rule, sends nothing (a campaign is checked"
+            " whole before its first step) and is audited. serrinj status says which policy"
+            " applies and what the caller may do to the VM. Root itself is never restricted."
+            " This example lets the ras group do anything to the VMs named ras-* and only look"
+            " at the others, and nobody but root inject a fatal fault into a VM it does not own:"
+        ),
+        ".PP",
+        ".nf",
+        *(roff_escape(line) if line else "" for line in POLICY_EXAMPLE.splitlines()),
+        ".fi",
         ".SH FILES",
+        ".TP",
+        "\\fI/etc/serrinj/policy.toml\\fR",
+        roff_text(
+            "The policy for callers who are not root (see SUDO). It must be a regular file"
+            " owned by root that its group and others may not write, in a directory of the same"
+            " kind, or serrinj refuses every such caller; no option or variable moves it."
+        ),
         ".TP",
         "\\fI/var/log/serrinj/audit.jsonl\\fR",
         roff_text(
@@ -205,7 +294,8 @@ def man_page() -> str:
             " and SERRINJ_AUDIT_LOG overrides both. Every injection attempt (inject, mce, nmi,"
             " events load, each injection of a campaign run), refused ones included, is appended"
             " as one JSON line:"
-            " the time, the user (uid, euid, name, SUDO_USER), serrinj's pid and command line,"
+            " the time, the user (uid, euid, name, SUDO_USER, and the caller: uid, gid, name,"
+            " via root, sudo, setuid or user), serrinj's pid and command line,"
             " the action, the outcome (ok, dry-run, refused, not-delivered, failed,"
             " interrupted), the VM, the vCPU, the request and the error. The same record goes to"
             " syslog (facility user, priority notice, ident serrinj). A record that cannot be"

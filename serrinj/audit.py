@@ -32,7 +32,7 @@ problems: List[str] = []
 def path() -> str:
     from serrinj import privilege
 
-    env = privilege.env_path("SERRINJ_AUDIT_LOG")
+    env = privilege.env_path("SERRINJ_AUDIT_LOG", os.environ.get("SERRINJ_AUDIT_LOG"))
     if env:
         return env
     if os.geteuid() == 0:

@@ -36,7 +36,8 @@ EXIT_CODE_DOCS: Mapping[ExitCode, str] = MappingProxyType(
         ExitCode.ERROR: "unexpected failure (an internal error; --debug shows the traceback)",
         ExitCode.USAGE: "bad arguments or input; nothing was sent",
         ExitCode.NOT_FOUND: "no such VM, vCPU, process or thread (or it exited meanwhile)",
-        ExitCode.PERMISSION: "ptrace or /dev/kvm access refused",
+        ExitCode.PERMISSION: "ptrace or /dev/kvm access refused, a file the sudo caller may not"
+        " use, or the policy refuses it; nothing was sent",
         ExitCode.UNSUPPORTED: "the host, the VM's architecture or the VMM's sandbox cannot do it",
         ExitCode.KVM_REJECTED: "KVM returned an error for the ioctl",
         ExitCode.NOT_DELIVERED: "--wait ran out: the fault is still pending (or no MMIO exit)",

@@ -9,7 +9,7 @@ maps each class to one exit code::
      +-- InvalidInput                 2  bad argument or file; nothing was sent
      +-- TargetNotFound               3  no such VM, vCPU or thread
      |    +-- TargetGone              3  the target exited while we worked on it
-     +-- PermissionDenied             4  ptrace or /dev/kvm access refused
+     +-- PermissionDenied             4  ptrace, /dev/kvm, a caller's file or the policy refused
      +-- Unsupported                  5  the host, VM arch or VMM cannot do this
      |    +-- SeccompBlocked          5  the VMM's seccomp filter would refuse the call
      +-- KvmRejected                  6  KVM returned an error for the ioctl
@@ -86,7 +86,8 @@ class TargetGone(TargetNotFound):
 
 
 class PermissionDenied(SerrinjError):
-    """ptrace or /dev/kvm access was refused."""
+    """ptrace or /dev/kvm access was refused, or (under sudo) the caller may not use a
+    file it named, or the policy refuses the operation."""
 
     exit_code = ExitCode.PERMISSION
 

@@ -113,10 +113,16 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def identify(ruid: int, euid: int, rgid: int, groups: Tuple[int, ...], env: Any) -> Caller:
-    """The caller, from the process's ids and environment (pure but for user lookups)."""
+def identify(
+    ruid: int,
+    euid: int,
+    rgid: int,
+    groups: Tuple[int, ...],
+    sudo_uid: Optional[str] = None,
+    sudo_gid: Optional[str] = None,
+) -> Caller:
+    """The caller, from the process's ids and sudo's variables (pure but for user lookups)."""
     if euid == 0 and ruid == 0:
-        sudo_uid, sudo_gid = env.get("SUDO_UID"), env.get("SUDO_GID")
         if sudo_uid and sudo_uid.isdigit() and int(sudo_uid) != 0:
             uid = int(sudo_uid)
             name = _user_name(uid)
@@ -139,7 +145,14 @@ def current() -> Caller:
     """The caller of this serrinj process (computed once)."""
     if not _cache:
         _cache.append(
-            identify(os.getuid(), os.geteuid(), os.getgid(), tuple(os.getgroups()), os.environ)
+            identify(
+                os.getuid(),
+                os.geteuid(),
+                os.getgid(),
+                tuple(os.getgroups()),
+                os.environ.get("SUDO_UID"),
+                os.environ.get("SUDO_GID"),
+            )
         )
     return _cache[0]
 
@@ -149,13 +162,13 @@ def reset() -> None:
     _cache.clear()
 
 
-def env_path(variable: str) -> Optional[str]:
-    """``$variable`` when it may move a root-owned path, else ``None`` (and a warning).
+def env_path(variable: str, value: Optional[str]) -> Optional[str]:
+    """``value``, read from ``$variable`` which would move a root-owned path, or
+    ``None`` (and a warning) when the caller may not move root's files.
 
     A caller who is not root runs serrinj with root's rights through sudo: it
     must not choose where root appends its audit records or takes its locks.
     """
-    value = os.environ.get(variable)
     if not value:
         return None
     who = current()

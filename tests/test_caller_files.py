@@ -20,15 +20,14 @@ NOBODY = 65534
 
 
 def test_who_the_caller_is() -> None:
-    env = {"SUDO_UID": "1001", "SUDO_GID": "1001", "SUDO_USER": "alice"}
-    c = privilege.identify(0, 0, 0, (0,), env)
+    c = privilege.identify(0, 0, 0, (0,), "1001", "1001")
     assert (c.uid, c.gid, c.via, c.elevated) == (1001, 1001, "sudo", True)
     assert 1001 in c.groups
-    assert privilege.identify(0, 0, 0, (0,), {}).via == "root"
-    assert privilege.identify(0, 0, 0, (0,), {"SUDO_UID": "0"}).via == "root"  # root's sudo
-    assert privilege.identify(1001, 0, 1001, (1001,), {}).via == "setuid"
+    assert privilege.identify(0, 0, 0, (0,)).via == "root"
+    assert privilege.identify(0, 0, 0, (0,), "0", "0").via == "root"  # root's own sudo
+    assert privilege.identify(1001, 0, 1001, (1001,)).via == "setuid"
     # a user running serrinj with its own rights: SUDO_UID means nothing then
-    user = privilege.identify(1001, 1001, 1001, (1001,), {"SUDO_UID": "0"})
+    user = privilege.identify(1001, 1001, 1001, (1001,), "0", "0")
     assert (user.via, user.elevated) == ("user", False)
 
 

@@ -184,3 +184,21 @@ def test_only_a_root_owned_file_that_others_cannot_write_is_used(tmp_path: Path)
     path.write_text("[[rule]]\nname = 1\n")
     with pytest.raises(PermissionDenied, match="is invalid"):
         policy.load_system(str(path))
+
+
+def test_the_documented_example_is_the_one_tested_here() -> None:
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(# /etc/serrinj/policy\.toml.*?)```", readme, re.S)
+    documented = policy.parse(block)
+    tested = policy.parse(EXAMPLE)
+    assert [(r.name, r.allow, r.users, r.groups, r.vms, r.owner, r.do, r.severity)
+            for r in documented.rules] == [
+        (r.name, r.allow, r.users, r.groups, r.vms, r.owner, r.do, r.severity)
+        for r in tested.rules[:3]
+    ]  # fmt: skip
+    man = (root / "man" / "serrinj.1").read_text()
+    body = block.split("\n", 2)[2]  # without the two comment lines
+    assert body.replace("-", "\\-") in man
