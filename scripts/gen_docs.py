@@ -260,11 +260,11 @@ def man_page() -> str:
             " The optional /etc/serrinj/policy.toml (see FILES) narrows that. Its rules are"
             " tried in order and the first that matches decides; when none matches, the"
             " operation is refused. A rule has a name, an effect (allow, the default, or deny),"
-            " whom it is for (users: names or uids; groups: names or gids; \"*\" for anyone),"
+            ' whom it is for (users: names or uids; groups: names or gids; "*" for anyone),'
             " and optionally which VMs (vms: name globs; domains: libvirt domain globs;"
-            " vmm_users: the VMM process's owner, or \"caller\"; owner: \"caller\" or"
-            " \"other\"), which operations (do: status, events-save, serror, ext-dabt, mce,"
-            " nmi, events-load; read and inject name the two kinds; \"*\") and which severity"
+            ' vmm_users: the VMM process\'s owner, or "caller"; owner: "caller" or'
+            ' "other"), which operations (do: status, events-save, serror, ext-dabt, mce,'
+            ' nmi, events-load; read and inject name the two kinds; "*") and which severity'
             " (severity: fatal or survivable, serrinj's own prediction of a Linux guest: a"
             " SError Linux cannot contain, an external data abort, a machine check the guest"
             " panics on, events that carry one of these). A refusal exits"
