@@ -160,3 +160,23 @@ def test_only_the_opening_thread_switches(as_nobody: Caller, open_tmp: Path) -> 
     assert inside == [str(NOBODY), str(NOBODY), " ".join(map(str, sorted({NOBODY, group})))]
     assert seen == [root_ids, "root only\n"]
     assert _fs_ids() == root_ids
+
+
+@pytest.mark.cross
+@pytest.mark.parametrize(("arch", "gcc"), [("x86_64", "gcc"), ("aarch64", "aarch64-linux-gnu-gcc")])
+def test_the_credential_syscall_numbers_are_the_kernel_headers(arch: str, gcc: str) -> None:
+    """The raw setfsuid/setfsgid/setgroups/getgroups numbers, per arch, from <sys/syscall.h>."""
+    import re
+    import subprocess
+
+    from serrinj import _native
+    from tests.conftest import need_tool
+
+    cc = need_tool(gcc, "gcc" if arch == "x86_64" else "gcc-aarch64-linux-gnu")
+    macros = subprocess.run(
+        [cc, "-dM", "-E", "-include", "sys/syscall.h", "-"],
+        input="", capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    numbers = dict(re.findall(r"^#define __NR_(\w+) (\d+)$", macros, re.M))
+    for name in ("setfsuid", "setfsgid", "setgroups", "getgroups"):
+        assert _native._SYSCALLS[arch][name] == int(numbers[name]), name
