@@ -175,8 +175,10 @@ def dirs(sudo_user: SudoUser) -> Iterator[Tuple[Path, Path, Path]]:
 def start_vm(sudo_user: SudoUser) -> Iterator[Any]:
     vms: List[TestVmProcess] = []
 
-    def start(name: str) -> TestVmProcess:
-        vm = TestVmProcess.start(vcpus=1, mode="halt", extra_args=["--name", name])
+    def start(
+        name: str, mode: str = "halt", extra: Tuple[str, ...] = (), vcpus: int = 1
+    ) -> TestVmProcess:
+        vm = TestVmProcess.start(vcpus=vcpus, mode=mode, extra_args=["--name", name, *extra])
         vms.append(vm)
         vm.wait_event(lambda e: e.get("event") == "guest-ready" and e.get("vcpu") == 0, 20)
         return vm
@@ -413,3 +415,24 @@ def test_the_policy_allows_the_ras_vm_and_refuses_the_rest(
     r = sudo_user.run("nmi", "--pid", ras.pid, "--vcpu", 0)
     refused(r, "cannot be trusted")
     assert observed(ras) == (1, 0)
+
+
+def test_list_probe_stops_the_threads_of_a_vm_only_where_status_is_allowed(
+    sudo_user: SudoUser, policy: Path, start_vm: Any
+) -> None:
+    """``list --probe`` briefly stops a VM's threads to map its vCPUs: a read of the VM."""
+    spinning = ("--thread-names", "none")
+    ras = start_vm(f"ras-{sudo_user.name}", "spin", spinning, 2)
+    prod = start_vm(f"prod-{sudo_user.name}", "spin", spinning, 2)
+    # only the ras-lab rule: nothing at all is allowed on the prod VM
+    text = policy.read_text()
+    write(policy, text[: text.index('[[rule]]\nname = "ras-look-elsewhere"')])
+    r = sudo_user.run("list", "--json", "--probe", "--pid", ras.pid)
+    assert r.rc == 0, r
+    assert [v["mapped_by"] for v in json.loads(r.stdout)["vms"][0]["vcpus"]] == ["probe"] * 2
+    r = sudo_user.run("list", "--json", "--probe", "--pid", prod.pid)
+    refused(r, f"no rule allows status on VM 'prod-{sudo_user.name}'")
+    rec = sudo_user.audit()[-1]
+    assert (rec["action"], rec["outcome"], rec["user"]["caller"]["name"]) == (
+        "list-probe", "refused", sudo_user.name
+    )  # fmt: skip

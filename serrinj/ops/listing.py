@@ -45,10 +45,14 @@ def list_vms(
             )
     if not probe:
         return vms
+    from serrinj.ops import policy
+
     probed = []
     for vm in vms:
         if vm.unmapped:
             try:
+                # stopping a VM's threads is a read of it: the policy's "status"
+                policy.enforce("status", vm, action="list-probe")
                 vm = discover.probe(vm)
             except SerrinjError as err:
                 if len(vms) == 1:
