@@ -264,7 +264,8 @@ def man_page() -> str:
             " and optionally which VMs (vms: name globs; domains: libvirt domain globs;"
             ' vmm_users: the VMM process\'s owner, or "caller"; owner: "caller" or'
             ' "other"), which operations (do: status, which list --probe needs too,'
-            " events-save, serror, ext-dabt, mce, nmi, events-load; read and inject name the two kinds; "*") and which severity'
+            " events-save, serror, ext-dabt, mce, nmi, events-load; read and inject name the"
+            ' two kinds; "*") and which severity'
             " (severity: fatal or survivable, serrinj's own prediction of a Linux guest: a"
             " SError Linux cannot contain, an external data abort, a machine check the guest"
             " panics on, events that carry one of these). A refusal exits"
