@@ -158,8 +158,7 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
             # before the lock and before anything is read or sent
             from serrinj.ops import policy
 
-            operation, severity = policy.request_of(action, args)
-            policy.enforce(operation, tgt.vm, severity, action=action, audit_request=request)
+            policy.enforce_guarded(action, tgt.vm, args, request)
             done: List[Any] = []
             token = _results.set(done)
             try:

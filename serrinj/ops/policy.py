@@ -560,6 +560,21 @@ def enforce(
     raise refused
 
 
+def enforce_guarded(
+    action: str, vm: Any, args: Sequence[Any], audit_request: Mapping[str, object]
+) -> None:
+    """:func:`enforce` for the guarded use case ``action(tgt, *args)`` (an injection).
+
+    Nothing is computed for a caller the policy does not apply to.
+    """
+    from serrinj import privilege
+
+    if not privilege.current().elevated:
+        return
+    operation, severity = request_of(action, args)
+    enforce(operation, vm, severity, action=action, audit_request=audit_request)
+
+
 def _audit_refusal(
     action: str,
     vm: Any,
