@@ -26,8 +26,10 @@ itself is refused.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -84,6 +86,18 @@ class Snapshot:
 
     def dumps(self) -> str:
         return json.dumps(self.as_dict(), indent=2, sort_keys=False) + "\n"
+
+    def write(self, path: str) -> None:
+        """Write the file (``events load`` reads it), atomically: a temporary file is renamed."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.dumps())
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise InvalidInput(f"cannot write {path}: {err.strerror}") from None
 
 
 def _unpack(arch: str, raw: bytes) -> Events:

@@ -179,7 +179,15 @@ def status(
 ) -> StatusReport:
     """Host caps plus a snapshot of every selected vCPU."""
     caps = host.probe()
-    tgt = target.resolve(pid, name, vcpu)
+    return _read(caps, target.resolve(pid, name, vcpu))
+
+
+def status_of(tgt: target.Target) -> StatusReport:
+    """:func:`status` of a VM already found, for the vCPUs ``tgt`` selects."""
+    return _read(host.probe(), tgt)
+
+
+def _read(caps: host.HostCaps, tgt: target.Target) -> StatusReport:
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     requests = STATUS_REQUESTS_ARM64 if vm.arch == "aarch64" else STATUS_REQUESTS_X86
     out: List[VcpuStatus] = []
