@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from types import TracebackType
-from typing import List, Optional, Tuple, Type, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Type, Union
 
 from serrinj import discover
 from serrinj.errors import InvalidInput, TargetGone, TargetNotFound, Unsupported
@@ -206,6 +206,27 @@ def read_events(path: str) -> EventsSnapshot:
     return _events.parse(text, path)
 
 
+# ====================================================================== observers
+_observers: List[Callable[[Injection], None]] = []
+
+
+@contextlib.contextmanager
+def _observe(callback: Callable[[Injection], None]) -> Iterator[None]:
+    """Call ``callback`` with every injection made through the API meanwhile (the
+    pytest plugin records them for the test's report). Internal."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
+def _made(inj: Injection) -> Injection:
+    for callback in list(_observers):
+        callback(inj)
+    return inj
+
+
 # ====================================================================== the handles
 VcpuSelection = Union[int, str, None]
 
@@ -324,7 +345,7 @@ class _Injector:
         value = _inject.serror_esr(esr, severity)
         tgt = self._one("serror", vcpu)
         req = _inject.SErrorRequest(value, force)
-        return _inject.inject_serror(tgt, req, _wait(wait), dry_run=dry_run)[0]
+        return _made(_inject.inject_serror(tgt, req, _wait(wait), dry_run=dry_run)[0])
 
     def inject_ext_dabt(
         self,
@@ -345,7 +366,7 @@ class _Injector:
         req = _inject.ExtDabtRequest(mmio_timeout, mmio_addr)
         _inject.validate_ext_dabt(req)
         tgt = self._one("ext-dabt", vcpu)
-        return _inject.inject_ext_dabt(tgt, req, dry_run=dry_run)[0]
+        return _made(_inject.inject_ext_dabt(tgt, req, dry_run=dry_run)[0])
 
     def mce(
         self,
@@ -375,14 +396,14 @@ class _Injector:
         )
         tgt = self._one("mce", vcpu)
         req = _inject.MceRequest(m, force)
-        return _inject.inject_mce(tgt, req, _wait(wait), dry_run=dry_run)[0]
+        return _made(_inject.inject_mce(tgt, req, _wait(wait), dry_run=dry_run)[0])
 
     def nmi(
         self, *, vcpu: Optional[int] = None, wait: Optional[float] = None, dry_run: bool = False
     ) -> Injection:
         """Queue an NMI on an x86_64 vCPU (KVM_NMI); ``wait``: poll until the guest took it."""
         tgt = self._one("nmi", vcpu)
-        return _inject.inject_nmi(tgt, _wait(wait), dry_run=dry_run)[0]
+        return _made(_inject.inject_nmi(tgt, _wait(wait), dry_run=dry_run)[0])
 
     def load_events(
         self, snapshot: EventsSnapshot, *, vcpu: VcpuSelection = None, force: bool = False
