@@ -275,7 +275,11 @@ def serrinj_vm(request: pytest.FixtureRequest, _serrinj_recorder: _TestState) ->
         pid = None if pid_text is None else int(pid_text, 0)
     except ValueError:
         raise pytest.UsageError(f"SERRINJ_PID={pid_text!r} is not a process id") from None
-    vm = serrinj.find(pid=pid, name=name)
+    try:
+        vm = serrinj.find(pid=pid, name=name)
+    except serrinj.SerrinjError as err:
+        hint = f" (hint: {err.hint})" if err.hint else ""
+        pytest.fail(f"serrinj_vm: {err.message}{hint}", pytrace=False)
     _serrinj_recorder.vms.append(vm)
     return vm
 
