@@ -44,7 +44,6 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports on first use
     from serrinj.api import (
         CAPABILITIES,
-        DEFAULT_WAIT_S,
         Delivery,
         EventsLoad,
         EventsSnapshot,
@@ -78,7 +77,6 @@ if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports o
 
 __all__ = [  # what `from serrinj import *` gives; every name is documented in docs/api.md
     "CAPABILITIES",
-    "DEFAULT_WAIT_S",
     "Conflict",
     "Delivery",
     "EventsLoad",

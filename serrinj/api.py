@@ -48,12 +48,8 @@ HostCaps = _host.HostCaps
 EventsSnapshot = _events.Snapshot
 EventsLoad = _events.LoadResult
 
-#: the default of ``wait=``: how long ``mce``/``nmi``/``inject_serror`` poll when asked to
-DEFAULT_WAIT_S = 5.0
-
 __all__ = [
     "CAPABILITIES",
-    "DEFAULT_WAIT_S",
     "Delivery",
     "EventsLoad",
     "EventsSnapshot",

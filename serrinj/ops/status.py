@@ -54,6 +54,8 @@ class VcpuStatus:
 
 @dataclass(frozen=True)
 class StatusReport:
+    """What ``status`` read: the host's capabilities, the VM, and each selected vCPU."""
+
     host: host.HostCaps
     vm: discover.Vm
     vcpus: Sequence[VcpuStatus]
