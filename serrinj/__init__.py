@@ -35,13 +35,14 @@ Layers, from the kernel up (internal modules; not part of the API):
 - ``serrinj.pytest_plugin``  the pytest plugin (loaded by pytest only)
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any, List
-
 __version__ = "0.1.0"
 
+# Not typing.TYPE_CHECKING (nor `from __future__ import annotations`): a bare
+# `import serrinj` imports nothing else (type checkers treat any TYPE_CHECKING so).
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # what a type checker sees; at run time __getattr__ imports on first use
+    from typing import Any, List
+
     from serrinj.api import (
         CAPABILITIES,
         Delivery,
@@ -126,7 +127,7 @@ _ERRORS = frozenset(
 )
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     if name not in __all__ or name == "__version__":
         raise AttributeError(f"module 'serrinj' has no attribute {name!r}")
     import importlib
@@ -137,5 +138,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> List[str]:
+def __dir__() -> "List[str]":
     return sorted(set(globals()) | set(__all__))
