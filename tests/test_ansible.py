@@ -23,6 +23,7 @@ import pytest
 import xmlschema
 
 from tests.conftest import missing
+from tests.test_api import build_wheel
 from tests.test_campaign import EXAMPLES, ROOT, XSD, LoggedVm
 
 pytestmark = [
@@ -164,14 +165,7 @@ def _check_installed_from_wheel(venv: str) -> None:
 
 def test_the_playbook_runs_a_pytest_suite_from_a_wheel(tmp_path: Any) -> None:
     tmp = str(tmp_path)
-    wheels = os.path.join(tmp, "dist")
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", wheels, ROOT],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = [os.path.join(wheels, f) for f in os.listdir(wheels) if f.endswith(".whl")]
+    wheel = str(build_wheel(tmp_path / "dist"))
     venv = os.path.join(tmp, "venv")
     reports = os.path.join(tmp, "reports")
     with LoggedVm(tmp, vcpus=2) as vm:
