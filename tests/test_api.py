@@ -137,6 +137,26 @@ def test_the_command_line_does_not_import_the_api() -> None:
     assert "serrinj.api" not in mods and "serrinj.pytest_plugin" not in mods
 
 
+def test_the_api_and_the_plugin_keep_the_layers() -> None:
+    """click and rich stay the command line's; pytest only the plugin's; the API imports
+    neither (it calls the use cases)."""
+    import ast
+
+    pkg = Path(ROOT) / "serrinj"
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).as_posix()
+        tops = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                tops.add(node.module.split(".")[0])
+        if rel not in ("cli.py", "render.py"):
+            assert not tops & {"click", "rich"}, rel
+        if rel != "pytest_plugin.py":
+            assert not tops & {"pytest", "_pytest", "pluggy"}, rel
+
+
 # ---------------------------------------------------------------------- the wheel
 USER_SCRIPT = """
 from __future__ import annotations
