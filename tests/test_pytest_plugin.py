@@ -48,6 +48,9 @@ def _cases(xml_path: Path) -> Dict[str, str]:
 def test_the_plugin_is_registered_through_the_entry_point(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--trace-config", "-q", "--co")
     result.stdout.fnmatch_lines([f"*{PLUGIN_NAME}*"])
+    # naming it as well (what a lab without the installed wheel does) loads it once
+    pytester.makepyfile("def test_one(serrinj_console):\n    pass\n")
+    pytester.runpytest("-p", PLUGIN_NAME, "-rs").assert_outcomes(skipped=1)
     help_text = pytester.runpytest("--help").stdout.str()
     for option in ("--serrinj-pid", "--serrinj-name", "--serrinj-console"):
         assert option in help_text
