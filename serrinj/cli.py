@@ -284,19 +284,10 @@ def _resolve_injection_target(
     The VM's architecture is checked first: an SError for an x86_64 VM is
     pointed at ``mce``/``nmi`` (and the reverse) before anything else.
     """
-    from serrinj.ops import inject, target
+    from serrinj.ops import inject
 
     pid, name, spec = _target_args(pid, name, fd, vcpu)
-    tgt = target.resolve(pid, name, spec)
-    inject.require_arch(tgt.vm.arch, kind)
-    if spec is None and len(tgt.vcpu_ids) > 1:
-        ids = ", ".join(str(i) for i in tgt.vcpu_ids)
-        raise InvalidInput(
-            f"VM {tgt.vm.label} has {len(tgt.vcpu_ids)} vCPUs; choose one with --vcpu ID,"
-            " or --vcpu all",
-            hint=f"vCPU ids: {ids}",
-        )
-    return tgt
+    return inject.resolve_target(kind, pid, name, spec)
 
 
 def _number(text: Optional[str], what: str, bits: int = 64) -> Optional[int]:
@@ -486,7 +477,6 @@ def inject_cmd(
     and panics on the others (see `serrinj esr decode`). Everything is checked
     before the VM is touched; a refused request sends nothing.
     """
-    from serrinj import esr
     from serrinj.ops import inject
     from serrinj.render import view_injections
 
@@ -499,11 +489,7 @@ def inject_cmd(
         raise InvalidInput("--mmio-addr and --mmio-timeout go with --ext-dabt")
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
-    value: Optional[int] = None
-    if esr_text is not None:
-        value = esr.resolve_iss(esr_text)
-    elif severity is not None:
-        value = esr.PRESETS[severity]
+    value = inject.serror_esr(esr_text, severity)
     dabt: Optional[inject.ExtDabtRequest] = None
     if ext_dabt:
         dabt = inject.ExtDabtRequest(
@@ -582,37 +568,22 @@ def mce_cmd(
     silently (MCi_CTL not all ones) is refused unless --force.
     """
     from serrinj import mce as mce_mod
-    from serrinj.kvm.x86_64 import Mce
     from serrinj.ops import inject
     from serrinj.render import view_injections
 
     ui = _ui()
-    if bank is None:
-        raise InvalidInput("--bank is required", hint="`serrinj status` shows the bank count")
-    if bank < 0:
+    if bank is not None and bank < 0:
         raise InvalidInput(f"--bank {bank}: banks are numbered from 0")
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
-    p = mce_mod.preset(preset) if preset else None
-    status = mce_mod.parse_value(status_text, "--status", mce_mod.STATUS_BITS)
-    if status is None:
-        if p is None:
-            raise InvalidInput(
-                "give --status or --preset",
-                hint=f"presets: {', '.join(mce_mod.PRESETS)}",
-            )
-        status = p.status
-    mcg = mce_mod.parse_value(mcg_status, "--mcg-status", mce_mod.MCG_STATUS_BITS)
-    if mcg is None:
-        mcg = p.mcg_status if p else 0
-    misc_v = _number(misc, "--misc")
-    if misc_v is None:
-        misc_v = p.misc if p else 0
-    addr_v = _number(addr, "--addr") or 0
-    m = Mce(status=status, bank=bank, addr=addr_v, misc=misc_v, mcg_status=mcg)
-    from serrinj.kvm.x86_64 import KVM_MAX_MCE_BANKS
-
-    mce_mod.validate(m, KVM_MAX_MCE_BANKS)
+    m = inject.build_mce(
+        bank,
+        preset=preset,
+        status=mce_mod.parse_value(status_text, "--status", mce_mod.STATUS_BITS),
+        addr=_number(addr, "--addr"),
+        misc=_number(misc, "--misc"),
+        mcg_status=mce_mod.parse_value(mcg_status, "--mcg-status", mce_mod.MCG_STATUS_BITS),
+    )
     tgt = _resolve_injection_target("mce", pid, name, fd, vcpu)
     msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
     with ui.progress(msg):

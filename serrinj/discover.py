@@ -122,9 +122,21 @@ def qemu_name(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _libvirt_names() -> Dict[int, str]:
+#: where libvirt's QEMU driver writes ``<domain>.pid`` for each running domain
+LIBVIRT_RUN_DIRS = ("/run/libvirt/qemu", "/var/run/libvirt/qemu")
+
+
+def libvirt_pid(domain: str) -> Optional[int]:
+    """The QEMU pid libvirt recorded for the running ``domain`` (``None``: no such record)."""
+    for pid, name in _libvirt_names(LIBVIRT_RUN_DIRS).items():
+        if name == domain:
+            return pid
+    return None
+
+
+def _libvirt_names(dirs: Sequence[str] = ()) -> Dict[int, str]:
     names: Dict[int, str] = {}
-    for base in ("/run/libvirt/qemu", "/var/run/libvirt/qemu"):
+    for base in dirs or LIBVIRT_RUN_DIRS:
         try:
             entries = os.listdir(base)
         except OSError:

@@ -1,10 +1,12 @@
 """The fleet playbook, run for real: ansible-playbook -c local on this machine.
 
-The playbook installs serrinj from this source tree into a fresh virtual
-environment, copies the x86 example campaign, runs it against a test VM
-started here, and fetches the JUnit report to the controller, where it is
-validated and read. A second run with a failing campaign must mark the host
-failed and still bring its report back.
+The playbook builds serrinj's wheel from this checkout on the controller,
+installs it offline (pip --no-index) into a fresh virtual environment whose
+dependencies come from the distribution's Python packages, copies the x86
+example campaign, runs it against a test VM started here, and fetches the
+JUnit report to the controller, where it is validated and read. A second run
+with a failing campaign must mark the host failed and still bring its report
+back. A third runs the pytest suite of examples/pytest from a given wheel.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 import xmlschema
 
 from tests.conftest import missing
+from tests.test_api import build_wheel
 from tests.test_campaign import EXAMPLES, ROOT, XSD, LoggedVm
 
 pytestmark = [
@@ -39,6 +42,25 @@ def _ansible(tool: str) -> str:
     if found:
         return found
     missing(f"{tool} is not installed; pip install 'ansible-core>=2.15' (a dev dependency)")
+
+
+#: the system Python the playbook's venv is made from; its Debian packages provide
+#: serrinj's dependencies (the hosts install offline)
+SYSTEM_PYTHON = "/usr/bin/python3"
+SYSTEM_MODULES = ("click", "rich", "cffi", "pytest")
+
+
+def _system_python() -> str:
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", f"import venv, {', '.join(SYSTEM_MODULES)}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        missing(
+            f"{SYSTEM_PYTHON} lacks serrinj's dependencies ({probe.stderr.strip()[-120:]});"
+            " run `make deps` (python3-click python3-rich python3-cffi python3-pytest)"
+        )
+    return SYSTEM_PYTHON
 
 
 def _env(tmp: str) -> Dict[str, str]:
@@ -71,7 +93,7 @@ def test_the_playbook_runs_the_campaign_and_fetches_the_report(tmp_path: Any) ->
             "ansible_python_interpreter": sys.executable,
             "serrinj_become": False,
             "serrinj_venv": venv,
-            "serrinj_python": sys.executable,
+            "serrinj_python": _system_python(),
             "serrinj_run_args": f"--pid {vm.pid} --log {vm.log_path}",
             "serrinj_workdir": os.path.join(tmp, "host-work"),
             "serrinj_reports": reports,
@@ -80,19 +102,19 @@ def test_the_playbook_runs_the_campaign_and_fetches_the_report(tmp_path: Any) ->
                 "SERRINJ_LOCK_DIR": os.environ["SERRINJ_LOCK_DIR"],
             },
         }
+        # the default install: a wheel built from this checkout, installed offline
         run = _play(
             tmp,
             {
                 **common,
                 "campaign": os.path.join(EXAMPLES, "x86-smoke.toml"),
-                "serrinj_install": "path",
                 "serrinj_source": ROOT,
             },
         )
         assert run.returncode == 0, run.stdout + run.stderr
         assert "failed=0" in run.stdout
-        # serrinj came from this tree, into the playbook's own virtual environment
-        assert os.path.exists(os.path.join(venv, "bin", "serrinj"))
+        # serrinj came from the wheel, into the playbook's own virtual environment
+        _check_installed_from_wheel(venv)
         report = os.path.join(reports, "localhost.xml")
         schema.validate(report)
         suite = ET.parse(report).getroot().find("testsuite")
@@ -129,6 +151,62 @@ def test_the_playbook_runs_the_campaign_and_fetches_the_report(tmp_path: Any) ->
         assert failure is not None and "never printed" in (failure.get("message") or "")
 
 
+def _check_installed_from_wheel(venv: str) -> None:
+    assert os.path.exists(os.path.join(venv, "bin", "serrinj"))
+    where = subprocess.run(
+        [os.path.join(venv, "bin", "python"), "-c",
+         "import serrinj, importlib.metadata as m; print(serrinj.__file__);"
+         " print(m.distribution('serrinj').read_text('INSTALLER'))"],
+        capture_output=True, text=True, cwd="/", check=True,
+    ).stdout.split()  # fmt: skip
+    assert where[0].startswith(venv) and where[0].endswith("site-packages/serrinj/__init__.py")
+    assert where[1] == "pip"
+
+
+def test_the_playbook_runs_a_pytest_suite_from_a_wheel(tmp_path: Any) -> None:
+    tmp = str(tmp_path)
+    wheel = str(build_wheel(tmp_path / "dist"))
+    venv = os.path.join(tmp, "venv")
+    reports = os.path.join(tmp, "reports")
+    with LoggedVm(tmp, vcpus=2) as vm:
+        run = _play(
+            tmp,
+            {
+                "ansible_python_interpreter": sys.executable,
+                "serrinj_become": False,
+                "serrinj_venv": venv,
+                "serrinj_python": _system_python(),
+                "serrinj_wheel": wheel,
+                "suite": os.path.join(EXAMPLES, "pytest"),
+                "serrinj_pytest_args": f"--serrinj-pid {vm.pid} --serrinj-console {vm.log_path}",
+                "serrinj_workdir": os.path.join(tmp, "host-work"),
+                "serrinj_reports": reports,
+                "serrinj_environment": {
+                    "SERRINJ_AUDIT_LOG": os.environ["SERRINJ_AUDIT_LOG"],
+                    "SERRINJ_LOCK_DIR": os.environ["SERRINJ_LOCK_DIR"],
+                },
+            },
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "failed=0" in run.stdout
+        assert "4 passed, 2 skipped" in run.stdout
+        assert len([e for e in vm.events() if e["event"] == "nmi"]) == 1
+    _check_installed_from_wheel(venv)
+    report = os.path.join(reports, "localhost.xml")
+    xmlschema.XMLSchema(XSD).validate(report)
+    root = ET.parse(report).getroot()
+    cases = {c.get("name"): [x.tag for x in c] for c in root.iter("testcase")}
+    assert (
+        cases["test_an_nmi_is_handled"] == []
+        and cases["test_an_uncorrected_machine_check_is_logged"] == []
+    )
+    assert cases["test_a_corrected_serror_is_survived"] == ["skipped"]
+    props = {p.get("name"): p.get("value") for p in root.iter("property")}
+    assert any(
+        k.endswith("serrinj.injection.1") and v.startswith("nmi vm pid") for k, v in props.items()
+    )
+
+
 def test_the_example_inventory_parses() -> None:
     out = subprocess.run(
         [_ansible("ansible-inventory"), "-i", INVENTORY, "--list"],
@@ -142,10 +220,17 @@ def test_the_example_inventory_parses() -> None:
     hosts = data["_meta"]["hostvars"]
     assert set(data["x86_labs"]["hosts"]) == {"lab-x86-1.example.net", "lab-x86-2.example.net"}
     assert hosts["lab-arm64-1.example.net"]["campaign"] == "../arm64-ras.toml"
+    from serrinj.ops import campaign
+
     for host, hv in hosts.items():
+        assert hv["serrinj_install"] == "wheel"
+        assert ("campaign" in hv) != ("suite" in hv), host
+        if "suite" in hv:
+            # the suite the inventory names exists, with its tests
+            path = os.path.normpath(os.path.join(os.path.dirname(PLAYBOOK), hv["suite"]))
+            assert any(f.startswith("test_") for f in os.listdir(path)), path
+            continue
         # every campaign the inventory names exists and fits its group's arch
         path = os.path.normpath(os.path.join(os.path.dirname(PLAYBOOK), hv["campaign"]))
         arch = "aarch64" if "arm64" in host else "x86_64"
-        from serrinj.ops import campaign
-
         campaign.load(path, arch=arch)

@@ -50,6 +50,8 @@ LOAD_REQUESTS = (api.KVM_GET_VCPU_EVENTS, api.KVM_SET_VCPU_EVENTS)
 
 @dataclass(frozen=True)
 class SavedVcpu:
+    """One vCPU's saved ``struct kvm_vcpu_events`` (``raw``) and, on arm64, its PSTATE."""
+
     vcpu_id: int
     raw: bytes
     pstate: Optional[int] = None
@@ -60,6 +62,8 @@ class SavedVcpu:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """Every saved vCPU's events, with what is needed to read them (an events file)."""
+
     arch: str
     vcpus: Sequence[SavedVcpu]
     caps: Mapping[str, int] = field(default_factory=dict)
@@ -86,6 +90,12 @@ class Snapshot:
 
     def dumps(self) -> str:
         return json.dumps(self.as_dict(), indent=2, sort_keys=False) + "\n"
+
+    def write(self, path: str) -> None:
+        """Write the file (``events load`` reads it), atomically and with the
+        caller's rights (:class:`OutputFile`)."""
+        out = OutputFile(path)
+        out.commit(self.dumps())
 
 
 def _unpack(arch: str, raw: bytes) -> Events:
@@ -243,6 +253,8 @@ def _jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------------- load
 @dataclass(frozen=True)
 class LoadResult:
+    """What ``events load`` did to one vCPU: what it loaded, the events before and after."""
+
     vcpu_id: int
     loaded: Dict[str, object]
     before: Dict[str, object]

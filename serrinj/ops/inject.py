@@ -12,9 +12,9 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from serrinj import esr, mce
+from serrinj import discover, esr, mce
 from serrinj.errors import Conflict, InvalidInput, NotDelivered, Unsupported
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
@@ -76,6 +76,11 @@ class Injection:
     timings_us: Dict[str, float] = field(default_factory=dict)
     #: validated and planned, but nothing was sent (``--dry-run``)
     dry_run: bool = False
+
+    @property
+    def delivered(self) -> Optional[bool]:
+        """Whether the guest took the fault (``None`` when delivery was not waited for)."""
+        return None if self.delivery is None else self.delivery.delivered
 
     def as_dict(self) -> Dict[str, object]:
         return {
@@ -169,6 +174,90 @@ def validate_ext_dabt(req: ExtDabtRequest, wait: Optional[float] = None) -> None
         )
     if not req.mmio_timeout > 0:
         raise InvalidInput("--mmio-timeout must be positive")
+
+
+def serror_esr(esr_value: Union[int, str, None], severity: Optional[str] = None) -> Optional[int]:
+    """The ISS an SError request carries: ``esr`` (a number, or a severity name as text),
+    or the RAS syndrome of ``severity`` (``ce``, ``ueo``, ``uer``, ``ueu``, ``uc``), or
+    ``None`` (KVM/the CPU choose it)."""
+    if esr_value is not None and severity is not None:
+        raise InvalidInput("give either --esr or --severity, not both")
+    if severity is not None:
+        try:
+            return esr.PRESETS[severity.strip().lower()]
+        except KeyError:
+            raise InvalidInput(
+                f"unknown severity {severity!r}", hint=f"choose one of {', '.join(esr.PRESETS)}"
+            ) from None
+    if esr_value is None:
+        return None
+    if isinstance(esr_value, str):
+        return esr.resolve_iss(esr_value)
+    if isinstance(esr_value, bool) or not isinstance(esr_value, int):
+        raise InvalidInput(f"--esr takes a number or a severity name, not {esr_value!r}")
+    return esr.validate_injectable(esr_value)
+
+
+def build_mce(
+    bank: Optional[int],
+    *,
+    preset: Optional[str] = None,
+    status: Optional[int] = None,
+    addr: Optional[int] = None,
+    misc: Optional[int] = None,
+    mcg_status: Optional[int] = None,
+) -> kvm_x86.Mce:
+    """The ``struct kvm_x86_mce`` of a request: a preset, with any field given overriding it.
+
+    Checked as KVM_X86_SET_MCE would check it (``mce.validate``); the bank count
+    of the vCPU itself is checked when it is read.
+    """
+    if bank is None:
+        raise InvalidInput("--bank is required", hint="`serrinj status` shows the bank count")
+    if bank < 0:
+        raise InvalidInput(f"--bank {bank}: banks are numbered from 0")
+    p = mce.preset(preset) if preset else None
+    if status is None:
+        if p is None:
+            raise InvalidInput(
+                "give --status or --preset", hint=f"presets: {', '.join(mce.PRESETS)}"
+            )
+        status = p.status
+    if mcg_status is None:
+        mcg_status = p.mcg_status if p else 0
+    if misc is None:
+        misc = p.misc if p else 0
+    m = kvm_x86.Mce(status=status, bank=bank, addr=addr or 0, misc=misc, mcg_status=mcg_status)
+    mce.validate(m, kvm_x86.KVM_MAX_MCE_BANKS)
+    return m
+
+
+def resolve_target(
+    kind: str,
+    pid: Optional[int] = None,
+    name: Optional[str] = None,
+    vcpu: target.VcpuSpec = None,
+) -> target.Target:
+    """The target of an injection: one vCPU unless ``vcpu`` is ``"all"``.
+
+    The VM's architecture is checked first: an SError for an x86_64 VM is
+    pointed at ``mce``/``nmi`` (and the reverse) before anything else.
+    """
+    return select_target(kind, discover.find(pid=pid, name=name), vcpu)
+
+
+def select_target(kind: str, vm: discover.Vm, vcpu: target.VcpuSpec = None) -> target.Target:
+    """:func:`resolve_target` for a VM already found."""
+    tgt = target.select(vm, vcpu)
+    require_arch(tgt.vm.arch, kind)
+    if vcpu is None and len(tgt.vcpu_ids) > 1:
+        ids = ", ".join(str(i) for i in tgt.vcpu_ids)
+        raise InvalidInput(
+            f"VM {tgt.vm.label} has {len(tgt.vcpu_ids)} vCPUs; choose one with --vcpu ID,"
+            " or --vcpu all",
+            hint=f"vCPU ids: {ids}",
+        )
+    return tgt
 
 
 # ---------------------------------------------------------------------- helpers

@@ -54,6 +54,8 @@ class VcpuStatus:
 
 @dataclass(frozen=True)
 class StatusReport:
+    """What ``status`` read: the host's capabilities, the VM, and each selected vCPU."""
+
     host: host.HostCaps
     vm: discover.Vm
     vcpus: Sequence[VcpuStatus]
@@ -183,10 +185,18 @@ def status(
     vcpu: target.VcpuSpec = None,
 ) -> StatusReport:
     """Host caps plus a snapshot of every selected vCPU."""
+    caps = host.probe()
+    return _read(caps, target.resolve(pid, name, vcpu))
+
+
+def status_of(tgt: target.Target) -> StatusReport:
+    """:func:`status` of a VM already found, for the vCPUs ``tgt`` selects."""
+    return _read(host.probe(), tgt)
+
+
+def _read(caps: host.HostCaps, tgt: target.Target) -> StatusReport:
     from serrinj.ops import policy
 
-    caps = host.probe()
-    tgt = target.resolve(pid, name, vcpu)
     policy.enforce("status", tgt.vm)
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     requests = STATUS_REQUESTS_ARM64 if vm.arch == "aarch64" else STATUS_REQUESTS_X86

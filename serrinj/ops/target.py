@@ -77,7 +77,11 @@ def resolve(
     single: bool = False,
 ) -> Target:
     """Find the VM and select vCPUs. ``single`` commands need exactly one vCPU."""
-    vm = discover.find(pid=pid, name=name)
+    return select(discover.find(pid=pid, name=name), vcpu, single=single)
+
+
+def select(vm: discover.Vm, vcpu: VcpuSpec = None, *, single: bool = False) -> Target:
+    """Select the vCPUs of a VM already found (see :func:`resolve`)."""
     if not vm.vcpus:
         raise TargetNotFound(f"VM {vm.label} has no vCPUs yet")
     if vcpu == "all":
