@@ -70,7 +70,9 @@ KVM_GET_STATS_FD = _IO(api.KVMIO, 0xCE)
 # ioctl requests the VMMs' filters name that serrinj's KVM tables do not need;
 # computed from their uAPI definitions (struct sizes from linux/kvm.h, x86_64)
 _TCGETS, _TCSETS, _TIOCGWINSZ, _FIONBIO, _FIOCLEX = 0x5401, 0x5402, 0x5413, 0x5421, 0x5451
-_TUNSETIFF, _TUNSETOFFLOAD, _TUNSETVNETHDRSZ = _IOW(0x54, 202, 4), _IOW(0x54, 208, 4), _IOW(0x54, 216, 4)
+_TUNSETIFF = _IOW(0x54, 202, 4)
+_TUNSETOFFLOAD = _IOW(0x54, 208, 4)
+_TUNSETVNETHDRSZ = _IOW(0x54, 216, 4)
 _K = api.KVMIO
 _KVM_GET_API_VERSION = _IO(_K, 0x00)
 _KVM_CREATE_VM = _IO(_K, 0x01)

@@ -570,9 +570,8 @@ class Vm:
                 if body is not None:
                     body()
                 self.install_filters(spec.filters)
-                self.threads.append(
-                    {"name": spec.name, "tid": threading.get_native_id(), "filters": list(spec.filters)}
-                )
+                tid = threading.get_native_id()
+                self.threads.append({"name": spec.name, "tid": tid, "filters": list(spec.filters)})
             except BaseException as err:  # reported by the main thread
                 failure.append(err)
                 started.set()
@@ -903,7 +902,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         "the NMIs, machine checks and SErrors it observes as JSON lines on stdout.",
     )
     parser.add_argument("--arch", default=host_arch(), choices=sorted(ARCHES))
-    parser.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    parser.add_argument(
+        "--vcpus", type=int, help="number of vCPUs (default 1, or as many as --vcpu-ids)"
+    )
     parser.add_argument("--mode", default="halt", choices=sorted(MODES))
     parser.add_argument("--thread-names", default="qemu", choices=list(THREAD_NAMES))
     parser.add_argument("--start-paused", action="store_true", help="wait for {'cmd':'run'}")
@@ -970,8 +971,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
     )
     ns = parser.parse_args(argv)
     profile = None if ns.profile == "none" else profiles.PROFILES[ns.profile]
+    if profile is not None and ns.arch != "x86_64":
+        parser.error("the --profile layouts (ids, filters) are the VMMs' x86_64 ones")
     if profile is not None and (ns.thread_names != "qemu" or ns.seccomp != "none"):
-        parser.error("--profile sets the thread names and the sandbox: drop --thread-names/--seccomp")
+        parser.error("--profile sets thread names and sandbox: drop --thread-names/--seccomp")
     try:
         topology = None if ns.topology is None else profiles.parse_topology(ns.topology)
         if ns.vcpu_ids is not None:
@@ -980,11 +983,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
                 raise ValueError("--vcpu-ids and --topology exclude each other")
             if ids[0] != 0 or len(set(ids)) != len(ids) or min(ids) < 0:
                 raise ValueError("--vcpu-ids: distinct ids >= 0, the first 0 (the boot CPU)")
-            if "--vcpus" not in (argv if argv is not None else sys.argv):
+            if ns.vcpus is None:
                 ns.vcpus = len(ids)
             elif ns.vcpus != len(ids):
                 raise ValueError(f"--vcpus {ns.vcpus} but {len(ids)} --vcpu-ids")
         else:
+            ns.vcpus = 1 if ns.vcpus is None else ns.vcpus
             ids = profiles.vcpu_ids(profile, ns.vcpus, topology)
     except ValueError as err:
         parser.error(str(err))
