@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Iterator, Tuple
 
 import pytest
@@ -101,3 +104,31 @@ def test_status_by_domain_name_restores_every_vcpu(domain: libvirt.Domain) -> No
     assert sorted(v["vcpu_id"] for v in vcpus) == [0, 1]
     assert all(v["registers_restored"] for v in vcpus), vcpus
     assert domain.state() == "running"
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "libvirt" / "inject.sh"
+
+
+def _example(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SERRINJ=" ".join(serrinj_cli.SERRINJ), PYTHON=sys.executable)
+    return subprocess.run(
+        ["bash", str(EXAMPLE), *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_the_example_script_injects_into_the_domain(domain: libvirt.Domain) -> None:
+    mark = domain.mark()
+    run = _example(domain.name, "1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    domain.wait_line("nmi cpu=1 count=*", since=mark)
+    domain.wait_line("mce cpu=1 bank=3 status=0xbd000000000000c0*", since=mark)
+
+
+def test_the_example_script_demo_domain_reports_what_its_guest_saw(
+    domain: libvirt.Domain,
+) -> None:
+    run = _example("--demo")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "nmi cpu=1 count=1" in run.stdout, run.stdout
+    assert "mce cpu=1 bank=3 status=0xbd000000000000c0" in run.stdout, run.stdout
+    assert "serrinj-demo-" not in libvirt.virsh("list", "--all", "--name")
