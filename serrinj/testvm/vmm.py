@@ -6,6 +6,16 @@ reports what it observes. Everything goes through ``serrinj._native`` and
 :class:`serrinj.executor.LocalExecutor`; this module has no ctypes and no
 ``fcntl.ioctl``.
 
+VMM profiles
+------------
+``--profile qemu|firecracker|cloud-hypervisor|crosvm|kvmtool`` lays the process out
+as that VMM does (:mod:`serrinj.testvm.profiles`): the main, vCPU and other threads'
+names, which thread creates the vCPU fds, Firecracker's second (dup'ed) fd per vCPU,
+QEMU's stats fd per vCPU, x86 APIC vcpu ids (``--topology``; or any ids with
+``--vcpu-ids``), and each thread's seccomp filters. Without it the VMM is as
+before: threads named by ``--thread-names``, ids 0..n-1, no filter unless
+``--seccomp``.
+
 Threads and kicks
 -----------------
 KVM_RUN holds the vCPU mutex, so an ioctl on a vCPU whose thread sits in
@@ -58,6 +68,10 @@ failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
 - ``--seccomp trap|kill|errno`` makes the VMM play a sandboxed one: a filter on
   the vCPU threads (``--seccomp-threads all``: on every thread) answers the
   vCPU-event ioctls with that action, as Firecracker's does.
+- ``{"cmd":"sigsys"}``: answered by ``{"event":"sigsys-count","count":N}``, the
+  seccomp traps taken so far (with ``--profile``; each trap also emits a
+  ``sigsys`` event, then the VMM dies as the profile's VMM would unless
+  ``--on-sigsys count``).
 - arch commands, run on the vCPU's own thread (x86_64: ``nmi``, ``mce``,
   ``events``, ``heartbeat``; see the arch module). They name the vCPU with
   ``"vcpu": <vcpu_id>``.
@@ -65,8 +79,9 @@ failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
 Events (JSON lines on stdout, flushed per line; integers are JSON integers)
 --------------------------------------------------------------------------
 - ``{"event":"ready","pid":P,"arch":A,"mode":M,"paused":bool,"vm_fd":F,
-  "vcpus":[{"vcpu_id":0,"tid":T,"fd":F,"thread_name":N}, ...], ...}``: once, when
-  every vCPU thread exists (arch-specific fields added by ``ready_info``).
+  "vcpus":[{"vcpu_id":0,"tid":T,"fd":F,"thread_name":N,"fds":[F,...],
+  "stats_fd":S|null}, ...],"profile":P,"threads":[{"name","tid","filters"}], ...}``:
+  once, when every vCPU thread exists (arch-specific fields added by ``ready_info``).
 - ``{"event":"ack","cmd":C[,"vcpu":V][,"id":I]}`` and ``{"event":"error",...}``.
 - ``{"event":"exit","vcpu":V,"reason":R,...}``: the vCPU stopped (``SHUTDOWN`` for a
   triple fault, ``INTERNAL_ERROR``, ``FAIL_ENTRY``, ``UNEXPECTED_IO``, ...).
@@ -84,9 +99,10 @@ the guest. The hooks, and the thread each runs on:
 ``commands``                 the command names ``apply_command`` accepts.
 ``setup_vm(vm)``             main thread, once: irqchip, memory (``vm.add_memory``), the
                              guest image, VM-wide tables.
-``setup_vcpu(vm, vcpu)``     the vCPU's own thread, right after KVM_CREATE_VCPU and the
-                             ``kvm_run`` mapping: registers, CPU features, mp_state,
-                             the guest's per-vCPU data.
+``setup_vcpu(vm, vcpu)``     the thread that created the vCPU (its own thread, or the
+                             main or ``vmm`` thread of a ``--profile``), right after
+                             KVM_CREATE_VCPU and the ``kvm_run`` mapping: registers,
+                             CPU features, mp_state, the guest's per-vCPU data.
 ``setup_done(vm)``           main thread, once every vCPU is set up and before any
                              KVM_RUN (e.g. arm64 vGIC init).
 ``handle_exit(vm, vcpu)``    the vCPU thread, after every KVM_RUN that returned 0: read
