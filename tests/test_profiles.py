@@ -368,3 +368,80 @@ def test_matrix(_vms: _Current, profile: str, mode: str, debugfs: bool) -> None:
     if bad:
         problems.append(f"the VMM reported {bad}")
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------- the sandbox's teeth
+@pytest.mark.kvm
+@pytest.mark.skipif(not X86, reason="the profiles model the VMMs' x86_64 layouts")
+@pytest.mark.parametrize(
+    ("profile", "command", "status"),
+    [
+        ("firecracker", {"cmd": "nmi", "vcpu": 1}, 148),  # FcExitCode::BadSyscall
+        ("cloud-hypervisor", {"cmd": "mce", "vcpu": 0, "bank": 1, "status": 0}, -31),  # SIGSYS
+    ],
+    ids=["firecracker-exit-148", "cloud-hypervisor-killed-by-sigsys"],
+)
+def test_a_trapped_call_kills_the_vmm_as_the_real_one(
+    profile: str, command: Dict[str, Any], status: int
+) -> None:
+    """The VMM's own forbidden ioctl (on its vCPU thread) is trapped, reported and fatal:
+    what the matrix's "the filter never trapped" would see."""
+    vm = _start(profile, "halt")
+    try:
+        mark = vm.mark()
+        vm.command(command)
+        event = vm.wait_event(lambda e: e["event"] == "sigsys", 10, mark)
+        assert event["count"] == 1
+        assert vm.wait_exit(10) == status
+    finally:
+        vm.stop()
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not X86, reason="the profiles model the VMMs' x86_64 layouts")
+def test_on_sigsys_count_keeps_the_vmm_running_and_counts() -> None:
+    vm = TestVmProcess.start(
+        vcpus=2, mode="halt", extra_args=["--profile", "firecracker", "--on-sigsys", "count"]
+    )
+    try:
+        vm.wait_event(lambda e: e["event"] == "guest-ready" and e["vcpu"] == 1, 30)
+        assert vm.sigsys_count() == 0
+        for _ in range(2):
+            mark = vm.mark()
+            vm.command({"cmd": "nmi", "vcpu": 1})
+            vm.wait_event(lambda e: e["event"] == "sigsys", 10, mark)
+        assert vm.sigsys_count() == 2
+        assert vm.alive()
+    finally:
+        vm.stop()
+
+
+# ---------------------------------------------------------------------- probing
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.skipif(not X86, reason="the profiles model the VMMs' x86_64 layouts")
+@pytest.mark.parametrize("debugfs", [False, True], ids=["no-debugfs", "debugfs"])
+def test_a_yielding_vcpu_whose_name_is_not_its_id_is_found(debugfs: bool) -> None:
+    """QEMU's 4th CPU of -smp 4,sockets=2,cores=3 is vCPU 4 in thread "CPU 3/KVM". A
+    vCPU whose guest exits to the VMM a lot keeps its thread waiting outside KVM_RUN
+    (here a futex, 200 ms at a time) while the others compute: neither KVM_RUN's
+    arguments nor the name tell its vCPU, so without debugfs serrinj has to find it by
+    probing, and must."""
+    vm = TestVmProcess.start(
+        vcpus=4,
+        mode="spin",
+        extra_args=[
+            "--profile", "qemu", "--topology", "2,3,1", "--vcpu-mode", "4=futex",
+            "--yield-ms", "200",
+        ],
+    )  # fmt: skip
+    try:
+        vm.wait_event(lambda e: e["event"] == "guest-ready" and e["vcpu"] == 4, 30)
+        assert vm.vcpu(4).thread_name == "CPU 3/KVM"
+        mark = vm.mark()
+        res = serrinj_cli.run("nmi", "--pid", vm.pid, "--vcpu", "4", debugfs=debugfs)
+        assert res.rc == 0, res
+        vm.wait_event(lambda e: e["event"] == "nmi" and e["vcpu"] == 4, 10, mark)
+        assert vm.alive()
+    finally:
+        vm.stop()

@@ -148,7 +148,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import (
     IO,
@@ -243,6 +243,12 @@ class Options:
     profile: str = "none"  # a VMM layout from serrinj.testvm.profiles ("none": the default)
     vcpu_ids: Tuple[int, ...] = ()  # KVM vcpu ids (default 0..vcpus-1)
     on_sigsys: str = "vmm"  # a SIGSYS: "vmm" acts as the profile's VMM, "count" only counts
+    #: vcpu_id -> the guest mode of that vCPU where it differs from ``mode``
+    vcpu_modes: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def mode_of(self, vcpu_id: int) -> str:
+        """The guest mode vCPU ``vcpu_id`` runs (``--vcpu-mode``, else ``--mode``)."""
+        return self.vcpu_modes.get(vcpu_id, self.mode)
 
 
 class GuestArch(Protocol):
@@ -979,6 +985,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         help="the KVM vcpu ids, in creation order (the first must be 0, the boot CPU)",
     )
     parser.add_argument(
+        "--vcpu-mode",
+        metavar="ID=MODE",
+        action="append",
+        default=[],
+        help="run vCPU ID's guest in MODE instead of --mode (repeatable), e.g. one vCPU"
+        " that keeps exiting to the VMM (futex) beside vCPUs that spin",
+    )
+    parser.add_argument(
         "--on-sigsys",
         default="vmm",
         choices=["vmm", "count"],
@@ -1010,11 +1024,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         parser.error(str(err))
     if not 1 <= ns.vcpus <= 32:
         parser.error("--vcpus must be between 1 and 32")
+    vcpu_modes: Dict[int, str] = {}
+    for item in ns.vcpu_mode:
+        vid, _, mode = item.partition("=")
+        try:
+            vcpu_modes[int(vid, 0)] = mode
+        except ValueError:
+            parser.error(f"--vcpu-mode takes ID=MODE, not {item!r}")
+        if mode not in MODES or int(vid, 0) not in ids:
+            parser.error(f"--vcpu-mode {item}: no vCPU {vid}, or not one of {sorted(MODES)}")
     if not 1 <= ns.tick_ms <= 1000:
         parser.error("--tick-ms must be between 1 and 1000")
     if not 0 <= ns.yield_ms <= 1000:
         parser.error("--yield-ms must be between 0 and 1000")
-    if ns.block_in != "futex" and ns.mode != "futex":
+    if ns.block_in != "futex" and "futex" not in (ns.mode, *vcpu_modes.values()):
         parser.error("--block-in needs --mode futex (only then does the guest yield)")
     return Options(
         arch=ns.arch,
@@ -1034,6 +1057,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         profile=ns.profile,
         vcpu_ids=ids,
         on_sigsys=ns.on_sigsys,
+        vcpu_modes=MappingProxyType(vcpu_modes),
     )
 
 
