@@ -64,11 +64,23 @@ def run(
     """Run ``serrinj ARGS``; with ``debugfs`` inside a private namespace that has it mounted."""
     argv = [str(a) for a in args]
     prefix = debugfs_prefix() if debugfs else []
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [*prefix, *SERRINJ, *argv],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
-    return Result(argv, proc.returncode, proc.stdout, proc.stderr)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: serrinj acts on it only once the VMM's thread is released;
+        # a SIGKILL while it holds borrowed registers could crash the VMM
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        err += f"\n(the test ended serrinj after {timeout} s)"
+    return Result(argv, proc.returncode, out, err)
