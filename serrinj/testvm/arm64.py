@@ -583,7 +583,7 @@ class Arm64Guest:
         )
         for name, value in (
             ("PC_VCPU_ID", vcpu.vcpu_id),
-            ("PC_MODE", MODE_CODES[vm.options.mode]),
+            ("PC_MODE", MODE_CODES[vm.options.mode_of(vcpu.vcpu_id)]),
             ("PC_FLAGS", flags),
             ("PC_TICK_MS", vm.options.tick_ms),
         ):

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["TestVmError", "TestVmProcess", "VcpuInfo", "thread_comm", "thread_syscall"]
 
@@ -45,6 +45,10 @@ class VcpuInfo:
     tid: int
     fd: int
     thread_name: str
+    #: every fd of this vCPU in the VMM (``fd`` first; Firecracker's profile adds a dup)
+    fds: Tuple[int, ...] = ()
+    #: its KVM_GET_STATS_FD fd (QEMU's profile), or None
+    stats_fd: Optional[int] = None
 
 
 class TestVmProcess:
@@ -168,9 +172,27 @@ class TestVmProcess:
     def vcpus(self) -> List[VcpuInfo]:
         """The vCPUs from the ``ready`` event."""
         return [
-            VcpuInfo(v["vcpu_id"], v["tid"], v["fd"], v.get("thread_name", ""))
+            VcpuInfo(
+                v["vcpu_id"],
+                v["tid"],
+                v["fd"],
+                v.get("thread_name", ""),
+                tuple(v.get("fds") or (v["fd"],)),
+                v.get("stats_fd"),
+            )
             for v in self.ready.get("vcpus", [])
         ]
+
+    @property
+    def threads(self) -> List[Dict[str, Any]]:
+        """The profile's other threads (``name``, ``tid``, ``filters``) from ``ready``."""
+        return list(self.ready.get("threads", []))
+
+    def sigsys_count(self, timeout: float = 10.0) -> int:
+        """How many seccomp traps (SIGSYS) the VMM has taken, asked over stdin."""
+        mark = self.mark()
+        self.command({"cmd": "sigsys"})
+        return int(self.wait_event(lambda e: e["event"] == "sigsys-count", timeout, mark)["count"])
 
     def vcpu(self, vcpu_id: int) -> VcpuInfo:
         for info in self.vcpus:

@@ -6,6 +6,16 @@ reports what it observes. Everything goes through ``serrinj._native`` and
 :class:`serrinj.executor.LocalExecutor`; this module has no ctypes and no
 ``fcntl.ioctl``.
 
+VMM profiles
+------------
+``--profile qemu|firecracker|cloud-hypervisor|crosvm|kvmtool`` lays the process out
+as that VMM does (:mod:`serrinj.testvm.profiles`): the main, vCPU and other threads'
+names, which thread creates the vCPU fds, Firecracker's second (dup'ed) fd per vCPU,
+QEMU's stats fd per vCPU, x86 APIC vcpu ids (``--topology``; or any ids with
+``--vcpu-ids``), and each thread's seccomp filters. Without it the VMM is as
+before: threads named by ``--thread-names``, ids 0..n-1, no filter unless
+``--seccomp``.
+
 Threads and kicks
 -----------------
 KVM_RUN holds the vCPU mutex, so an ioctl on a vCPU whose thread sits in
@@ -58,6 +68,10 @@ failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
 - ``--seccomp trap|kill|errno`` makes the VMM play a sandboxed one: a filter on
   the vCPU threads (``--seccomp-threads all``: on every thread) answers the
   vCPU-event ioctls with that action, as Firecracker's does.
+- ``{"cmd":"sigsys"}``: answered by ``{"event":"sigsys-count","count":N}``, the
+  seccomp traps taken so far (with ``--profile``; each trap also emits a
+  ``sigsys`` event, then the VMM dies as the profile's VMM would unless
+  ``--on-sigsys count``).
 - arch commands, run on the vCPU's own thread (x86_64: ``nmi``, ``mce``,
   ``events``, ``heartbeat``; see the arch module). They name the vCPU with
   ``"vcpu": <vcpu_id>``.
@@ -65,8 +79,9 @@ failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
 Events (JSON lines on stdout, flushed per line; integers are JSON integers)
 --------------------------------------------------------------------------
 - ``{"event":"ready","pid":P,"arch":A,"mode":M,"paused":bool,"vm_fd":F,
-  "vcpus":[{"vcpu_id":0,"tid":T,"fd":F,"thread_name":N}, ...], ...}``: once, when
-  every vCPU thread exists (arch-specific fields added by ``ready_info``).
+  "vcpus":[{"vcpu_id":0,"tid":T,"fd":F,"thread_name":N,"fds":[F,...],
+  "stats_fd":S|null}, ...],"profile":P,"threads":[{"name","tid","filters"}], ...}``:
+  once, when every vCPU thread exists (arch-specific fields added by ``ready_info``).
 - ``{"event":"ack","cmd":C[,"vcpu":V][,"id":I]}`` and ``{"event":"error",...}``.
 - ``{"event":"exit","vcpu":V,"reason":R,...}``: the vCPU stopped (``SHUTDOWN`` for a
   triple fault, ``INTERNAL_ERROR``, ``FAIL_ENTRY``, ``UNEXPECTED_IO``, ...).
@@ -84,9 +99,10 @@ the guest. The hooks, and the thread each runs on:
 ``commands``                 the command names ``apply_command`` accepts.
 ``setup_vm(vm)``             main thread, once: irqchip, memory (``vm.add_memory``), the
                              guest image, VM-wide tables.
-``setup_vcpu(vm, vcpu)``     the vCPU's own thread, right after KVM_CREATE_VCPU and the
-                             ``kvm_run`` mapping: registers, CPU features, mp_state,
-                             the guest's per-vCPU data.
+``setup_vcpu(vm, vcpu)``     the thread that created the vCPU (its own thread, or the
+                             main or ``vmm`` thread of a ``--profile``), right after
+                             KVM_CREATE_VCPU and the ``kvm_run`` mapping: registers,
+                             CPU features, mp_state, the guest's per-vCPU data.
 ``setup_done(vm)``           main thread, once every vCPU is set up and before any
                              KVM_RUN (e.g. arm64 vGIC init).
 ``handle_exit(vm, vcpu)``    the vCPU thread, after every KVM_RUN that returned 0: read
@@ -132,7 +148,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import (
     IO,
@@ -146,6 +162,7 @@ from typing import (
     Optional,
     Protocol,
     Sequence,
+    Tuple,
 )
 
 from serrinj import _native
@@ -154,6 +171,7 @@ from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kx86
 from serrinj.remote import arch as remote_arch
 from serrinj.remote import seccomp
+from serrinj.testvm import profiles
 
 __all__ = [
     "ARCHES",
@@ -222,6 +240,15 @@ class Options:
     mask_serror: bool = False  # arm64: PSTATE.A stays set until {"cmd":"unmask"}
     mmio_probe: bool = False  # arm64: the guest keeps loading from an unmapped address
     block_in: str = "futex"  # the syscall a yielding vCPU thread blocks in
+    profile: str = "none"  # a VMM layout from serrinj.testvm.profiles ("none": the default)
+    vcpu_ids: Tuple[int, ...] = ()  # KVM vcpu ids (default 0..vcpus-1)
+    on_sigsys: str = "vmm"  # a SIGSYS: "vmm" acts as the profile's VMM, "count" only counts
+    #: vcpu_id -> the guest mode of that vCPU where it differs from ``mode``
+    vcpu_modes: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def mode_of(self, vcpu_id: int) -> str:
+        """The guest mode vCPU ``vcpu_id`` runs (``--vcpu-mode``, else ``--mode``)."""
+        return self.vcpu_modes.get(vcpu_id, self.mode)
 
 
 class GuestArch(Protocol):
@@ -295,10 +322,13 @@ Request = Callable[[], None]
 class Vcpu:
     """One vCPU: its fd, its ``kvm_run`` page, its thread and its request queue."""
 
-    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+    def __init__(self, vm: Vm, vcpu_id: int, index: int) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
+        self.index = index  # the VMM's CPU index (thread names count by it)
         self.fd = -1
+        self.extra_fds: List[int] = []  # a dup of the vCPU fd (Firecracker)
+        self.stats_fd = -1  # KVM_GET_STATS_FD (QEMU)
         self.run_page: Optional[_native.Memory] = None
         self.tid = 0
         self.thread_name = ""
@@ -314,7 +344,7 @@ class Vcpu:
         if vm.options.block_in in ("ppoll", "pipe"):
             self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(self.pipe_w, False)
-        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{vcpu_id}", daemon=True)
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{index}", daemon=True)
 
     # ----------------------------------------------------------------- other threads
 
@@ -359,16 +389,21 @@ class Vcpu:
         vm = self.vm
         try:
             self.tid = threading.get_native_id()
-            namer = THREAD_NAMES[vm.options.thread_names]
-            if namer is not None:
-                _native.prctl_set_name(namer(self.vcpu_id))
+            profile = vm.profile
+            if profile is not None:
+                _native.prctl_set_name(profile.vcpu_name(self.index))
+            else:
+                namer = THREAD_NAMES[vm.options.thread_names]
+                if namer is not None:
+                    _native.prctl_set_name(namer(self.index))
             with open(f"/proc/self/task/{self.tid}/comm") as comm:
                 self.thread_name = comm.read().strip()
-            self.fd = vm.executor.ioctl_int(vm.fd, api.KVM_CREATE_VCPU, self.vcpu_id)
-            self.run_page = _native.Memory(vm.run_size, self.fd)
-            vm.arch.setup_vcpu(vm, self)
+            if profile is None or profile.creator == "vcpu":
+                self.create()
             if vm.options.seccomp != "none" and vm.options.seccomp_threads == "vcpu":
                 install_sandbox(vm.options.seccomp)
+            if profile is not None:
+                vm.install_filters(profile.vcpu_filters)
         except BaseException as err:  # reported by the main thread
             self._setup_error = err
             self._setup_done.set()
@@ -388,6 +423,26 @@ class Vcpu:
                 self._requests.clear()
             for request in pending:
                 request()
+
+    def create(self) -> None:
+        """Create the vCPU fd and set the vCPU up, on the calling thread (the profile's
+        creator: the vCPU thread itself, the main thread or the VMM thread)."""
+        vm = self.vm
+        self.fd = vm.executor.ioctl_int(vm.fd, api.KVM_CREATE_VCPU, self.vcpu_id)
+        self.run_page = _native.Memory(vm.run_size, self.fd)
+        vm.arch.setup_vcpu(vm, self)
+        profile = vm.profile
+        if profile is not None and profile.stats_fd:
+            try:
+                self.stats_fd = vm.executor.ioctl_int(self.fd, profiles.KVM_GET_STATS_FD)
+            except OSError:
+                self.stats_fd = -1  # a kernel before 5.14: QEMU goes on without it
+
+    def dup_fd(self) -> None:
+        """Keep a second fd of the vCPU, as Firecracker does for its VMM side."""
+        dup = os.dup(self.fd)
+        os.set_inheritable(dup, True)  # a plain dup(2): not close-on-exec
+        self.extra_fds.append(dup)
 
     def _loop(self) -> None:
         vm = self.vm
@@ -479,6 +534,10 @@ class Vcpu:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in (*self.extra_fds, self.stats_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.extra_fds, self.stats_fd = [], -1
         for fd in (self.pipe_r, self.pipe_w):
             if fd >= 0:
                 os.close(fd)
@@ -502,6 +561,50 @@ class Vm:
         self.stopping = False
         self.go = threading.Event()
         self._parked_cond = threading.Condition()
+        self.profile: Optional[profiles.Profile] = (
+            None if options.profile == "none" else profiles.PROFILES[options.profile]
+        )
+        #: the profile's other threads (name, tid, filters); they idle until shutdown
+        self.threads: List[Dict[str, Any]] = []
+        self._idle = threading.Event()
+        self.sigsys_count = 0
+
+    def install_filters(self, names: Sequence[str]) -> None:
+        """Install the profile's filters ``names`` on the calling thread, in order."""
+        profile = self.profile
+        if profile is None or not names:
+            return
+        arch = remote_arch.host_arch()
+        for name in names:
+            _native.seccomp_install_filter(
+                profile.filter_program(name, arch.audit_arch, arch.nr["ioctl"])
+            )
+
+    def _start_thread(self, spec: profiles.ThreadSpec, body: Optional[Callable[[], None]]) -> None:
+        """Start one of the profile's named threads; ``body`` runs before it idles."""
+        started = threading.Event()
+        failure: List[BaseException] = []
+
+        def run() -> None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                _native.prctl_set_name(spec.name)
+                if body is not None:
+                    body()
+                self.install_filters(spec.filters)
+                tid = threading.get_native_id()
+                self.threads.append({"name": spec.name, "tid": tid, "filters": list(spec.filters)})
+            except BaseException as err:  # reported by the main thread
+                failure.append(err)
+                started.set()
+                return
+            started.set()
+            self._idle.wait()
+
+        threading.Thread(target=run, name=spec.name, daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
 
     def emit(self, event: Mapping[str, Any]) -> None:
         """Write one event line (thread-safe)."""
@@ -535,15 +638,37 @@ class Vm:
         if self.options.seccomp != "none" and self.options.seccomp_threads == "all":
             # Threads created from now on (every vCPU thread) inherit the filter.
             install_sandbox(self.options.seccomp)
-        # vCPU ids are created in order, each by the thread that will run it
-        for vcpu_id in range(self.options.vcpus):
-            vcpu = Vcpu(self, vcpu_id)
+        profile = self.profile
+        if profile is not None and profile.main_name:
+            _native.prctl_set_name(profile.main_name)
+        for spec in profile.threads if profile is not None else ():
+            if spec.name == "vmm" and profile is not None and profile.creator == "vmm":
+                self._start_thread(spec, self._create_vcpus)
+            else:
+                self._start_thread(spec, None)
+        if profile is None or profile.creator != "vmm":
+            self._create_vcpus()
+        self.arch.setup_done(self)
+
+    def _create_vcpus(self) -> None:
+        # vCPUs are created in order of their ids, by the profile's creator thread:
+        # each vCPU's own thread (the default), or this one before it starts them
+        # (Firecracker creates them all, then dup's each fd as it starts its thread)
+        ids = self.options.vcpu_ids or tuple(range(self.options.vcpus))
+        profile = self.profile
+        by_creator = profile is not None and profile.creator != "vcpu"
+        for index, vcpu_id in enumerate(ids):
+            vcpu = Vcpu(self, vcpu_id, index)
             self.vcpus.append(vcpu)
+            if by_creator:
+                vcpu.create()
+        for vcpu in self.vcpus:
+            if profile is not None and profile.dup_vcpu_fds:
+                vcpu.dup_fd()
             vcpu.thread.start()
             vcpu._setup_done.wait()
             if vcpu._setup_error is not None:
                 raise vcpu._setup_error
-        self.arch.setup_done(self)
 
     def start(self) -> None:
         """Let the vCPU threads run and announce the VM."""
@@ -551,7 +676,14 @@ class Vm:
         if self.options.block_in == "pipe":
             threading.Thread(target=self._io_thread, name="io", daemon=True).start()
         vcpus = [
-            {"vcpu_id": v.vcpu_id, "tid": v.tid, "fd": v.fd, "thread_name": v.thread_name}
+            {
+                "vcpu_id": v.vcpu_id,
+                "tid": v.tid,
+                "fd": v.fd,
+                "thread_name": v.thread_name,
+                "fds": [v.fd, *v.extra_fds],
+                "stats_fd": v.stats_fd if v.stats_fd >= 0 else None,
+            }
             for v in self.vcpus
         ]
         event: Dict[str, Any] = {
@@ -561,6 +693,8 @@ class Vm:
             "mode": self.options.mode,
             "paused": self.paused,
             "thread_names": self.options.thread_names,
+            "profile": self.options.profile,
+            "threads": list(self.threads),
             "vm_fd": self.fd,
             "vcpus": vcpus,
         }
@@ -602,6 +736,7 @@ class Vm:
     def shutdown(self) -> None:
         """Stop every vCPU thread, then close every fd and mapping."""
         self.stopping = True
+        self._idle.set()
         self.go.set()
         for vcpu in self.vcpus:
             vcpu.wake()
@@ -636,6 +771,9 @@ class Vm:
             return True
         if name == "spawn":
             self._spawn(cmd, reply)
+            return True
+        if name == "sigsys":
+            self.emit({"event": "sigsys-count", **reply, "count": self.sigsys_count})
             return True
         if name == "pause":
             if self.pause():
@@ -786,7 +924,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         "the NMIs, machine checks and SErrors it observes as JSON lines on stdout.",
     )
     parser.add_argument("--arch", default=host_arch(), choices=sorted(ARCHES))
-    parser.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
+    parser.add_argument(
+        "--vcpus", type=int, help="number of vCPUs (default 1, or as many as --vcpu-ids)"
+    )
     parser.add_argument("--mode", default="halt", choices=sorted(MODES))
     parser.add_argument("--thread-names", default="qemu", choices=list(THREAD_NAMES))
     parser.add_argument("--start-paused", action="store_true", help="wait for {'cmd':'run'}")
@@ -831,14 +971,79 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         help="the VM's name: only shown in the command line, where serrinj finds the names"
         " of VMs (as QEMU's -name), for `serrinj --name` and the policy's VM names",
     )
+    parser.add_argument(
+        "--profile",
+        default="none",
+        choices=["none", *profiles.PROFILES],
+        help="lay the VMM out as this VMM does: thread names, which thread creates the vCPU"
+        " fds, dup'ed and stats fds, APIC vcpu ids, the seccomp filters of each thread and"
+        " what a SIGSYS does (see serrinj.testvm.profiles); default: none of that",
+    )
+    parser.add_argument(
+        "--topology",
+        metavar="SOCKETS,CORES,THREADS",
+        help="x86 CPU topology; a profile whose VMM numbers vCPUs by APIC id (qemu,"
+        " cloud-hypervisor) gets those ids, e.g. --vcpus 4 --topology 2,3,1: 0,1,2,4",
+    )
+    parser.add_argument(
+        "--vcpu-ids",
+        metavar="ID,ID,...",
+        help="the KVM vcpu ids, in creation order (the first must be 0, the boot CPU)",
+    )
+    parser.add_argument(
+        "--vcpu-mode",
+        metavar="ID=MODE",
+        action="append",
+        default=[],
+        help="run vCPU ID's guest in MODE instead of --mode (repeatable), e.g. one vCPU"
+        " that keeps exiting to the VMM (futex) beside vCPUs that spin",
+    )
+    parser.add_argument(
+        "--on-sigsys",
+        default="vmm",
+        choices=["vmm", "count"],
+        help="a profile's seccomp trap (SIGSYS): 'vmm' reports it and dies as that VMM does"
+        " (Firecracker: exit 148; cloud-hypervisor: killed by SIGSYS), 'count' only reports it",
+    )
     ns = parser.parse_args(argv)
+    profile = None if ns.profile == "none" else profiles.PROFILES[ns.profile]
+    if profile is not None and ns.arch != "x86_64":
+        parser.error("the --profile layouts (ids, filters) are the VMMs' x86_64 ones")
+    if profile is not None and (ns.thread_names != "qemu" or ns.seccomp != "none"):
+        parser.error("--profile sets thread names and sandbox: drop --thread-names/--seccomp")
+    try:
+        topology = None if ns.topology is None else profiles.parse_topology(ns.topology)
+        if ns.vcpu_ids is not None:
+            ids = tuple(int(x, 0) for x in ns.vcpu_ids.split(","))
+            if topology is not None:
+                raise ValueError("--vcpu-ids and --topology exclude each other")
+            if ids[0] != 0 or len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ValueError("--vcpu-ids: distinct ids >= 0, the first 0 (the boot CPU)")
+            if ns.vcpus is None:
+                ns.vcpus = len(ids)
+            elif ns.vcpus != len(ids):
+                raise ValueError(f"--vcpus {ns.vcpus} but {len(ids)} --vcpu-ids")
+        else:
+            ns.vcpus = 1 if ns.vcpus is None else ns.vcpus
+            ids = profiles.vcpu_ids(profile, ns.vcpus, topology)
+    except ValueError as err:
+        parser.error(str(err))
     if not 1 <= ns.vcpus <= 32:
         parser.error("--vcpus must be between 1 and 32")
+    vcpu_modes: Dict[int, str] = {}
+    for item in ns.vcpu_mode:
+        vid, _, mode = item.partition("=")
+        try:
+            vcpu_modes[int(vid, 0)] = mode
+        except ValueError:
+            parser.error(f"--vcpu-mode takes ID=MODE, not {item!r}")
+        if mode not in MODES or int(vid, 0) not in ids:
+            parser.error(f"--vcpu-mode {item}: no vCPU {vid}, or not one of {sorted(MODES)}")
     if not 1 <= ns.tick_ms <= 1000:
         parser.error("--tick-ms must be between 1 and 1000")
     if not 0 <= ns.yield_ms <= 1000:
         parser.error("--yield-ms must be between 0 and 1000")
-    if ns.block_in != "futex" and ns.mode != "futex":
+    if ns.block_in != "futex" and "futex" not in (ns.mode, *vcpu_modes.values()):
         parser.error("--block-in needs --mode futex (only then does the guest yield)")
     return Options(
         arch=ns.arch,
@@ -855,7 +1060,35 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         mask_serror=ns.mask_serror,
         mmio_probe=ns.mmio_probe,
         block_in=ns.block_in,
+        profile=ns.profile,
+        vcpu_ids=ids,
+        on_sigsys=ns.on_sigsys,
+        vcpu_modes=MappingProxyType(vcpu_modes),
     )
+
+
+def _handle_sigsys(vm: Vm) -> None:
+    """Count and report every seccomp trap, then act as the profile's VMM does.
+
+    The kernel sends SIGSYS to the thread whose syscall the filter trapped (the
+    call itself returns ENOSYS there); Python runs this handler on the main thread.
+    """
+    profile = vm.profile
+    assert profile is not None
+
+    def on_sigsys(_signum: int, _frame: object) -> None:
+        vm.sigsys_count += 1
+        vm.emit({"event": "sigsys", "count": vm.sigsys_count, "profile": profile.name})
+        if vm.options.on_sigsys != "vmm":
+            return
+        if profile.on_sigsys == "exit-148":
+            os._exit(148)  # Firecracker's FcExitCode::BadSyscall
+        sys.stderr.write("Probable seccomp violation\n")
+        sys.stderr.flush()
+        signal.signal(signal.SIGSYS, signal.SIG_DFL)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGSYS)
+
+    signal.signal(signal.SIGSYS, on_sigsys)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -880,7 +1113,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         arch = load_arch(options.arch)
         vm = Vm(arch, options, out)
+        if vm.profile is not None and vm.profile.sandboxed:
+            _handle_sigsys(vm)
         vm.create()
+        if vm.profile is not None:
+            vm.install_filters(vm.profile.main_filters)
         vm.start()
         reason = vm.serve(
             sys.stdin.fileno(), wake_r, lambda: stop_reason[0] if stop_reason else None

@@ -678,7 +678,7 @@ class X86Guest:
         tick_count = max(1, vm.options.tick_ms * APIC_TIMER_HZ // 1000)
         for name, value in (
             ("PC_VCPU_ID", vcpu.vcpu_id),
-            ("PC_MODE", MODE_CODES[vm.options.mode]),
+            ("PC_MODE", MODE_CODES[vm.options.mode_of(vcpu.vcpu_id)]),
             ("PC_TICK_COUNT", tick_count),
             ("PC_SEED", 0x2545F491 ^ (vcpu.vcpu_id * 0x9E3779B9 & 0xFFFFFFFF) or 1),
         ):
