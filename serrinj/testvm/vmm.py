@@ -53,6 +53,7 @@ failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
 - ``{"cmd":"run"}``: start or resume every vCPU.
 - ``{"cmd":"pause"}``: park every vCPU thread out of KVM_RUN (ack once all are).
 - ``{"cmd":"quit"}``: stop the VMM (exit status 0).
+- ``--dup-vcpu-fds``: a second (CLOEXEC) fd on every vCPU, never used, as Firecracker holds.
 - ``{"cmd":"spawn","argv":[...]}``: run a child that inherits the VM and vCPU fds
   (``spawned`` then ``spawn-exit`` with its returncode, stdout and stderr).
 - ``--seccomp trap|kill|errno`` makes the VMM play a sandboxed one: a filter on
@@ -121,6 +122,7 @@ import argparse
 import contextlib
 import enum
 import errno
+import fcntl
 import importlib
 import json
 import os
@@ -222,6 +224,7 @@ class Options:
     mask_serror: bool = False  # arm64: PSTATE.A stays set until {"cmd":"unmask"}
     mmio_probe: bool = False  # arm64: the guest keeps loading from an unmapped address
     block_in: str = "futex"  # the syscall a yielding vCPU thread blocks in
+    dup_vcpu_fds: bool = False  # hold a second fd on every vCPU (as Firecracker does)
 
 
 class GuestArch(Protocol):
@@ -299,6 +302,7 @@ class Vcpu:
         self.vm = vm
         self.vcpu_id = vcpu_id
         self.fd = -1
+        self.dup_fd = -1  # --dup-vcpu-fds: a second fd on the same vCPU, never used
         self.run_page: Optional[_native.Memory] = None
         self.tid = 0
         self.thread_name = ""
@@ -366,6 +370,8 @@ class Vcpu:
                 self.thread_name = comm.read().strip()
             self.fd = vm.executor.ioctl_int(vm.fd, api.KVM_CREATE_VCPU, self.vcpu_id)
             self.run_page = _native.Memory(vm.run_size, self.fd)
+            if vm.options.dup_vcpu_fds:
+                self.dup_fd = fcntl.fcntl(self.fd, fcntl.F_DUPFD_CLOEXEC, 0)
             vm.arch.setup_vcpu(vm, self)
             if vm.options.seccomp != "none" and vm.options.seccomp_threads == "vcpu":
                 install_sandbox(vm.options.seccomp)
@@ -476,9 +482,10 @@ class Vcpu:
         if self.run_page is not None:
             self.run_page.close()
             self.run_page = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.dup_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.dup_fd = -1
         for fd in (self.pipe_r, self.pipe_w):
             if fd >= 0:
                 os.close(fd)
@@ -551,7 +558,13 @@ class Vm:
         if self.options.block_in == "pipe":
             threading.Thread(target=self._io_thread, name="io", daemon=True).start()
         vcpus = [
-            {"vcpu_id": v.vcpu_id, "tid": v.tid, "fd": v.fd, "thread_name": v.thread_name}
+            {
+                "vcpu_id": v.vcpu_id,
+                "tid": v.tid,
+                "fd": v.fd,
+                "thread_name": v.thread_name,
+                **({"dup_fd": v.dup_fd} if v.dup_fd >= 0 else {}),
+            }
             for v in self.vcpus
         ]
         event: Dict[str, Any] = {
@@ -825,6 +838,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         help="arm64: the guest keeps loading from an unmapped address (an MMIO exit each"
         " time), so that an external data abort can be injected right after one",
     )
+    parser.add_argument(
+        "--dup-vcpu-fds",
+        action="store_true",
+        help="hold a second fd on every vCPU (a dup the vCPU thread never uses), as"
+        " Firecracker does; the ready event gives it as dup_fd",
+    )
     ns = parser.parse_args(argv)
     if not 1 <= ns.vcpus <= 32:
         parser.error("--vcpus must be between 1 and 32")
@@ -849,6 +868,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         mask_serror=ns.mask_serror,
         mmio_probe=ns.mmio_probe,
         block_in=ns.block_in,
+        dup_vcpu_fds=ns.dup_vcpu_fds,
     )
 
 
