@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Dict, NoReturn, Optional
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -64,6 +64,27 @@ def need_tool(tool: str, package: str) -> str:
     if path is None:
         missing(f"{tool} is not installed; run `make deps` (apt-get install {package})")
     return path
+
+
+#: where KVM's debugfs shows when debugfs is mounted (``make test`` runs the real-KVM
+#: tests a second time with it mounted, in a private mount namespace)
+DEBUGFS_KVM = "/sys/kernel/debug/kvm"
+
+
+def debugfs_kvm() -> bool:
+    """Whether KVM's debugfs is mounted (and readable) for this test run."""
+    return os.access(DEBUGFS_KVM, os.R_OK | os.X_OK)
+
+
+def without_debugfs(argv: Sequence[str]) -> List[str]:
+    """``argv`` run where debugfs is not mounted: when this run has it mounted, in a
+    private mount namespace of its own with debugfs unmounted (lazily: tracefs may
+    sit below it); the machine's and this run's mounts are untouched."""
+    if not debugfs_kvm():
+        return list(argv)
+    unshare = need_tool("unshare", "util-linux")
+    script = 'umount -l /sys/kernel/debug && exec "$@"'
+    return [unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
 def _kvm_missing() -> Optional[str]:
