@@ -1,6 +1,7 @@
 """Shared pytest configuration: resource markers that fail, not skip, in CI.
 
-A test marked ``kvm``, ``root``, ``qemu`` or ``cross`` needs that resource.
+A test marked ``kvm``, ``root``, ``qemu`` or ``cross`` needs that resource (``root``:
+CAP_SYS_PTRACE in the effective set, whatever the uid).
 Outside CI a missing resource skips the test with a reason that says how to
 enable it. With ``CI=true`` (set by ``.ci/run``) or ``SERRINJ_REQUIRE_ALL=1``
 a missing resource is a test failure: CI must never pass by skipping the
@@ -96,9 +97,26 @@ def _kvm_missing() -> Optional[str]:
     return None
 
 
+#: capability(7) number of CAP_SYS_PTRACE
+CAP_SYS_PTRACE = 19
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
 def _root_missing() -> Optional[str]:
-    if os.geteuid() != 0:
-        return "needs root (ptrace of another uid's VMM, seccomp filter reads); run as root"
+    # What the tests need is the capability, not the uid: root in a container may
+    # lack it, and a non-root user may hold it.
+    if not _effective_caps() & (1 << CAP_SYS_PTRACE):
+        return (
+            "needs CAP_SYS_PTRACE (ptrace of another uid's VMM, /proc/PID/fd of any"
+            " process); run as root"
+        )
     return None
 
 
