@@ -67,6 +67,19 @@ def need_tool(tool: str, package: str) -> str:
     return path
 
 
+#: PID_MAX_LIMIT (include/linux/threads.h) on 64-bit kernels: pid_max can be raised up
+#: to it, never above
+PID_MAX_LIMIT = 4 * 1024 * 1024
+
+
+def no_such_pid() -> int:
+    """A pid that no process has on this host, nor ever will: above PID_MAX_LIMIT and
+    above this host's pid_max (and still a valid pid_t)."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    return max(pid_max, PID_MAX_LIMIT) + 1
+
+
 #: where KVM's debugfs shows when debugfs is mounted (``make test`` runs the real-KVM
 #: tests a second time with it mounted, in a private mount namespace)
 DEBUGFS_KVM = "/sys/kernel/debug/kvm"

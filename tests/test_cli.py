@@ -29,7 +29,7 @@ import pytest
 
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
-from tests.conftest import debugfs_kvm, without_debugfs
+from tests.conftest import debugfs_kvm, no_such_pid, without_debugfs
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 
@@ -467,7 +467,7 @@ def test_mce_that_would_triple_fault_is_refused(start_vm: Callable[..., TestVmPr
 
 
 def test_unknown_pid_and_non_vm_pid() -> None:
-    pid = 4_000_000  # above the kernel's pid_max limit: never a process
+    pid = no_such_pid()
     r = serrinj("status", "--pid", pid)
     assert_error(r, ExitCode.NOT_FOUND, f"no process with pid {pid}")
     r = serrinj("nmi", "--json", "--pid", pid)

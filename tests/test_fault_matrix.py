@@ -38,7 +38,7 @@ from serrinj.errors import ExitCode
 from serrinj.remote import RemoteThread
 from serrinj.remote.arch import Registers
 from serrinj.testvm.process import TestVmProcess
-from tests.conftest import need_tool
+from tests.conftest import need_tool, no_such_pid
 
 X86 = os.uname().machine == "x86_64"
 pytestmark = [
@@ -976,7 +976,7 @@ def test_every_cli_injection_attempt_is_audited_with_its_outcome(
         (["nmi", "--pid", pid], 2, [("inject-nmi", "refused", None, "invalid-input")]),
         (["nmi", "--pid", pid, "--vcpu", 7], 3,
          [("inject-nmi", "refused", None, "target-not-found")]),
-        (["nmi", "--pid", 4_000_000], 3, [("inject-nmi", "refused", None, "target-not-found")]),
+        (["nmi", "--pid", no_such_pid()], 3, [("inject-nmi", "refused", None, "target-not-found")]),
         (["nmi", "--bogus"], 2, [("inject-nmi", "refused", None, "invalid-input")]),
         (["nmi", "--pid", pid, "--vcpu", 0, "--wait", "-1"], 2,
          [("inject-nmi", "refused", None, "invalid-input")]),
