@@ -26,6 +26,7 @@ from serrinj.remote import RemoteThread
 from serrinj.testvm.process import TestVmProcess
 from serrinj.vcpu import Vcpu
 from tests.conftest import debugfs_kvm
+from tests.helpers.procs import wait_stopped
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
@@ -149,7 +150,7 @@ def test_registers_identical_through_getregset_from_the_test(vm: TestVmProcess) 
     tid = vm.vcpu(0).tid
     os.kill(vm.pid, signal.SIGSTOP)
     try:
-        time.sleep(0.05)
+        wait_stopped(vm.pid)
         with RemoteThread(vm.pid, tid) as observer:
             regs_before = observer.saved
         tgt = target.resolve(pid=vm.pid, vcpu=0)

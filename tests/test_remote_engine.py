@@ -19,7 +19,7 @@ from serrinj.errors import Conflict, TargetGone, TargetNotFound
 from serrinj.remote import RemoteExecutor, RemoteThread
 from serrinj.remote.session import EngineError
 from tests.conftest import missing
-from tests.helpers.procs import Workload
+from tests.helpers.procs import Workload, task_states, wait_stopped
 
 pytestmark = pytest.mark.root
 
@@ -68,7 +68,7 @@ def test_registers_and_memory_identical_seen_from_outside(workload: Workload) ->
     separate observer, run an operation that borrows scratch memory, snapshot again."""
     os.kill(workload.pid, signal.SIGSTOP)
     try:
-        time.sleep(0.05)
+        wait_stopped(workload.pid)
         with RemoteThread(workload.pid, workload.tid) as observer:
             before = observer.saved
             assert before is not None
@@ -169,3 +169,17 @@ def test_engine_refuses_a_thread_without_user_code() -> None:
         f"task {pid} of process {pid} ({comm}) is a kernel worker without user code;"
         " it cannot run a syscall for serrinj"
     )
+
+
+@pytest.mark.parametrize("workload", ["spin"], indirect=True)
+def test_wait_stopped_waits_for_the_group_stop(workload: Workload) -> None:
+    """The helper the SIGSTOP tests use: it fails on a running process, and returns once
+    every thread shows the stop."""
+    with pytest.raises(AssertionError, match="not every thread"):
+        wait_stopped(workload.pid, timeout=0.2)
+    os.kill(workload.pid, signal.SIGSTOP)
+    try:
+        wait_stopped(workload.pid)
+        assert set(task_states(workload.pid).values()) == {"T"}
+    finally:
+        os.kill(workload.pid, signal.SIGCONT)
