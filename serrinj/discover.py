@@ -49,6 +49,8 @@ from serrinj.remote.arch import Arch, host_arch
 _VM_LINK = "anon_inode:kvm-vm"
 _VCPU_LINK = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
 _DEBUGFS_KVM = "/sys/kernel/debug/kvm"
+#: capability(7) numbers
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
 
 #: thread-name patterns of known VMMs -> (vmm kind, regex with the vCPU index)
 _THREAD_NAMES: Sequence[Tuple[str, re.Pattern[str]]] = (
@@ -526,6 +528,15 @@ def _fd_denial(pid: int) -> PermissionDenied:
                 reason = f": it runs as uid {sec.uid[0]} gid {sec.gid[0]}, serrinj as uid {fsuid}"
             elif sec.cap_permitted & ~caps:
                 reason = ": it holds capabilities serrinj lacks, and serrinj has no CAP_SYS_PTRACE"
+        elif not caps & (1 << _CAP_DAC_READ_SEARCH | 1 << _CAP_DAC_OVERRIDE):
+            owner = procfs.owner_uid(pid)
+            if owner != fsuid:
+                # /proc/PID/fd (0500) and .../syscall (0400) belong to the VMM's uid: the
+                # file-mode check comes before the ptrace check that CAP_SYS_PTRACE passes
+                reason = (
+                    f": its /proc/PID/fd belongs to uid {owner}, serrinj runs as uid {fsuid};"
+                    " CAP_SYS_PTRACE does not pass that file-mode check, CAP_DAC_READ_SEARCH does"
+                )
     except ProcessLookupError:
         raise TargetGone(f"process {pid} exited") from None
     return PermissionDenied(
