@@ -387,6 +387,18 @@ def kvm_prefix(tmp_path: Path) -> List[str]:
 
 
 @pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """The audit log and locks of uid 65534's runs (the module's shared directory may
+    hold a lock directory that an earlier root run made)."""
+    d = Path(tempfile.mkdtemp(prefix="serrinj-priv-"))
+    try:
+        d.chmod(0o777)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def nobody_vmm_python(tmp_path: Path, kvm_prefix: List[str]) -> str:
     """A python that runs as uid 65534 holding CAP_NET_ADMIN (as a VMM given the right
     to set up its tap devices), where it may open /dev/kvm."""
@@ -404,7 +416,7 @@ def test_a_user_with_only_cap_sys_ptrace_injects_into_a_vmm_with_more_capabiliti
     start_vm: Callable[..., TestVmProcess],
     nobody_vmm_python: str,
     kvm_prefix: List[str],
-    shared_dir: Path,
+    nobody_dir: Path,
 ) -> None:
     """uid 65534 with CAP_SYS_PTRACE alone, against a VMM of the same uid that holds a
     capability it lacks: the kernel lets only CAP_SYS_PTRACE trace such a process. It
@@ -421,12 +433,12 @@ def test_a_user_with_only_cap_sys_ptrace_injects_into_a_vmm_with_more_capabiliti
     ).stdout  # fmt: skip
     assert "CapEff:\t0000000000080000" in caps and "CapPrm:\t0000000000080000" in caps, caps
     nocaps = [*AS_NOBODY, *NO_CAPS]
-    r = run_as(nocaps, "nmi", "--pid", vm.pid, "--vcpu", 1, shared=shared_dir, prefix=kvm_prefix)
+    r = run_as(nocaps, "nmi", "--pid", vm.pid, "--vcpu", 1, shared=nobody_dir, prefix=kvm_prefix)
     assert_refused(r, "capabilities serrinj lacks")
     assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
     def run(*args: object) -> Run:
-        return run_as(ONLY_PTRACE, *args, shared=shared_dir, prefix=kvm_prefix)
+        return run_as(ONLY_PTRACE, *args, shared=nobody_dir, prefix=kvm_prefix)
 
     r = run("list", "--json", "--pid", vm.pid)
     assert r.rc == 0, r
@@ -444,13 +456,13 @@ def test_a_user_with_only_cap_sys_ptrace_injects_into_a_vmm_with_more_capabiliti
 
 @pytest.mark.skipif(not X86, reason="x86_64 commands")
 def test_cap_sys_ptrace_alone_cannot_list_another_uids_fds(
-    start_vm: Callable[..., TestVmProcess], kvm_prefix: List[str], shared_dir: Path
+    start_vm: Callable[..., TestVmProcess], kvm_prefix: List[str], nobody_dir: Path
 ) -> None:
     """Against a root VMM, uid 65534 with CAP_SYS_PTRACE alone may trace it but may not
     list its /proc/PID/fd (mode 0500, owned by uid 0): that is a file-mode check, which
     needs CAP_DAC_READ_SEARCH. serrinj says so and sends nothing."""
     vm = start_vm()
-    r = run_as(ONLY_PTRACE, "nmi", "--pid", vm.pid, "--vcpu", 1, shared=shared_dir,
+    r = run_as(ONLY_PTRACE, "nmi", "--pid", vm.pid, "--vcpu", 1, shared=nobody_dir,
                prefix=kvm_prefix)  # fmt: skip
     assert_refused(r, f"cannot read the fds of process {vm.pid}", "uid 0", "CAP_DAC_READ_SEARCH")
     assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
