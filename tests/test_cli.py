@@ -283,6 +283,20 @@ def test_list_probe_maps_unnamed_spinning_vcpus(start_vm: Callable[..., TestVmPr
         assert got == {v.vcpu_id: (v.tid, ["debugfs"]) for v in vm.vcpus}
 
 
+@pytest.mark.parametrize("style", ["qemu", "kvmtool", "firecracker", "cloud-hypervisor", "crosvm"])
+def test_each_vmms_thread_names_map_busy_vcpus(
+    start_vm: Callable[..., TestVmProcess], style: str
+) -> None:
+    """Busy vCPUs (in the guest, so no syscall file names them) with debugfs out of
+    sight: the thread names of each VMM, as the test VM gives them, map every vCPU."""
+    vm = start_vm(vcpus=2, mode="spin", extra=["--thread-names", style])
+    r = serrinj_without_debugfs("list", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    (listed,) = r.data["vms"]
+    got = {v["vcpu_id"]: (v["tid"], v["thread_name"], v["mapped_by"]) for v in listed["vcpus"]}
+    assert got == {v.vcpu_id: (v.tid, v.thread_name, "name") for v in vm.vcpus}, r
+
+
 @pytest.mark.parametrize("mode", ["halt", "spin"])
 @pytest.mark.parametrize("names", ["qemu", "none"])
 def test_a_vmm_with_two_fds_per_vcpu(
