@@ -188,9 +188,14 @@ def qemu_name(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
+#: where libvirt's QEMU driver writes ``DOMAIN.pid`` for each running domain
+_LIBVIRT_RUN_DIRS: Tuple[str, ...] = ("/run/libvirt/qemu", "/var/run/libvirt/qemu")
+
+
 def _libvirt_names() -> Dict[int, str]:
+    """pid -> libvirt domain name, from the QEMU driver's pid files."""
     names: Dict[int, str] = {}
-    for base in ("/run/libvirt/qemu", "/var/run/libvirt/qemu"):
+    for base in _LIBVIRT_RUN_DIRS:
         try:
             entries = os.listdir(base)
         except OSError:

@@ -304,3 +304,23 @@ def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
     }
     text = render.to_plain(render.view_status(status))
     assert f"vCPU 1: debugfs said thread {T0}; thread {T1} (syscall) is used" in text
+
+
+def test_a_libvirt_domain_is_named_from_its_pid_file(
+    fake_proc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt starts QEMU with ``-name guest=DOMAIN``, and writes /run/libvirt/qemu/
+    DOMAIN.pid; a VMM whose command line has no name is named from that file, and
+    ``find(name=...)`` finds it. Unreadable or foreign files are ignored."""
+    monkeypatch.undo()  # drop the fixture's stub of _libvirt_names, keep a fake tree
+    monkeypatch.setattr(procfs, "PROC", str(fake_proc))
+    monkeypatch.setattr(discover, "_DEBUGFS_KVM", str(fake_proc.parent / "debugfs-kvm"))
+    run = fake_proc.parent / "run-libvirt-qemu"
+    run.mkdir()
+    (run / "web1.pid").write_text(f"{VMM}\n")
+    (run / "other.pid").write_text("not a pid\n")
+    (run / "web1.xml").write_text("<domstatus/>")
+    monkeypatch.setattr(discover, "_LIBVIRT_RUN_DIRS", (str(run), str(run / "missing")))
+    build_vmm(fake_proc, _worker_tasks("CPU 0/KVM", OTHER_FLAGS))
+    assert _only_vm().name == "web1"
+    assert discover.find(name="web1").pid == VMM
