@@ -74,7 +74,8 @@ class Thread:
     tid: int
     name: str
     #: "in-kvm-run" (blocked inside KVM_RUN: a halted/idle vCPU), "running"
-    #: (on a CPU: in the guest or in VMM code), "blocked" (in another syscall)
+    #: (on a CPU: in the guest or in VMM code), "blocked" (in another syscall),
+    #: "unknown" (its syscall file may not be read: Yama)
     state: str
     syscall_nr: Optional[int] = None
     seccomp_mode: int = 0
@@ -250,12 +251,21 @@ def _threads(pid: int, arch: Arch) -> List[Thread]:
         try:
             if procfs.stat(pid, tid).kernel_thread:
                 continue
-            sc = procfs.syscall(pid, tid)
             sec = procfs.task_security(pid, tid)
             name = procfs.comm(pid, tid)
+            try:
+                sc: Optional[procfs.SyscallState] = procfs.syscall(pid, tid)
+            except PermissionError:
+                # the syscall file needs ptrace *attach* access (Yama's ptrace_scope 1
+                # or 2 refuses it where the fds could be read): the state is unknown,
+                # and the refusal is explained when the thread is seized
+                sc = None
         except ProcessLookupError:
             continue  # the thread exited while we looked
         run_fd = None
+        if sc is None:
+            out.append(Thread(tid, name, "unknown", None, sec.seccomp_mode, sec.seccomp_filters))
+            continue
         if sc.running:
             state = "running"
         elif sc.nr == arch.nr["ioctl"] and len(sc.args) > 1 and sc.args[1] == KVM_RUN:
@@ -674,7 +684,7 @@ def probe(vm: Vm, timeout: float = 0.5) -> Vm:
     mapped_tids = {v.thread.tid for v in vm.vcpus if v.thread is not None}
     wanted = {fd for v in vm.unmapped for fd in v.fds}
     probed: List[Evidence] = []
-    order = {"running": 0, "in-kvm-run": 1, "blocked": 2}
+    order = {"running": 0, "in-kvm-run": 1, "unknown": 1, "blocked": 2}
     candidates = sorted(
         (t for t in vm.threads if t.tid not in mapped_tids), key=lambda t: order[t.state]
     )

@@ -324,3 +324,24 @@ def test_a_libvirt_domain_is_named_from_its_pid_file(
     build_vmm(fake_proc, _worker_tasks("CPU 0/KVM", OTHER_FLAGS))
     assert _only_vm().name == "web1"
     assert discover.find(name="web1").pid == VMM
+
+
+def test_a_syscall_file_denied_by_yama_leaves_the_state_unknown(
+    fake_proc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Yama's ptrace_scope 1 and 2 refuse /proc/PID/task/TID/syscall (it needs ptrace
+    *attach* access) where the fds may be read: discovery goes on without it (names
+    still map), and the seize that follows explains the refusal. It was an internal
+    error (a raw PermissionError)."""
+    _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
+
+    def denied(pid: int, tid: int) -> procfs.SyscallState:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(procfs, "syscall", denied)
+    vm = _only_vm()
+    assert {t.state for t in vm.threads} == {"unknown"}
+    assert [(v.vcpu_id, v.thread.tid if v.thread else None, v.mapped_by) for v in vm.vcpus] == [
+        (0, T0, "name"),
+        (1, T1, "name"),
+    ]
