@@ -77,14 +77,20 @@ def yama() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def vm(workdir: Path, yama: str) -> Iterator[TestVmProcess]:
-    """An arm64 test VM as uid 65534 with no capability; /dev/kvm opened to it."""
+def kvm_for_everyone() -> Iterator[None]:
+    """/dev/kvm open to every user (as a distribution's kvm group does), then put back."""
     mode = os.stat("/dev/kvm").st_mode & 0o7777
     os.chmod("/dev/kvm", 0o666)
     try:
-        proc = start_as_nobody(workdir)
+        yield
     finally:
         os.chmod("/dev/kvm", mode)
+
+
+@pytest.fixture(scope="module")
+def vm(workdir: Path, yama: str, kvm_for_everyone: None) -> Iterator[TestVmProcess]:
+    """An arm64 test VM as uid 65534 with no capability."""
+    proc = start_as_nobody(workdir)
     try:
         with open(f"/proc/{proc.pid}/status") as f:
             st = f.read()
