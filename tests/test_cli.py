@@ -297,6 +297,31 @@ def test_each_vmms_thread_names_map_busy_vcpus(
     assert got == {v.vcpu_id: (v.tid, v.thread_name, "name") for v in vm.vcpus}, r
 
 
+def test_two_vms_in_one_process_keep_their_vcpus_apart() -> None:
+    """One process, two VMs, each with a vCPU 0, and a dup of the first vCPU's fd: the
+    dup joins its vCPU (the same open file, by kcmp), the other VM's vCPU 0 stays a
+    vCPU of its own."""
+    helper = Path(__file__).resolve().parent / "helpers" / "two_vms.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(helper)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
+        assert ready and ready[0] == "READY", ready
+        vcpu1, dup1, vcpu2 = (int(x) for x in ready[1:])
+        r = serrinj("list", "--json", "--pid", proc.pid)
+        assert r.rc == 0, r
+        got = sorted((v["vcpu_id"], sorted(v["fds"])) for v in r.data["vms"][0]["vcpus"])
+        assert got == sorted([(0, sorted([vcpu1, dup1])), (0, [vcpu2])]), r
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
 @pytest.mark.parametrize("mode", ["halt", "spin"])
 @pytest.mark.parametrize("names", ["qemu", "none"])
 def test_a_vmm_with_two_fds_per_vcpu(
