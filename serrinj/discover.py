@@ -1,20 +1,36 @@
-"""Find KVM VMs, their vCPU fds and the thread that runs each vCPU.
+"""Find KVM VMs, their vCPUs and the thread that runs each vCPU.
 
-Everything comes from /proc (BRIEF section 6), in this order of trust:
+A vCPU is (VM, vcpu_id), not an fd: a VMM may hold several fds on one vCPU
+(Firecracker dups every vCPU fd for its VMM thread, and Python's ``mmap`` of
+``kvm_run`` dups the fd it maps). Every fd whose link reads
+``anon_inode:kvm-vcpu:<id>`` is collected; fds with the same id are one vCPU
+(``kcmp(KCMP_FILE)`` tells apart two VMs' vCPUs with the same id in one
+process). Any of a vCPU's fds may carry its ioctls, since KVM checks only the
+process; serrinj uses the one the thread itself runs KVM_RUN on when that is
+known, else the lowest.
 
-1. debugfs ``/sys/kernel/debug/kvm/<pid>-<vmfd>/vcpu<N>/pid``, when mounted
-   and readable: KVM's own record of the thread that last ran the vCPU;
-2. ``/proc/PID/task/TID/syscall``: a thread blocked in
-   ``ioctl(fd, KVM_RUN)`` names its vCPU fd (idle guests);
-3. a ptrace probe of the remaining threads, only when asked: the thread is
-   stopped, and the KVM_RUN it left (x86_64) or the next one it enters
-   (aarch64) names the fd; nothing of the thread is changed;
-4. the VMM's thread names (``CPU 1/KVM``, ``fc_vcpu 1``...), only as a
-   consistent hint;
-5. a VM with one vCPU and one candidate thread.
+Everything comes from /proc (BRIEF section 6). Each source below gives
+*evidence* (this thread runs this vCPU); all of it is gathered, and where two
+sources disagree the more direct one wins, in this order (:data:`SOURCES`):
 
-Kernel threads that live in a VMM's task list (``kvm-nx-lpage-recovery``)
-are skipped: they cannot be traced.
+1. ``syscall``: ``/proc/PID/task/TID/syscall`` shows the thread blocked in
+   ``ioctl(fd, KVM_RUN)`` on one of the vCPU's fds, now (idle guests);
+2. ``probe``: a ptrace probe, only when asked, of the threads still unmapped:
+   the thread is stopped, and the KVM_RUN it left (x86_64) or the next one it
+   enters (aarch64) names the fd, now; nothing of the thread is changed;
+3. ``debugfs``: ``/sys/kernel/debug/kvm/<tid>-<vmfd>/vcpu<N>/pid``, when
+   mounted and readable: KVM's record of the thread that *last entered*
+   KVM_RUN on vCPU N (right unless the VMM moved the vCPU since);
+4. ``name``: the VMM's thread names (``CPU 1/KVM``, ``fc_vcpu 1``...), whose
+   index is a CPU index, not always the vcpu_id: used only when they agree
+   with every mapping above;
+5. ``single``: a VM with one vCPU and one candidate thread.
+
+Each vCPU keeps its evidence: the sources that agreed with the winner and
+those that named another thread (shown by ``list`` and ``status``).
+
+Kernel threads and user workers that live in a VMM's task list
+(``kvm-nx-lpage-recovery``) are skipped: they cannot run a syscall for serrinj.
 """
 
 from __future__ import annotations
@@ -23,7 +39,7 @@ import errno
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from serrinj import _native, procfs
 from serrinj.errors import InvalidInput, PermissionDenied, TargetGone, TargetNotFound
@@ -33,6 +49,8 @@ from serrinj.remote.arch import Arch, host_arch
 _VM_LINK = "anon_inode:kvm-vm"
 _VCPU_LINK = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
 _DEBUGFS_KVM = "/sys/kernel/debug/kvm"
+#: capability(7) numbers
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
 
 #: thread-name patterns of known VMMs -> (vmm kind, regex with the vCPU index)
 _THREAD_NAMES: Sequence[Tuple[str, re.Pattern[str]]] = (
@@ -44,6 +62,11 @@ _THREAD_NAMES: Sequence[Tuple[str, re.Pattern[str]]] = (
 )
 
 
+#: the sources of evidence of which thread runs a vCPU, most direct first
+SOURCES: Tuple[str, ...] = ("syscall", "probe", "debugfs", "name", "single")
+_RANK = {source: i for i, source in enumerate(SOURCES)}
+
+
 @dataclass(frozen=True)
 class Thread:
     """A (non-kernel) thread of a VMM."""
@@ -51,22 +74,66 @@ class Thread:
     tid: int
     name: str
     #: "in-kvm-run" (blocked inside KVM_RUN: a halted/idle vCPU), "running"
-    #: (on a CPU: in the guest or in VMM code), "blocked" (in another syscall)
+    #: (on a CPU: in the guest or in VMM code), "blocked" (in another syscall),
+    #: "unknown" (its syscall file may not be read: Yama)
     state: str
     syscall_nr: Optional[int] = None
     seccomp_mode: int = 0
     seccomp_filters: int = 0
+    #: the fd of the KVM_RUN the thread is blocked in ("in-kvm-run" only)
+    kvm_run_fd: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One source's word on which thread runs a vCPU."""
+
+    source: str
+    tid: int
+    #: the vCPU fd the thread was seen using (syscall, probe)
+    fd: Optional[int] = None
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"source": self.source, "tid": self.tid, "fd": self.fd}
 
 
 @dataclass(frozen=True)
 class Vcpu:
-    """A vCPU fd of a VM and, when known, the thread that runs it."""
+    """A vCPU of a VM: its fds and, when known, the thread that runs it."""
 
     vcpu_id: int
+    #: the fd serrinj issues the vCPU's ioctls on: the one its thread runs
+    #: KVM_RUN on when known, else the lowest of :attr:`fds`
     fd: int
     thread: Optional[Thread] = None
-    #: how the thread was found: debugfs, syscall, probe, name, single, or "" if unknown
+    #: the most direct source that named the thread (see :data:`SOURCES`), or
+    #: "" if unknown
     mapped_by: str = ""
+    #: every fd of the VMM on this vCPU (``(fd,)`` when not given)
+    fds: Tuple[int, ...] = ()
+    #: everything every source said about this vCPU, most direct first
+    evidence: Tuple[Evidence, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.fds:
+            object.__setattr__(self, "fds", (self.fd,))
+
+    @property
+    def sources(self) -> Tuple[str, ...]:
+        """The sources that named the thread that runs it (the winner first)."""
+        if self.thread is None:
+            return ()
+        tid = self.thread.tid
+        agreed = [e.source for e in self.evidence if e.tid == tid]
+        if self.mapped_by and self.mapped_by not in agreed:
+            agreed.insert(0, self.mapped_by)
+        return tuple(dict.fromkeys(agreed))
+
+    @property
+    def disagreements(self) -> Tuple[Evidence, ...]:
+        """Evidence that named another thread than the one used (which lost)."""
+        tid = self.thread.tid if self.thread is not None else None
+        return tuple(e for e in self.evidence if e.tid != tid)
 
 
 @dataclass(frozen=True)
@@ -122,21 +189,22 @@ def qemu_name(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
-#: where libvirt's QEMU driver writes ``<domain>.pid`` for each running domain
-LIBVIRT_RUN_DIRS = ("/run/libvirt/qemu", "/var/run/libvirt/qemu")
+#: where libvirt's QEMU driver writes ``DOMAIN.pid`` for each running domain
+LIBVIRT_RUN_DIRS: Tuple[str, ...] = ("/run/libvirt/qemu", "/var/run/libvirt/qemu")
 
 
 def libvirt_pid(domain: str) -> Optional[int]:
     """The QEMU pid libvirt recorded for the running ``domain`` (``None``: no such record)."""
-    for pid, name in _libvirt_names(LIBVIRT_RUN_DIRS).items():
+    for pid, name in _libvirt_names().items():
         if name == domain:
             return pid
     return None
 
 
-def _libvirt_names(dirs: Sequence[str] = ()) -> Dict[int, str]:
+def _libvirt_names() -> Dict[int, str]:
+    """pid -> libvirt domain name, from the QEMU driver's pid files."""
     names: Dict[int, str] = {}
-    for base in dirs or LIBVIRT_RUN_DIRS:
+    for base in LIBVIRT_RUN_DIRS:
         try:
             entries = os.listdir(base)
         except OSError:
@@ -191,28 +259,79 @@ def _threads(pid: int, arch: Arch) -> List[Thread]:
         try:
             if procfs.stat(pid, tid).kernel_thread:
                 continue
-            sc = procfs.syscall(pid, tid)
             sec = procfs.task_security(pid, tid)
             name = procfs.comm(pid, tid)
+            try:
+                sc: Optional[procfs.SyscallState] = procfs.syscall(pid, tid)
+            except PermissionError:
+                # the syscall file needs ptrace *attach* access (Yama's ptrace_scope 1
+                # or 2 refuses it where the fds could be read): the state is unknown,
+                # and the refusal is explained when the thread is seized
+                sc = None
         except ProcessLookupError:
             continue  # the thread exited while we looked
+        run_fd = None
+        if sc is None:
+            out.append(Thread(tid, name, "unknown", None, sec.seccomp_mode, sec.seccomp_filters))
+            continue
         if sc.running:
             state = "running"
         elif sc.nr == arch.nr["ioctl"] and len(sc.args) > 1 and sc.args[1] == KVM_RUN:
             state = "in-kvm-run"
+            run_fd = sc.args[0]
         else:
             state = "blocked"
-        out.append(Thread(tid, name, state, sc.nr, sec.seccomp_mode, sec.seccomp_filters))
+        out.append(Thread(tid, name, state, sc.nr, sec.seccomp_mode, sec.seccomp_filters, run_fd))
     return out
 
 
-def _debugfs_map(pid: int, vm_fds: Sequence[int]) -> Dict[int, int]:
-    """vcpu_id -> tid from KVM's debugfs, when available."""
-    out: Dict[int, int] = {}
-    for vm_fd in vm_fds:
-        base = f"{_DEBUGFS_KVM}/{pid}-{vm_fd}"
+def _group_vcpu_fds(pid: int, vcpu_fds: Dict[int, int]) -> List[Tuple[int, Tuple[int, ...]]]:
+    """(vcpu_id, fds) per vCPU: the fds with one vcpu_id are one vCPU, unless
+    ``kcmp(KCMP_FILE)`` says they are different open files (two VMs in one
+    process, each with a vCPU of that id). A dup'ed fd is the same open file."""
+    by_id: Dict[int, List[int]] = {}
+    for fd, vid in sorted(vcpu_fds.items()):
+        by_id.setdefault(vid, []).append(fd)
+    out: List[Tuple[int, Tuple[int, ...]]] = []
+    for vid, fds in sorted(by_id.items()):
+        files: List[List[int]] = []
+        for fd in fds:
+            for same in files:
+                if _same_file(pid, same[0], fd):
+                    same.append(fd)
+                    break
+            else:
+                files.append([fd])
+        out.extend((vid, tuple(f)) for f in files)
+    return out
+
+
+def _same_file(pid: int, fd1: int, fd2: int) -> bool:
+    try:
+        return _native.kcmp_file(pid, fd1, pid, fd2) == 0
+    except OSError:
+        return True  # kcmp unavailable (or the process is gone): by the id alone
+
+
+def _debugfs_evidence(pid: int, tids: Iterable[int]) -> List[Tuple[int, int]]:
+    """(vcpu_id, tid) from KVM's debugfs, when mounted and readable.
+
+    KVM names a VM's directory ``<tid>-<fd>`` after the thread that created it
+    (the VMM's main thread or another one) and the VM fd number it got then.
+    """
+    owners = {pid, *tids}
+    out: List[Tuple[int, int]] = []
+    try:
+        dirs = sorted(os.listdir(_DEBUGFS_KVM))
+    except OSError:
+        return out
+    for d in dirs:
+        creator, sep, vm_fd = d.partition("-")
+        if not sep or not creator.isdigit() or not vm_fd.isdigit() or int(creator) not in owners:
+            continue
+        base = f"{_DEBUGFS_KVM}/{d}"
         try:
-            entries = os.listdir(base)
+            entries = sorted(os.listdir(base))
         except OSError:
             continue
         for entry in entries:
@@ -224,74 +343,96 @@ def _debugfs_map(pid: int, vm_fds: Sequence[int]) -> Dict[int, int]:
             except (OSError, ValueError):
                 continue
             if tid > 0:
-                out[int(entry[4:])] = tid
+                out.append((int(entry[4:]), tid))
     return out
 
 
-def _map_vcpus(
-    pid: int,
-    vm_fds: Sequence[int],
-    vcpu_fds: Dict[int, int],
-    threads: Sequence[Thread],
-    arch: Arch,
-) -> List[Vcpu]:
-    by_tid = {t.tid: t for t in threads}
-    vcpus = {fd: Vcpu(vcpu_id=vid, fd=fd) for fd, vid in vcpu_fds.items()}
-    taken: Dict[int, int] = {}  # tid -> fd
-
-    def assign(fd: int, tid: int, how: str) -> None:
-        if fd in vcpus and vcpus[fd].thread is None and tid in by_tid and tid not in taken:
-            vcpus[fd] = replace(vcpus[fd], thread=by_tid[tid], mapped_by=how)
-            taken[tid] = fd
-
-    id_to_fd = {vid: fd for fd, vid in vcpu_fds.items()}
-    for vid, tid in _debugfs_map(pid, vm_fds).items():
-        if vid in id_to_fd:
-            assign(id_to_fd[vid], tid, "debugfs")
-    for t in threads:
-        if t.state == "in-kvm-run":
-            try:
-                sc = procfs.syscall(pid, t.tid)
-            except ProcessLookupError:
-                continue
-            if sc.args:
-                assign(sc.args[0], t.tid, "syscall")
-    _map_by_names(vcpus, threads, taken, assign)
-    unmapped = [fd for fd, v in vcpus.items() if v.thread is None]
-    free = [t for t in threads if t.tid not in taken and t.state != "blocked"]
-    if len(vcpus) == 1 and len(unmapped) == 1 and len(free) == 1:
-        assign(unmapped[0], free[0].tid, "single")
-    return sorted(vcpus.values(), key=lambda v: v.vcpu_id)
+def debugfs_available() -> bool:
+    """Whether KVM's debugfs directory is mounted and readable here."""
+    return os.access(_DEBUGFS_KVM, os.R_OK | os.X_OK)
 
 
-def _map_by_names(
-    vcpus: Dict[int, Vcpu],
-    threads: Sequence[Thread],
-    taken: Dict[int, int],
-    assign: Callable[[int, int, str], None],
-) -> None:
-    """Use VMM thread names, but only when they agree with everything known.
-
-    A name's index is the VMM's CPU index, which is the vcpu_id in the common
-    case (QEMU's cpu_index equals the KVM id for simple topologies). The hint
-    is used only when every already-mapped vCPU agrees with it.
-    """
-    named: Dict[int, int] = {}
+def _name_evidence(threads: Sequence[Thread]) -> List[Tuple[int, int]]:
+    """(index, tid) from the VMM's vCPU thread names."""
+    out = []
     for t in threads:
         for _kind, pattern in _THREAD_NAMES:
             m = pattern.match(t.name)
             if m:
-                named[int(m.group(1))] = t.tid
+                out.append((int(m.group(1)), t.tid))
                 break
-    if not named:
-        return
-    for v in vcpus.values():
-        if v.thread is not None and named.get(v.vcpu_id, v.thread.tid) != v.thread.tid:
-            return  # the names disagree with a mapping we trust: ignore them
-    for fd, v in list(vcpus.items()):
-        tid = named.get(v.vcpu_id)
-        if tid is not None:
-            assign(fd, tid, "name")
+    return out
+
+
+def map_vcpus(
+    groups: Sequence[Tuple[int, Tuple[int, ...]]],
+    threads: Sequence[Thread],
+    debugfs: Sequence[Tuple[int, int]] = (),
+    probed: Sequence[Evidence] = (),
+) -> List[Vcpu]:
+    """Weigh every source's evidence and map each vCPU to at most one thread.
+
+    ``groups`` is (vcpu_id, fds) per vCPU. Evidence is taken most direct first
+    (:data:`SOURCES`); a vCPU and a thread are each mapped once. The names are
+    used only when they agree with every mapping made from the other sources:
+    a name's index is the VMM's CPU index, and one that disagrees means the
+    indices are not the vcpu_ids (e.g. x86 APIC ids with gaps).
+    """
+    by_tid = {t.tid: t for t in threads}
+    fd_to_group = {fd: i for i, (_vid, fds) in enumerate(groups) for fd in fds}
+    ids: Dict[int, List[int]] = {}
+    for i, (vid, _fds) in enumerate(groups):
+        ids.setdefault(vid, []).append(i)
+    claims: List[Tuple[int, Evidence]] = []  # (group index, evidence)
+    for t in threads:
+        if t.kvm_run_fd is not None and t.kvm_run_fd in fd_to_group:
+            claims.append((fd_to_group[t.kvm_run_fd], Evidence("syscall", t.tid, t.kvm_run_fd)))
+    for e in probed:
+        if e.fd is not None and e.fd in fd_to_group and e.tid in by_tid:
+            claims.append((fd_to_group[e.fd], e))
+    for source, pairs in (("debugfs", debugfs), ("name", _name_evidence(threads))):
+        for vid, tid in pairs:
+            # an id held by two VMs of one process is ambiguous: no claim
+            if tid in by_tid and len(ids.get(vid, ())) == 1:
+                claims.append((ids[vid][0], Evidence(source, tid)))
+    claims.sort(key=lambda c: _RANK[c[1].source])
+
+    winner: Dict[int, Evidence] = {}
+    taken: Dict[int, int] = {}  # tid -> group index
+
+    def take(gi: int, e: Evidence) -> None:
+        if gi not in winner and e.tid not in taken:
+            winner[gi] = e
+            taken[e.tid] = gi
+
+    for gi, e in claims:
+        if e.source != "name":
+            take(gi, e)
+    names = [(gi, e) for gi, e in claims if e.source == "name"]
+    if all(winner[gi].tid == e.tid for gi, e in names if gi in winner) and all(
+        taken.get(e.tid, gi) == gi for gi, e in names
+    ):
+        for gi, e in names:
+            take(gi, e)
+    unmapped = [gi for gi in range(len(groups)) if gi not in winner]
+    free = [t for t in threads if t.tid not in taken and t.state != "blocked"]
+    if len(groups) == 1 and len(unmapped) == 1 and len(free) == 1:
+        e = Evidence("single", free[0].tid)
+        claims.append((0, e))
+        take(0, e)
+
+    out = []
+    for gi, (vid, fds) in enumerate(groups):
+        evidence = tuple(e for g, e in claims if g == gi)
+        w = winner.get(gi)
+        if w is None:
+            out.append(Vcpu(vid, fds[0], fds=fds, evidence=evidence))
+            continue
+        # the fd the thread itself was seen on, else the one another source saw, else the lowest
+        seen = [e.fd for e in evidence if e.tid == w.tid and e.fd is not None]
+        fd = seen[0] if seen else fds[0]
+        out.append(Vcpu(vid, fd, by_tid[w.tid], w.source, fds, evidence))
+    return sorted(out, key=lambda v: (v.vcpu_id, v.fds))
 
 
 def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
@@ -308,7 +449,9 @@ def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
     comm = procfs.comm(pid)
     argv = procfs.cmdline(pid)
     threads = _threads(pid, arch)
-    vcpus = _map_vcpus(pid, vm_fds, vcpu_fds, threads, arch)
+    vcpus = map_vcpus(
+        _group_vcpu_fds(pid, vcpu_fds), threads, _debugfs_evidence(pid, (t.tid for t in threads))
+    )
     name = qemu_name(argv) or _libvirt_names().get(pid)
     uid = procfs.task_security(pid).uid[1]
     return Vm(
@@ -408,6 +551,15 @@ def _fd_denial(pid: int) -> PermissionDenied:
                 reason = f": it runs as uid {sec.uid[0]} gid {sec.gid[0]}, serrinj as uid {fsuid}"
             elif sec.cap_permitted & ~caps:
                 reason = ": it holds capabilities serrinj lacks, and serrinj has no CAP_SYS_PTRACE"
+        elif not caps & (1 << _CAP_DAC_READ_SEARCH | 1 << _CAP_DAC_OVERRIDE):
+            owner = procfs.owner_uid(pid)
+            if owner != fsuid:
+                # /proc/PID/fd (0500) and .../syscall (0400) belong to the VMM's uid: the
+                # file-mode check comes before the ptrace check that CAP_SYS_PTRACE passes
+                reason = (
+                    f": its /proc/PID/fd belongs to uid {owner}, serrinj runs as uid {fsuid};"
+                    " CAP_SYS_PTRACE does not pass that file-mode check, CAP_DAC_READ_SEARCH does"
+                )
     except ProcessLookupError:
         raise TargetGone(f"process {pid} exited") from None
     return PermissionDenied(
@@ -538,14 +690,14 @@ def probe(vm: Vm, timeout: float = 0.5) -> Vm:
     if not vm.unmapped:
         return vm
     mapped_tids = {v.thread.tid for v in vm.vcpus if v.thread is not None}
-    by_fd = {v.fd: v for v in vm.vcpus}
-    found: Dict[int, Thread] = {}
-    order = {"running": 0, "in-kvm-run": 1, "blocked": 2}
+    wanted = {fd for v in vm.unmapped for fd in v.fds}
+    probed: List[Evidence] = []
+    order = {"running": 0, "in-kvm-run": 1, "unknown": 1, "blocked": 2}
     candidates = sorted(
         (t for t in vm.threads if t.tid not in mapped_tids), key=lambda t: order[t.state]
     )
     for t in candidates:
-        if len(found) == len(vm.unmapped):
+        if not wanted:
             break
         if t.seccomp_mode == 1:
             continue
@@ -557,9 +709,9 @@ def probe(vm: Vm, timeout: float = 0.5) -> Vm:
                     fd = rt.step_to_kvm_run_entry(timeout)
         except TargetGone:
             continue
-        if fd is not None and fd in by_fd and by_fd[fd].thread is None and fd not in found:
-            found[fd] = t
-    vcpus = tuple(
-        replace(v, thread=found[v.fd], mapped_by="probe") if v.fd in found else v for v in vm.vcpus
-    )
-    return replace(vm, vcpus=vcpus)
+        if fd is not None and fd in wanted:
+            probed.append(Evidence("probe", t.tid, fd))
+            wanted -= set(next(v.fds for v in vm.unmapped if fd in v.fds))
+    groups = [(v.vcpu_id, v.fds) for v in vm.vcpus]
+    debugfs = [(v.vcpu_id, e.tid) for v in vm.vcpus for e in v.evidence if e.source == "debugfs"]
+    return replace(vm, vcpus=tuple(map_vcpus(groups, vm.threads, debugfs, probed)))

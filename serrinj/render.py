@@ -500,11 +500,11 @@ def view_list(data: Mapping[str, Any]) -> Doc:
         )
         rows: List[List[Cell]] = []
         for v in vm["vcpus"]:
-            mapped = v.get("mapped_by")
+            mapped = "+".join(v.get("sources") or ()) or v.get("mapped_by")
             rows.append(
                 [
                     str(v["vcpu_id"]),
-                    str(v["fd"]),
+                    _fds_text(v),
                     str(v["tid"]) if v.get("tid") is not None else Styled("?", WARN),
                     v.get("thread_name") or "-",
                     v.get("thread_state") or "-",
@@ -516,8 +516,33 @@ def view_list(data: Mapping[str, Any]) -> Doc:
             doc.append(
                 Table(["vCPU", "fd", "tid", "thread", "state", "mapped by", "seccomp"], rows)
             )
+            doc.extend(_disagreements(vm["vcpus"]))
         else:
             doc.append(Line(Styled("no vCPUs yet", WARN)))
+    return doc
+
+
+def _fds_text(v: Mapping[str, Any]) -> str:
+    """The vCPU's fds, the one serrinj uses first (``7`` or ``7,8``)."""
+    fds = [v["fd"]] + [fd for fd in v.get("fds") or () if fd != v["fd"]]
+    return ",".join(str(fd) for fd in fds)
+
+
+def _disagreements(vcpus: Sequence[Mapping[str, Any]]) -> Doc:
+    """One line per vCPU whose sources named different threads."""
+    doc: Doc = []
+    for v in vcpus:
+        th = v.get("thread")
+        info = th if isinstance(th, Mapping) else v
+        lost = info.get("disagreements") or ()
+        if not lost:
+            continue
+        tid = info.get("tid")
+        said = "; ".join(f"{e['source']} said thread {e['tid']}" for e in lost)
+        used = (
+            f"thread {tid} ({info.get('mapped_by')}) is used" if tid is not None else "none is used"
+        )
+        doc.append(Line(Styled(f"vCPU {v['vcpu_id']}: {said}; {used}", WARN)))
     return doc
 
 
@@ -582,6 +607,7 @@ def view_status(data: Mapping[str, Any]) -> Doc:
             ]
         )
     doc.append(Table(["vCPU", "tid", "thread", "state", "mp_state", "events"], rows))
+    doc.extend(_disagreements(data["vcpus"]))
     for v in data["vcpus"]:
         if arch == "aarch64":
             doc.extend(_arm64_detail(v))

@@ -1,6 +1,7 @@
 """Shared pytest configuration: resource markers that fail, not skip, in CI.
 
-A test marked ``kvm``, ``root``, ``qemu`` or ``cross`` needs that resource.
+A test marked ``kvm``, ``root``, ``qemu`` or ``cross`` needs that resource (``root``:
+CAP_SYS_PTRACE in the effective set, whatever the uid).
 Outside CI a missing resource skips the test with a reason that says how to
 enable it. With ``CI=true`` (set by ``.ci/run``) or ``SERRINJ_REQUIRE_ALL=1``
 a missing resource is a test failure: CI must never pass by skipping the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Dict, NoReturn, Optional
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -39,8 +40,14 @@ settings.register_profile(
     max_examples=30,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# On CI's loaded 2-CPU machine one example of a property can take longer than
+# hypothesis' default 200 ms deadline without anything being wrong: CI keeps the
+# examples and health checks, without per-example deadlines.
+settings.register_profile("ci", deadline=None)
 if _inside_arm64_lab():
     settings.load_profile("lab")
+elif os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 
 def _strict() -> bool:
@@ -66,6 +73,40 @@ def need_tool(tool: str, package: str) -> str:
     return path
 
 
+#: PID_MAX_LIMIT (include/linux/threads.h) on 64-bit kernels: pid_max can be raised up
+#: to it, never above
+PID_MAX_LIMIT = 4 * 1024 * 1024
+
+
+def no_such_pid() -> int:
+    """A pid that no process has on this host, nor ever will: above PID_MAX_LIMIT and
+    above this host's pid_max (and still a valid pid_t)."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    return max(pid_max, PID_MAX_LIMIT) + 1
+
+
+#: where KVM's debugfs shows when debugfs is mounted (``make test`` runs the real-KVM
+#: tests a second time with it mounted, in a private mount namespace)
+DEBUGFS_KVM = "/sys/kernel/debug/kvm"
+
+
+def debugfs_kvm() -> bool:
+    """Whether KVM's debugfs is mounted (and readable) for this test run."""
+    return os.access(DEBUGFS_KVM, os.R_OK | os.X_OK)
+
+
+def without_debugfs(argv: Sequence[str]) -> List[str]:
+    """``argv`` run where debugfs is not mounted: when this run has it mounted, in a
+    private mount namespace of its own with debugfs unmounted (lazily: tracefs may
+    sit below it); the machine's and this run's mounts are untouched."""
+    if not debugfs_kvm():
+        return list(argv)
+    unshare = need_tool("unshare", "util-linux")
+    script = 'umount -l /sys/kernel/debug && exec "$@"'
+    return [unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+
+
 def _kvm_missing() -> Optional[str]:
     try:
         fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
@@ -75,9 +116,26 @@ def _kvm_missing() -> Optional[str]:
     return None
 
 
+#: capability(7) number of CAP_SYS_PTRACE
+CAP_SYS_PTRACE = 19
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
 def _root_missing() -> Optional[str]:
-    if os.geteuid() != 0:
-        return "needs root (ptrace of another uid's VMM, seccomp filter reads); run as root"
+    # What the tests need is the capability, not the uid: root in a container may
+    # lack it, and a non-root user may hold it.
+    if not _effective_caps() & (1 << CAP_SYS_PTRACE):
+        return (
+            "needs CAP_SYS_PTRACE (ptrace of another uid's VMM, /proc/PID/fd of any"
+            " process); run as root"
+        )
     return None
 
 

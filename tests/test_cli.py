@@ -29,6 +29,7 @@ import pytest
 
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
+from tests.conftest import debugfs_kvm, no_such_pid, without_debugfs
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 
@@ -72,6 +73,15 @@ def serrinj(*args: object, env: Optional[Dict[str, str]] = None) -> Result:
         text=True,
         timeout=TIMEOUT,
         env={**os.environ, **(env or {})},
+    )
+    return Result(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def serrinj_without_debugfs(*args: object) -> Result:
+    """:func:`serrinj` where debugfs is not mounted (see ``conftest.without_debugfs``)."""
+    argv = [str(a) for a in args]
+    proc = subprocess.run(
+        without_debugfs([*SERRINJ, *argv]), capture_output=True, text=True, timeout=TIMEOUT
     )
     return Result(argv, proc.returncode, proc.stdout, proc.stderr)
 
@@ -256,15 +266,102 @@ def test_inherited_fd_is_traced_back_to_its_vmm(start_vm: Callable[..., TestVmPr
 
 
 def test_list_probe_maps_unnamed_spinning_vcpus(start_vm: Callable[..., TestVmProcess]) -> None:
+    """Busy vCPUs on unnamed threads: only a probe finds them where debugfs is not
+    mounted (run so even in the debugfs pass); with debugfs, KVM names them."""
     vm = start_vm(vcpus=2, mode="spin", extra=["--thread-names", "none"])
     time.sleep(0.2)
-    r = serrinj("list", "--json", "--pid", vm.pid)
+    r = serrinj_without_debugfs("list", "--json", "--pid", vm.pid)
     assert r.rc == 0, r
     assert all(v["tid"] is None for v in r.data["vms"][0]["vcpus"])
-    r = serrinj("list", "--json", "--pid", vm.pid, "--probe")
+    r = serrinj_without_debugfs("list", "--json", "--pid", vm.pid, "--probe")
     assert r.rc == 0, r
     got = {v["vcpu_id"]: (v["tid"], v["mapped_by"]) for v in r.data["vms"][0]["vcpus"]}
     assert got == {v.vcpu_id: (v.tid, "probe") for v in vm.vcpus}
+    if debugfs_kvm():
+        r = serrinj("list", "--json", "--pid", vm.pid)
+        got = {v["vcpu_id"]: (v["tid"], v["sources"]) for v in r.data["vms"][0]["vcpus"]}
+        assert got == {v.vcpu_id: (v.tid, ["debugfs"]) for v in vm.vcpus}
+
+
+@pytest.mark.parametrize("style", ["qemu", "kvmtool", "firecracker", "cloud-hypervisor", "crosvm"])
+def test_each_vmms_thread_names_map_busy_vcpus(
+    start_vm: Callable[..., TestVmProcess], style: str
+) -> None:
+    """Busy vCPUs (in the guest, so no syscall file names them) with debugfs out of
+    sight: the thread names of each VMM, as the test VM gives them, map every vCPU."""
+    vm = start_vm(vcpus=2, mode="spin", extra=["--thread-names", style])
+    r = serrinj_without_debugfs("list", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    (listed,) = r.data["vms"]
+    got = {v["vcpu_id"]: (v["tid"], v["thread_name"], v["mapped_by"]) for v in listed["vcpus"]}
+    assert got == {v.vcpu_id: (v.tid, v.thread_name, "name") for v in vm.vcpus}, r
+
+
+def test_two_vms_in_one_process_keep_their_vcpus_apart() -> None:
+    """One process, two VMs, each with a vCPU 0, and a dup of the first vCPU's fd: the
+    dup joins its vCPU (the same open file, by kcmp), the other VM's vCPU 0 stays a
+    vCPU of its own."""
+    helper = Path(__file__).resolve().parent / "helpers" / "two_vms.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(helper)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
+        assert ready and ready[0] == "READY", ready
+        vcpu1, dup1, vcpu2 = (int(x) for x in ready[1:])
+        r = serrinj("list", "--json", "--pid", proc.pid)
+        assert r.rc == 0, r
+        got = sorted((v["vcpu_id"], sorted(v["fds"])) for v in r.data["vms"][0]["vcpus"])
+        assert got == sorted([(0, sorted([vcpu1, dup1])), (0, [vcpu2])]), r
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.parametrize("mode", ["halt", "spin"])
+@pytest.mark.parametrize("names", ["qemu", "none"])
+def test_a_vmm_with_two_fds_per_vcpu(
+    start_vm: Callable[..., TestVmProcess], mode: str, names: str
+) -> None:
+    """A VMM that holds a second fd on every vCPU (Firecracker; Python's mmap of
+    kvm_run): each vCPU is listed once with both fds, status, nmi and events save
+    succeed on it, and the guest observes the NMI. Run with debugfs mounted and not."""
+    vm = start_vm(vcpus=2, mode=mode, extra=["--dup-vcpu-fds", "--thread-names", names])
+    want = {
+        v.vcpu_id: sorted((v.fd, vm.ready["vcpus"][i]["dup_fd"])) for i, v in enumerate(vm.vcpus)
+    }
+    assert all(a != b for a, b in want.values())
+    r = serrinj("list", "--json", "--pid", vm.pid, "--probe")
+    assert r.rc == 0, r
+    listed = r.data["vms"][0]["vcpus"]
+    assert {v["vcpu_id"]: sorted(v["fds"]) for v in listed} == want, r
+    assert len(listed) == 2
+    for v in listed:
+        assert v["tid"] == vm.vcpu(v["vcpu_id"]).tid, r
+        assert v["mapped_by"] == v["sources"][0] and v["disagreements"] == [], r
+        if debugfs_kvm():
+            assert "debugfs" in v["sources"], r
+        if mode == "halt":  # blocked in KVM_RUN on its own fd, not the dup
+            assert v["mapped_by"] == "syscall" and v["fd"] == vm.vcpu(v["vcpu_id"]).fd, r
+    text = serrinj("list", "--pid", vm.pid)
+    assert text.rc == 0 and "vcpus=2" in text.stdout, text
+    r = serrinj("status", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    assert [(s["vcpu_id"], s["thread"]["tid"]) for s in r.data["vcpus"]] == [
+        (v.vcpu_id, v.tid) for v in vm.vcpus
+    ]
+    mark = vm.mark()
+    r = serrinj("nmi", "--json", "--pid", vm.pid, "--vcpu", 1, "--wait")
+    assert r.rc == 0, r
+    ev = vm.wait_event(lambda e: e.get("event") == "nmi", 10.0, since=mark)
+    assert ev["vcpu"] == 1 and ev["count"] == 1
+    r = serrinj("events", "save", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    assert [v["vcpu_id"] for v in r.data["snapshot"]["vcpus"]] == [0, 1], r
 
 
 # ====================================================================== nmi / mce
@@ -409,7 +506,7 @@ def test_mce_that_would_triple_fault_is_refused(start_vm: Callable[..., TestVmPr
 
 
 def test_unknown_pid_and_non_vm_pid() -> None:
-    pid = 4_000_000  # above the kernel's pid_max limit: never a process
+    pid = no_such_pid()
     r = serrinj("status", "--pid", pid)
     assert_error(r, ExitCode.NOT_FOUND, f"no process with pid {pid}")
     r = serrinj("nmi", "--json", "--pid", pid)

@@ -1,4 +1,5 @@
-"""Discovery against a fake /proc tree: kernel workers in a VMM's task list.
+"""Discovery against a fake /proc tree: kernel workers in a VMM's task list, several
+fds on one vCPU, and the weighing of every source's evidence (a fake debugfs tree).
 
 KVM's ``kvm-nx-lpage-recovery`` worker lives in the VMM's task list (a kernel
 thread, PF_KTHREAD, before Linux 6.13; a user worker, PF_USER_WORKER, since),
@@ -72,7 +73,7 @@ def fake_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     monkeypatch.setattr(procfs, "PROC", str(root))
     # nothing of the real host may leak in: no debugfs, no libvirt names
-    monkeypatch.setattr(discover, "_DEBUGFS_KVM", str(tmp_path / "no-debugfs"))
+    monkeypatch.setattr(discover, "_DEBUGFS_KVM", str(tmp_path / "debugfs-kvm"))
     monkeypatch.setattr(discover, "_libvirt_names", lambda: {})
     return root
 
@@ -149,3 +150,198 @@ def test_the_fake_stat_is_parsed_as_the_kernel_writes_it(fake_proc: Path) -> Non
     st = procfs.stat(VMM, WORKER)
     assert st == procfs.Stat(state="S", flags=WORKER_FLAGS["kthread"], starttime=12345)
     assert st.kernel_thread and not procfs.stat(VMM, VCPU_THREAD).kernel_thread
+
+
+# ====================================================================== several fds, every source
+DUP_FD = 14  # a second fd on vCPU 0 (Firecracker dups every vCPU fd)
+VCPU1_FD = 12
+T0, T1 = VMM + 1, VMM + 2
+
+
+def _blocked_in(fd: int) -> str:
+    return _kvm_run_line(fd)
+
+
+def _two_vcpu_vmm(fake_proc: Path, tasks: Dict[int, Task]) -> None:
+    """:func:`build_vmm` plus vCPU 1 (fd 12) and a dup of vCPU 0 (fd 14)."""
+    build_vmm(fake_proc, tasks)
+    fds = fake_proc / str(VMM) / "fd"
+    (fds / str(VCPU1_FD)).symlink_to("anon_inode:kvm-vcpu:1")
+    (fds / str(DUP_FD)).symlink_to("anon_inode:kvm-vcpu:0")
+
+
+def _debugfs(fake_proc: Path, creator: int, vm_fd: int, pids: Dict[int, int]) -> None:
+    """KVM's debugfs: ``<creator tid>-<vm fd>/vcpuN/pid`` (the last thread in KVM_RUN)."""
+    base = fake_proc.parent / "debugfs-kvm" / f"{creator}-{vm_fd}"
+    for vid, tid in pids.items():
+        (base / f"vcpu{vid}").mkdir(parents=True)
+        (base / f"vcpu{vid}" / "pid").write_text(f"{tid}\n")
+
+
+def _tasks(**syscalls: str) -> Dict[int, Task]:
+    main = ("firecracker", OTHER_FLAGS, "7 0x5 0x1 0x0 0x0 0x8 0x0 0x7ffc2000 0x7f002000\n")
+    return {
+        MAIN: main,
+        T0: (syscalls.get("name0", "fc_vcpu 0"), OTHER_FLAGS, syscalls.get("t0", "running\n")),
+        T1: (syscalls.get("name1", "fc_vcpu 1"), OTHER_FLAGS, syscalls.get("t1", "running\n")),
+    }
+
+
+def test_two_fds_on_one_vcpu_are_one_vcpu_run_on_the_fd_its_thread_uses(
+    fake_proc: Path,
+) -> None:
+    """The thread runs KVM_RUN on the dup: vCPU 0 is listed once, with both fds, and
+    the ioctls go to the dup, the fd the thread itself uses."""
+    _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
+    vm = _only_vm()
+    assert [(v.vcpu_id, v.fds, v.fd) for v in vm.vcpus] == [
+        (0, (VCPU_FD, DUP_FD), DUP_FD),
+        (1, (VCPU1_FD,), VCPU1_FD),
+    ]
+    v0 = vm.vcpu(0)
+    assert v0.thread is not None and v0.thread.tid == T0
+    assert v0.sources == ("syscall", "name") and v0.disagreements == ()
+
+
+def test_debugfs_maps_busy_vcpus_on_unnamed_threads_and_any_fd_serves(
+    fake_proc: Path,
+) -> None:
+    """Both vCPUs in the guest (``running``), threads with no telling name: only
+    KVM's debugfs knows them. The VM was created by a thread other than the main
+    one (its directory is named after that thread), as some VMMs do."""
+    _two_vcpu_vmm(fake_proc, _tasks(name0="worker", name1="worker"))
+    _debugfs(fake_proc, T1, VM_FD, {0: T0, 1: T1})
+    _debugfs(fake_proc, 1, VM_FD, {0: 1, 1: 1})  # another process's VM: not this one's
+    vm = _only_vm()
+    assert [(v.vcpu_id, v.thread.tid if v.thread else None, v.sources) for v in vm.vcpus] == [
+        (0, T0, ("debugfs",)),
+        (1, T1, ("debugfs",)),
+    ]
+    assert vm.vcpu(0).fd == VCPU_FD  # the lowest: nothing says which one the thread uses
+
+
+def test_the_most_direct_evidence_wins_and_the_disagreement_is_kept(fake_proc: Path) -> None:
+    """debugfs says T1 last ran vCPU 0 (the VMM moved its vCPUs since), while T0 is
+    blocked in KVM_RUN on vCPU 0's dup and T1 on vCPU 1: the syscall files win."""
+    _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
+    _debugfs(fake_proc, VMM, VM_FD, {0: T1, 1: T0})
+    vm = _only_vm()
+    v0, v1 = vm.vcpus
+    assert v0.thread is not None and v0.thread.tid == T0 and v0.mapped_by == "syscall"
+    assert v1.thread is not None and v1.thread.tid == T1 and v1.mapped_by == "syscall"
+    assert v0.disagreements == (discover.Evidence("debugfs", T1),)
+    assert v1.disagreements == (discover.Evidence("debugfs", T0),)
+    assert v0.sources == ("syscall", "name")
+
+
+def test_names_that_disagree_with_the_kernel_map_nothing(fake_proc: Path) -> None:
+    """Thread ``fc_vcpu 0`` is blocked in vCPU 1's KVM_RUN (indices are not the ids
+    here): the names are ignored, so the busy thread named ``fc_vcpu 1`` is not taken
+    for vCPU 1, and vCPU 0 stays unmapped (a probe decides); the names are shown."""
+    _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(VCPU1_FD)))
+    vm = _only_vm()
+    v0, v1 = vm.vcpus
+    assert v1.thread is not None and v1.thread.tid == T0 and v1.mapped_by == "syscall"
+    assert v1.disagreements == (discover.Evidence("name", T1),)
+    assert v0.thread is None and v0.evidence == (discover.Evidence("name", T0),)
+
+
+def test_debugfs_naming_a_thread_of_no_process_here_is_ignored(fake_proc: Path) -> None:
+    """A tid that is none of the VMM's threads (another pid namespace, an exited
+    thread) maps nothing."""
+    _two_vcpu_vmm(fake_proc, _tasks(name0="worker", name1="worker"))
+    _debugfs(fake_proc, VMM, VM_FD, {0: VMM + 99, 1: T1})
+    vm = _only_vm()
+    assert vm.vcpu(0).thread is None and vm.vcpu(0).evidence == ()
+    assert vm.vcpu(1).mapped_by == "debugfs"
+
+
+def test_map_vcpus_takes_each_thread_once() -> None:
+    """Pure: two sources naming one thread for two vCPUs map it to the one the more
+    direct source names; the other vCPU keeps the losing claim as evidence."""
+    t = discover.Thread(tid=50, name="x", state="in-kvm-run", kvm_run_fd=8)
+    out = discover.map_vcpus([(0, (7,)), (1, (8, 9))], [t], debugfs=[(0, 50)])
+    assert [(v.vcpu_id, v.thread, v.fd) for v in out] == [(0, None, 7), (1, t, 8)]
+    assert out[0].evidence == (discover.Evidence("debugfs", 50),)
+    assert discover.SOURCES == ("syscall", "probe", "debugfs", "name", "single")
+
+
+def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
+    fake_proc: Path,
+) -> None:
+    """The text of ``list`` and ``status`` from the JSON of the disagreement above."""
+    from serrinj import render
+    from serrinj.ops.status import vm_dict
+
+    _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
+    _debugfs(fake_proc, VMM, VM_FD, {0: T1, 1: T0})
+    data = vm_dict(_only_vm())
+    text = render.to_plain(render.view_list({"vms": [data]}))
+    assert "vcpus=2" in text
+    assert f"  0     {DUP_FD},{VCPU_FD}  {T0}" in text
+    assert "syscall+name" in text
+    assert f"vCPU 0: debugfs said thread {T1}; thread {T0} (syscall) is used" in text
+    status = {
+        "host": {"arch": "x86_64", "api_version": 12, "caps": {}},
+        "vm": data,
+        "vcpus": [
+            {
+                "vcpu_id": 1,
+                "fd": VCPU1_FD,
+                "fds": [VCPU1_FD],
+                "thread": {
+                    "tid": T1,
+                    "name": "fc_vcpu 1",
+                    "mapped_by": "syscall",
+                    "sources": ["syscall", "name"],
+                    "disagreements": [{"source": "debugfs", "tid": T0, "fd": None}],
+                },
+                "state": "halted",
+                "mp_state": "halted",
+                "events": {},
+            }
+        ],
+    }
+    text = render.to_plain(render.view_status(status))
+    assert f"vCPU 1: debugfs said thread {T0}; thread {T1} (syscall) is used" in text
+
+
+def test_a_libvirt_domain_is_named_from_its_pid_file(
+    fake_proc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt starts QEMU with ``-name guest=DOMAIN``, and writes /run/libvirt/qemu/
+    DOMAIN.pid; a VMM whose command line has no name is named from that file, and
+    ``find(name=...)`` finds it. Unreadable or foreign files are ignored."""
+    monkeypatch.undo()  # drop the fixture's stub of _libvirt_names, keep a fake tree
+    monkeypatch.setattr(procfs, "PROC", str(fake_proc))
+    monkeypatch.setattr(discover, "_DEBUGFS_KVM", str(fake_proc.parent / "debugfs-kvm"))
+    run = fake_proc.parent / "run-libvirt-qemu"
+    run.mkdir()
+    (run / "web1.pid").write_text(f"{VMM}\n")
+    (run / "other.pid").write_text("not a pid\n")
+    (run / "web1.xml").write_text("<domstatus/>")
+    monkeypatch.setattr(discover, "LIBVIRT_RUN_DIRS", (str(run), str(run / "missing")))
+    build_vmm(fake_proc, _worker_tasks("CPU 0/KVM", OTHER_FLAGS))
+    assert _only_vm().name == "web1"
+    assert discover.find(name="web1").pid == VMM
+
+
+def test_a_syscall_file_denied_by_yama_leaves_the_state_unknown(
+    fake_proc: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Yama's ptrace_scope 1 and 2 refuse /proc/PID/task/TID/syscall (it needs ptrace
+    *attach* access) where the fds may be read: discovery goes on without it (names
+    still map), and the seize that follows explains the refusal. It was an internal
+    error (a raw PermissionError)."""
+    _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
+
+    def denied(pid: int, tid: int) -> procfs.SyscallState:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(procfs, "syscall", denied)
+    vm = _only_vm()
+    assert {t.state for t in vm.threads} == {"unknown"}
+    assert [(v.vcpu_id, v.thread.tid if v.thread else None, v.mapped_by) for v in vm.vcpus] == [
+        (0, T0, "name"),
+        (1, T1, "name"),
+    ]

@@ -38,7 +38,8 @@ from serrinj.errors import ExitCode
 from serrinj.remote import RemoteThread
 from serrinj.remote.arch import Registers
 from serrinj.testvm.process import TestVmProcess
-from tests.conftest import need_tool
+from tests.conftest import need_tool, no_such_pid
+from tests.helpers.procs import task_states, wait_stopped
 
 X86 = os.uname().machine == "x86_64"
 pytestmark = [
@@ -224,32 +225,10 @@ def frozen(pid: int) -> Iterator[None]:
     """SIGSTOP the whole VMM so that its registers hold still; SIGCONT on the way out."""
     os.kill(pid, signal.SIGSTOP)
     try:
-        _wait_all_stopped(pid)
+        wait_stopped(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
-
-
-def _task_states(pid: int) -> Dict[int, str]:
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        out[int(tid)] = raw[raw.rindex(")") + 2]
-    return out
-
-
-def _wait_all_stopped(pid: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        states = _task_states(pid)
-        if states and all(s in "Tt" for s in states.values()):
-            return
-        assert time.monotonic() < deadline, f"not every thread of {pid} stopped: {states}"
-        time.sleep(0.005)
 
 
 def audit_since(n: int) -> List[Dict[str, Any]]:
@@ -512,7 +491,7 @@ def test_stopped_vmm_takes_the_faults_after_sigcont(
     mark = vm.mark()
     os.kill(vm.pid, stop_sig)
     try:
-        _wait_all_stopped(vm.pid)
+        wait_stopped(vm.pid)
         before = observe(vm.pid, tid)
         r = serrinj("nmi", "--json", "--pid", vm.pid, "--vcpu", 1)
         assert r.rc == 0, r
@@ -528,7 +507,7 @@ def test_stopped_vmm_takes_the_faults_after_sigcont(
         assert after == before, before.diff(after)
         # still stopped: every thread, and the guest took nothing
         time.sleep(0.2)
-        assert all(s == "T" for s in _task_states(vm.pid).values()), _task_states(vm.pid)
+        assert all(s == "T" for s in task_states(vm.pid).values()), task_states(vm.pid)
         assert [e for e in vm.events_seen[mark:] if e.get("event") in ("nmi", "mce")] == []
     finally:
         os.kill(vm.pid, signal.SIGCONT)
@@ -557,11 +536,11 @@ def test_group_stop_beginning_mid_injection(
     run.wait_paused()
     os.kill(vm.pid, signal.SIGSTOP)
     try:
-        time.sleep(0.05)
+        wait_stopped(vm.pid)  # the held thread in its ptrace stop, the others in the group stop
         r = run.release()
         assert r.rc == 0, r
         assert r.data["injections"][0]["registers_restored"] is True
-        _wait_all_stopped(vm.pid)
+        wait_stopped(vm.pid)
         time.sleep(0.2)
         assert guest_nmis(vm, mark) == []
     finally:
@@ -976,7 +955,7 @@ def test_every_cli_injection_attempt_is_audited_with_its_outcome(
         (["nmi", "--pid", pid], 2, [("inject-nmi", "refused", None, "invalid-input")]),
         (["nmi", "--pid", pid, "--vcpu", 7], 3,
          [("inject-nmi", "refused", None, "target-not-found")]),
-        (["nmi", "--pid", 4_000_000], 3, [("inject-nmi", "refused", None, "target-not-found")]),
+        (["nmi", "--pid", no_such_pid()], 3, [("inject-nmi", "refused", None, "target-not-found")]),
         (["nmi", "--bogus"], 2, [("inject-nmi", "refused", None, "invalid-input")]),
         (["nmi", "--pid", pid, "--vcpu", 0, "--wait", "-1"], 2,
          [("inject-nmi", "refused", None, "invalid-input")]),

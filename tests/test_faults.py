@@ -17,7 +17,7 @@ from typing import Iterator, Tuple
 import pytest
 
 from serrinj.remote import RemoteThread
-from tests.helpers.procs import Workload
+from tests.helpers.procs import Workload, wait_stopped
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_signal_to_serrinj_mid_operation_restores_first(
     marker = tmp_path / "pause"
     os.kill(target.pid, signal.SIGSTOP)  # freeze the target so its registers can be compared
     try:
-        time.sleep(0.05)
+        wait_stopped(target.pid)
         before = _snapshot(target)
         proc = _driver(target, phase, marker)
         os.kill(proc.pid, sig)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -105,8 +107,9 @@ def run_as(
     *args: object,
     shared: Path,
     strace_to: Optional[Path] = None,
+    prefix: Sequence[str] = (),
 ) -> Run:
-    """``setpriv ARGS python -m serrinj ARGS``, optionally under a real strace."""
+    """``[PREFIX] setpriv ARGS python -m serrinj ARGS``, optionally under a real strace."""
     argv = [str(a) for a in args]
     cmd = [
         need_tool("setpriv", "util-linux"),
@@ -118,6 +121,7 @@ def run_as(
     ]
     if strace_to is not None:
         cmd = [need_tool("strace", "strace"), "-f", "-qq", "-o", str(strace_to), *cmd]
+    cmd = [*prefix, *cmd]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(_readable),
@@ -141,8 +145,14 @@ def audit_records(shared: Path) -> List[Dict[str, Any]]:
 def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
     vms: List[TestVmProcess] = []
 
-    def start(python: str = sys.executable, extra: Sequence[str] = ()) -> TestVmProcess:
-        vm = TestVmProcess.start(vcpus=2, mode="halt", python=python, extra_args=list(extra))
+    def start(
+        python: str = sys.executable,
+        extra: Sequence[str] = (),
+        env: Optional[Dict[str, str]] = None,
+    ) -> TestVmProcess:
+        vm = TestVmProcess.start(
+            vcpus=2, mode="halt", python=python, extra_args=list(extra), env=env
+        )
         vms.append(vm)
         for v in (0, 1):
             vm.wait_event(lambda e, v=v: e.get("event") == "guest-ready" and e.get("vcpu") == v, 20)
@@ -352,6 +362,109 @@ def test_missing_cap_sys_ptrace_against_a_more_privileged_vmm(
     no_ptrace = ["--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
     r = run_as(no_ptrace, "nmi", "--pid", vm.pid, "--vcpu", 0, shared=shared_dir)
     assert_refused(r, f"cannot read the fds of process {vm.pid}", "capabilities serrinj lacks")
+    assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
+
+
+def kvm_for_everyone(node_dir: Path) -> List[str]:
+    """A command prefix: a private mount namespace whose /dev/kvm any user may open (a
+    node of the same device, mode 0666, bind-mounted over it), as a distribution's
+    ``kvm`` group gives its members. The machine's /dev/kvm is untouched."""
+    node = node_dir / "kvm"
+    os.mknod(node, 0o666 | stat.S_IFCHR, os.stat("/dev/kvm").st_rdev)
+    node.chmod(0o666)
+    script = 'mount --bind "$0" /dev/kvm && exec "$@"'
+    unshare = need_tool("unshare", "util-linux")
+    return [unshare, "-m", "--propagation", "private", "sh", "-c", script, str(node)]
+
+
+#: uid 65534 holding CAP_SYS_PTRACE and nothing else (ambient, so it survives the exec)
+ONLY_PTRACE = [*AS_NOBODY, "--inh-caps=-all,+sys_ptrace", "--ambient-caps=+sys_ptrace"]
+
+
+@pytest.fixture
+def kvm_prefix(tmp_path: Path) -> List[str]:
+    return kvm_for_everyone(tmp_path)
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """The audit log and locks of uid 65534's runs (the module's shared directory may
+    hold a lock directory that an earlier root run made)."""
+    d = Path(tempfile.mkdtemp(prefix="serrinj-priv-"))
+    try:
+        d.chmod(0o777)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def nobody_vmm_python(tmp_path: Path, kvm_prefix: List[str]) -> str:
+    """A python that runs as uid 65534 holding CAP_NET_ADMIN (as a VMM given the right
+    to set up its tap devices), where it may open /dev/kvm."""
+    setpriv = need_tool("setpriv", "util-linux")
+    caps = ["--inh-caps=-all,+net_admin", "--ambient-caps=+net_admin"]
+    script = tmp_path / "python-nobody-vmm"
+    argv = [*kvm_prefix, setpriv, *AS_NOBODY, *caps, sys.executable]
+    script.write_text(f'#!/bin/sh\nexec {shlex.join(argv)} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+def test_a_user_with_only_cap_sys_ptrace_injects_into_a_vmm_with_more_capabilities(
+    start_vm: Callable[..., TestVmProcess],
+    nobody_vmm_python: str,
+    kvm_prefix: List[str],
+    nobody_dir: Path,
+) -> None:
+    """uid 65534 with CAP_SYS_PTRACE alone, against a VMM of the same uid that holds a
+    capability it lacks: the kernel lets only CAP_SYS_PTRACE trace such a process. It
+    lists, reads and injects; the guest observes the NMI and the machine check. The
+    control, the same user without the capability, is refused and sends nothing."""
+    vm = start_vm(python=nobody_vmm_python, env={**os.environ, "PYTHONPATH": _readable[0]})
+    with open(f"/proc/{vm.pid}/status") as f:
+        st = f.read()
+    assert f"Uid:\t{NOBODY}\t" in st and "CapEff:\t0000000000001000" in st, st
+    setpriv = need_tool("setpriv", "util-linux")
+    caps = subprocess.run(
+        [*kvm_prefix, setpriv, *ONLY_PTRACE, "grep", "^Cap", "/proc/self/status"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "CapEff:\t0000000000080000" in caps and "CapPrm:\t0000000000080000" in caps, caps
+    nocaps = [*AS_NOBODY, *NO_CAPS]
+    r = run_as(nocaps, "nmi", "--pid", vm.pid, "--vcpu", 1, shared=nobody_dir, prefix=kvm_prefix)
+    assert_refused(r, "capabilities serrinj lacks")
+    assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
+
+    def run(*args: object) -> Run:
+        return run_as(ONLY_PTRACE, *args, shared=nobody_dir, prefix=kvm_prefix)
+
+    r = run("list", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    listed = json.loads(r.stdout)["vms"][0]
+    assert listed["uid"] == NOBODY
+    assert [v["tid"] for v in listed["vcpus"]] == [v.tid for v in vm.vcpus]
+    r = run("status", "--json", "--pid", vm.pid)
+    assert r.rc == 0, r
+    assert [v["registers_restored"] for v in json.loads(r.stdout)["vcpus"]] == [True, True]
+    assert run("nmi", "--pid", vm.pid, "--vcpu", 1, "--wait").rc == 0
+    r = run("mce", "--pid", vm.pid, "--vcpu", 0, "--bank", 2, "--preset", "uc", "--wait")
+    assert r.rc == 0, r
+    assert guest_counts(vm) == [(0, 1, 0, 0), (1, 0, 0, 0)]
+
+
+@pytest.mark.skipif(not X86, reason="x86_64 commands")
+def test_cap_sys_ptrace_alone_cannot_list_another_uids_fds(
+    start_vm: Callable[..., TestVmProcess], kvm_prefix: List[str], nobody_dir: Path
+) -> None:
+    """Against a root VMM, uid 65534 with CAP_SYS_PTRACE alone may trace it but may not
+    list its /proc/PID/fd (mode 0500, owned by uid 0): that is a file-mode check, which
+    needs CAP_DAC_READ_SEARCH. serrinj says so and sends nothing."""
+    vm = start_vm()
+    r = run_as(ONLY_PTRACE, "nmi", "--pid", vm.pid, "--vcpu", 1, shared=nobody_dir,
+               prefix=kvm_prefix)  # fmt: skip
+    assert_refused(r, f"cannot read the fds of process {vm.pid}", "uid 0", "CAP_DAC_READ_SEARCH")
     assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
 

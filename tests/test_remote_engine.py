@@ -18,7 +18,8 @@ from serrinj import _native
 from serrinj.errors import Conflict, TargetGone, TargetNotFound
 from serrinj.remote import RemoteExecutor, RemoteThread
 from serrinj.remote.session import EngineError
-from tests.helpers.procs import Workload
+from tests.conftest import missing
+from tests.helpers.procs import Workload, task_states, wait_stopped
 
 pytestmark = pytest.mark.root
 
@@ -67,7 +68,7 @@ def test_registers_and_memory_identical_seen_from_outside(workload: Workload) ->
     separate observer, run an operation that borrows scratch memory, snapshot again."""
     os.kill(workload.pid, signal.SIGSTOP)
     try:
-        time.sleep(0.05)
+        wait_stopped(workload.pid)
         with RemoteThread(workload.pid, workload.tid) as observer:
             before = observer.saved
             assert before is not None
@@ -137,12 +138,48 @@ def test_signals_arriving_during_an_operation_are_not_lost(workload: Workload) -
     assert beats[-1] > beats[0]
 
 
+_PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+def _a_kernel_thread() -> tuple[int, str]:
+    """(pid, comm) of a kernel thread this test may see, told by PF_KTHREAD in its
+    /proc/PID/stat flags: pid 2 is kthreadd only in the host's pid namespace (in a
+    container it is an ordinary process)."""
+    for name in sorted(os.listdir("/proc"), key=lambda n: (len(n), n)):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        if int(raw.rsplit(")", 1)[1].split()[6]) & _PF_KTHREAD:
+            return int(name), comm
+    missing("no kernel thread is visible in /proc (a pid namespace of its own?); run on the host")
+
+
 def test_engine_refuses_a_thread_without_user_code() -> None:
-    """Kernel threads and workers cannot run a syscall for us (kthreadd is pid 2)."""
+    """Kernel threads and workers cannot run a syscall for us."""
+    pid, comm = _a_kernel_thread()
     with pytest.raises(EngineError) as err:
-        RemoteThread(2, 2).attach()
+        RemoteThread(pid, pid).attach()
     assert type(err.value) is EngineError
     assert str(err.value) == (
-        "task 2 of process 2 (kthreadd) is a kernel worker without user code;"
+        f"task {pid} of process {pid} ({comm}) is a kernel worker without user code;"
         " it cannot run a syscall for serrinj"
     )
+
+
+@pytest.mark.parametrize("workload", ["spin"], indirect=True)
+def test_wait_stopped_waits_for_the_group_stop(workload: Workload) -> None:
+    """The helper the SIGSTOP tests use: it fails on a running process, and returns once
+    every thread shows the stop."""
+    with pytest.raises(AssertionError, match="not every thread"):
+        wait_stopped(workload.pid, timeout=0.2)
+    os.kill(workload.pid, signal.SIGSTOP)
+    try:
+        wait_stopped(workload.pid)
+        assert set(task_states(workload.pid).values()) == {"T"}
+    finally:
+        os.kill(workload.pid, signal.SIGCONT)

@@ -349,7 +349,7 @@ def inject_serror(
             after_ev = before_ev if dry_run else vc.get_events()
             assert isinstance(after_ev, kvm_arm64.VcpuEvents)
             after_pstate = pstate if dry_run else vc.pstate()
-            state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
+            state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fds)
         inj = Injection(
             kind="serror",
             vm_pid=vm.pid,
@@ -400,7 +400,7 @@ def _explain_common(vc: Vcpu, rt: RemoteThread) -> str:
     ``ioctl``/KVM_RUN), or a thread inside KVM_RUN whose guest did not run
     into the fault (halted, or not scheduled).
     """
-    where = thread_state(None, rt, vc.fd)
+    where = thread_state(None, rt, (vc.fd,))
     if where == "stopped":
         assert rt.first_stop is not None
         name = signal.Signals(rt.first_stop.signo).name
@@ -470,7 +470,7 @@ def inject_ext_dabt(
         seen: Dict[str, object] = {}
 
         def is_mmio(fd: int) -> bool:
-            if fd != v.fd:
+            if fd not in v.fds:
                 return False
             run = rt.read_memory(run_addr, 64)
             if api.exit_reason_of(run) != api.KVM_EXIT_MMIO:
@@ -532,7 +532,7 @@ def inject_nmi(
             if not dry_run:
                 vc.inject_nmi()
             after = before if dry_run else vc.get_events()
-            state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
+            state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fds)
         inj = Injection(
             kind="nmi",
             vm_pid=vm.pid,
@@ -640,7 +640,7 @@ def inject_mce(
             if not dry_run:
                 vc.inject_mce(req.mce)
             after = before if dry_run else vc.get_events()
-            thread = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fd)
+            thread = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fds)
         inj = Injection(
             kind="mce",
             vm_pid=vm.pid,

@@ -34,12 +34,23 @@ class VcpuStatus:
     registers_restored: bool
     pstate: Optional[int] = None
     detail: Dict[str, object] = field(default_factory=dict)
+    #: every fd of the VMM on this vCPU; the sources that agreed; the evidence that lost
+    fds: Sequence[int] = ()
+    sources: Sequence[str] = ()
+    disagreements: Sequence[discover.Evidence] = ()
 
     def as_dict(self) -> Dict[str, object]:
         out: Dict[str, object] = {
             "vcpu_id": self.vcpu_id,
             "fd": self.fd,
-            "thread": {"tid": self.tid, "name": self.thread_name, "mapped_by": self.mapped_by},
+            "fds": list(self.fds or (self.fd,)),
+            "thread": {
+                "tid": self.tid,
+                "name": self.thread_name,
+                "mapped_by": self.mapped_by,
+                "sources": list(self.sources),
+                "disagreements": [e.as_dict() for e in self.disagreements],
+            },
             "state": self.state,
             "mp_state": self.mp_state,
             "events": self.events,
@@ -86,10 +97,13 @@ def vm_dict(vm: discover.Vm) -> Dict[str, object]:
             {
                 "vcpu_id": v.vcpu_id,
                 "fd": v.fd,
+                "fds": list(v.fds),
                 "tid": v.thread.tid if v.thread else None,
                 "thread_name": v.thread.name if v.thread else None,
                 "thread_state": v.thread.state if v.thread else None,
                 "mapped_by": v.mapped_by or None,
+                "sources": list(v.sources),
+                "disagreements": [e.as_dict() for e in v.disagreements],
                 "seccomp_mode": v.thread.seccomp_mode if v.thread else None,
             }
             for v in vm.vcpus
@@ -97,14 +111,14 @@ def vm_dict(vm: discover.Vm) -> Dict[str, object]:
     }
 
 
-def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fd: int) -> str:
-    """Where the vCPU's thread was when it was stopped."""
+def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fds: Sequence[int]) -> str:
+    """Where the vCPU's thread was when it was stopped (``fds``: the vCPU's fds)."""
     stop = rt.first_stop
     if stop is not None and stop.group_stop:
         return "stopped"
     assert rt.saved is not None
     left_run = rt.arch.kvm_run_fd_at_stop(rt.saved)
-    in_run = left_run == fd or (left_run is None and _left_kvm_run_generic(rt))
+    in_run = left_run in fds or (left_run is None and _left_kvm_run_generic(rt))
     if before is not None and before.state == "in-kvm-run":
         return "halted"
     if in_run:
@@ -162,10 +176,10 @@ def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
             "D": bool(pstate & kvm_arm64.PSTATE_D),
             "mode": kvm_arm64.PSTATE_MODE_NAMES.get(pstate & kvm_arm64.PSTATE_MODE_MASK, "?"),
         }
-    state = reconcile_state(vm.arch, thread_state(v.thread, rt, v.fd), mp)
+    state = reconcile_state(vm.arch, thread_state(v.thread, rt, v.fds), mp)
     return VcpuStatus(
         vcpu_id=v.vcpu_id,
-        fd=v.fd,
+        fd=vcpu.fd,
         tid=v.thread.tid,
         thread_name=v.thread.name,
         mapped_by=v.mapped_by,
@@ -176,6 +190,9 @@ def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
         registers_restored=True,
         pstate=pstate,
         detail=detail,
+        fds=v.fds,
+        sources=v.sources,
+        disagreements=v.disagreements,
     )
 
 

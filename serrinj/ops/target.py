@@ -23,7 +23,7 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from serrinj import _native, discover, procfs
@@ -111,11 +111,15 @@ def ensure_mapped(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
     vm = _paused_fallback(vm, vcpu_ids)
     for i in vcpu_ids:
         if vm.vcpu(i).thread is None:
+            names = "name the VMM's threads (QEMU: -name ...,debug-threads=on)"
+            more = (
+                f"KVM's debugfs names none of its live threads either; {names}"
+                if discover.debugfs_available()
+                else f"mount debugfs (mount -t debugfs none /sys/kernel/debug) or {names}"
+            )
             raise TargetNotFound(
                 f"cannot tell which thread of {vm.label} runs vCPU {i}",
-                hint="it is neither blocked in KVM_RUN nor entering it (paused VM?); mount"
-                " debugfs (mount -t debugfs none /sys/kernel/debug) or name the VMM's"
-                " threads (QEMU: -name ...,debug-threads=on)",
+                hint=f"it is neither blocked in KVM_RUN nor entering it (paused VM?); {more}",
             )
     return vm
 
@@ -147,8 +151,6 @@ def _paused_fallback(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
     if fresh is None:
         return vm
     main = next((t for t in fresh.threads if t.tid == vm.pid), fresh.threads[0])
-    from dataclasses import replace
-
     vcpus = tuple(
         replace(v, thread=main, mapped_by="any (VM paused)")
         if v.thread is None and v.vcpu_id in vcpu_ids
@@ -183,10 +185,10 @@ class _Held:
             self.threads.pop().close()
 
 
-def _stale(vm: discover.Vm, vcpu: discover.Vcpu, rt: RemoteThread) -> Optional[int]:
+def _left_fd(rt: RemoteThread) -> Optional[int]:
+    """The fd of the KVM_RUN the stopped thread left, when its registers show it."""
     assert rt.saved is not None
-    fd = rt.arch.kvm_run_fd_at_stop(rt.saved)
-    return fd if fd is not None and fd != vcpu.fd else None
+    return rt.arch.kvm_run_fd_at_stop(rt.saved)
 
 
 @contextlib.contextmanager
@@ -228,13 +230,17 @@ def attach(
                     " `serrinj list` shows the VM as it is now",
                 ) from err
             raise
-        other = _stale(vm, v, rt)
-        if other is not None:
+        left = _left_fd(rt)
+        if left is not None and left not in v.fds:
+            fds = ", ".join(str(fd) for fd in v.fds)
             raise Conflict(
-                f"thread {v.thread.tid} of {vm.label} runs the vCPU on fd {other}, not vCPU"
-                f" {vcpu_id} (fd {v.fd}): the VMM moved its vCPUs",
+                f"thread {v.thread.tid} of {vm.label} runs the vCPU on fd {left}, not vCPU"
+                f" {vcpu_id} (fd {fds}): the VMM moved its vCPUs",
                 hint="run the command again",
             )
+        if left is not None and left != v.fd:
+            # another fd on the same vCPU: the one the thread itself uses is best
+            v = replace(v, fd=left)
         exec_thread = rt
         try:
             _check_requests(rt, v.fd, requests)
@@ -410,5 +416,5 @@ def _owner_rank(owner: discover.FdOwner) -> Tuple[bool, int]:
         starttime = procfs.stat(owner.pid).starttime
     except ProcessLookupError:
         return (True, 1 << 62)
-    runs_it = vm is not None and any(v.fd == owner.fd and v.thread is not None for v in vm.vcpus)
+    runs_it = vm is not None and any(owner.fd in v.fds and v.thread is not None for v in vm.vcpus)
     return (not runs_it, starttime)

@@ -63,6 +63,7 @@ failure by ``{"event":"error","cmd":...,"message":...,"errno":...}``.
 - ``{"cmd":"run"}``: start or resume every vCPU.
 - ``{"cmd":"pause"}``: park every vCPU thread out of KVM_RUN (ack once all are).
 - ``{"cmd":"quit"}``: stop the VMM (exit status 0).
+- ``--dup-vcpu-fds``: a second (CLOEXEC) fd on every vCPU, never used, as Firecracker holds.
 - ``{"cmd":"spawn","argv":[...]}``: run a child that inherits the VM and vCPU fds
   (``spawned`` then ``spawn-exit`` with its returncode, stdout and stderr).
 - ``--seccomp trap|kill|errno`` makes the VMM play a sandboxed one: a filter on
@@ -137,6 +138,7 @@ import argparse
 import contextlib
 import enum
 import errno
+import fcntl
 import importlib
 import json
 import os
@@ -245,6 +247,8 @@ class Options:
     on_sigsys: str = "vmm"  # a SIGSYS: "vmm" acts as the profile's VMM, "count" only counts
     #: vcpu_id -> the guest mode of that vCPU where it differs from ``mode``
     vcpu_modes: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    dup_vcpu_fds: bool = False  # hold a second fd on every vCPU (as Firecracker does)
 
     def mode_of(self, vcpu_id: int) -> str:
         """The guest mode vCPU ``vcpu_id`` runs (``--vcpu-mode``, else ``--mode``)."""
@@ -437,6 +441,9 @@ class Vcpu:
                 self.stats_fd = vm.executor.ioctl_int(self.fd, profiles.KVM_GET_STATS_FD)
             except OSError:
                 self.stats_fd = -1  # a kernel before 5.14: QEMU goes on without it
+        if vm.options.dup_vcpu_fds:
+            # a second fd the vCPU thread never uses (as Firecracker's VMM side holds)
+            self.extra_fds.append(fcntl.fcntl(self.fd, fcntl.F_DUPFD_CLOEXEC, 0))
 
     def dup_fd(self) -> None:
         """Keep a second fd of the vCPU, as Firecracker does for its VMM side."""
@@ -683,6 +690,7 @@ class Vm:
                 "thread_name": v.thread_name,
                 "fds": [v.fd, *v.extra_fds],
                 "stats_fd": v.stats_fd if v.stats_fd >= 0 else None,
+                **({"dup_fd": v.extra_fds[0]} if v.extra_fds else {}),
             }
             for v in self.vcpus
         ]
@@ -1005,6 +1013,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         help="a profile's seccomp trap (SIGSYS): 'vmm' reports it and dies as that VMM does"
         " (Firecracker: exit 148; cloud-hypervisor: killed by SIGSYS), 'count' only reports it",
     )
+    parser.add_argument(
+        "--dup-vcpu-fds",
+        action="store_true",
+        help="hold a second fd on every vCPU (a dup the vCPU thread never uses), as"
+        " Firecracker does; the ready event gives it as dup_fd",
+    )
     ns = parser.parse_args(argv)
     profile = None if ns.profile == "none" else profiles.PROFILES[ns.profile]
     if profile is not None and ns.arch != "x86_64":
@@ -1064,6 +1078,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
         vcpu_ids=ids,
         on_sigsys=ns.on_sigsys,
         vcpu_modes=MappingProxyType(vcpu_modes),
+        dup_vcpu_fds=ns.dup_vcpu_fds,
     )
 
 

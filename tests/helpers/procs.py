@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import List, Optional
+import time
+from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,3 +69,29 @@ class Workload:
         self._reader.join(timeout=5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def task_states(pid: int) -> Dict[int, str]:
+    """tid -> the state letter of /proc/PID/task/TID/stat (``T`` a group stop, ``t`` a
+    ptrace stop) of every thread of ``pid``."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        out[int(tid)] = raw[raw.rindex(")") + 2]
+    return out
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (after a SIGSTOP: the signal is
+    delivered, and each thread stops, asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = task_states(pid)
+        if states and all(s in "Tt" for s in states.values()):
+            return
+        assert time.monotonic() < deadline, f"not every thread of {pid} stopped: {states}"
+        time.sleep(0.002)

@@ -48,8 +48,10 @@ def one() -> None:
         raise SystemExit(f"unknown kind {kind}")
 
 
-threading.Thread(target=beat, daemon=True).start()
+# READY first: a heartbeat thread started before it can print "beat 0" ahead of it on a
+# loaded machine (its 0.1 s sleep is no ordering).
 print(f"READY {os.getpid()} {threading.get_native_id()}", flush=True)
+threading.Thread(target=beat, daemon=True).start()
 while True:
     try:
         one()
