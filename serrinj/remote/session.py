@@ -72,26 +72,24 @@ _warmed = False  # the native calls of the stop path have run once in this proce
 _RESTART_CODES = frozenset({-512, -513, -514, -516})
 
 
-#: Test-only pause points (the fault-injection tests of serrinj itself): when
-#: ``SERRINJ_TEST_PAUSE_AT`` names a phase, the engine creates the file named by
-#: ``SERRINJ_TEST_PAUSE_FILE`` at that phase and waits (up to 60 s) until the
-#: test deletes it. Phases: ``seized`` (stopped, nothing changed yet),
-#: ``borrowed`` (registers replaced, syscall not yet run), ``syscall-done``
-#: (before the restore).
-_PAUSE_PHASES = ("seized", "borrowed", "syscall-done")
+#: The phases of a session, in order: ``seized`` (stopped, nothing changed),
+#: ``frame-written`` (the resume frame is in the scratch memory, registers
+#: untouched), ``borrowed`` (registers replaced, the syscall not yet run),
+#: ``syscall-entered`` (at the syscall-entry stop), ``syscall-done`` (at its
+#: exit stop) and ``restoring`` (about to put registers and memory back).
+PhaseObserver = Callable[[str], None]
+PHASES = ("seized", "frame-written", "borrowed", "syscall-entered", "syscall-done", "restoring")
+
+#: Called with the name of each phase as a session reaches it. ``None`` in
+#: serrinj itself; only a test process installs one (to hold the engine at an
+#: exact phase while it strikes), by assigning it in-process.
+phase_observer: Optional[PhaseObserver] = None
 
 
-def _test_pause(phase: str) -> None:
-    if os.environ.get("SERRINJ_TEST_PAUSE_AT") != phase:
-        return
-    marker = os.environ.get("SERRINJ_TEST_PAUSE_FILE")
-    if not marker:
-        return
-    with open(marker, "w") as f:
-        f.write(f"{os.getpid()} {phase}\n")
-    deadline = time.monotonic() + 60
-    while os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.01)
+def _phase(name: str) -> None:
+    observer = phase_observer
+    if observer is not None:
+        observer(name)
 
 
 def _check_signals() -> None:
@@ -338,7 +336,7 @@ class RemoteThread:
         self.saved = self.get_registers()
         if self.arch.name == "aarch64":
             self._saved_syscallno = ptrace.get_regset(tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
-        _test_pause("seized")
+        _phase("seized")
 
     def close(self) -> None:
         """Restore everything that was changed and detach. Idempotent; never raises
@@ -469,7 +467,7 @@ class RemoteThread:
         t0 = time.perf_counter_ns()
         self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
         self._dirty = True
-        _test_pause("borrowed")
+        _phase("borrowed")
         self.raise_if_interrupted()
         self._resume(ptrace.resume_syscall, 0)
         self._wait_syscall_stop()
@@ -487,7 +485,7 @@ class RemoteThread:
         spent = time.perf_counter_ns() - t0
         self.timings["syscall_ns"] = spent
         self.timings["syscall_total_ns"] = self.timings.get("syscall_total_ns", 0) + spent
-        _test_pause("syscall-done")
+        _phase("syscall-done")
         return result
 
     def scratch(self, size: int) -> int:
