@@ -1080,8 +1080,7 @@ def test_serrinj_sigkilled_before_changing_anything_leaves_the_vmm_running(
 ) -> None:
     """SIGKILL cannot be caught: the kernel detaches the thread for the dead tracer.
     PTRACE_O_EXITKILL is never set, so the VMM lives on; held at `seized`, nothing
-    of the thread had been changed. (From `borrowed` to the restore a SIGKILL would
-    leave the thread on borrowed registers: docs/SAFETY.md, "Limits".)"""
+    of the thread had been changed. (Every later phase: tests/test_kill_safety.py.)"""
     vm = start_vm(vcpus=2, mode="spin")
     tid = vm.vcpu(0).tid
     with frozen(vm.pid):

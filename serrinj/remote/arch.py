@@ -90,6 +90,12 @@ class Arch:
     audit_arch: ClassVar[int]
     #: syscall numbers the engine and discovery use
     nr: ClassVar[Mapping[str, int]]
+    #: machine code that runs a syscall and then returns to the address on the
+    #: stack (or in the link register), and machine code that calls
+    #: ``rt_sigreturn``: the kill-safe path runs both (serrinj.remote.sigframe);
+    #: empty where the arch has no kill-safe path
+    syscall_ret_seqs: ClassVar[Tuple[bytes, ...]] = ()
+    sigreturn_seqs: ClassVar[Tuple[bytes, ...]] = ()
 
     @property
     def regs_size(self) -> int:
@@ -164,6 +170,11 @@ class X86_64(Arch):
         }
     )
     _ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+    #: ``syscall; ret``
+    syscall_ret_seqs = (b"\x0f\x05\xc3",)
+    #: ``mov $15, %rax; syscall`` (glibc's and musl's ``__restore_rt``), and the
+    #: same with ``mov $15, %eax``
+    sigreturn_seqs = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05", b"\xb8\x0f\x00\x00\x00\x0f\x05")
 
     def prepare_syscall(
         self, base: Registers, gadget: int, nr: int, args: Sequence[int]

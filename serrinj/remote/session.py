@@ -53,13 +53,15 @@ from serrinj.errors import (
     SerrinjError,
     TargetGone,
 )
-from serrinj.remote import ptrace, seccomp
+from serrinj.remote import ptrace, seccomp, sigframe
 from serrinj.remote.arch import Arch, Registers, host_arch, to_signed
-from serrinj.remote.gadget import find_syscall_gadget
+from serrinj.remote.gadget import find_sequence, find_syscall_gadget
 
 _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
-#: the most scratch memory a session borrows below the stack pointer
+#: the most scratch memory a session borrows below the stack pointer for buffers
 MAX_SCRATCH = 4096
+#: the most room a kill-safe frame may take (an XSAVE area with AVX-512 is 2.5 KiB)
+MAX_FRAME = 16384
 
 #: (pid, start time, tid) -> (start, end) of the writable mapping a thread's
 #: scratch range was last found in. The thread runs on that stack, so a range
@@ -90,6 +92,18 @@ def _phase(name: str) -> None:
     observer = phase_observer
     if observer is not None:
         observer(name)
+
+
+def procfs_thread_features(pid: int, tid: int) -> str:
+    """The ``x86_Thread_features`` line of the thread's status ('' without one)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("x86_Thread_features:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _check_signals() -> None:
@@ -256,6 +270,15 @@ class RemoteThread:
         self.prefetch_maps = prefetch_maps
         self._maps: Optional[List[procfs.Mapping]] = None
         self._running = False  # resumed by us and not yet seen stopped
+        #: whether the thread can put itself back if serrinj dies while it holds
+        #: it (a resume frame, serrinj.remote.sigframe); ``None`` before attach
+        self.kill_safe: Optional[bool] = None
+        #: why not, when it is not (shadow stack, no gadget...); '' otherwise
+        self.kill_safe_reason = ""
+        self._frame: Optional[sigframe.Frame] = None
+        self._ret_gadget: Optional[int] = None
+        self._restorer: Optional[int] = None
+        self._syscall_entry_baseline = False  # the baseline is a syscall-entry stop
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> RemoteThread:
@@ -317,6 +340,7 @@ class RemoteThread:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
         self._prefetch_gadget()
+        self._prepare_kill_safety()
         self._warm_up()
         try:
             ptrace.seize(tid)
@@ -369,6 +393,71 @@ class RemoteThread:
             self._gadget_hint = find_syscall_gadget(
                 self.pid, self.arch, starttime=self._starttime, maps=self._maps
             )
+
+    def _prepare_kill_safety(self) -> None:
+        """Decide, before the stop, whether the thread can be kill-safe, and find the
+        machine code the kill-safe path runs (serrinj.remote.sigframe)."""
+        self.kill_safe, self.kill_safe_reason = False, ""
+        if not self.arch.syscall_ret_seqs:
+            self.kill_safe_reason = f"no kill-safe path on {self.arch.name} yet"
+            return
+        features = procfs_thread_features(self.pid, self.tid)
+        if "shstk" in features:
+            self.kill_safe_reason = (
+                "the thread runs with an x86 user shadow stack, which would reject"
+                " serrinj's resume frame"
+            )
+            return
+        try:
+            self._ret_gadget = find_sequence(
+                self.pid,
+                self.arch,
+                self.arch.syscall_ret_seqs,
+                starttime=self._starttime,
+                maps=self._maps,
+                what="a `syscall; ret` sequence",
+            )
+            self._restorer = find_sequence(
+                self.pid,
+                self.arch,
+                self.arch.sigreturn_seqs,
+                starttime=self._starttime,
+                maps=self._maps,
+                what="an rt_sigreturn sequence",
+            )
+        except (SerrinjError, OSError) as err:
+            self.kill_safe_reason = (
+                err.message if isinstance(err, SerrinjError) else f"cannot read the VMM: {err}"
+            )
+            return
+        self.kill_safe = True
+
+    def _not_kill_safe(self, reason: str) -> None:
+        self.kill_safe, self.kill_safe_reason = False, reason
+
+    def _ensure_frame(self) -> None:
+        """Write the resume frame below the stack pointer, once, before the first
+        register or scratch change: from then on every state the engine puts the
+        thread in is one it leaves on its own if serrinj dies."""
+        if self._frame is not None or not self.kill_safe:
+            return
+        assert self.saved is not None and self._restorer is not None
+        xstate = self._ptrace(ptrace.get_regset, self.tid, ptrace.NT_X86_XSTATE, MAX_FRAME // 2)
+        problem = sigframe.x86_xstate_problem(xstate)
+        if problem:
+            self._not_kill_safe(problem)
+            return
+        mask = bytearray(8)
+        self._ptrace(_native.ptrace_buf, ptrace.PTRACE_GETSIGMASK, self.tid, 8, mask)
+        resume = sigframe.x86_resume_registers(self.saved, self._syscall_entry_baseline)
+        top = self.saved[self.arch.sp_reg] - self.arch.red_zone
+        frame = sigframe.x86_frame(
+            top, resume, xstate, int.from_bytes(mask, "little"), self._restorer
+        )
+        self._claim(frame.base, top)
+        self.write_memory(frame.base, frame.data)
+        self._frame = frame
+        _phase("frame-written")
 
     def _warm_up(self) -> None:
         """Run the code of the stop path once before the thread is stopped.
@@ -423,7 +512,7 @@ class RemoteThread:
             )
         if self._filters is None:
             self._filters = self._read_filters()
-        ip = self.gadget + len(self.arch.syscall_insn)
+        ip = self._syscall_gadget() + len(self.arch.syscall_insn)
         data = seccomp.seccomp_data(nr, self.arch.audit_arch, ip, args)
         verdict = seccomp.evaluate(self._filters, data)
         if not verdict.action.lets_through:
@@ -455,6 +544,13 @@ class RemoteThread:
             filters.append(seccomp.decode_program(raw))
         return filters
 
+    def _syscall_gadget(self) -> int:
+        """The syscall instruction the engine's syscalls run at: a ``syscall; ret``
+        sequence on the kill-safe path, any syscall instruction otherwise."""
+        if self.kill_safe and self._ret_gadget is not None:
+            return self._ret_gadget
+        return self.gadget
+
     def syscall(self, nr: int, *args: int) -> int:
         """Run syscall ``nr`` in the thread; returns the raw (signed) result."""
         assert self.saved is not None, "attach() first"
@@ -462,8 +558,12 @@ class RemoteThread:
         # send nothing more: restore, detach, then act on it.
         self.raise_if_interrupted()
         self.check_seccomp(nr, args)
-        gadget = self.gadget
+        self._ensure_frame()
+        gadget = self._syscall_gadget()
         regs = self.arch.prepare_syscall(self.saved, gadget, nr, args)
+        if self._frame is not None:
+            # the gadget's `ret` takes the frame's pretcode: rt_sigreturn
+            regs = regs.replace(**{self.arch.sp_reg: self._frame.sp})
         t0 = time.perf_counter_ns()
         self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
         self._dirty = True
@@ -478,6 +578,7 @@ class RemoteThread:
                 f"thread {self.tid} stopped in an unexpected syscall"
                 f" ({self.arch.entry_call(entry)[0]}) instead of {nr}"
             )
+        _phase("syscall-entered")
         self._resume(ptrace.resume_syscall, 0)
         self._wait_syscall_stop()
         self._at_entry = False
@@ -492,17 +593,28 @@ class RemoteThread:
         """An address below the thread's stack pointer with ``size`` bytes of room.
 
         The original bytes are saved on first use and written back on close.
-        The region lies past the red zone and inside the thread's stack mapping.
+        The region lies past the red zone (and below the resume frame) and
+        inside the thread's stack mapping.
         """
         assert self.saved is not None
         need = (size + 15) & ~15
         if need > MAX_SCRATCH:
             raise ValueError(f"scratch of {size} bytes exceeds {MAX_SCRATCH}")
-        sp = self.saved[self.arch.sp_reg]
-        top = sp - self.arch.red_zone
+        self._ensure_frame()
+        if self._frame is not None:
+            top = self._frame.base
+        else:
+            top = self.saved[self.arch.sp_reg] - self.arch.red_zone
         base = (top - need) & ~15
         if self._scratch_base and base >= self._scratch_base:
             return base
+        self._claim(base, top)
+        return base
+
+    def _claim(self, base: int, top: int) -> None:
+        """Check that [base, top) lies in the thread's stack mapping and save its
+        bytes (with those between it and what is already claimed) for the restore."""
+        sp = self.saved[self.arch.sp_reg] if self.saved is not None else top
         key = self._stack_key()
         known = _stack_cache.get(key)
         if known is None or not known[0] <= base < top <= known[1]:
@@ -523,10 +635,10 @@ class RemoteThread:
             else:
                 self._scratch_fail(sp)
         old_base = self._scratch_base or top
-        extra = self.read_memory(base, old_base - base)
-        self._scratch_saved = extra + self._scratch_saved
-        self._scratch_base = base
-        return base
+        if base < old_base:
+            extra = self.read_memory(base, old_base - base)
+            self._scratch_saved = extra + self._scratch_saved
+            self._scratch_base = base
 
     def _stack_key(self) -> Tuple[int, int, int]:
         return (self.pid, self._starttime or 0, self.tid)
@@ -553,6 +665,9 @@ class RemoteThread:
         its own during stepping. Only valid before the engine borrowed them.
         """
         assert self.saved is not None and not self._dirty
+        # The thread runs its own code now and may use the stack below its
+        # pointer: give the scratch bytes back; a new frame follows the new baseline.
+        self._restore_memory()
         deadline = time.monotonic() + timeout
         entry = True
         self._resume(ptrace.resume_syscall, 0)
@@ -569,7 +684,7 @@ class RemoteThread:
                 return False
             if stop.kind is ptrace.StopKind.SYSCALL:
                 if want(entry, self.get_registers()):
-                    self._rebase(at_syscall_stop=True)
+                    self._rebase(at_syscall_stop=True, syscall_entry=entry)
                     return True
                 entry = not entry
                 self._resume(ptrace.resume_syscall, 0)
@@ -607,9 +722,10 @@ class RemoteThread:
 
         return state["hit"] if self.step_syscalls(want, timeout) else None
 
-    def _rebase(self, at_syscall_stop: bool = False) -> None:
+    def _rebase(self, at_syscall_stop: bool = False, syscall_entry: bool = False) -> None:
         self.saved = self.get_registers()
         self._at_syscall_stop = at_syscall_stop
+        self._syscall_entry_baseline = at_syscall_stop and syscall_entry
         if self.arch.name == "aarch64":
             self._saved_syscallno = ptrace.get_regset(self.tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
 
@@ -630,10 +746,12 @@ class RemoteThread:
             stop = self._wait(self.stop_timeout)
             assert stop is not None
         failure: Optional[EngineError] = None
+        if self._dirty:
+            _phase("restoring")
         try:
-            if self._scratch_saved:
-                self.write_memory(self._scratch_base, self._scratch_saved)
-                self._scratch_saved = b""
+            # Registers first, then memory: until the registers are back the
+            # thread may still need its resume frame (serrinj killed meanwhile);
+            # once they are, the bytes below its stack pointer are dead to it.
             if self._at_entry:
                 self._skip_current_syscall()
             if self.saved is not None and self._dirty:
@@ -653,6 +771,7 @@ class RemoteThread:
                 self._dirty = False
             elif self.saved is not None:
                 self.verified = True
+            self._restore_memory()
         finally:
             for sig in self._deferred:
                 with contextlib.suppress(ProcessLookupError):
@@ -668,6 +787,13 @@ class RemoteThread:
             self.timings["detach_ns"] = time.perf_counter_ns() - t0
         if failure is not None:
             raise failure
+
+    def _restore_memory(self) -> None:
+        if self._scratch_saved:
+            self.write_memory(self._scratch_base, self._scratch_saved)
+        self._scratch_saved = b""
+        self._scratch_base = 0
+        self._frame = None
 
     def _signal_path_needed(self, at_our_stop: bool) -> bool:
         """Whether the thread must stop once more in the kernel's signal path

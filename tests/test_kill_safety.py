@@ -1,0 +1,213 @@
+"""serrinj killed outright (SIGKILL) at every phase of an injection: the VMM lives on.
+
+SIGKILL cannot be caught. The engine shapes every state it puts a thread in
+so that the thread can leave it on its own (docs/SAFETY.md, "When serrinj is
+killed"): a resume frame below the stack pointer, the ioctl run through a
+``syscall; ret`` sequence of the VMM that returns into its ``rt_sigreturn``.
+The proofs, from outside serrinj:
+
+- the VMM keeps running and its guest's self-check stays at 0 failures;
+- with the VMM frozen (SIGSTOP), a second tracer lets the released thread run
+  to the exit of its ``rt_sigreturn`` and reads its registers, FP/SIMD state
+  and blocked signals there: identical to those read before serrinj ran, but
+  for the kernel's documented rules (``orig_rax`` = -1 after a sigreturn, the
+  syscall-restart rewind);
+- the NMI is delivered once or not at all (the guest's own counter).
+
+serrinj is held at each phase by the test-only launcher
+``tests.helpers.paused_serrinj``; ``skip`` selects which of the injection's
+remote syscalls (1: reading the events, 2: the injecting one, 3: reading back).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+from serrinj.remote import sigframe
+from serrinj.remote.arch import Registers, to_signed
+from serrinj.testvm.process import TestVmProcess
+from tests import test_fault_matrix as matrix
+from tests.helpers import postkill
+from tests.test_fault_matrix import Paused, _wait_all_stopped, assert_healthy
+
+# the fault matrix's fixtures: test VMs and paused serrinj runs, ended by pid
+start_vm = matrix.start_vm
+paused_runs = matrix.paused_runs
+
+X86 = os.uname().machine == "x86_64"
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.root,
+    pytest.mark.skipif(not X86, reason="x86_64 NMIs; arm64: lab/suite/test_kill_safety_arm64.py"),
+]
+ROOT = Path(__file__).resolve().parent.parent
+#: (phase, how many times the phase passes first): every phase of the first
+#: remote syscall, and those of the injecting one
+STRIKES = [
+    ("seized", 0),
+    ("frame-written", 0),
+    ("borrowed", 0),
+    ("syscall-entered", 0),
+    ("syscall-done", 0),
+    ("borrowed", 1),
+    ("syscall-entered", 1),
+    ("syscall-done", 1),
+    ("restoring", 0),
+]
+#: x86_64 syscalls a --block-in vCPU thread blocks in (219: restart_syscall)
+BLOCKED_IN = {"ppoll": {271}, "nanosleep": {35, 219}}
+STRIKE_IDS = [f"{p}-{n + 1}" for p, n in STRIKES]
+
+
+def _nmi_expected(phase: str, skip: int) -> set[int]:
+    """How many NMIs the guest may count after a kill at that point."""
+    if phase == "restoring":
+        return {1}
+    if phase in ("seized", "frame-written") or skip == 0:
+        return {0}
+    return {1}  # the injecting ioctl runs (or ran) to its end
+
+
+def _kill_at(tmp: Path, paused_runs: List[Paused], phase: str, skip: int, *args: object) -> Paused:
+    run = Paused(tmp, phase, *args, skip=skip)
+    paused_runs.append(run)
+    run.wait_paused()
+    run.proc.kill()
+    run.proc.wait(10)
+    run.marker.unlink()
+    return run
+
+
+def expected_after_sigreturn(before: Registers) -> Registers:
+    """``before`` as the thread resumes it from serrinj's frame: the restart rewind
+    applied, and ``orig_rax`` = -1 (rt_sigreturn: "not in a syscall")."""
+    return sigframe.x86_resume_registers(before).replace(orig_rax=-1)
+
+
+@pytest.mark.parametrize(("phase", "skip"), STRIKES, ids=STRIKE_IDS)
+def test_sigkill_at_each_phase_leaves_the_test_vm_running(
+    start_vm: Callable[..., TestVmProcess],
+    paused_runs: List[Paused],
+    tmp_path: Path,
+    phase: str,
+    skip: int,
+) -> None:
+    vm = start_vm(vcpus=2, mode="spin")
+    mark = vm.mark()
+    _kill_at(tmp_path, paused_runs, phase, skip, "nmi", "--pid", vm.pid, "--vcpu", 1)
+    postkill.wait_untraced(vm.pid, vm.vcpu(1).tid)
+    time.sleep(0.2)
+    counters = assert_healthy(vm)
+    nmis = [e for e in vm.events_seen[mark:] if e.get("event") == "nmi"]
+    assert counters[1]["nmi_count"] in _nmi_expected(phase, skip), (counters, nmis)
+    assert counters[0]["nmi_count"] == 0
+    print(f"kill -9 at {phase} #{skip + 1}: VMM alive, guest NMIs {counters[1]['nmi_count']}")
+
+
+@pytest.mark.parametrize(("phase", "skip"), STRIKES, ids=STRIKE_IDS)
+@pytest.mark.parametrize("block_in", ["kvm-run", "ppoll", "nanosleep"])
+def test_sigkill_at_each_phase_the_thread_resumes_its_exact_context(
+    start_vm: Callable[..., TestVmProcess],
+    paused_runs: List[Paused],
+    tmp_path: Path,
+    phase: str,
+    skip: int,
+    block_in: str,
+) -> None:
+    """Registers, FP/SIMD state and signal mask read from outside, frozen VMM."""
+    if block_in == "kvm-run":
+        vm = start_vm(vcpus=2, mode="spin")
+    else:  # between runs the vCPU thread blocks in ppoll (-514) or nanosleep (-516)
+        vm = start_vm(vcpus=2, mode="futex", extra=["--block-in", block_in, "--yield-ms", "20"])
+    tid = vm.vcpu(1).tid
+    for _ in range(200):  # freeze it inside the syscall it blocks in
+        os.kill(vm.pid, signal.SIGSTOP)
+        _wait_all_stopped(vm.pid)
+        own = _own_registers(vm.pid, tid)
+        if block_in == "kvm-run" or to_signed(own["orig_rax"]) in BLOCKED_IN[block_in]:
+            break
+        os.kill(vm.pid, signal.SIGCONT)
+        time.sleep(0.003)
+    else:
+        raise AssertionError(f"vCPU thread never seen stopped in {block_in}")
+    try:
+        before = postkill.settle(vm.pid, tid, own=own)
+        _kill_at(tmp_path, paused_runs, phase, skip, "nmi", "--pid", vm.pid, "--vcpu", 1)
+        after = postkill.settle(vm.pid, tid, own=before.regs)
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    if after.syscalls:  # it ran on serrinj's registers, then rt_sigreturn
+        want = expected_after_sigreturn(before.regs)
+        assert after.syscalls[-1] == postkill.NR_RT_SIGRETURN["x86_64"], after.syscalls
+    else:
+        assert phase in ("seized", "frame-written"), "borrowed registers never came back"
+        want = before.regs
+    assert after.regs == want, want.diff(after.regs)
+    assert after.fpstate == before.fpstate, _fp_diff(before.fpstate, after.fpstate)
+    assert after.sigmask == before.sigmask
+    print(
+        f"kill -9 at {phase} #{skip + 1} ({block_in}; stopped in syscall"
+        f" {to_signed(before.regs['orig_rax'])} with rax {to_signed(before.regs['rax'])}):"
+        f" ran {after.syscalls}, registers,"
+        f" {len(after.fpstate)} bytes of XSAVE state and the signal mask as before"
+    )
+    time.sleep(0.2)
+    assert_healthy(vm)
+
+
+def _own_registers(pid: int, tid: int) -> Registers:
+    from tests.test_fault_matrix import observe
+
+    return observe(pid, tid)
+
+
+def _fp_diff(a: bytes, b: bytes) -> str:
+    diffs = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+    return f"{len(diffs)} bytes differ, first at {diffs[:8]} (lengths {len(a)}, {len(b)})"
+
+
+# ====================================================================== real QEMU
+@pytest.fixture(scope="module")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers.qemu import build_firmware
+
+    return build_firmware(tmp_path_factory.mktemp("fw") / "stub.bin")
+
+
+@pytest.fixture
+def qemu(tmp_path: Path, firmware: Path) -> Iterator[Any]:
+    from tests.helpers.qemu import Qemu
+
+    q = Qemu(tmp_path, firmware, f"srj-ks-{os.getpid()}-{tmp_path.name[-6:]}")
+    try:
+        q.wait_line("ready cpu=0")
+        q.wait_line("ready cpu=1")
+        yield q
+    finally:
+        q.stop()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("phase", "skip"), STRIKES, ids=STRIKE_IDS)
+def test_sigkill_at_each_phase_leaves_qemu_running(
+    qemu: Any, paused_runs: List[Paused], tmp_path: Path, phase: str, skip: int
+) -> None:
+    mark = qemu.mark()
+    tid = qemu.cpu_threads()[1]
+    _kill_at(tmp_path, paused_runs, phase, skip, "nmi", "--name", qemu.name, "--vcpu", 1)
+    postkill.wait_untraced(qemu.pid, tid)
+    time.sleep(0.3)
+    assert qemu.proc.poll() is None, "QEMU died"
+    assert qemu.status() == "running"
+    assert qemu.ping().startswith("pong cpu=0")
+    lines = qemu.lines_since(mark)
+    assert not [x for x in lines if x.startswith("exception")], lines
+    nmis = [x for x in lines if x.startswith("nmi cpu=1")]
+    assert len(nmis) in _nmi_expected(phase, skip), lines
+    print(f"kill -9 at {phase} #{skip + 1}: QEMU running, guest: {' | '.join(lines) or '-'}")
