@@ -211,3 +211,108 @@ def test_sigkill_at_each_phase_leaves_qemu_running(
     nmis = [x for x in lines if x.startswith("nmi cpu=1")]
     assert len(nmis) in _nmi_expected(phase, skip), lines
     print(f"kill -9 at {phase} #{skip + 1}: QEMU running, guest: {' | '.join(lines) or '-'}")
+
+
+# ====================================================================== Ctrl-Z
+def _state(pid: int, tid: int | None = None) -> str:
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        raw = f.read()
+    return raw[raw.rindex(")") + 2]
+
+
+def _tracer(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return int(next(x for x in f if x.startswith("TracerPid:")).split()[1])
+
+
+def _wait_stopped(proc: Any, marker: Path | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _state(proc.pid) != "T":
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "serrinj never stopped"
+        if marker is not None and marker.exists():
+            marker.unlink()  # let every later pause go
+        time.sleep(0.002)
+
+
+PHASES = ["seized", "frame-written", "borrowed", "syscall-entered", "syscall-done", "restoring"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_sigtstp_at_each_phase_releases_the_thread_before_serrinj_stops(
+    start_vm: Callable[..., TestVmProcess], paused_runs: List[Paused], tmp_path: Path, phase: str
+) -> None:
+    """Ctrl-Z while serrinj holds the vCPU thread: the injection completes, the thread is
+    restored and released, and only then does serrinj stop, saying so; while it is
+    stopped the vCPU runs its guest; `fg` (SIGCONT) lets the command end normally."""
+    from tests.test_fault_matrix import heartbeat
+
+    vm = start_vm(vcpus=2, mode="spin")
+    tid = vm.vcpu(1).tid
+    run = Paused(tmp_path, phase, "nmi", "--pid", vm.pid, "--vcpu", 1)
+    paused_runs.append(run)
+    run.wait_paused()
+    run.proc.send_signal(signal.SIGTSTP)
+    time.sleep(0.05)
+    assert _state(run.proc.pid) != "T", "serrinj stopped while it held the thread"
+    run.marker.unlink()
+    _wait_stopped(run.proc, run.marker)
+    assert _tracer(vm.pid, tid) == 0
+    assert _state(vm.pid, tid) not in "tT"
+    first = heartbeat(vm, 1)
+    time.sleep(0.05)
+    second = heartbeat(vm, 1)
+    assert second["iterations"] > first["iterations"], "the vCPU did not run"
+    os.kill(run.proc.pid, signal.SIGCONT)
+    r = run.release()
+    assert r.rc == 0, r
+    assert "stopped (SIGTSTP), holding no VMM thread" in r.stderr, r
+    counters = assert_healthy(vm)
+    assert counters[1]["nmi_count"] == 1
+    print(f"SIGTSTP at {phase}: thread released, vCPU ran while serrinj was stopped")
+
+
+def test_sigtstp_mid_campaign_and_fg_continues_it(
+    start_vm: Callable[..., TestVmProcess], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    vm = start_vm(vcpus=2, mode="spin")
+    campaign = tmp_path / "c.toml"
+    campaign.write_text(
+        '[campaign]\nname = "tstp"\n[target]\narch = "x86_64"\n[[steps]]\nname = "nmis"\n'
+        'inject = "nmi"\nvcpus = "all"\nrepeat = 40\ninterval = 0\n'
+    )
+    log = tmp_path / "err"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serrinj", "run", str(campaign), "--pid", str(vm.pid)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while log.read_text().count("PASSED") < 5:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTSTP)
+        _wait_stopped(proc)
+        done = log.read_text().count("PASSED")
+        assert all(_tracer(vm.pid, v.tid) == 0 for v in vm.vcpus)
+        time.sleep(0.3)
+        assert log.read_text().count("PASSED") == done  # really stopped
+        os.kill(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (out, log.read_text())
+    assert "80 passed" in out, out
+    assert "stopped (SIGTSTP)" in log.read_text()
+    counters = assert_healthy(vm)
+    print(f"SIGTSTP after {done} of 80 NMIs, fg: the campaign ran on, {counters[1]['nmi_count']}")

@@ -40,6 +40,8 @@ import contextlib
 import errno
 import os
 import signal
+import sys
+import threading
 import time
 from types import TracebackType
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
@@ -58,6 +60,9 @@ from serrinj.remote.arch import Arch, Registers, host_arch, to_signed
 from serrinj.remote.gadget import find_sequence, find_syscall_gadget
 
 _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+#: held for the life of a session too, but not an interruption: Ctrl-Z lets the
+#: session finish, and serrinj stops once the thread is released (_on_tstp)
+_HELD_SIGNALS = _GUARDED_SIGNALS | {signal.SIGTSTP}
 #: the most scratch memory a session borrows below the stack pointer for buffers
 MAX_SCRATCH = 4096
 #: the most room a kill-safe frame may take (an XSAVE area with AVX-512 is 2.5 KiB)
@@ -104,6 +109,27 @@ def procfs_thread_features(pid: int, tid: int) -> str:
     except OSError:
         pass
     return ""
+
+
+def _on_tstp(signum: int, _frame: object) -> None:
+    """Ctrl-Z: stop serrinj, which (signals being held during a session) never
+    holds a VMM thread when this runs; continue with `fg` (SIGCONT)."""
+    sys.stderr.write("serrinj: stopped (SIGTSTP), holding no VMM thread; `fg` continues\n")
+    sys.stderr.flush()
+    signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+    try:
+        os.kill(os.getpid(), signal.SIGTSTP)  # the default action: stop, here
+    finally:
+        signal.signal(signal.SIGTSTP, _on_tstp)
+
+
+def _install_tstp_handler() -> None:
+    """Take over SIGTSTP when nobody else did (the default: stop at once, holding
+    whatever thread serrinj holds), from the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+        signal.signal(signal.SIGTSTP, _on_tstp)
 
 
 def _check_signals() -> None:
@@ -942,13 +968,14 @@ class RemoteThread:
             time.sleep(0.005)
 
     def _block_signals(self) -> None:
-        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _GUARDED_SIGNALS)
+        _install_tstp_handler()
+        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
 
     def _unblock_signals(self) -> None:
         if self._old_mask is None:
             return
         old, self._old_mask = self._old_mask, None
-        pending = signal.sigpending() & _GUARDED_SIGNALS
+        pending = signal.sigpending() & _HELD_SIGNALS
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if pending and not (old & pending):
             # Unblocking delivered them to the C-level handler; Python runs its
