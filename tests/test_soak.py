@@ -379,7 +379,12 @@ def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
         q.wait_line("ready cpu=1")
         return q
 
-    vm, qemu = start_vm(), start_qemu(0)
+    vm = start_vm()
+    try:
+        qemu = start_qemu(0)
+    except BaseException:
+        vm.stop()
+        raise
     deaths = {"test-vm": 0, "qemu": 0}
     failures: List[str] = []
     by_aim = {a: 0 for a in aims}
@@ -398,6 +403,7 @@ def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
                     stderr=err,
                     env=env,
                     start_new_session=True,  # its own process group
+                    cwd=source,  # `-m` puts the working directory first on the path
                 )
             try:
                 deadline = time.monotonic() + 30
@@ -433,9 +439,12 @@ def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
                         failures.append(f"run {n}: {bad}")
                         alive = False
             else:
-                alive = alive and qemu.proc.poll() is None
+                try:
+                    pong = qemu.ping() if alive and qemu.proc.poll() is None else ""
+                except AssertionError:
+                    pong = ""  # (QEMU died meanwhile: wait_line says so)
+                alive = pong.startswith("pong cpu=0") and qemu.proc.poll() is None
                 if alive:
-                    assert qemu.ping().startswith("pong cpu=0")
                     exc = [x for x in qemu.lines if x.startswith("exception")]
                     if exc:
                         failures.append(f"run {n}: QEMU guest {exc}")
