@@ -352,7 +352,7 @@ def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
     measure an older one); a VMM that dies is then counted and restarted."""
     import random
 
-    from serrinj.testvm.process import TestVmProcess
+    from serrinj.testvm.process import TestVmError, TestVmProcess
     from tests.helpers.qemu import Qemu, build_firmware
 
     source = os.environ.get("SERRINJ_SOAK_SOURCE", str(ROOT))
@@ -429,11 +429,14 @@ def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
             time.sleep(0.05)
             if target == "test-vm":
                 alive = alive and vm.alive()
-                if alive:
-                    for v in (0, 1):
+                try:
+                    for v in (0, 1) if alive else ():
                         hb = _heartbeat(vm, v)
                         if hb["check_failures"]:
                             failures.append(f"run {n}: vCPU {v} self-check {hb}")
+                except TestVmError:
+                    alive = False  # it died meanwhile
+                if alive:
                     bad = [e for e in vm.events_seen if e.get("event") in ("error", "exit")]
                     if bad:
                         failures.append(f"run {n}: {bad}")
