@@ -316,3 +316,56 @@ def test_sigtstp_mid_campaign_and_fg_continues_it(
     assert "stopped (SIGTSTP)" in log.read_text()
     counters = assert_healthy(vm)
     print(f"SIGTSTP after {done} of 80 NMIs, fg: the campaign ran on, {counters[1]['nmi_count']}")
+
+
+# ====================================================================== the fallback
+def test_a_shadow_stack_thread_falls_back_with_a_warning_in_output_and_audit(
+    start_vm: Callable[..., TestVmProcess],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A thread with an x86 user shadow stack would reject the forged frame and the
+    `ret`: serrinj takes the old path and says so (output, audit record, status)."""
+    import json
+
+    from serrinj.cli import run
+    from serrinj.remote import session
+
+    vm = start_vm(vcpus=2, mode="spin")
+    audit_log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("SERRINJ_AUDIT_LOG", str(audit_log))
+    monkeypatch.setattr(session, "procfs_thread_features", lambda pid, tid: "shstk wrss")
+    assert run(["nmi", "--pid", str(vm.pid), "--vcpu", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "kill-safe" in out and "shadow stack" in out, out
+    (rec,) = [json.loads(x) for x in audit_log.read_text().splitlines()]
+    assert rec["outcome"] == "ok"
+    assert rec["detail"]["kill_safe"] is False
+    assert "shadow stack" in rec["detail"]["kill_safe_reason"]
+    assert run(["status", "--pid", str(vm.pid)]) == 0
+    assert "kill-safe: no (the thread runs with an x86 user shadow stack" in capsys.readouterr().out
+    monkeypatch.undo()
+    counters = assert_healthy(vm)
+    assert counters[1]["nmi_count"] == 1
+
+
+def test_a_vmm_without_the_gadgets_falls_back_and_is_restored(
+    start_vm: Callable[..., TestVmProcess],
+) -> None:
+    from serrinj.remote import RemoteThread
+    from serrinj.remote.arch import X86_64
+
+    class NoGadgets(X86_64):
+        syscall_ret_seqs = (b"\x0f\x05\xde\xad\xbe\xef\xc3",)
+
+    vm = start_vm(vcpus=2, mode="spin")
+    with RemoteThread(vm.pid, vm.vcpu(1).tid, arch=NoGadgets()) as t:
+        assert t.syscall(t.arch.nr["getpid"]) == vm.pid
+        assert t.kill_safe is False
+        assert "`syscall; ret`" in t.kill_safe_reason
+    assert t.verified
+    with RemoteThread(vm.pid, vm.vcpu(1).tid) as t:
+        assert t.syscall(t.arch.nr["getpid"]) == vm.pid
+        assert t.kill_safe is True and t.kill_safe_reason == ""
+    assert_healthy(vm)

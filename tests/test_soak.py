@@ -21,6 +21,7 @@ run; the normal test run makes 500 injections.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -444,8 +445,8 @@ def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
             else:
                 try:
                     pong = qemu.ping() if alive and qemu.proc.poll() is None else ""
-                except AssertionError:
-                    pong = ""  # (QEMU died meanwhile: wait_line says so)
+                except (AssertionError, OSError):
+                    pong = ""  # QEMU died meanwhile
                 alive = pong.startswith("pong cpu=0") and qemu.proc.poll() is None
                 if alive:
                     exc = [x for x in qemu.lines if x.startswith("exception")]
@@ -458,11 +459,13 @@ def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
                     vm.stop()
                     vm = start_vm()
                 else:
-                    qemu.stop()
+                    with contextlib.suppress(OSError):
+                        qemu.stop()
                     qemu = start_qemu(n + 1)
     finally:
         vm.stop()
-        qemu.stop()
+        with contextlib.suppress(OSError):
+            qemu.stop()
     took = time.monotonic() - t_start
     report = (
         f"random-kill soak ({source}, seed {seed}): {runs} runs in {took:.0f} s, kills by"

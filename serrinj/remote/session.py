@@ -480,7 +480,13 @@ class RemoteThread:
         frame = sigframe.x86_frame(
             top, resume, xstate, int.from_bytes(mask, "little"), self._restorer
         )
-        self._claim(frame.base, top)
+        try:
+            self._claim(frame.base, top)
+        except EngineError:  # (TargetGone passes through)
+            self._not_kill_safe(
+                f"no room for the resume frame ({len(frame.data)} bytes) below the stack pointer"
+            )
+            return
         self.write_memory(frame.base, frame.data)
         self._frame = frame
         _phase("frame-written")
