@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 from serrinj.remote.arch import Registers, to_signed
 
@@ -177,3 +179,136 @@ def x86_frame(top: int, resume: Registers, xstate: bytes, sigmask: int, restorer
     head = struct.pack("<Q", restorer) + ucontext + bytes(X86_SIGINFO_SIZE)
     data = head + bytes(fp - base - len(head)) + bytes(area)
     return Frame(base=base, sp=base, data=data)
+
+
+# ---------------------------------------------------------------- aarch64 facts
+# arch/arm64/kernel/signal.c, arch/arm64/include/uapi/asm/{sigcontext,ucontext}.h:
+#
+#   struct rt_sigframe { struct siginfo info; struct ucontext uc; }
+#   struct ucontext    { u64 uc_flags; u64 uc_link; stack_t uc_stack;
+#                        sigset_t uc_sigmask; u8 __unused[120];
+#                        struct sigcontext uc_mcontext; }   (16-aligned)
+#   struct sigcontext  { u64 fault_address; u64 regs[31]; u64 sp, pc, pstate;
+#                        u8 __reserved[4096] (16-aligned); }
+#
+# rt_sigreturn takes the frame at sp (which must be 16-aligned), sets the
+# blocked mask, restores x0-x30, sp, pc and pstate (checked by
+# valid_user_regs), forgets the syscall, requires an fpsimd_context record in
+# __reserved (magic 0x46508001, size 528) ended by a null record, resets
+# restart_block, and ignores uc_stack errors but EFAULT.
+A64_SIGINFO_SIZE = 128
+A64_OFF_UC = A64_SIGINFO_SIZE
+A64_OFF_UC_STACK = A64_OFF_UC + 16
+A64_OFF_SIGMASK = A64_OFF_UC + 40
+A64_OFF_MCONTEXT = A64_OFF_UC + 176
+A64_OFF_RESERVED = A64_OFF_MCONTEXT + 288
+A64_RESERVED_SIZE = 4096
+A64_RT_SIGFRAME_SIZE = A64_OFF_RESERVED + A64_RESERVED_SIZE  # 4688
+FPSIMD_MAGIC = 0x46508001
+FPSIMD_CONTEXT_SIZE = 528
+#: NT_PRFPREG on aarch64: struct user_fpsimd_state {vregs[32], fpsr, fpcr, reserved[2]}
+A64_USER_FPSIMD_SIZE = 528
+
+
+def a64_frame(top: int, resume: Registers, fpsimd: bytes, sigmask: int) -> Frame:
+    """An aarch64 ``rt_sigframe`` ending at or below ``top`` (16-aligned, at sp).
+
+    ``fpsimd``: the thread's NT_PRFPREG regset; ``sigmask``: PTRACE_GETSIGMASK.
+    On aarch64 the kernel has already rewound an interrupted syscall when the
+    thread stops, so ``resume`` is the saved state as it is.
+    """
+    if len(fpsimd) < A64_USER_FPSIMD_SIZE - 8:
+        raise ValueError(f"NT_PRFPREG gave {len(fpsimd)} bytes")
+    base = (top - A64_RT_SIGFRAME_SIZE) & ~15
+    frame = bytearray(A64_RT_SIGFRAME_SIZE)
+    struct.pack_into("<QiiQ", frame, A64_OFF_UC_STACK, 0, SS_INVALID, 0)
+    struct.pack_into("<Q", frame, A64_OFF_SIGMASK, sigmask & _U64)
+    regs = [resume[f"x{i}"] for i in range(31)]
+    struct.pack_into(
+        "<Q31QQQQ", frame, A64_OFF_MCONTEXT, 0, *regs, resume["sp"], resume["pc"], resume["pstate"]
+    )
+    vregs = fpsimd[:512]
+    fpsr, fpcr = struct.unpack_from("<II", fpsimd, 512)
+    struct.pack_into(
+        "<IIII512s", frame, A64_OFF_RESERVED, FPSIMD_MAGIC, FPSIMD_CONTEXT_SIZE, fpsr, fpcr, vregs
+    )
+    # the null record that ends __reserved follows (already zero)
+    return Frame(base=base, sp=base, data=bytes(frame))
+
+
+# ---------------------------------------------------------------- per arch
+NT_PRFPREG = 2
+NT_ARM_SVE = 0x405
+NT_ARM_GCS = 0x410
+#: user_sve_header.flags: the thread has live SVE state (more than FPSIMD)
+SVE_PT_REGS_SVE = 1
+#: user_gcs.features_enabled: PR_SHADOW_STACK_ENABLE
+PR_SHADOW_STACK_ENABLE = 1
+
+
+class Frames:
+    """How one arch builds its resume frame and borrows registers around it."""
+
+    #: the regset that holds the FP/SIMD state the frame carries
+    fp_note: int = 0
+    #: how many bytes of it to ask for
+    fp_size: int = 0
+
+    def fp_problem(self, fp: bytes) -> str:
+        """Why this FP/SIMD state cannot go into a frame ('' when it can)."""
+        raise NotImplementedError
+
+    def build(
+        self, top: int, saved: Registers, syscall_entry: bool, fp: bytes, sigmask: int,
+        restorer: int,
+    ) -> Frame:  # fmt: skip
+        raise NotImplementedError
+
+    def borrow(self, regs: Registers, frame: Frame, restorer: int) -> Registers:
+        """``regs`` (set up for a syscall at a ``syscall; ret`` gadget) returning
+        into ``restorer`` with the frame at the stack pointer."""
+        raise NotImplementedError
+
+
+class X86Frames(Frames):
+    fp_note = 0x202  # NT_X86_XSTATE
+    fp_size = 8192
+
+    def fp_problem(self, fp: bytes) -> str:
+        return x86_xstate_problem(fp)
+
+    def build(
+        self, top: int, saved: Registers, syscall_entry: bool, fp: bytes, sigmask: int,
+        restorer: int,
+    ) -> Frame:  # fmt: skip
+        return x86_frame(top, x86_resume_registers(saved, syscall_entry), fp, sigmask, restorer)
+
+    def borrow(self, regs: Registers, frame: Frame, restorer: int) -> Registers:
+        # `ret` pops pretcode (the restorer); rt_sigreturn finds the frame at sp - 8
+        return regs.replace(rsp=frame.sp)
+
+
+class A64Frames(Frames):
+    fp_note = NT_PRFPREG
+    fp_size = A64_USER_FPSIMD_SIZE
+
+    def fp_problem(self, fp: bytes) -> str:
+        if len(fp) < 520:
+            return f"the FP/SIMD state read is {len(fp)} bytes"
+        return ""
+
+    def build(
+        self, top: int, saved: Registers, syscall_entry: bool, fp: bytes, sigmask: int,
+        restorer: int,
+    ) -> Frame:  # fmt: skip
+        if syscall_entry:  # the syscall has not run: the frame runs it again
+            saved = saved.replace(pc=saved["pc"] - 4)
+        return a64_frame(top, saved, fp, sigmask)
+
+    def borrow(self, regs: Registers, frame: Frame, restorer: int) -> Registers:
+        # the gadget's `ret` goes to x30: the vDSO's __kernel_rt_sigreturn, which
+        # finds the frame at sp
+        return regs.replace(sp=frame.sp, x30=restorer)
+
+
+FRAMES: Mapping[str, Frames] = MappingProxyType({"x86_64": X86Frames(), "aarch64": A64Frames()})
