@@ -424,9 +424,6 @@ class RemoteThread:
         """Decide, before the stop, whether the thread can be kill-safe, and find the
         machine code the kill-safe path runs (serrinj.remote.sigframe)."""
         self.kill_safe, self.kill_safe_reason = False, ""
-        if not self.arch.syscall_ret_seqs:
-            self.kill_safe_reason = f"no kill-safe path on {self.arch.name} yet"
-            return
         features = procfs_thread_features(self.pid, self.tid)
         if "shstk" in features:
             self.kill_safe_reason = (
@@ -441,7 +438,7 @@ class RemoteThread:
                 self.arch.syscall_ret_seqs,
                 starttime=self._starttime,
                 maps=self._maps,
-                what="a `syscall; ret` sequence",
+                what=f"a `{self.arch.syscall_ret_name}` sequence",
             )
             self._restorer = find_sequence(
                 self.pid,
@@ -468,17 +465,26 @@ class RemoteThread:
         if self._frame is not None or not self.kill_safe:
             return
         assert self.saved is not None and self._restorer is not None
-        xstate = self._ptrace(ptrace.get_regset, self.tid, ptrace.NT_X86_XSTATE, MAX_FRAME // 2)
-        problem = sigframe.x86_xstate_problem(xstate)
+        frames = sigframe.FRAMES[self.arch.name]
+        if self._ret_gadget == self.saved[self.arch.pc_reg]:
+            self._not_kill_safe("the thread stopped on the engine's own gadget")
+            return
+        problem = self._arch_problem()
+        fp = self._ptrace(ptrace.get_regset, self.tid, frames.fp_note, frames.fp_size)
+        problem = problem or frames.fp_problem(fp)
         if problem:
             self._not_kill_safe(problem)
             return
         mask = bytearray(8)
         self._ptrace(_native.ptrace_buf, ptrace.PTRACE_GETSIGMASK, self.tid, 8, mask)
-        resume = sigframe.x86_resume_registers(self.saved, self._syscall_entry_baseline)
         top = self.saved[self.arch.sp_reg] - self.arch.red_zone
-        frame = sigframe.x86_frame(
-            top, resume, xstate, int.from_bytes(mask, "little"), self._restorer
+        frame = frames.build(
+            top,
+            self.saved,
+            self._syscall_entry_baseline,
+            fp,
+            int.from_bytes(mask, "little"),
+            self._restorer,
         )
         try:
             self._claim(frame.base, top)
@@ -490,6 +496,27 @@ class RemoteThread:
         self.write_memory(frame.base, frame.data)
         self._frame = frame
         _phase("frame-written")
+
+    def _arch_problem(self) -> str:
+        """What of the stopped thread's state a frame cannot carry ('' if nothing):
+        on aarch64 a guarded control stack (GCS) or live SVE state."""
+        if self.arch.name != "aarch64":
+            return ""
+        try:
+            gcs = ptrace.get_regset(self.tid, sigframe.NT_ARM_GCS, 24)
+        except OSError:
+            gcs = b""  # no GCS on this kernel or CPU
+        if len(gcs) >= 8 and int.from_bytes(gcs[:8], "little") & sigframe.PR_SHADOW_STACK_ENABLE:
+            return (
+                "the thread runs with a guarded control stack (GCS), which would reject the frame"
+            )
+        try:
+            sve = ptrace.get_regset(self.tid, sigframe.NT_ARM_SVE, 16)
+        except OSError:
+            sve = b""  # no SVE
+        if len(sve) >= 14 and int.from_bytes(sve[12:14], "little") & sigframe.SVE_PT_REGS_SVE:
+            return "the thread holds live SVE state, which the frame (FPSIMD only) would cut"
+        return ""
 
     def _warm_up(self) -> None:
         """Run the code of the stop path once before the thread is stopped.
@@ -594,8 +621,8 @@ class RemoteThread:
         gadget = self._syscall_gadget()
         regs = self.arch.prepare_syscall(self.saved, gadget, nr, args)
         if self._frame is not None:
-            # the gadget's `ret` takes the frame's pretcode: rt_sigreturn
-            regs = regs.replace(**{self.arch.sp_reg: self._frame.sp})
+            assert self._restorer is not None
+            regs = sigframe.FRAMES[self.arch.name].borrow(regs, self._frame, self._restorer)
         t0 = time.perf_counter_ns()
         self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
         self._dirty = True

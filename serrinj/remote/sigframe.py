@@ -221,7 +221,7 @@ def a64_frame(top: int, resume: Registers, fpsimd: bytes, sigmask: int) -> Frame
         raise ValueError(f"NT_PRFPREG gave {len(fpsimd)} bytes")
     base = (top - A64_RT_SIGFRAME_SIZE) & ~15
     frame = bytearray(A64_RT_SIGFRAME_SIZE)
-    struct.pack_into("<QiiQ", frame, A64_OFF_UC_STACK, 0, SS_INVALID, 0)
+    struct.pack_into("<Qi4xQ", frame, A64_OFF_UC_STACK, 0, SS_INVALID, 0)
     struct.pack_into("<Q", frame, A64_OFF_SIGMASK, sigmask & _U64)
     regs = [resume[f"x{i}"] for i in range(31)]
     struct.pack_into(
