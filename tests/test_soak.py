@@ -16,6 +16,12 @@ each VMM's every so often. Afterwards:
 
 ``pytest tests/test_soak.py --soak-count=10000`` (``make soak``) is the full
 run; the normal test run makes 500 injections.
+
+``test_random_kill_soak`` kills serrinj instead: campaigns of back-to-back
+NMIs into a test VM and into QEMU, each SIGKILLed at a random moment (by pid,
+process group, or a cgroup v2 holding only serrinj); every VMM must live on
+with its guest's self-check clean. 30 runs in the normal test run, 300 in
+``make soak``.
 """
 
 from __future__ import annotations
