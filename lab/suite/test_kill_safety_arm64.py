@@ -49,7 +49,7 @@ def _paused(phase: str, marker: str, *args: str) -> subprocess.Popen[str]:
 
 def _kill(proc: subprocess.Popen[str], marker: str) -> None:
     proc.kill()  # the serrinj this test started
-    proc.wait(30)
+    proc.communicate(timeout=30)  # reaps it and closes its pipes
     os.unlink(marker)
 
 
