@@ -31,7 +31,17 @@ delivered on the borrowed state: they are held and re-sent (tgkill) after the
 registers are restored, before the detach. SIGINT/SIGTERM/SIGHUP/SIGQUIT to
 serrinj itself are blocked for the life of a session, so Ctrl-C can never
 leave a VMM thread with borrowed registers; they are acted on once the thread
-is detached.
+is detached. SIGTSTP (Ctrl-Z) is held too, and lets the session finish:
+serrinj stops once the thread is released (:func:`_on_tstp`).
+
+Kill safety: SIGKILL cannot be held. Before the first register change the
+engine writes a resume frame below the stack pointer (serrinj.remote.sigframe)
+and runs its syscalls through a ``syscall; ret`` (``svc #0; ret``) of the VMM
+that returns into the VMM's ``rt_sigreturn``: a thread whose tracer died
+restores itself. The restore puts registers back before memory, so every
+intermediate state is one the thread survives. A thread the frame cannot
+serve (a shadow stack, live SVE state, no gadget) takes the old path, and
+:attr:`RemoteThread.kill_safe` says so.
 """
 
 from __future__ import annotations
