@@ -50,6 +50,7 @@ import contextlib
 import errno
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -372,7 +373,10 @@ class RemoteThread:
                 " worker without user code; it cannot run a syscall for serrinj"
             )
         self._seccomp_mode = sec.seccomp_mode
-        if self.prefetch_maps and self._stack_key() not in _stack_cache:
+        # The resume frame is written below the stack pointer at the first
+        # syscall: read the maps now, not while the thread is held.
+        wants_stack = self.prefetch_maps or bool(self.arch.syscall_ret_seqs)
+        if wants_stack and self._stack_key() not in _stack_cache:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
         self._prefetch_gadget()
@@ -543,7 +547,20 @@ class RemoteThread:
         with contextlib.suppress(OSError):
             _native.waitpid(os.getpid(), ptrace.WNOHANG)
         _native.address_of(bytearray(8))
-        Registers.unpack(self.arch, bytes(self.arch.regs_size)).pack()
+        regs = Registers.unpack(self.arch, bytes(self.arch.regs_size))
+        regs.pack()
+        # the resume frame's calls and struct formats; ptrace of pid 0 fails (ESRCH)
+        with contextlib.suppress(OSError):
+            _native.ptrace_buf(ptrace.PTRACE_GETSIGMASK, 0, 8, bytearray(8))
+        with contextlib.suppress(OSError):
+            _native.ptrace_iovec(ptrace.PTRACE_GETREGSET, 0, ptrace.NT_PRSTATUS, bytearray(8))
+        scratch = bytearray(64)
+        _native.process_vm_write(os.getpid(), _native.address_of(scratch), bytes(8))
+        frames = sigframe.FRAMES.get(self.arch.name)
+        if frames is not None:
+            fp = bytearray(frames.fp_size if frames.fp_size < 4096 else 1024)
+            with contextlib.suppress(ValueError, struct.error):
+                frames.borrow(regs, frames.build(1 << 20, regs, False, bytes(fp), 0, 0), 0)
         _warmed = True
 
     @property
