@@ -250,7 +250,9 @@ def test_sigtstp_at_each_phase_releases_the_thread_before_serrinj_stops(
 
     vm = start_vm(vcpus=2, mode="spin")
     tid = vm.vcpu(1).tid
-    run = Paused(tmp_path, phase, "nmi", "--pid", vm.pid, "--vcpu", 1)
+    # A process group of its own with its parent in another group of the same session
+    # (as a shell's job): the kernel discards SIGTSTP in an orphaned process group.
+    run = Paused(tmp_path, phase, "nmi", "--pid", vm.pid, "--vcpu", 1, process_group=0)
     paused_runs.append(run)
     run.wait_paused()
     run.proc.send_signal(signal.SIGTSTP)
@@ -293,6 +295,7 @@ def test_sigtstp_mid_campaign_and_fg_continues_it(
             stderr=err,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
+            process_group=0,  # a job's own group, never an orphaned one
         )
     try:
         deadline = time.monotonic() + 30
