@@ -611,6 +611,11 @@ def view_status(data: Mapping[str, Any]) -> Doc:
     for v in data["vcpus"]:
         if arch == "aarch64":
             doc.extend(_arm64_detail(v))
+        if "kill_safe" in v:
+            safe = f"vCPU {v['vcpu_id']}: kill-safe: " + (
+                "yes" if v["kill_safe"] else f"no ({v.get('kill_safe_reason', '?')})"
+            )
+            doc.append(Line(Styled(safe, OK if v["kill_safe"] else WARN)))
         if not v.get("registers_restored", True):
             doc.append(
                 Line(
@@ -780,6 +785,9 @@ def view_injections(data: Mapping[str, Any]) -> Doc:
                     else Styled("NOT verified after restore", BAD),
                 )
             )
+        if inj.get("kill_safe") is False and not dry:
+            reason = inj.get("kill_safe_reason") or "?"
+            rows.append(("kill-safe", Styled(f"no: {reason}", WARN)))
         timings = inj.get("timings_us") or {}
         if timings:
             rows.append(("timings", "  ".join(f"{k} {v:.0f} us" for k, v in timings.items())))

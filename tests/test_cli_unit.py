@@ -151,6 +151,8 @@ class FakeThread:
             else {"orig_rax": -1 & (2**64 - 1)}
         )
         self.verified = True
+        self.kill_safe = arch == "x86_64"
+        self.kill_safe_reason = "" if self.kill_safe else "no kill-safe path on aarch64 yet"
         self.timings: Dict[str, int] = {"attach_ns": 1000}
 
 

@@ -13,8 +13,9 @@ afterwards. The proofs:
 - "nothing was sent" is the guest's own counters (NMIs, machine checks) and
   the audit record's outcome.
 
-The engine's test-only pause points (``SERRINJ_TEST_PAUSE_AT``) hold the
-command at an exact phase while the test strikes. Every process a test starts
+The engine's phase observer, installed by the test-only launcher
+``tests.helpers.paused_serrinj``, holds the command at an exact phase while
+the test strikes. Every process a test starts
 is ended by its pid.
 """
 
@@ -90,21 +91,36 @@ def serrinj(*args: object, env: Optional[Dict[str, str]] = None, timeout: float 
 
 
 class Paused:
-    """``serrinj ARGS`` held at an engine phase (``SERRINJ_TEST_PAUSE_AT``).
+    """``serrinj ARGS`` held at an engine phase (``tests.helpers.paused_serrinj``).
 
-    The engine pauses at that phase of *every* remote syscall; :meth:`release`
-    lets it go on and keeps releasing later pauses until the command ends.
+    The engine pauses at that phase of *every* remote syscall after the first
+    ``skip``; :meth:`release` lets it go on and keeps releasing later pauses until
+    the command ends.
     """
 
-    def __init__(self, tmp: Path, phase: str, *args: object) -> None:
-        self.marker = tmp / f"pause-{phase}"
+    def __init__(self, tmp: Path, phase: str, *args: object, skip: int = 0, **popen: Any) -> None:
+        self.marker = tmp / f"pause-{phase}-{time.monotonic_ns()}"
         self.argv = [str(a) for a in args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serrinj", *self.argv],
-            env=_env({"SERRINJ_TEST_PAUSE_AT": phase, "SERRINJ_TEST_PAUSE_FILE": str(self.marker)}),
+            [
+                sys.executable,
+                "-m",
+                "tests.helpers.paused_serrinj",
+                "--pause-at",
+                phase,
+                "--marker",
+                str(self.marker),
+                "--skip",
+                str(skip),
+                "--",
+                *self.argv,
+            ],
+            env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=ROOT,
+            **popen,
         )
 
     def wait_paused(self, timeout: float = 30.0) -> None:
@@ -1043,8 +1059,7 @@ def test_serrinj_sigkilled_before_changing_anything_leaves_the_vmm_running(
 ) -> None:
     """SIGKILL cannot be caught: the kernel detaches the thread for the dead tracer.
     PTRACE_O_EXITKILL is never set, so the VMM lives on; held at `seized`, nothing
-    of the thread had been changed. (From `borrowed` to the restore a SIGKILL would
-    leave the thread on borrowed registers: docs/SAFETY.md, "Limits".)"""
+    of the thread had been changed. (Every later phase: tests/test_kill_safety.py.)"""
     vm = start_vm(vcpus=2, mode="spin")
     tid = vm.vcpu(0).tid
     with frozen(vm.pid):

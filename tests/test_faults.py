@@ -1,7 +1,8 @@
 """Faults in the middle of an operation: serrinj is signalled, or the target dies.
 
-The engine's test-only pause points (``SERRINJ_TEST_PAUSE_AT``) hold the
-operation at an exact phase while the test strikes.
+The engine's phase observer, installed by the test-only launcher
+``tests.helpers.paused_serrinj``, holds the operation at an exact phase while
+the test strikes.
 """
 
 from __future__ import annotations
@@ -34,15 +35,24 @@ def target() -> Iterator[Workload]:
 
 
 def _driver(w: Workload, phase: str, marker: Path) -> subprocess.Popen[str]:
-    env = dict(
-        os.environ,
-        SERRINJ_TEST_PAUSE_AT=phase,
-        SERRINJ_TEST_PAUSE_FILE=str(marker),
-        PYTHONPATH=str(ROOT),
-    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/helpers/driver.py"), str(w.pid), str(w.tid)],
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers.paused_serrinj",
+            "--pause-at",
+            phase,
+            "--marker",
+            str(marker),
+            "--script",
+            str(ROOT / "tests/helpers/driver.py"),
+            "--",
+            str(w.pid),
+            str(w.tid),
+        ],
         env=env,
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -106,7 +106,21 @@ def _thread_states(pid: int) -> Dict[int, str]:
     return out
 
 
-_STOPPED = ("t", "T")  # ptrace stop, job-control stop
+_STOPPED = ("t", "T")
+
+
+def _paused(phase: str, marker: Path) -> List[str]:
+    """The command line of serrinj held at ``phase`` (tests.helpers.paused_serrinj)."""
+    return [
+        sys.executable,
+        "-m",
+        "tests.helpers.paused_serrinj",
+        "--pause-at",
+        phase,
+        "--marker",
+        str(marker),
+        "--",
+    ]  # ptrace stop, job-control stop
 
 
 def _held_run(qemu: Qemu, vcpu: int, tmp: Path, *args: str) -> Tuple[int, int]:
@@ -117,14 +131,9 @@ def _held_run(qemu: Qemu, vcpu: int, tmp: Path, *args: str) -> Tuple[int, int]:
     is ever stopped; returns (pauses, samples)."""
     tid = qemu.cpu_threads()[vcpu]
     marker = tmp / f"held-{vcpu}-{time.monotonic_ns()}"
-    env = dict(
-        os.environ,
-        SERRINJ_TEST_PAUSE_AT="borrowed",
-        SERRINJ_TEST_PAUSE_FILE=str(marker),
-        PYTHONPATH=str(ROOT),
-    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serrinj", *args],
+        [*_paused("borrowed", marker), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -223,14 +232,9 @@ def test_paused_qemu_takes_the_faults_after_cont(qemu: Qemu) -> None:
 def test_qemu_exiting_mid_injection_is_a_clear_error(qemu: Qemu, tmp_path: Path) -> None:
     mark = qemu.mark()
     marker = tmp_path / "pause"
-    env = dict(
-        os.environ,
-        SERRINJ_TEST_PAUSE_AT="borrowed",
-        SERRINJ_TEST_PAUSE_FILE=str(marker),
-        PYTHONPATH=str(ROOT),
-    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serrinj", "nmi", "--name", qemu.name, "--vcpu", "0"],
+        [*_paused("borrowed", marker), "nmi", "--name", qemu.name, "--vcpu", "0"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -73,18 +73,19 @@ def test_registers_and_memory_identical_seen_from_outside(workload: Workload) ->
             before = observer.saved
             assert before is not None
             sp = before[observer.arch.sp_reg]
-            stack_before = _native.process_vm_read(workload.pid, sp - 1024, 1024)
+            stack_before = _native.process_vm_read(workload.pid, sp - 8192, 8192)
         with RemoteThread(workload.pid, workload.tid) as t:
             ex = RemoteExecutor(t)
             scratch_probe = t.scratch(256)
-            assert sp - 1024 <= scratch_probe < sp - t.arch.red_zone
+            # below the resume frame (an XSAVE area and a signal frame) on x86_64
+            assert sp - 8192 <= scratch_probe < sp - t.arch.red_zone
             # An ioctl that fails (a pipe has no terminal): the buffer round trip
             # still writes the scratch area, which must be restored afterwards.
             with pytest.raises(OSError):
                 ex.ioctl_buf(0, 0x5401, b"\xa5" * 60)  # TCGETS on stdin (not a tty)
         with RemoteThread(workload.pid, workload.tid) as observer:
             after = observer.saved
-            stack_after = _native.process_vm_read(workload.pid, sp - 1024, 1024)
+            stack_after = _native.process_vm_read(workload.pid, sp - 8192, 8192)
         assert after == before, before.diff(after) if after else None
         assert stack_after == stack_before
     finally:

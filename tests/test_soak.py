@@ -16,18 +16,26 @@ each VMM's every so often. Afterwards:
 
 ``pytest tests/test_soak.py --soak-count=10000`` (``make soak``) is the full
 run; the normal test run makes 500 injections.
+
+``test_random_kill_soak`` kills serrinj instead: campaigns of back-to-back
+NMIs into a test VM and into QEMU, each SIGKILLed at a random moment (by pid,
+process group, or a cgroup v2 holding only serrinj); every VMM must live on
+with its guest's self-check clean. 30 runs in the normal test run, 300 in
+``make soak``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -263,6 +271,232 @@ def test_soak(vms: List[Any], soak_count: int, tmp_path: Path) -> None:
         assert slope < limit, (name, report)
     # Python objects kept alive per injection (tracemalloc, free lists included)
     assert heap_slope < 64.0, report
+
+
+# ====================================================================== random kills
+#: the campaign each killed serrinj runs: back-to-back NMIs over every vCPU
+KILL_CAMPAIGN = """
+[campaign]
+name = "kill-soak"
+on_failure = "continue"
+
+[target]
+arch = "x86_64"
+
+[[steps]]
+name = "back-to-back NMIs"
+inject = "nmi"
+vcpus = "all"
+repeat = 100000
+interval = 0
+"""
+KILL_AIMS = ("pid", "process-group", "cgroup")
+
+
+def kill_runs(soak_count: int) -> int:
+    """Random-kill runs: 30 in the normal test run, 300 in `make soak`."""
+    return max(30, soak_count * 3 // 100)
+
+
+def cgroup2_root() -> Optional[str]:
+    """Where cgroup v2 is mounted (from /proc/self/mountinfo), or None."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "cgroup2":
+                return fields[4]
+    return None
+
+
+def _kill_in_cgroup(root: str, pid: int, name: str) -> None:
+    """Move ``pid`` alone into a new cgroup, kill the cgroup, remove it."""
+    path = os.path.join(root, name)
+    os.mkdir(path)
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(f"{pid}\n")
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1\n")
+        deadline = time.monotonic() + 10
+        while True:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                if not f.read().strip():
+                    break
+            assert time.monotonic() < deadline, "the cgroup did not empty"
+            time.sleep(0.005)
+    finally:
+        os.rmdir(path)
+
+
+def _wait_untraced(pid: int, timeout: float = 10.0) -> bool:
+    """Every thread of ``pid`` free of a tracer (False: the process is gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            traced = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    traced += [x for x in f if x.startswith("TracerPid:") and x.split()[1] != "0"]
+        except FileNotFoundError:
+            return False
+        if not traced:
+            return True
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} stayed traced")
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.qemu
+@pytest.mark.skipif(not X86, reason="x86_64 NMIs; arm64 runs in the lab")
+def test_random_kill_soak(soak_count: int, tmp_path: Path) -> None:
+    """Campaigns of back-to-back NMIs into a test VM and into QEMU, each SIGKILLed at
+    a random moment, the kill aimed at serrinj's pid, its process group or a cgroup
+    that holds only serrinj. Every VMM lives on, with its guest's self-check clean.
+
+    ``SERRINJ_SOAK_SOURCE=DIR`` runs the serrinj of another source tree (to
+    measure an older one); a VMM that dies is then counted and restarted."""
+    import random
+
+    from serrinj.testvm.process import TestVmError, TestVmProcess
+    from tests.helpers.qemu import Qemu, build_firmware
+
+    source = os.environ.get("SERRINJ_SOAK_SOURCE", str(ROOT))
+    measuring = source != str(ROOT)
+    runs = kill_runs(soak_count)
+    seed = int(os.environ.get("SERRINJ_SOAK_SEED", time.time_ns() % 100000))
+    rng = random.Random(seed)
+    cgroot = cgroup2_root()
+    aims = KILL_AIMS if cgroot else KILL_AIMS[:2]
+    campaign = tmp_path / "kill-soak.toml"
+    campaign.write_text(KILL_CAMPAIGN)
+    firmware = build_firmware(tmp_path / "stub.bin")
+    env = {**os.environ, "PYTHONPATH": source, "SERRINJ_AUDIT_LOG": str(tmp_path / "audit")}
+
+    def start_vm() -> TestVmProcess:
+        vm = TestVmProcess.start(vcpus=2, mode="spin")
+        for v in (0, 1):
+            vm.wait_event(lambda e, v=v: e.get("event") == "guest-ready" and e.get("vcpu") == v, 20)
+        return vm
+
+    def start_qemu(n: int) -> Qemu:
+        q = Qemu(tmp_path, firmware, f"srj-kill-{os.getpid()}-{n}")
+        q.wait_line("ready cpu=0")
+        q.wait_line("ready cpu=1")
+        return q
+
+    vm = start_vm()
+    try:
+        qemu = start_qemu(0)
+    except BaseException:
+        vm.stop()
+        raise
+    deaths = {"test-vm": 0, "qemu": 0}
+    late = 0  # deaths seen only at the next run
+    failures: List[str] = []
+    by_aim = {a: 0 for a in aims}
+    t_start = time.monotonic()
+    try:
+        for n in range(runs):
+            target = "test-vm" if n % 2 == 0 else "qemu"
+            aim = aims[(n // 2) % len(aims)]
+            by_aim[aim] += 1
+            vmm_pid = vm.pid if target == "test-vm" else qemu.pid
+            log = tmp_path / f"run-{n}.stderr"
+            with open(log, "w") as err:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "serrinj", "run", str(campaign), "--pid", str(vmm_pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=env,
+                    start_new_session=True,  # its own process group
+                    cwd=source,  # `-m` puts the working directory first on the path
+                )
+            try:
+                deadline = time.monotonic() + 30
+                while "PASSED" not in log.read_text() and proc.poll() is None:
+                    assert time.monotonic() < deadline, "the campaign never started"
+                    time.sleep(0.01)
+                if proc.poll() is None:
+                    time.sleep(rng.uniform(0.0, 1.0))
+                if proc.poll() is not None:
+                    # only when measuring: the VMM died after the last run's check
+                    assert measuring, log.read_text()
+                    late += 1
+                    print(f"run {n}: the {target} VMM had died late: {log.read_text()[-200:]}")
+                    if target == "test-vm":
+                        vm.stop()
+                        vm = start_vm()
+                    else:
+                        with contextlib.suppress(OSError):
+                            qemu.stop()
+                        qemu = start_qemu(n + 1000)
+                    deaths[target] += 1
+                    continue
+                if aim == "pid":
+                    os.kill(proc.pid, signal.SIGKILL)
+                elif aim == "process-group":
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    assert cgroot is not None
+                    _kill_in_cgroup(cgroot, proc.pid, f"serrinj-soak-{os.getpid()}-{n}")
+                assert proc.wait(10) == -signal.SIGKILL
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            alive = _wait_untraced(vmm_pid)
+            time.sleep(0.05)
+            if target == "test-vm":
+                alive = alive and vm.alive()
+                try:
+                    for v in (0, 1) if alive else ():
+                        hb = _heartbeat(vm, v)
+                        if hb["check_failures"]:
+                            failures.append(f"run {n}: vCPU {v} self-check {hb}")
+                except TestVmError:
+                    alive = False  # it died meanwhile
+                if alive:
+                    bad = [e for e in vm.events_seen if e.get("event") in ("error", "exit")]
+                    if bad:
+                        failures.append(f"run {n}: {bad}")
+                        alive = False
+            else:
+                try:
+                    pong = qemu.ping() if alive and qemu.proc.poll() is None else ""
+                except (AssertionError, OSError):
+                    pong = ""  # QEMU died meanwhile
+                alive = pong.startswith("pong cpu=0") and qemu.proc.poll() is None
+                if alive:
+                    exc = [x for x in qemu.lines if x.startswith("exception")]
+                    if exc:
+                        failures.append(f"run {n}: QEMU guest {exc}")
+            if not alive:
+                deaths[target] += 1
+                print(f"run {n}: the {target} VMM died ({aim} kill)")
+                if target == "test-vm":
+                    vm.stop()
+                    vm = start_vm()
+                else:
+                    with contextlib.suppress(OSError):
+                        qemu.stop()
+                    qemu = start_qemu(n + 1)
+    finally:
+        vm.stop()
+        with contextlib.suppress(OSError):
+            qemu.stop()
+    took = time.monotonic() - t_start
+    report = (
+        f"random-kill soak ({source}, seed {seed}): {runs} runs in {took:.0f} s, kills by"
+        f" {by_aim}; VMM deaths: test VM {deaths['test-vm']}, QEMU {deaths['qemu']}"
+        f" ({late} seen only at the next run);"
+        f" guest self-check failures: {len(failures)}"
+    )
+    print(report)
+    if not measuring:
+        assert deaths == {"test-vm": 0, "qemu": 0}, report
+        assert failures == [], (report, failures)
 
 
 def main(argv: Sequence[str]) -> int:

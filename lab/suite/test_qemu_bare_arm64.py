@@ -388,17 +388,14 @@ def _exit_mid_injection(b: Bare, lab: env.LabConfig, tmp: str) -> None:
     marker = os.path.join(tmp, "pause")
     audit_log = os.path.join(tmp, "audit.jsonl")
     locks = os.path.join(tmp, "locks")
-    env_vars = dict(
-        os.environ,
-        SERRINJ_TEST_PAUSE_AT="borrowed",
-        SERRINJ_TEST_PAUSE_FILE=marker,
-        SERRINJ_AUDIT_LOG=audit_log,
-        SERRINJ_LOCK_DIR=locks,
-    )
+    env_vars = dict(os.environ, SERRINJ_AUDIT_LOG=audit_log, SERRINJ_LOCK_DIR=locks)
     iss = _iss_for(lab)
     args = ["inject", *b.target(), "--vcpu", "0", *([] if iss is None else ["--esr", hex(iss)])]
+    # held at `borrowed` by the test-only launcher (the engine's phase observer)
+    paused = [sys.executable, "-m", "tests.helpers.paused_serrinj", "--pause-at", "borrowed",
+              "--marker", marker, "--"]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serrinj", *args],
+        [*paused, *args],
         env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -149,7 +149,14 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
                         request=request,
                         detail={
                             k: data[k]
-                            for k in ("delivery", "registers_restored", "thread_state", "notes")
+                            for k in (
+                                "delivery",
+                                "registers_restored",
+                                "kill_safe",
+                                "kill_safe_reason",
+                                "thread_state",
+                                "notes",
+                            )
                             if k in data
                         },
                     )

@@ -73,6 +73,10 @@ class Injection:
     prediction: Dict[str, object] = field(default_factory=dict)
     delivery: Optional[Delivery] = None
     registers_restored: bool = True
+    #: whether the thread could have put itself back had serrinj been killed
+    #: (docs/SAFETY.md); ``None`` when no thread was held
+    kill_safe: Optional[bool] = None
+    kill_safe_reason: str = ""
     timings_us: Dict[str, float] = field(default_factory=dict)
     #: validated and planned, but nothing was sent (``--dry-run``)
     dry_run: bool = False
@@ -95,6 +99,8 @@ class Injection:
             "prediction": self.prediction,
             "delivery": self.delivery.as_dict() if self.delivery else None,
             "registers_restored": self.registers_restored,
+            "kill_safe": self.kill_safe,
+            "kill_safe_reason": self.kill_safe_reason,
             "timings_us": self.timings_us,
             "dry_run": self.dry_run,
         }
@@ -362,6 +368,8 @@ def inject_serror(
             after=decode_events("aarch64", after_ev, after_pstate),
             prediction=prediction,
             registers_restored=bool(rt.verified),
+            kill_safe=rt.kill_safe,
+            kill_safe_reason=rt.kill_safe_reason,
             timings_us=_timings(rt),
             dry_run=dry_run,
         )
@@ -501,6 +509,8 @@ def inject_ext_dabt(
             before={"mmio_exit": seen},
             after={},
             registers_restored=bool(rt.verified),
+            kill_safe=rt.kill_safe,
+            kill_safe_reason=rt.kill_safe_reason,
             timings_us=_timings(rt),
         )
     ]
@@ -544,6 +554,8 @@ def inject_nmi(
             before=before.as_dict(),
             after=after.as_dict(),
             registers_restored=bool(rt.verified),
+            kill_safe=rt.kill_safe,
+            kill_safe_reason=rt.kill_safe_reason,
             timings_us=_timings(rt),
             dry_run=dry_run,
         )
@@ -660,6 +672,8 @@ def inject_mce(
             after=after.as_dict(),
             prediction=effect.as_dict(),
             registers_restored=bool(rt.verified),
+            kill_safe=rt.kill_safe,
+            kill_safe_reason=rt.kill_safe_reason,
             timings_us=_timings(rt),
             dry_run=dry_run,
         )

@@ -228,7 +228,10 @@ def _read(caps: host.HostCaps, tgt: target.Target) -> StatusReport:
 def _restored(snap: VcpuStatus, rt: RemoteThread) -> VcpuStatus:
     from dataclasses import replace
 
-    return replace(snap, registers_restored=bool(rt.verified))
+    safety: Dict[str, object] = {"kill_safe": bool(rt.kill_safe)}
+    if rt.kill_safe_reason:
+        safety["kill_safe_reason"] = rt.kill_safe_reason
+    return replace(snap, registers_restored=bool(rt.verified), detail={**snap.detail, **safety})
 
 
 def x86_summary(events: kvm_x86.VcpuEvents) -> Dict[str, object]:

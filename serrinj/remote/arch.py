@@ -90,6 +90,13 @@ class Arch:
     audit_arch: ClassVar[int]
     #: syscall numbers the engine and discovery use
     nr: ClassVar[Mapping[str, int]]
+    #: machine code that runs a syscall and then returns to the address on the
+    #: stack (or in the link register), and machine code that calls
+    #: ``rt_sigreturn``: the kill-safe path runs both (serrinj.remote.sigframe);
+    #: empty where the arch has no kill-safe path
+    syscall_ret_seqs: ClassVar[Tuple[bytes, ...]]
+    syscall_ret_name: ClassVar[str]
+    sigreturn_seqs: ClassVar[Tuple[bytes, ...]]
 
     @property
     def regs_size(self) -> int:
@@ -164,6 +171,12 @@ class X86_64(Arch):
         }
     )
     _ARGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+    #: ``syscall; ret``
+    syscall_ret_seqs = (b"\x0f\x05\xc3",)
+    syscall_ret_name = "syscall; ret"
+    #: ``mov $15, %rax; syscall`` (glibc's and musl's ``__restore_rt``), and the
+    #: same with ``mov $15, %eax``
+    sigreturn_seqs = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05", b"\xb8\x0f\x00\x00\x00\x0f\x05")
 
     def prepare_syscall(
         self, base: Registers, gadget: int, nr: int, args: Sequence[int]
@@ -213,6 +226,11 @@ class Aarch64(Arch):
             "restart_syscall": 128,
         }
     )
+    #: ``svc #0; ret`` (glibc's wrappers of syscalls that cannot fail, getpid...)
+    syscall_ret_seqs = (struct.pack("<II", 0xD4000001, 0xD65F03C0),)
+    syscall_ret_name = "svc #0; ret"
+    #: ``mov x8, #139; svc #0``: the vDSO's __kernel_rt_sigreturn
+    sigreturn_seqs = (struct.pack("<II", 0xD2801168, 0xD4000001),)
     #: PSTATE.BTYPE: a stale branch type would make a non-BTI gadget fault in a
     #: BTI-guarded page, so it is cleared while the engine's syscall runs.
     PSTATE_BTYPE = 0x3 << 10

@@ -19,7 +19,7 @@ _CHUNK = 1 << 20
 #: libc's first syscall instruction is usually within its first pages: a small
 #: first read keeps a fresh process (every CLI run) from copying a whole MiB
 _FIRST_WINDOW = 1 << 16
-_cache: Dict[Tuple[int, int], int] = {}
+_cache: Dict[Tuple[int, int, Tuple[bytes, ...]], int] = {}
 _EXCLUDED = ("[vsyscall]", "[vectors]", "[uprobes]")
 
 
@@ -42,9 +42,11 @@ def _candidates(pid: int, maps: Optional[Sequence[procfs.Mapping]] = None) -> Li
     return sorted(found, key=lambda m: _rank(m, exe))
 
 
-def _scan(pid: int, m: procfs.Mapping, arch: Arch, avoid: Iterable[int]) -> int:
-    insn = arch.syscall_insn
+def _scan(
+    pid: int, m: procfs.Mapping, patterns: Sequence[bytes], align: int, avoid: Iterable[int]
+) -> int:
     avoid = set(avoid)
+    overlap = max(len(p) for p in patterns) - 1
     addr = m.start
     window = _FIRST_WINDOW
     while addr < m.end:
@@ -53,25 +55,31 @@ def _scan(pid: int, m: procfs.Mapping, arch: Arch, avoid: Iterable[int]) -> int:
             data = _native.process_vm_read(pid, addr, size)
         except OSError:
             return 0
-        pos = data.find(insn)
-        while pos >= 0:
-            hit = addr + pos
-            if hit % arch.insn_align == 0 and hit not in avoid:
-                return hit
-            pos = data.find(insn, pos + 1)
+        best = 0
+        for insn in patterns:
+            pos = data.find(insn)
+            while pos >= 0:
+                hit = addr + pos
+                if hit % align == 0 and hit not in avoid:
+                    best = hit if not best else min(best, hit)
+                    break
+                pos = data.find(insn, pos + 1)
+        if best:
+            return best
         if addr + size >= m.end:
             break
         # windows overlap, so an instruction split across two is found in the next
-        addr += size - (len(insn) - 1)
+        addr += size - overlap
         window = _CHUNK
     return 0
 
 
-def _still_valid(pid: int, addr: int, arch: Arch) -> bool:
+def _still_valid(pid: int, addr: int, patterns: Sequence[bytes]) -> bool:
     try:
-        return _native.process_vm_read(pid, addr, len(arch.syscall_insn)) == arch.syscall_insn
+        data = _native.process_vm_read(pid, addr, max(len(p) for p in patterns))
     except OSError:
         return False
+    return any(data.startswith(p) for p in patterns)
 
 
 def find_syscall_gadget(
@@ -90,19 +98,40 @@ def find_syscall_gadget(
     keys the cache against pid reuse. ``maps`` is a /proc/PID/maps the caller
     has just read (only used when the cache has no answer).
     """
+    return find_sequence(
+        pid, arch, (arch.syscall_insn,), avoid=avoid, starttime=starttime, maps=maps
+    )
+
+
+def find_sequence(
+    pid: int,
+    arch: Arch,
+    patterns: Sequence[bytes],
+    avoid: Iterable[int] = (),
+    starttime: Optional[int] = None,
+    maps: Optional[Sequence[procfs.Mapping]] = None,
+    what: str = "a syscall instruction",
+) -> int:
+    """The address of one of the byte ``patterns`` (machine code the engine will
+    run: a syscall instruction, ``syscall; ret``, an ``rt_sigreturn`` sequence)
+    in an executable mapping of ``pid``, libc first. See
+    :func:`find_syscall_gadget` for the other arguments."""
+    patterns = tuple(patterns)
     avoid = tuple(avoid)
     if starttime is None:
         starttime = procfs.stat(pid).starttime
-    key = (pid, starttime)
+    key = (pid, starttime, patterns)
     cached = _cache.get(key)
-    if cached and cached not in avoid and _still_valid(pid, cached, arch):
+    if cached and cached not in avoid and _still_valid(pid, cached, patterns):
         return cached
     for m in _candidates(pid, maps):
-        hit = _scan(pid, m, arch, avoid)
+        hit = _scan(pid, m, patterns, arch.insn_align, avoid)
         if hit:
+            if len(_cache) >= 4096:
+                _cache.clear()
             _cache[key] = hit
             return hit
     raise SerrinjError(
-        f"process {pid} has no readable executable mapping with a syscall instruction",
-        hint="serrinj borrows an existing syscall instruction and never writes code",
+        f"process {pid} has no readable executable mapping with {what}",
+        hint="serrinj borrows existing machine code and never writes code",
     )

@@ -31,7 +31,17 @@ delivered on the borrowed state: they are held and re-sent (tgkill) after the
 registers are restored, before the detach. SIGINT/SIGTERM/SIGHUP/SIGQUIT to
 serrinj itself are blocked for the life of a session, so Ctrl-C can never
 leave a VMM thread with borrowed registers; they are acted on once the thread
-is detached.
+is detached. SIGTSTP (Ctrl-Z) is held too, and lets the session finish:
+serrinj stops once the thread is released (:func:`_on_tstp`).
+
+Kill safety: SIGKILL cannot be held. Before the first register change the
+engine writes a resume frame below the stack pointer (serrinj.remote.sigframe)
+and runs its syscalls through a ``syscall; ret`` (``svc #0; ret``) of the VMM
+that returns into the VMM's ``rt_sigreturn``: a thread whose tracer died
+restores itself. The restore puts registers back before memory, so every
+intermediate state is one the thread survives. A thread the frame cannot
+serve (a shadow stack, live SVE state, no gadget) takes the old path, and
+:attr:`RemoteThread.kill_safe` says so.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ import contextlib
 import errno
 import os
 import signal
+import struct
+import sys
+import threading
 import time
 from types import TracebackType
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
@@ -53,13 +66,18 @@ from serrinj.errors import (
     SerrinjError,
     TargetGone,
 )
-from serrinj.remote import ptrace, seccomp
+from serrinj.remote import ptrace, seccomp, sigframe
 from serrinj.remote.arch import Arch, Registers, host_arch, to_signed
-from serrinj.remote.gadget import find_syscall_gadget
+from serrinj.remote.gadget import find_sequence, find_syscall_gadget
 
 _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
-#: the most scratch memory a session borrows below the stack pointer
+#: held for the life of a session too, but not an interruption: Ctrl-Z lets the
+#: session finish, and serrinj stops once the thread is released (_on_tstp)
+_HELD_SIGNALS = _GUARDED_SIGNALS | {signal.SIGTSTP}
+#: the most scratch memory a session borrows below the stack pointer for buffers
 MAX_SCRATCH = 4096
+#: the most room a kill-safe frame may take (an XSAVE area with AVX-512 is 2.5 KiB)
+MAX_FRAME = 16384
 
 #: (pid, start time, tid) -> (start, end) of the writable mapping a thread's
 #: scratch range was last found in. The thread runs on that stack, so a range
@@ -72,30 +90,57 @@ _warmed = False  # the native calls of the stop path have run once in this proce
 _RESTART_CODES = frozenset({-512, -513, -514, -516})
 
 
-#: Test-only pause points (the fault-injection tests of serrinj itself): when
-#: ``SERRINJ_TEST_PAUSE_AT`` names a phase, the engine creates the file named by
-#: ``SERRINJ_TEST_PAUSE_FILE`` at that phase and waits (up to 60 s) until the
-#: test deletes it. Phases: ``seized`` (stopped, nothing changed yet),
-#: ``borrowed`` (registers replaced, syscall not yet run), ``syscall-done``
-#: (before the restore).
-_PAUSE_PHASES = ("seized", "borrowed", "syscall-done")
+#: The phases of a session, in order: ``seized`` (stopped, nothing changed),
+#: ``frame-written`` (the resume frame is in the scratch memory, registers
+#: untouched), ``borrowed`` (registers replaced, the syscall not yet run),
+#: ``syscall-entered`` (at the syscall-entry stop), ``syscall-done`` (at its
+#: exit stop) and ``restoring`` (about to put registers and memory back).
+PhaseObserver = Callable[[str], None]
+PHASES = ("seized", "frame-written", "borrowed", "syscall-entered", "syscall-done", "restoring")
+
+#: Called with the name of each phase as a session reaches it. ``None`` in
+#: serrinj itself; only a test process installs one (to hold the engine at an
+#: exact phase while it strikes), by assigning it in-process.
+phase_observer: Optional[PhaseObserver] = None
 
 
-def _test_pause(phase: str) -> None:
-    if os.environ.get("SERRINJ_TEST_PAUSE_AT") != phase:
+def _phase(name: str) -> None:
+    observer = phase_observer
+    if observer is not None:
+        observer(name)
+
+
+def procfs_thread_features(pid: int, tid: int) -> str:
+    """The ``x86_Thread_features`` line of the thread's status ('' without one)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("x86_Thread_features:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _on_tstp(signum: int, _frame: object) -> None:
+    """Ctrl-Z: stop serrinj, which (signals being held during a session) never
+    holds a VMM thread when this runs; continue with `fg` (SIGCONT)."""
+    sys.stderr.write("serrinj: stopped (SIGTSTP), holding no VMM thread; `fg` continues\n")
+    sys.stderr.flush()
+    signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+    try:
+        os.kill(os.getpid(), signal.SIGTSTP)  # the default action: stop, here
+    finally:
+        signal.signal(signal.SIGTSTP, _on_tstp)
+
+
+def _install_tstp_handler() -> None:
+    """Take over SIGTSTP when nobody else did (the default: stop at once, holding
+    whatever thread serrinj holds), from the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
         return
-    marker = os.environ.get("SERRINJ_TEST_PAUSE_FILE")
-    if not marker:
-        return
-    from serrinj import privilege
-
-    if privilege.current().elevated:
-        return  # never for a sudo caller: it would have root create a file it names
-    with open(marker, "w") as f:
-        f.write(f"{os.getpid()} {phase}\n")
-    deadline = time.monotonic() + 60
-    while os.path.exists(marker) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+        signal.signal(signal.SIGTSTP, _on_tstp)
 
 
 def _check_signals() -> None:
@@ -262,6 +307,15 @@ class RemoteThread:
         self.prefetch_maps = prefetch_maps
         self._maps: Optional[List[procfs.Mapping]] = None
         self._running = False  # resumed by us and not yet seen stopped
+        #: whether the thread can put itself back if serrinj dies while it holds
+        #: it (a resume frame, serrinj.remote.sigframe); ``None`` before attach
+        self.kill_safe: Optional[bool] = None
+        #: why not, when it is not (shadow stack, no gadget...); '' otherwise
+        self.kill_safe_reason = ""
+        self._frame: Optional[sigframe.Frame] = None
+        self._ret_gadget: Optional[int] = None
+        self._restorer: Optional[int] = None
+        self._syscall_entry_baseline = False  # the baseline is a syscall-entry stop
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> RemoteThread:
@@ -319,10 +373,14 @@ class RemoteThread:
                 " worker without user code; it cannot run a syscall for serrinj"
             )
         self._seccomp_mode = sec.seccomp_mode
-        if self.prefetch_maps and self._stack_key() not in _stack_cache:
+        # The resume frame is written below the stack pointer at the first
+        # syscall: read the maps now, not while the thread is held.
+        wants_stack = self.prefetch_maps or bool(self.arch.syscall_ret_seqs)
+        if wants_stack and self._stack_key() not in _stack_cache:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
         self._prefetch_gadget()
+        self._prepare_kill_safety()
         self._warm_up()
         try:
             ptrace.seize(tid)
@@ -342,7 +400,7 @@ class RemoteThread:
         self.saved = self.get_registers()
         if self.arch.name == "aarch64":
             self._saved_syscallno = ptrace.get_regset(tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
-        _test_pause("seized")
+        _phase("seized")
 
     def close(self) -> None:
         """Restore everything that was changed and detach. Idempotent; never raises
@@ -376,6 +434,104 @@ class RemoteThread:
                 self.pid, self.arch, starttime=self._starttime, maps=self._maps
             )
 
+    def _prepare_kill_safety(self) -> None:
+        """Decide, before the stop, whether the thread can be kill-safe, and find the
+        machine code the kill-safe path runs (serrinj.remote.sigframe)."""
+        self.kill_safe, self.kill_safe_reason = False, ""
+        features = procfs_thread_features(self.pid, self.tid)
+        if "shstk" in features:
+            self.kill_safe_reason = (
+                "the thread runs with an x86 user shadow stack, which would reject"
+                " serrinj's resume frame"
+            )
+            return
+        try:
+            self._ret_gadget = find_sequence(
+                self.pid,
+                self.arch,
+                self.arch.syscall_ret_seqs,
+                starttime=self._starttime,
+                maps=self._maps,
+                what=f"a `{self.arch.syscall_ret_name}` sequence",
+            )
+            self._restorer = find_sequence(
+                self.pid,
+                self.arch,
+                self.arch.sigreturn_seqs,
+                starttime=self._starttime,
+                maps=self._maps,
+                what="an rt_sigreturn sequence",
+            )
+        except (SerrinjError, OSError) as err:
+            self.kill_safe_reason = (
+                err.message if isinstance(err, SerrinjError) else f"cannot read the VMM: {err}"
+            )
+            return
+        self.kill_safe = True
+
+    def _not_kill_safe(self, reason: str) -> None:
+        self.kill_safe, self.kill_safe_reason = False, reason
+
+    def _ensure_frame(self) -> None:
+        """Write the resume frame below the stack pointer, once, before the first
+        register or scratch change: from then on every state the engine puts the
+        thread in is one it leaves on its own if serrinj dies."""
+        if self._frame is not None or not self.kill_safe:
+            return
+        assert self.saved is not None and self._restorer is not None
+        frames = sigframe.FRAMES[self.arch.name]
+        if self._ret_gadget == self.saved[self.arch.pc_reg]:
+            self._not_kill_safe("the thread stopped on the engine's own gadget")
+            return
+        problem = self._arch_problem()
+        fp = self._ptrace(ptrace.get_regset, self.tid, frames.fp_note, frames.fp_size)
+        problem = problem or frames.fp_problem(fp)
+        if problem:
+            self._not_kill_safe(problem)
+            return
+        mask = bytearray(8)
+        self._ptrace(_native.ptrace_buf, ptrace.PTRACE_GETSIGMASK, self.tid, 8, mask)
+        top = self.saved[self.arch.sp_reg] - self.arch.red_zone
+        frame = frames.build(
+            top,
+            self.saved,
+            self._syscall_entry_baseline,
+            fp,
+            int.from_bytes(mask, "little"),
+            self._restorer,
+        )
+        try:
+            self._claim(frame.base, top)
+        except EngineError:  # (TargetGone passes through)
+            self._not_kill_safe(
+                f"no room for the resume frame ({len(frame.data)} bytes) below the stack pointer"
+            )
+            return
+        self.write_memory(frame.base, frame.data)
+        self._frame = frame
+        _phase("frame-written")
+
+    def _arch_problem(self) -> str:
+        """What of the stopped thread's state a frame cannot carry ('' if nothing):
+        on aarch64 a guarded control stack (GCS) or live SVE state."""
+        if self.arch.name != "aarch64":
+            return ""
+        try:
+            gcs = ptrace.get_regset(self.tid, sigframe.NT_ARM_GCS, 24)
+        except OSError:
+            gcs = b""  # no GCS on this kernel or CPU
+        if len(gcs) >= 8 and int.from_bytes(gcs[:8], "little") & sigframe.PR_SHADOW_STACK_ENABLE:
+            return (
+                "the thread runs with a guarded control stack (GCS), which would reject the frame"
+            )
+        try:
+            sve = ptrace.get_regset(self.tid, sigframe.NT_ARM_SVE, 16)
+        except OSError:
+            sve = b""  # no SVE
+        if len(sve) >= 14 and int.from_bytes(sve[12:14], "little") & sigframe.SVE_PT_REGS_SVE:
+            return "the thread holds live SVE state, which the frame (FPSIMD only) would cut"
+        return ""
+
     def _warm_up(self) -> None:
         """Run the code of the stop path once before the thread is stopped.
 
@@ -391,7 +547,20 @@ class RemoteThread:
         with contextlib.suppress(OSError):
             _native.waitpid(os.getpid(), ptrace.WNOHANG)
         _native.address_of(bytearray(8))
-        Registers.unpack(self.arch, bytes(self.arch.regs_size)).pack()
+        regs = Registers.unpack(self.arch, bytes(self.arch.regs_size))
+        regs.pack()
+        # the resume frame's calls and struct formats; ptrace of pid 0 fails (ESRCH)
+        with contextlib.suppress(OSError):
+            _native.ptrace_buf(ptrace.PTRACE_GETSIGMASK, 0, 8, bytearray(8))
+        with contextlib.suppress(OSError):
+            _native.ptrace_iovec(ptrace.PTRACE_GETREGSET, 0, ptrace.NT_PRSTATUS, bytearray(8))
+        scratch = bytearray(64)
+        _native.process_vm_write(os.getpid(), _native.address_of(scratch), bytes(8))
+        frames = sigframe.FRAMES.get(self.arch.name)
+        if frames is not None:
+            fp = bytearray(frames.fp_size if frames.fp_size < 4096 else 1024)
+            with contextlib.suppress(ValueError, struct.error):
+                frames.borrow(regs, frames.build(1 << 20, regs, False, bytes(fp), 0, 0), 0)
         _warmed = True
 
     @property
@@ -429,7 +598,7 @@ class RemoteThread:
             )
         if self._filters is None:
             self._filters = self._read_filters()
-        ip = self.gadget + len(self.arch.syscall_insn)
+        ip = self._syscall_gadget() + len(self.arch.syscall_insn)
         data = seccomp.seccomp_data(nr, self.arch.audit_arch, ip, args)
         verdict = seccomp.evaluate(self._filters, data)
         if not verdict.action.lets_through:
@@ -461,6 +630,13 @@ class RemoteThread:
             filters.append(seccomp.decode_program(raw))
         return filters
 
+    def _syscall_gadget(self) -> int:
+        """The syscall instruction the engine's syscalls run at: a ``syscall; ret``
+        sequence on the kill-safe path, any syscall instruction otherwise."""
+        if self.kill_safe and self._ret_gadget is not None:
+            return self._ret_gadget
+        return self.gadget
+
     def syscall(self, nr: int, *args: int) -> int:
         """Run syscall ``nr`` in the thread; returns the raw (signed) result."""
         assert self.saved is not None, "attach() first"
@@ -468,12 +644,16 @@ class RemoteThread:
         # send nothing more: restore, detach, then act on it.
         self.raise_if_interrupted()
         self.check_seccomp(nr, args)
-        gadget = self.gadget
+        self._ensure_frame()
+        gadget = self._syscall_gadget()
         regs = self.arch.prepare_syscall(self.saved, gadget, nr, args)
+        if self._frame is not None:
+            assert self._restorer is not None
+            regs = sigframe.FRAMES[self.arch.name].borrow(regs, self._frame, self._restorer)
         t0 = time.perf_counter_ns()
         self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, regs.pack())
         self._dirty = True
-        _test_pause("borrowed")
+        _phase("borrowed")
         self.raise_if_interrupted()
         self._resume(ptrace.resume_syscall, 0)
         self._wait_syscall_stop()
@@ -484,6 +664,7 @@ class RemoteThread:
                 f"thread {self.tid} stopped in an unexpected syscall"
                 f" ({self.arch.entry_call(entry)[0]}) instead of {nr}"
             )
+        _phase("syscall-entered")
         self._resume(ptrace.resume_syscall, 0)
         self._wait_syscall_stop()
         self._at_entry = False
@@ -491,24 +672,35 @@ class RemoteThread:
         spent = time.perf_counter_ns() - t0
         self.timings["syscall_ns"] = spent
         self.timings["syscall_total_ns"] = self.timings.get("syscall_total_ns", 0) + spent
-        _test_pause("syscall-done")
+        _phase("syscall-done")
         return result
 
     def scratch(self, size: int) -> int:
         """An address below the thread's stack pointer with ``size`` bytes of room.
 
         The original bytes are saved on first use and written back on close.
-        The region lies past the red zone and inside the thread's stack mapping.
+        The region lies past the red zone (and below the resume frame) and
+        inside the thread's stack mapping.
         """
         assert self.saved is not None
         need = (size + 15) & ~15
         if need > MAX_SCRATCH:
             raise ValueError(f"scratch of {size} bytes exceeds {MAX_SCRATCH}")
-        sp = self.saved[self.arch.sp_reg]
-        top = sp - self.arch.red_zone
+        self._ensure_frame()
+        if self._frame is not None:
+            top = self._frame.base
+        else:
+            top = self.saved[self.arch.sp_reg] - self.arch.red_zone
         base = (top - need) & ~15
         if self._scratch_base and base >= self._scratch_base:
             return base
+        self._claim(base, top)
+        return base
+
+    def _claim(self, base: int, top: int) -> None:
+        """Check that [base, top) lies in the thread's stack mapping and save its
+        bytes (with those between it and what is already claimed) for the restore."""
+        sp = self.saved[self.arch.sp_reg] if self.saved is not None else top
         key = self._stack_key()
         known = _stack_cache.get(key)
         if known is None or not known[0] <= base < top <= known[1]:
@@ -529,10 +721,10 @@ class RemoteThread:
             else:
                 self._scratch_fail(sp)
         old_base = self._scratch_base or top
-        extra = self.read_memory(base, old_base - base)
-        self._scratch_saved = extra + self._scratch_saved
-        self._scratch_base = base
-        return base
+        if base < old_base:
+            extra = self.read_memory(base, old_base - base)
+            self._scratch_saved = extra + self._scratch_saved
+            self._scratch_base = base
 
     def _stack_key(self) -> Tuple[int, int, int]:
         return (self.pid, self._starttime or 0, self.tid)
@@ -559,6 +751,9 @@ class RemoteThread:
         its own during stepping. Only valid before the engine borrowed them.
         """
         assert self.saved is not None and not self._dirty
+        # The thread runs its own code now and may use the stack below its
+        # pointer: give the scratch bytes back; a new frame follows the new baseline.
+        self._restore_memory()
         deadline = time.monotonic() + timeout
         entry = True
         self._resume(ptrace.resume_syscall, 0)
@@ -575,7 +770,7 @@ class RemoteThread:
                 return False
             if stop.kind is ptrace.StopKind.SYSCALL:
                 if want(entry, self.get_registers()):
-                    self._rebase(at_syscall_stop=True)
+                    self._rebase(at_syscall_stop=True, syscall_entry=entry)
                     return True
                 entry = not entry
                 self._resume(ptrace.resume_syscall, 0)
@@ -613,9 +808,10 @@ class RemoteThread:
 
         return state["hit"] if self.step_syscalls(want, timeout) else None
 
-    def _rebase(self, at_syscall_stop: bool = False) -> None:
+    def _rebase(self, at_syscall_stop: bool = False, syscall_entry: bool = False) -> None:
         self.saved = self.get_registers()
         self._at_syscall_stop = at_syscall_stop
+        self._syscall_entry_baseline = at_syscall_stop and syscall_entry
         if self.arch.name == "aarch64":
             self._saved_syscallno = ptrace.get_regset(self.tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
 
@@ -636,10 +832,12 @@ class RemoteThread:
             stop = self._wait(self.stop_timeout)
             assert stop is not None
         failure: Optional[EngineError] = None
+        if self._dirty:
+            _phase("restoring")
         try:
-            if self._scratch_saved:
-                self.write_memory(self._scratch_base, self._scratch_saved)
-                self._scratch_saved = b""
+            # Registers first, then memory: until the registers are back the
+            # thread may still need its resume frame (serrinj killed meanwhile);
+            # once they are, the bytes below its stack pointer are dead to it.
             if self._at_entry:
                 self._skip_current_syscall()
             if self.saved is not None and self._dirty:
@@ -659,6 +857,7 @@ class RemoteThread:
                 self._dirty = False
             elif self.saved is not None:
                 self.verified = True
+            self._restore_memory()
         finally:
             for sig in self._deferred:
                 with contextlib.suppress(ProcessLookupError):
@@ -674,6 +873,13 @@ class RemoteThread:
             self.timings["detach_ns"] = time.perf_counter_ns() - t0
         if failure is not None:
             raise failure
+
+    def _restore_memory(self) -> None:
+        if self._scratch_saved:
+            self.write_memory(self._scratch_base, self._scratch_saved)
+        self._scratch_saved = b""
+        self._scratch_base = 0
+        self._frame = None
 
     def _signal_path_needed(self, at_our_stop: bool) -> bool:
         """Whether the thread must stop once more in the kernel's signal path
@@ -822,13 +1028,14 @@ class RemoteThread:
             time.sleep(0.005)
 
     def _block_signals(self) -> None:
-        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _GUARDED_SIGNALS)
+        _install_tstp_handler()
+        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
 
     def _unblock_signals(self) -> None:
         if self._old_mask is None:
             return
         old, self._old_mask = self._old_mask, None
-        pending = signal.sigpending() & _GUARDED_SIGNALS
+        pending = signal.sigpending() & _HELD_SIGNALS
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if pending and not (old & pending):
             # Unblocking delivered them to the C-level handler; Python runs its

@@ -7,6 +7,7 @@ reaps it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -168,13 +169,16 @@ class Qemu:
                     self.proc.kill()
                     self.proc.wait(5)
         finally:
+            # (closing flushes: a QEMU that died leaves a broken pipe)
             if self._qmp is not None:
-                self._qmp.close()
+                with contextlib.suppress(OSError):
+                    self._qmp.close()
             if self._sock is not None:
                 self._sock.close()
             for stream in (self.proc.stdin, self.proc.stdout):
                 if stream is not None:
-                    stream.close()
+                    with contextlib.suppress(OSError):
+                        stream.close()
             self._stderr.close()
             self._reader.join(5)
 
