@@ -2,11 +2,11 @@
 
 Commands::
 
-    run    [--kernel 6.1|6.12|all] [--cpu max|cortex-a57|all] [--no-qemu] [--timeout S]
+    run    [--kernel 6.1|6.12|newest|all] [--cpu max|cortex-a57|all] [--no-qemu] [--timeout S]
            [--jobs N] [--refresh] [-- PYTEST ARGS]
            boot the matrix and run the suite in each boot (``make lab-arm64``);
            N boots side by side (default: all of them, up to two per CPU)
-    shell  [--kernel 6.1|6.12] [--cpu max|cortex-a57] [--no-qemu] [--timeout S]
+    shell  [--kernel 6.1|6.12|newest] [--cpu max|cortex-a57] [--no-qemu] [--timeout S]
            boot once with a shell on the console (``make lab-shell``)
     fetch  [--kernel ...] [--no-qemu] [--refresh]
            download and build only (warms the cache)

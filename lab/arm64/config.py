@@ -29,6 +29,11 @@ APT_SUITES: Tuple[Tuple[str, str], ...] = (
     # release, so it brings the newer kernel without touching the userland
     (DEBIAN_MIRROR, f"{DEBIAN_RELEASE}-backports"),
 )
+#: the suite the "newest" kernel comes from. It is *only* ever asked for the kernel, and
+#: it lives in an apt root of its own (``apt-kernel/``): the userland can never be
+#: resolved against it, whatever the pins, and the stable root's lists stay as they are
+UNSTABLE_SUITE = "unstable"
+KERNEL_APT_SUITES: Tuple[Tuple[str, str], ...] = ((DEBIAN_MIRROR, UNSTABLE_SUITE),)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class Kernel:
     #: target release for apt (``None``: the default candidate, i.e. the stable suites)
     release: Optional[str]
     description: str
+    #: resolved in the kernel-only apt root (:data:`KERNEL_APT_SUITES`), not the stable one
+    kernel_root: bool = False
 
 
 KERNELS: Mapping[str, Kernel] = MappingProxyType(
@@ -47,7 +54,15 @@ KERNELS: Mapping[str, Kernel] = MappingProxyType(
         "6.12": Kernel(
             "6.12",
             f"{DEBIAN_RELEASE}-backports",
-            f"newest arm64 kernel ({DEBIAN_RELEASE}-backports)",
+            f"Debian 12's newer kernel ({DEBIAN_RELEASE}-backports)",
+        ),
+        # whatever Debian unstable's linux-image-arm64 names at fetch time (7.2 in
+        # 2026): the lab follows it; the run's header gives the resolved version
+        "newest": Kernel(
+            "newest",
+            UNSTABLE_SUITE,
+            f"newest arm64 kernel (Debian {UNSTABLE_SUITE}, kernel only)",
+            kernel_root=True,
         ),
     }
 )
@@ -76,6 +91,7 @@ CPUS: Mapping[str, Cpu] = MappingProxyType(
 DEFAULT_MATRIX: Tuple[Tuple[str, str], ...] = (
     ("6.1", "max"),
     ("6.12", "max"),
+    ("newest", "max"),
     ("6.1", "cortex-a57"),
 )
 
