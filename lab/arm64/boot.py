@@ -77,6 +77,7 @@ def append_line(spec: BootSpec, mode: str, with_qemu: bool, guest_timeout: int) 
         f"lab.kernel={spec.kernel}",
         f"lab.cpu={spec.cpu.name}",
         f"lab.ras={int(spec.cpu.ras)}",
+        f"lab.commit={int(config.KERNELS[spec.kernel].serror_commit_at_set)}",
         f"lab.qemu={int(with_qemu)}",
     ]
     if guest_timeout:

@@ -46,6 +46,10 @@ class Kernel:
     description: str
     #: resolved in the kernel-only apt root (:data:`KERNEL_APT_SUITES`), not the stable one
     kernel_root: bool = False
+    #: what the suite must see: KVM commits an unmasked SError into the vCPU's registers
+    #: inside KVM_SET_VCPU_EVENTS (Linux 6.17 and later). The lab states it per flavour
+    #: and checks serrinj's own probe of the kernel against it (lab.commit on the command line)
+    serror_commit_at_set: bool = False
 
 
 KERNELS: Mapping[str, Kernel] = MappingProxyType(
@@ -63,6 +67,7 @@ KERNELS: Mapping[str, Kernel] = MappingProxyType(
             UNSTABLE_SUITE,
             f"newest arm64 kernel (Debian {UNSTABLE_SUITE}, kernel only)",
             kernel_root=True,
+            serror_commit_at_set=True,
         ),
     }
 )

@@ -235,11 +235,7 @@ class Apt:
         return proc.stdout
 
     def update(self) -> None:
-        say(
-            "apt-get update (private arm64 root: "
-            + ", ".join(s for _, s in self.suites)
-            + ")"
-        )
+        say("apt-get update (private arm64 root: " + ", ".join(s for _, s in self.suites) + ")")
         self.run(["apt-get", "update", "-q", "--error-on=any"], timeout=900)
         self.updated = True
 
