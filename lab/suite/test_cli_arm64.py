@@ -198,6 +198,17 @@ def test_demo_matches_on_every_host(lab: env.LabConfig) -> None:
     assert "serror-cpu" in steps and "guest-self-check" in steps
     cpu = steps["serror-cpu"]["observed"]
     assert cpu["ec"] == EC_SERROR
+    # when each SError was taken, as this kernel does it, predicted and seen
+    for name in ("serror-ras", "serror-cpu"):
+        if name not in steps:
+            continue
+        step = steps[name]
+        want = "at-injection" if lab.expect_commit else "when-run"
+        assert step["expected"]["timing"] == want, step
+        assert step["injection"]["prediction"]["timing"] == want, step
+        polls = step["injection"]["delivery"]["polls"]
+        assert (polls == 0) is lab.expect_commit, step
+        print(f"demo {name}: {want}, {polls} poll(s)")
     if lab.expect_ras:
         assert steps["serror-ras"]["observed"]["esr"] == ESR_SERROR | 0x1811
         assert cpu["esr"] == ESR_SERROR | IDS
