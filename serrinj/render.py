@@ -856,6 +856,8 @@ def syndrome_doc(s: Mapping[str, Any], linux: Optional[Mapping[str, Any]]) -> Do
         if linux.get("console_line"):
             rows2.append(("console", f"{linux['console_line']}\n{linux['panic_message']}"))
         doc.append(Fields(rows2))
+        for note in linux.get("kernel_notes") or []:
+            doc.append(Line(f"host kernels: {note}"))
     return doc
 
 
