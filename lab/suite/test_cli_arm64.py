@@ -348,6 +348,16 @@ def test_syndromes_reach_the_guest_exactly(guest: Guest, lab: env.LabConfig) -> 
     cases = CASES if lab.expect_ras else [("none", None, None)]
     count = heartbeat(vm, vcpu)["serror_count"]
     others = {v: len(serrors(vm, v)) for v in guest.masked if v != vcpu}
+    # --dry-run predicts when it would be taken, from serrinj's probe of the kernel
+    # (a throwaway VM of its own), and sends nothing
+    mark = vm.mark()
+    r = _inject(vm, vcpu, "--dry-run", *(["--severity", "ce"] if lab.expect_ras else []))
+    assert r.rc == 0 and r.data["dry_run"] is True, r
+    pred = r.data["injections"][0]["prediction"]
+    assert pred["timing"] == ("at-injection" if lab.expect_commit else "when-run"), pred
+    assert pred["kvm_commits_at_set"] is lab.expect_commit
+    print(f"{guest.mode}: --dry-run predicts {pred['timing']}")
+    assert heartbeat(vm, vcpu)["serror_count"] == count and serrors(vm, vcpu, mark) == []
     for i, (form, value, iss) in enumerate(cases):
         args = [form, value] if value is not None else []
         # --wait on the first and on the CPU's own: delivery confirmed by read-back
