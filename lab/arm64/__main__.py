@@ -223,9 +223,10 @@ def _run_boot(
     for err in rep.errors:
         out(f"   guest error: {err}")
     status = "ok" if outcome.ok else "FAILED: " + "; ".join(outcome.problems())
+    cpu = f" (QEMU CPU {outcome.cpu_seconds:.0f} s)" if outcome.cpu_seconds is not None else ""
     out(
         f"   {spec.name}: {_summary(rep.passed, rep.failed, rep.skipped)} "
-        f"in {outcome.seconds:.1f} s -- {status}"
+        f"in {outcome.seconds:.1f} s{cpu} -- {status}"
     )
     if not rep.reached_suite or not rep.finished or not rep.results:
         out(f"   last console lines (full log: {outcome.log}):")
