@@ -703,9 +703,10 @@ def esr_decode_cmd(value: str, form: str) -> None:
 
     Shows every field and what a Linux guest does when it takes it: survive,
     or panic with the console line it prints, and what differs between host
-    kernels: the guest reads the same ESR_EL1 on Linux 6.1, 6.12 and 7.2, but
-    since 6.17 an SError the guest has unmasked is taken at injection rather
-    than left pending (see `serrinj inject`).
+    kernels: on a RAS host the guest reads the same ESR_EL1 on Linux 6.1, 6.12
+    and 7.2, but since 6.17 an SError the guest has unmasked is taken at
+    injection rather than left pending (see `serrinj inject`), and without RAS
+    such an SError reads IDS=1 (0xbf000000) rather than the CPU's own.
     """
     from serrinj import esr
     from serrinj.render import view_esr

@@ -604,8 +604,10 @@ def kernel_notes(iss: Optional[int], host_ras: bool = True) -> Tuple[str, ...]:
     if iss is None:
         notes.append(
             "no syndrome given: on a RAS host KVM injects IDS=1, so the guest reads ESR_EL1"
-            f" 0xbf000000 ({LAB_KERNELS} alike); on a host without RAS it reads the CPU's own"
-            " (0xbe000000 on the lab's cortex-a57, 6.1 and 7.2), and any ESR is refused"
+            f" 0xbf000000 ({LAB_KERNELS} alike); without RAS any ESR is refused and the"
+            " syndrome depends on the kernel: the CPU's own when the CPU delivers it (0xbe000000"
+            " on the lab's cortex-a57, 6.1, and 7.2 for a masked one taken on unmask), IDS=1"
+            " (0xbf000000) when Linux 6.17+ takes an unmasked one at injection"
         )
     else:
         notes.append(
