@@ -7,8 +7,8 @@ this list (:func:`allowed_for`); the guest also runs pytest with
 ``SERRINJ_REQUIRE_ALL=1``, so the host tests' resource markers fail rather
 than skip inside the lab.
 
-When a test is added that must skip on some boot, add it here (and to the
-table in ``lab/README.md``). This module is shipped to the guest too (the
+When a test is added that must skip on some boot, add it here with its exact
+skip reason (and to the table in ``lab/README.md``). This module is shipped to the guest too (the
 ``nested`` fixture's skip reason comes from here) and must stay free of
 dependencies.
 """
@@ -33,17 +33,19 @@ NO_QEMU_REASON = "the lab was booted without the inner QEMU (drop --no-qemu)"
 
 @dataclass(frozen=True)
 class Allowed:
-    """One accepted skip: the test, the boots, and why.
+    """One accepted skip: the test, the boots, why, and the skip's own reason.
 
     ``pattern`` is a node id; ``NAME[*]`` stands for every parametrization of
-    NAME, and ``*`` for any test (only with ``reason``).
+    NAME, and ``*`` for any test. ``reason`` is the text the test skips with
+    (its ``skipif``/``pytest.skip`` reason), exactly: the same test skipped for
+    another reason (a missing tool, a broken fixture) fails the boot.
     """
 
     pattern: str
     when: str
     why: str
-    #: when set, the skip's own reason must be exactly this
-    reason: Optional[str] = None
+    #: the skip's own reason must be exactly this
+    reason: str
 
     def matches(self, nodeid: str) -> bool:
         if self.pattern == "*":
@@ -59,27 +61,30 @@ _RAS_ONLY = "needs a syndrome (an ESR), which a host without RAS refuses; a no-R
 ALLOWED: Tuple[Allowed, ...] = (
     # host tests run in the lab for their arm64 halves: their x86_64 halves skip
     Allowed("tests/test_engine_kvm.py::test_nmi_and_machine_checks_reach_the_guest[*]",
-            ALWAYS, _HOST_X86),
+            ALWAYS, _HOST_X86, "x86_64 injections; arm64 runs in the lab"),
     Allowed("tests/test_engine_kvm.py::test_paused_vm_takes_the_nmi_after_run[*]",
-            ALWAYS, _HOST_X86),
+            ALWAYS, _HOST_X86, "x86_64 guest"),
     Allowed("tests/test_events_migration.py::test_pending_nmi_moves_to_another_vm",
-            ALWAYS, _HOST_X86),
+            ALWAYS, _HOST_X86, "the arm64 migration scenario runs in the arm64 lab"),
     # RAS-only tests on the boot without RAS
-    Allowed("lab/suite/test_campaign_arm64.py::test_arm64_ras_example", NO_RAS, _RAS_ONLY),
+    Allowed("lab/suite/test_campaign_arm64.py::test_arm64_ras_example", NO_RAS, _RAS_ONLY,
+            "a campaign with a syndrome is refused without RAS: the masked example checks it"),
     Allowed("lab/suite/test_qemu_bare_arm64.py::test_serrinj_masked_serror_waits_for_unmask",
-            NO_RAS, _RAS_ONLY),
+            NO_RAS, _RAS_ONLY, "needs a host with RAS (an ESR is refused otherwise)"),
     Allowed("lab/suite/test_qemu_linux_arm64.py::test_ce_is_survived_and_uer_panics_as_predicted",
-            NO_RAS, _RAS_ONLY),
+            NO_RAS, _RAS_ONLY, "a RAS syndrome needs a host with RAS: see the no-RAS test"),
     Allowed("lab/suite/test_testvm_arm64.py::test_serror_syndromes_reach_the_guest[*]",
-            NO_RAS, _RAS_ONLY),
+            NO_RAS, _RAS_ONLY,
+            "needs a host with RAS (the ESR is refused otherwise; see the no-RAS test)"),
     Allowed("lab/suite/test_testvm_arm64.py::test_masked_serror_pends_until_unmask[*]",
-            NO_RAS, _RAS_ONLY),
+            NO_RAS, _RAS_ONLY, "needs a host with RAS"),
     # the no-RAS test on the boots with RAS
     Allowed("lab/suite/test_qemu_linux_arm64.py::"
             "test_without_ras_an_esr_is_refused_and_the_cpus_own_serror_is_fatal",
-            RAS, "the negative test of a host without RAS: it runs on the cortex-a57 boot"),
+            RAS, "the negative test of a host without RAS: it runs on the cortex-a57 boot",
+            "the host without RAS is the cortex-a57 boot"),
     # --no-qemu: every test of the inner QEMU, by the nested fixture's reason
-    Allowed("*", NO_QEMU, "--no-qemu leaves the inner QEMU out", reason=NO_QEMU_REASON),
+    Allowed("*", NO_QEMU, "--no-qemu leaves the inner QEMU out", NO_QEMU_REASON),
 )  # fmt: skip
 
 
@@ -98,7 +103,7 @@ def allowed_for(ras: bool, with_qemu: bool) -> Callable[[_Skipped], Optional[str
         for entry in ALLOWED:
             if entry.when not in kinds or not entry.matches(result.nodeid):
                 continue
-            if entry.reason is not None and result.skip_reason != entry.reason:
+            if result.skip_reason != entry.reason:
                 continue
             return entry.why
         return None

@@ -314,6 +314,16 @@ def man_page() -> str:
             " set, else /run/serrinj when /run is writable, else /tmp/serrinj-locks. The"
             " start time in the name keeps a reused pid from sharing a lock."
         ),
+        ".TP",
+        "\\fI/run/serrinj/kvm\\-serror\\-probe.json\\fR",
+        roff_text(
+            "What serrinj found when it probed the host kernel's SError behaviour (in the"
+            " same directory as the locks): whether KVM_SET_VCPU_EVENTS takes an unmasked"
+            " SError at once (Linux 6.17 and later) or leaves it pending (up to 6.16). The"
+            " probe sets an SError on a throwaway one-vCPU VM in serrinj's own process; the"
+            " answer is kept for the boot it was made in"
+            " (/proc/sys/kernel/random/boot_id) and probed again after a reboot."
+        ),
         ".SH ENVIRONMENT",
     ]
     for name, text in ENVIRONMENT:

@@ -401,6 +401,13 @@ def status_cmd(
     pending, its ESR decoded, and whether the guest masks SErrors (PSTATE.A).
     On x86_64: pending or injected exceptions, NMIs, SMIs. Reading stops each
     vCPU thread for a moment; nothing is changed.
+
+    On arm64 it also reads the exception the guest took last (ESR_EL1, ELR_EL1,
+    SPSR_EL1, PC and VBAR_EL1 through KVM_GET_ONE_REG): an SError taken shows
+    there with its syndrome, also on Linux 6.17 and later, where an unmasked
+    SError is taken at injection and never reads as pending. A PC at the SError
+    vector means the SError is in the guest's registers and its handler has not
+    run yet (a paused VM runs it when it resumes).
     """
     from serrinj.ops import status
     from serrinj.render import view_status
@@ -476,6 +483,17 @@ def inject_cmd(
     works on hosts without RAS too. A Linux guest survives CE and UEO SErrors
     and panics on the others (see `serrinj esr decode`). Everything is checked
     before the VM is touched; a refused request sends nothing.
+
+    When the vCPU takes the SError depends on the host kernel. Up to Linux 6.16
+    KVM keeps it pending until the vCPU next runs the guest with SErrors
+    unmasked. Since 6.17 an SError the guest has unmasked is put into the vCPU's
+    registers inside KVM_SET_VCPU_EVENTS (PC at the SError vector), even in a
+    paused VM: serrinj reports it delivered at injection (0 polls, with or
+    without --wait), and a paused VM's guest handles it when it resumes. A masked
+    one stays pending with its ESR on every kernel until the guest unmasks.
+    serrinj tells these apart by probing the kernel (an SError set on a
+    throwaway one-vCPU VM of its own, cached per boot), never by its version;
+    the prediction (--dry-run too) says which applies.
     """
     from serrinj.ops import inject
     from serrinj.render import view_injections
@@ -656,7 +674,11 @@ def esr_decode_cmd(value: str, form: str) -> None:
     """Decode an SError syndrome: an ISS or a full ESR_EL1 (e.g. from a guest's log).
 
     Shows every field and what a Linux guest does when it takes it: survive,
-    or panic with the console line it prints.
+    or panic with the console line it prints, and what differs between host
+    kernels: on a RAS host the guest reads the same ESR_EL1 on Linux 6.1, 6.12
+    and 7.2, but since 6.17 an SError the guest has unmasked is taken at
+    injection rather than left pending (see `serrinj inject`), and without RAS
+    such an SError reads IDS=1 (0xbf000000) rather than the CPU's own.
     """
     from serrinj import esr
     from serrinj.render import view_esr

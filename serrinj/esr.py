@@ -577,6 +577,8 @@ class LinuxOutcome:
     guest_esr: Optional[int]
     console_line: Optional[str]
     panic_message: Optional[str]
+    #: what differs by host kernel (:func:`kernel_notes`)
+    kernel_notes: Tuple[str, ...] = ()
 
     def as_dict(self) -> Dict[str, object]:
         return {
@@ -587,7 +589,40 @@ class LinuxOutcome:
             "guest_esr": self.guest_esr,
             "console_line": self.console_line,
             "panic_message": self.panic_message,
+            "kernel_notes": list(self.kernel_notes),
         }
+
+
+#: the host kernels the arm64 lab boots (Debian 12's 6.1, its backported 6.12, and
+#: unstable's newest, 7.2 in 2026), for the notes below
+LAB_KERNELS = "Linux 6.1, 6.12 and 7.2"
+
+
+def kernel_notes(iss: Optional[int], host_ras: bool = True) -> Tuple[str, ...]:
+    """What differs, for this SError, between host kernels (as the arm64 lab measured)."""
+    notes = []
+    if iss is None:
+        notes.append(
+            "no syndrome given: on a RAS host KVM injects IDS=1, so the guest reads ESR_EL1"
+            f" 0xbf000000 ({LAB_KERNELS} alike); without RAS any ESR is refused and the"
+            " syndrome depends on the kernel: the CPU's own when the CPU delivers it (0xbe000000"
+            " on the lab's cortex-a57, 6.1, and 7.2 for a masked one taken on unmask), IDS=1"
+            " (0xbf000000) when Linux 6.17+ takes an unmasked one at injection"
+        )
+    else:
+        notes.append(
+            f"the guest reads ESR_EL1 {SERROR_ESR_BASE | iss:#x} (0xbe000000 | ISS) on"
+            f" {LAB_KERNELS} alike; a host without RAS refuses it (EINVAL)"
+        )
+    notes.append(
+        "when it is taken depends on the host kernel: up to Linux 6.16 KVM keeps the SError"
+        " pending until the vCPU next runs the guest with SErrors unmasked; since 6.17 one the"
+        " guest has unmasked is put into the vCPU's registers inside KVM_SET_VCPU_EVENTS (PC at"
+        " the SError vector, even in a paused VM), so GET reads nothing pending and `serrinj"
+        " status` shows it as the last exception; a masked one stays pending with its ESR on"
+        " every kernel until the guest unmasks (serrinj probes the kernel, never its version)"
+    )
+    return tuple(notes)
 
 
 def predict_linux(
@@ -646,7 +681,8 @@ def predict_linux(
             reason = "UC: the error has been silently propagated"
         else:
             reason = f"AET {aet:#05b} is reserved; Linux treats unknown severities as UC"
+    kernels = kernel_notes(iss, host_ras)
     if survives:
-        return LinuxOutcome(True, severity, reason, esr, None, None)
+        return LinuxOutcome(True, severity, reason, esr, None, None, kernels)
     line = console_line(esr, cpu) if esr is not None else f"SError Interrupt on CPU{cpu}, code 0x"
-    return LinuxOutcome(False, severity, reason, esr, line, PANIC_MESSAGE)
+    return LinuxOutcome(False, severity, reason, esr, line, PANIC_MESSAGE, kernels)

@@ -468,6 +468,9 @@ def arm64_events_summary(ev: Mapping[str, Any]) -> List[Styled]:
         out.append(Styled(f"SError pending (ISS {hx(ev.get('serror_esr'))}{extra})", WARN))
     if ev.get("ext_dabt_pending"):
         out.append(Styled("external data abort pending", WARN))
+    taken = ev.get("last_exception")
+    if taken and taken.get("serror"):
+        out.append(Styled(_last_exception_text(taken), WARN))
     masked = ev.get("serror_masked")
     if masked is not None:
         out.append(
@@ -652,7 +655,27 @@ def _arm64_detail(v: Mapping[str, Any]) -> Doc:
     dec = ev.get("serror_esr_decoded")
     if dec:
         rows.append(("pending ESR", _syndrome_oneline(dec)))
+    last = v.get("last_exception")
+    if last and last.get("esr_el1"):
+        rows.append(
+            ("last exception", Styled(_last_exception_text(last), WARN if last["serror"] else ""))
+        )
     return [Line(f"vCPU {v['vcpu_id']}:"), Fields(rows)]
+
+
+def _last_exception_text(x: Mapping[str, Any]) -> str:
+    """The last exception an arm64 guest took, from its EL1 registers, in words."""
+    if not x.get("serror"):
+        return f"EC {hx(x.get('ec'))} ({x.get('ec_name')}), ESR_EL1 {hx(x.get('esr_el1'))}"
+    text = f"SError taken: ESR_EL1 {hx(x.get('esr_el1'))}"
+    syn = x.get("syndrome") or {}
+    if syn.get("aet_name"):
+        text += f" ({syn['aet_name']})"
+    elif syn.get("ids"):
+        text += " (IDS, impl. defined)"
+    if x.get("at_serror_vector"):
+        return text + "; in the guest's registers, PC at its SError vector (handler not run yet)"
+    return text + f" (the last exception the guest took; ELR_EL1 {hx(x.get('elr_el1'))})"
 
 
 def _syndrome_oneline(s: Mapping[str, Any]) -> str:
@@ -675,6 +698,8 @@ def _prediction_serror(p: Mapping[str, Any]) -> Cell:
     text = f"a Linux guest {verdict} ({p.get('severity')}): {p.get('reason')}"
     if p.get("console_line"):
         text += f"\nconsole: {p['console_line']}"
+    if p.get("timing"):
+        text += f"\ntaken: {p['timing']}: {p.get('timing_reason')}"
     return Styled(text, OK if p.get("survives") else BAD)
 
 
@@ -871,6 +896,8 @@ def syndrome_doc(s: Mapping[str, Any], linux: Optional[Mapping[str, Any]]) -> Do
         if linux.get("console_line"):
             rows2.append(("console", f"{linux['console_line']}\n{linux['panic_message']}"))
         doc.append(Fields(rows2))
+        for note in linux.get("kernel_notes") or []:
+            doc.append(Line(f"host kernels: {note}"))
     return doc
 
 

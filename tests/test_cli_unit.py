@@ -25,7 +25,7 @@ from serrinj.errors import Conflict, ExitCode, InvalidInput, PermissionDenied, T
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, inject, target
+from serrinj.ops import host, inject, kvmprobe, target
 from serrinj.remote import ptrace
 from serrinj.remote.arch import X86_64, Aarch64
 from serrinj.render import Fields, Heading, Styled, Table, Ui, to_plain
@@ -102,6 +102,15 @@ class FakeVcpu:
     events: Any = None
     pstate_value: int = 0x3C5  # EL1h, DAIF all set
     sent: List[Tuple[str, Any]] = field(default_factory=list)
+    #: the EL1 exception registers (``exception_state``); no exception taken yet
+    exc: Dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("esr_el1", "elr_el1", "spsr_el1", "far_el1", "vbar_el1", "pc", "pstate"), 0
+        )
+    )
+
+    def exception_state(self) -> Dict[str, int]:
+        return dict(self.exc, pstate=self.pstate_value)
 
     def get_events(self) -> Any:
         if self.events is None:
@@ -167,9 +176,13 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> Any:
         ext_dabt: bool = True,
         regs: Optional[Dict[str, int]] = None,
         first_stop: Optional[ptrace.Stop] = None,
+        commits_at_set: Optional[bool] = False,
         **vcpu_kw: Any,
     ) -> Dict[str, Any]:
         vm = fake_vm(arch, vcpus)
+        # what serrinj's probe of the kernel found (a throwaway VM of its own, arm64 only)
+        found = kvmprobe.SErrorBehaviour(commits_at_set, "fake")
+        monkeypatch.setattr(kvmprobe, "serror_behaviour", lambda use_cache=True: found)
         state: Dict[str, Any] = {
             "vm": vm,
             "vcpus": {i: FakeVcpu(arch, i, 10 + i, **vcpu_kw) for i in range(vcpus)},
@@ -265,25 +278,103 @@ def test_pending_serror_refused_without_force(run: Any, fake_host: Any) -> None:
 def test_serror_taken_at_set_time_counts_as_delivered(
     run: Any, fake_host: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Some kernels (6.17-era) deliver an unmasked SError inside KVM_SET_VCPU_EVENTS:
-    the read-back shows nothing pending. ``--wait`` reports it delivered at injection
-    time, without polling for a pending SError that will never show."""
-    st = fake_host("aarch64", pstate_value=0x3C5 & ~kvm_arm64.PSTATE_A)
+    """Since Linux 6.17 KVM puts an unmasked SError into the vCPU's registers inside
+    KVM_SET_VCPU_EVENTS: the read-back shows nothing pending and PC at the SError vector.
+    inject reports it delivered at injection, with or without ``--wait`` (0 polls, no
+    polling session), with ESR_EL1 as the guest will read it."""
+    st = fake_host("aarch64", commits_at_set=True, pstate_value=0x3C5 & ~kvm_arm64.PSTATE_A)
     vcpu = st["vcpus"][0]
 
     def taken_at_set(esr_value: Optional[int]) -> None:
         vcpu.sent.append(("serror", esr_value))
         vcpu.events = kvm_arm64.VcpuEvents(serror_pending=0, serror_has_esr=1)
+        vcpu.exc.update(esr_el1=0xBE000000 | (esr_value or 0), vbar_el1=0x80000, pc=0x80380)
 
     monkeypatch.setattr(vcpu, "inject_serror", taken_at_set)
-    r = run("inject", "--severity", "ce", "--wait", "1", "--json")
+    for wait in (["--wait", "1"], []):
+        r = run("inject", "--severity", "ce", *wait, "--json")
+        assert r.rc == 0, r
+        (inj,) = r.data["injections"]
+        assert inj["after"]["serror_pending"] is False
+        taken = inj["after"]["last_exception"]
+        assert taken["serror"] and taken["at_serror_vector"] and taken["esr_el1"] == 0xBE001811
+        assert taken["syndrome"]["aet_name"] == "CE"
+        assert inj["prediction"]["timing"] == "at-injection"
+        assert inj["prediction"]["kvm_commits_at_set"] is True
+        d = inj["delivery"]
+        assert d["delivered"] is True and d["polls"] == 0 and d["latency_s"] >= 0
+        # the fake thread left KVM_RUN: the guest handles it as the vCPU continues
+        assert d["reason"].startswith("taken at injection") and "continues" in d["reason"]
+    assert sent(st) == [("serror", 0x1811)] * 2
+    assert st["attached"] == 2  # no polling session
+    r = run("inject", "--severity", "ce")
+    assert "SError taken: ESR_EL1 0xbe001811 (CE); in the guest's registers" in r.stdout, r
+    assert "taken: at-injection" in r.stdout, r
+
+
+def test_serror_into_a_paused_vm_says_it_is_handled_on_resume(
+    run: Any, fake_host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vCPU thread outside KVM_RUN (VM paused): the SError committed at SET is in the
+    guest's registers, and the report says the guest handles it when the VM resumes."""
+    st = fake_host("aarch64", commits_at_set=True, pstate_value=0x2C5)
+    monkeypatch.setattr(inject, "thread_state", lambda before, rt, fd: "userspace")
+    vcpu = st["vcpus"][0]
+
+    def taken_at_set(esr_value: Optional[int]) -> None:
+        vcpu.events = kvm_arm64.VcpuEvents(serror_pending=0, serror_has_esr=1)
+        vcpu.exc.update(esr_el1=0xBF000000, vbar_el1=0x80000, pc=0x80380)
+
+    monkeypatch.setattr(vcpu, "inject_serror", taken_at_set)
+    r = run("inject", "--json")
     assert r.rc == 0, r
     (inj,) = r.data["injections"]
-    assert inj["after"]["serror_pending"] is False
+    assert inj["thread_state"] == "userspace"
+    assert "when the VM resumes" in inj["delivery"]["reason"]
+
+
+def test_serror_read_back_not_pending_without_a_vector_pc(
+    run: Any, fake_host: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing pending after SET but the PC not at an SError vector: not claimed as taken
+    without --wait; --wait reports it delivered at injection time without polling."""
+    st = fake_host("aarch64", pstate_value=0x3C5 & ~kvm_arm64.PSTATE_A)
+    vcpu = st["vcpus"][0]
+
+    def gone(esr_value: Optional[int]) -> None:
+        vcpu.sent.append(("serror", esr_value))
+        vcpu.events = kvm_arm64.VcpuEvents(serror_pending=0, serror_has_esr=1)
+
+    monkeypatch.setattr(vcpu, "inject_serror", gone)
+    r = run("inject", "--severity", "ce", "--json")
+    assert r.rc == 0 and r.data["injections"][0]["delivery"] is None, r
+    assert r.data["injections"][0]["prediction"]["timing"] == "when-run"
+    r = run("inject", "--severity", "ce", "--wait", "1", "--json")
+    (inj,) = r.data["injections"]
     assert inj["delivery"]["delivered"] is True and inj["delivery"]["polls"] == 0
     assert inj["delivery"]["reason"] == "taken at injection time"
-    assert sent(st) == [("serror", 0x1811)]
-    assert st["attached"] == 1  # no polling session
+
+
+@pytest.mark.parametrize(
+    ("commits", "pstate", "timing"),
+    [
+        (True, 0x2C5, "at-injection"),
+        (True, 0x3C5, "when-unmasked"),
+        (False, 0x2C5, "when-run"),
+        (False, 0x3C5, "when-unmasked"),
+        (None, 0x2C5, "unknown"),
+    ],
+)
+def test_dry_run_predicts_when_the_serror_is_taken(
+    run: Any, fake_host: Any, commits: Optional[bool], pstate: int, timing: str
+) -> None:
+    """--dry-run predicts the timing from the probe of the kernel and the vCPU's PSTATE.A."""
+    st = fake_host("aarch64", commits_at_set=commits, pstate_value=pstate)
+    r = run("inject", "--json", "--dry-run", "--severity", "ce")
+    assert r.rc == 0, r
+    pred = r.data["injections"][0]["prediction"]
+    assert pred["timing"] == timing and pred["kvm_commits_at_set"] is commits
+    assert r.data["injections"][0]["delivery"] is None and sent(st) == []
 
 
 def test_dry_run_reads_but_sends_nothing(run: Any, fake_host: Any) -> None:

@@ -25,7 +25,7 @@ from lab import protocol, skips
 from lab.arm64 import __main__ as lab_main
 from lab.arm64 import boot, config, cpio, debian, elf, initramfs, prepare, wheels
 from lab.guest import env, nested
-from tests.conftest import missing
+from tests.conftest import missing, need_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -375,6 +375,88 @@ def test_parse_stanzas_and_dependencies() -> None:
     assert debian.exact_dependency("libc6 (>= 2.36)", r"libc6") is None
 
 
+def test_exact_dependencies_of_the_7x_image_metapackage() -> None:
+    """Debian's 7.x image package (unstable, 2026) is a metapackage: its Image is in the
+    linux-binary package it names by exact version, next to modules and base."""
+    depends = (
+        "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool,"
+        " linux-base-7.2.13+deb14-arm64 (= 7.2.13-1), linux-binary-7.2.13+deb14-arm64"
+        " (= 7.2.13-1), linux-modules-7.2.13+deb14-arm64 (= 7.2.13-1)"
+    )
+    pattern = r"linux-(binary|image)-.*-arm64(-unsigned)?"
+    assert debian.exact_dependencies(depends, pattern) == [
+        ("linux-binary-7.2.13+deb14-arm64", "7.2.13-1")
+    ]
+    assert debian.exact_dependencies("initramfs-tools, kmod", pattern) == []
+
+
+def _deb(tmp: Path, name: str, files: Dict[str, bytes]) -> str:
+    """A minimal .deb holding ``files`` (dpkg-deb --build)."""
+    root = tmp / name
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: 1\nArchitecture: arm64\nMaintainer: x <x@x>\nDescription: x\n"
+    )
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    out = tmp / f"{name}.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return str(out)
+
+
+def _pkg(name: str, deb: str) -> debian.Package:
+    return debian.Package(name, "1", f"pool/{name}_1_arm64.deb", 1, debian.sha256_file(deb))
+
+
+@pytest.mark.parametrize("layout", ["6.x", "7.x"])
+def test_the_image_is_found_by_looking_into_the_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """6.x: ``boot/vmlinuz-*`` in the image package; 7.x: the image package holds no
+    Image and its linux-binary dependency has ``usr/lib/modules/<release>/vmlinuz``.
+    Both are found the same way, whatever the version says."""
+    need_tool("dpkg-deb", "dpkg")
+    monkeypatch.setenv("SERRINJ_CACHE", str(tmp_path / "cache"))
+    image = b"ARM64 Image " + layout.encode()
+    if layout == "6.x":
+        debs = {"linux-image-6.1.0-57-arm64": _deb(tmp_path, "linux-image-6.1.0-57-arm64", {
+            "boot/vmlinuz-6.1.0-57-arm64": image, "boot/config-6.1.0-57-arm64": b"CONFIG_KVM=y",
+        })}  # fmt: skip
+    else:
+        debs = {
+            "linux-image-7.2.13+deb14-arm64": _deb(
+                tmp_path, "linux-image-7.2.13+deb14-arm64", {"usr/share/doc/x/README": b"meta"}
+            ),
+            "linux-binary-7.2.13+deb14-arm64": _deb(
+                tmp_path, "linux-binary-7.2.13+deb14-arm64",
+                {"usr/lib/modules/7.2.13+deb14-arm64/vmlinuz": image,
+                 "usr/lib/modules/7.2.13+deb14-arm64/modules.order": b""},
+            ),
+        }  # fmt: skip
+    chain = [_pkg(name, deb) for name, deb in debs.items()]
+    path, carrier = prepare._kernel_image(chain, debs)
+    assert Path(path).read_bytes() == image
+    assert carrier == chain[-1]  # 6.x: the image package itself; 7.x: linux-binary
+    # cached: found again without looking into the packages
+    monkeypatch.setattr(prepare, "extract_member", None)
+    assert prepare._kernel_image(chain, debs) == (path, carrier)
+
+
+def test_no_image_in_any_package_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need_tool("dpkg-deb", "dpkg")
+    monkeypatch.setenv("SERRINJ_CACHE", str(tmp_path / "cache"))
+    deb = _deb(tmp_path, "linux-image-9.9-arm64", {"usr/lib/modules/9.9-arm64/Image.gz": b"x"})
+    with pytest.raises(debian.DebianError, match="no kernel Image"):
+        prepare._kernel_image([_pkg("linux-image-9.9-arm64", deb)], {"linux-image-9.9-arm64": deb})
+
+
 def test_parse_candidate() -> None:
     text = "linux-image-arm64:\n  Installed: (none)\n  Candidate: 6.1.192-2\n  Version table:\n"
     assert debian.parse_candidate(text) == "6.1.192-2"
@@ -556,11 +638,14 @@ def test_protocol_observation_lines_follow_their_result() -> None:
 # --- skips: every one is a failure unless the boot's allow-list has it -------------------
 
 _RAS_ONLY = "lab/suite/test_campaign_arm64.py::test_arm64_ras_example"
+_RAS_ONLY_WHY = "a campaign with a syndrome is refused without RAS: the masked example checks it"
 _NO_RAS_ONLY = (
     "lab/suite/test_qemu_linux_arm64.py::"
     "test_without_ras_an_esr_is_refused_and_the_cpus_own_serror_is_fatal"
 )
+_NO_RAS_ONLY_WHY = "the host without RAS is the cortex-a57 boot"
 _X86_ONLY = "tests/test_engine_kvm.py::test_nmi_and_machine_checks_reach_the_guest[spin]"
+_X86_ONLY_WHY = "x86_64 injections; arm64 runs in the lab"
 
 
 def _skipped(nodeid: str, reason: str = "some reason") -> protocol.CaseResult:
@@ -570,13 +655,16 @@ def _skipped(nodeid: str, reason: str = "some reason") -> protocol.CaseResult:
 @pytest.mark.parametrize(
     ("nodeid", "reason", "ras", "with_qemu", "accepted"),
     [
-        (_RAS_ONLY, "x", False, True, True),  # a RAS-only test on the boot without RAS
-        (_RAS_ONLY, "x", True, True, False),  # ... but never on a boot with RAS
-        (_NO_RAS_ONLY, "x", True, True, True),
-        (_NO_RAS_ONLY, "x", False, True, False),
-        (_X86_ONLY, "x", True, True, True),  # x86_64-only host tests, on every boot
-        (_X86_ONLY, "x", False, True, True),
-        (_X86_ONLY.replace("[spin]", "_more[spin]"), "x", True, True, False),
+        (_RAS_ONLY, _RAS_ONLY_WHY, False, True, True),  # a RAS-only test without RAS
+        (_RAS_ONLY, _RAS_ONLY_WHY, True, True, False),  # ... but never on a boot with RAS
+        (_RAS_ONLY, "x", False, True, False),  # ... and only for its own reason
+        (_NO_RAS_ONLY, _NO_RAS_ONLY_WHY, True, True, True),
+        (_NO_RAS_ONLY, _NO_RAS_ONLY_WHY, False, True, False),
+        (_NO_RAS_ONLY, "needs the inner QEMU", True, True, False),
+        (_X86_ONLY, _X86_ONLY_WHY, True, True, True),  # x86_64-only host tests, on every boot
+        (_X86_ONLY, _X86_ONLY_WHY, False, True, True),
+        (_X86_ONLY, "x86_64 guest", True, True, False),  # another entry's reason
+        (_X86_ONLY.replace("[spin]", "_more[spin]"), _X86_ONLY_WHY, True, True, False),
         ("lab/suite/test_cli_arm64.py::test_demo_matches_on_every_host", "x", True, True, False),
         ("lab/suite/test_smoke.py::test_x", skips.NO_QEMU_REASON, True, False, True),
         ("lab/suite/test_smoke.py::test_x", skips.NO_QEMU_REASON, True, True, False),
@@ -588,6 +676,25 @@ def test_skip_allow_list(
 ) -> None:
     why = skips.allowed_for(ras, with_qemu)(_skipped(nodeid, reason))
     assert (why is not None) is accepted, why
+
+
+def test_every_allowed_skip_is_pinned_to_its_exact_reason() -> None:
+    """Each entry names its test and the text that test skips with (found in its source),
+    and the same test skipped for any other reason, on a boot where the entry applies,
+    is not accepted."""
+    for entry in skips.ALLOWED:
+        assert entry.reason, entry
+        if entry.pattern == "*":
+            continue
+        path = entry.pattern.partition("::")[0]
+        assert f'"{entry.reason}"' in (REPO / path).read_text(), entry
+        nodeid = entry.pattern.replace("[*]", "[halt]")
+        for ras in (True, False):
+            allowed = skips.allowed_for(ras, with_qemu=True)
+            if entry.when in (skips.ALWAYS, skips.RAS if ras else skips.NO_RAS):
+                assert allowed(_skipped(nodeid, entry.reason)) == entry.why
+            for other in ("", entry.reason + " ", entry.reason.upper(), "a missing tool"):
+                assert allowed(_skipped(nodeid, other)) is None, (entry, other)
 
 
 def test_skip_allow_list_names_tests_that_exist() -> None:
@@ -608,7 +715,7 @@ def test_protocol_problems_fail_a_skip_outside_the_allow_list() -> None:
         "@@LAB@@ BEGIN kernel=6.1 cpu=max expect_ras=1",
         "@@LAB@@ RESULT PASSED lab/suite/test_a.py::test_ok 0.01",
         f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.00",
-        "@@LAB@@ | needs RAS",
+        f"@@LAB@@ | {_RAS_ONLY_WHY}",
         "@@LAB@@ END rc=0",
     ]
     report = protocol.parse(lines)
@@ -617,6 +724,11 @@ def test_protocol_problems_fail_a_skip_outside_the_allow_list() -> None:
     assert report.problems(skips.allowed_for(ras=True, with_qemu=True)) != []
     assert report.problems(skips.allowed_for(ras=False, with_qemu=True)) == []
     assert report.results[1].allowed_because is not None
+    # the same test skipped for another reason: the boot fails
+    other = protocol.parse([*lines[:3], "@@LAB@@ | needs RAS", lines[4]])
+    assert other.problems(skips.allowed_for(ras=False, with_qemu=True)) == [
+        f"1 test(s) skipped outside the boot's allow-list: {_RAS_ONLY}"
+    ]
 
 
 # --- the run command: its lines, its closing line and its exit status ----------------------
@@ -678,11 +790,15 @@ def _boot_lines(ras: bool, extra: List[str]) -> List[str]:
 @pytest.mark.parametrize(
     ("max_extra", "a57_extra", "rc", "failed_boots"),
     [
-        # every skip on the boot whose allow-list has it
-        ([f"@@LAB@@ RESULT SKIPPED {_NO_RAS_ONLY} 0.0", "@@LAB@@ | no RAS only"],
-         [f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", "@@LAB@@ | RAS only"], 0, None),
+        # every skip on the boot whose allow-list has it, for its own reason
+        ([f"@@LAB@@ RESULT SKIPPED {_NO_RAS_ONLY} 0.0", f"@@LAB@@ | {_NO_RAS_ONLY_WHY}"],
+         [f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", f"@@LAB@@ | {_RAS_ONLY_WHY}"], 0, None),
         # a RAS-only test skipped on a RAS boot: that boot fails
-        ([f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", "@@LAB@@ | RAS only"], [], 1, "6.1/max"),
+        ([f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", f"@@LAB@@ | {_RAS_ONLY_WHY}"], [], 1,
+         "6.1/max"),
+        # the allowed test skipped for another reason (a tool missing): that boot fails
+        ([], [f"@@LAB@@ RESULT SKIPPED {_RAS_ONLY} 0.0", "@@LAB@@ | cpio is missing"], 1,
+         "6.1/cortex-a57"),
         # a failed test
         ([], ["@@LAB@@ RESULT FAILED lab/suite/test_a.py::test_bad 0.1", "@@LAB@@ | E boom"],
          1, "6.1/cortex-a57"),
@@ -750,7 +866,8 @@ def test_default_matrix_is_every_kernel_with_ras_plus_one_without() -> None:
 
 def test_matrix_selection() -> None:
     assert boot.matrix(["6.12"], None) == [("6.12", "max"), ("6.12", "cortex-a57")]
-    assert boot.matrix(None, ["max"]) == [("6.1", "max"), ("6.12", "max")]
+    assert boot.matrix(None, ["max"]) == [("6.1", "max"), ("6.12", "max"), ("newest", "max")]
+    assert boot.matrix(["newest"], ["max"]) == [("newest", "max")]
     assert boot.matrix(["6.1"], ["cortex-a57"]) == [("6.1", "cortex-a57")]
 
 
@@ -763,6 +880,11 @@ def test_kernel_command_line_reaches_the_guest_config() -> None:
     )
     assert cfg.inside_lab
     assert not env.LabConfig.from_params(env.params("console=ttyS0 quiet")).inside_lab
+    # the newest kernel commits an unmasked SError at SET (6.17+); the suite checks
+    # serrinj's probe against what the host states here
+    newest = boot.BootSpec("newest", config.CPUS["max"], "/x/Image")
+    cfg = env.LabConfig.from_params(env.params(boot.append_line(newest, "run", True, 0)))
+    assert cfg.expect_commit and cfg.kernel == "newest" and cfg.expect_ras
 
 
 def test_nested_init_prints_the_markers_the_suite_waits_for() -> None:

@@ -2,11 +2,11 @@
 
 Commands::
 
-    run    [--kernel 6.1|6.12|all] [--cpu max|cortex-a57|all] [--no-qemu] [--timeout S]
+    run    [--kernel 6.1|6.12|newest|all] [--cpu max|cortex-a57|all] [--no-qemu] [--timeout S]
            [--jobs N] [--refresh] [-- PYTEST ARGS]
            boot the matrix and run the suite in each boot (``make lab-arm64``);
            N boots side by side (default: all of them, up to two per CPU)
-    shell  [--kernel 6.1|6.12] [--cpu max|cortex-a57] [--no-qemu] [--timeout S]
+    shell  [--kernel 6.1|6.12|newest] [--cpu max|cortex-a57] [--no-qemu] [--timeout S]
            boot once with a shell on the console (``make lab-shell``)
     fetch  [--kernel ...] [--no-qemu] [--refresh]
            download and build only (warms the cache)
@@ -223,9 +223,10 @@ def _run_boot(
     for err in rep.errors:
         out(f"   guest error: {err}")
     status = "ok" if outcome.ok else "FAILED: " + "; ".join(outcome.problems())
+    cpu = f" (QEMU CPU {outcome.cpu_seconds:.0f} s)" if outcome.cpu_seconds is not None else ""
     out(
         f"   {spec.name}: {_summary(rep.passed, rep.failed, rep.skipped)} "
-        f"in {outcome.seconds:.1f} s -- {status}"
+        f"in {outcome.seconds:.1f} s{cpu} -- {status}"
     )
     if not rep.reached_suite or not rep.finished or not rep.results:
         out(f"   last console lines (full log: {outcome.log}):")

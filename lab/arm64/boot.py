@@ -45,6 +45,9 @@ class BootOutcome:
     tail: List[str] = field(default_factory=list)
     #: whether the boot had the inner QEMU (decides which skips are accepted)
     with_qemu: bool = True
+    #: CPU time QEMU used (user + system; None when unknown): unlike ``seconds``, it does
+    #: not grow when the machine is busy with other work, so boots can be compared
+    cpu_seconds: Optional[float] = None
 
     def allowed_skip(self, result: protocol.CaseResult) -> Optional[str]:
         """Why this boot accepts ``result``'s skip (``lab/skips.py``), or None."""
@@ -77,6 +80,7 @@ def append_line(spec: BootSpec, mode: str, with_qemu: bool, guest_timeout: int) 
         f"lab.kernel={spec.kernel}",
         f"lab.cpu={spec.cpu.name}",
         f"lab.ras={int(spec.cpu.ras)}",
+        f"lab.commit={int(config.KERNELS[spec.kernel].serror_commit_at_set)}",
         f"lab.qemu={int(with_qemu)}",
     ]
     if guest_timeout:
@@ -165,9 +169,7 @@ def run(
                 if on_line is not None:
                     on_line(report, done, text)
     finally:
-        if proc.poll() is None:
-            proc.kill()  # the QEMU started above, by its pid
-        rc = proc.wait()
+        rc, cpu = _reap(proc)
         thread.join(timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
@@ -180,7 +182,29 @@ def run(
         qemu_rc=rc,
         tail=tail,
         with_qemu=with_qemu,
+        cpu_seconds=cpu,
     )
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, Optional[float]]:
+    """Kill QEMU (the child started by ``run``, by its pid) unless it has exited, wait for
+    it, and say how much CPU time it used (wait4's rusage)."""
+    if proc.returncode is not None:  # reaped elsewhere: its usage is gone
+        return proc.returncode, None
+    try:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        for _ in range(20):  # its console closed: it is on its way out
+            if pid != 0:
+                break
+            time.sleep(0.05)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid == 0:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:
+        return proc.wait(), None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def interactive(spec: BootSpec, initrd: str, with_qemu: bool, timeout: Optional[float]) -> int:

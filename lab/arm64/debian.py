@@ -109,6 +109,22 @@ def exact_dependency(depends: str, pattern: str) -> Optional[Tuple[str, str]]:
     return None
 
 
+def exact_dependencies(depends: str, pattern: str) -> List[Tuple[str, str]]:
+    """Every ``name (= version)`` in a Depends field whose name matches ``pattern``."""
+    out: List[Tuple[str, str]] = []
+    for alternative in depends.split(","):
+        for item in alternative.split("|"):
+            match = re.match(r"\s*(\S+)\s*\(=\s*([^)\s]+)\s*\)", item)
+            if match and re.fullmatch(pattern, match.group(1)):
+                out.append((match.group(1), match.group(2)))
+    return out
+
+
+#: where a Debian arm64 kernel package keeps its Image: ``boot/vmlinuz-<release>`` up
+#: to 6.x, ``usr/lib/modules/<release>/vmlinuz`` in the 7.x ``linux-binary-*`` packages
+KERNEL_MEMBER = r"boot/vmlinuz-[^/]+|usr/lib/modules/[^/]+/vmlinuz"
+
+
 def sources_list(suites: Iterable[Tuple[str, str]], keyring: str) -> str:
     lines = [
         f"deb [arch=arm64 signed-by={keyring}] {mirror} {suite} main" for mirror, suite in suites
@@ -122,8 +138,9 @@ def sources_list(suites: Iterable[Tuple[str, str]], keyring: str) -> str:
 class Apt:
     """apt-get and apt-cache, confined to a directory of their own, for arm64."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, suites: Sequence[Tuple[str, str]] = config.APT_SUITES) -> None:
         self.root = root
+        self.suites = tuple(suites)
         self.conf = os.path.join(root, "apt.conf")
         self.sources = os.path.join(root, "etc", "sources.list")
         self.lists = os.path.join(root, "state", "lists")
@@ -141,7 +158,7 @@ class Apt:
         status = os.path.join(self.root, "state", "status")
         if not os.path.exists(status):
             open(status, "w").close()
-        sources = sources_list(config.APT_SUITES, config.DEBIAN_KEYRING)
+        sources = sources_list(self.suites, config.DEBIAN_KEYRING)
         old = _read(self.sources)
         if old != sources:
             _write_atomic(self.sources, sources)
@@ -185,7 +202,7 @@ class Apt:
             names = os.listdir(self.lists)
         except FileNotFoundError:
             return False
-        for _mirror, suite in config.APT_SUITES:
+        for _mirror, suite in self.suites:
             part = f"_dists_{suite}_main_binary-arm64_Packages"
             if not any(part in n for n in names):
                 return False
@@ -218,11 +235,7 @@ class Apt:
         return proc.stdout
 
     def update(self) -> None:
-        say(
-            "apt-get update (private arm64 root: "
-            + ", ".join(s for _, s in config.APT_SUITES)
-            + ")"
-        )
+        say("apt-get update (private arm64 root: " + ", ".join(s for _, s in self.suites) + ")")
         self.run(["apt-get", "update", "-q", "--error-on=any"], timeout=900)
         self.updated = True
 
@@ -271,14 +284,24 @@ class Apt:
             raise DebianError(f"the index has no record of {missing}")
         return found
 
-    def kernel_image(self, release: Optional[str]) -> Package:
-        """The image package that ``linux-image-arm64`` (from ``release``) depends on."""
+    def kernel_image(self, release: Optional[str]) -> Tuple[Package, ...]:
+        """The image package that ``linux-image-arm64`` (from ``release``) depends on,
+        then the packages it depends on by exact version (``linux-binary-*``,
+        ``linux-image-*-unsigned``), any of which may carry the Image.
+
+        Which one holds it is decided later by looking into the packages
+        (:func:`kernel_member`), not by the version: Debian's 7.x image package is
+        a metapackage whose ``linux-binary-*`` dependency ships
+        ``usr/lib/modules/<release>/vmlinuz``, where 6.x shipped ``boot/vmlinuz-*``.
+        """
         meta_version = self.candidate("linux-image-arm64", release)
         meta = self.show({"linux-image-arm64": meta_version})["linux-image-arm64"]
         dep = exact_dependency(meta.depends, r"linux-image-.*-arm64(-unsigned)?")
         if dep is None:
             raise DebianError(f"linux-image-arm64 {meta_version} names no image: {meta.depends!r}")
-        return self.show({dep[0]: dep[1]})[dep[0]]
+        image = self.show({dep[0]: dep[1]})[dep[0]]
+        carriers = exact_dependencies(image.depends, r"linux-(binary|image)-.*-arm64(-unsigned)?")
+        return (image, *self.show(dict(carriers)).values())
 
     def download(self, packages: Iterable[Package], dest: str) -> Dict[str, str]:
         """Make every package present and verified in ``dest``; returns name -> path."""

@@ -4,6 +4,8 @@ The cache (``~/.cache/serrinj/lab``) holds, each keyed by content or version:
 
 ``apt/``        the private apt root (its lists are updated only when missing,
                 on ``--refresh``, or when the archive dropped a version we asked for)
+``apt-kernel/`` a second one with Debian unstable alone, asked only for the
+                "newest" kernel (the userland never sees it)
 ``debs/``       arm64 .deb files, verified against the index's SHA256
 ``unpacked/``   ``dpkg-deb -x`` trees of the userland packages
 ``wheels/``     the PyPI wheel set, with a manifest of SHA256s
@@ -29,14 +31,24 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set
 
 from lab.arm64 import config, initramfs, wheels
 from lab.arm64.config import say
-from lab.arm64.debian import Apt, DebianError, Package, extract_member, sha256_file
+from lab.arm64.debian import (
+    KERNEL_MEMBER,
+    Apt,
+    DebianError,
+    Package,
+    extract_member,
+    sha256_file,
+)
 
 
 @dataclass(frozen=True)
 class KernelImage:
     label: str
+    #: the ``linux-image-*`` package ``linux-image-arm64`` names
     package: Package
     image: str
+    #: the package the Image was found in (``package`` itself, or its ``linux-binary-*``)
+    carrier: Optional[Package] = None
 
     @property
     def release(self) -> str:
@@ -119,21 +131,35 @@ def _sweep() -> None:
                     os.unlink(path)
 
 
-def _kernel_image(pkg: Package, deb: str) -> str:
-    path = os.path.join(_dir("kernels"), f"{pkg.stem}.Image")
+def _kernel_image(chain: Sequence[Package], debs: Mapping[str, str]) -> tuple[str, Package]:
+    """The Image of a kernel and the package it came from.
+
+    ``chain`` is the image package then its exact dependencies; the first one whose
+    data holds an Image (:data:`debian.KERNEL_MEMBER`) gives it. A cached Image is
+    used when its recorded source package is still one of the chain.
+    """
+    path = os.path.join(_dir("kernels"), f"{chain[0].stem}.Image")
     meta = _image_ok(path)
-    if meta is not None and meta.get("deb_sha256") == pkg.sha256:
-        return path
-    say(f"kernel: extracting the Image from {pkg.basename}")
-    extract_member(deb, r"boot/vmlinuz-.*", path)
-    _record_image(path, deb_sha256=pkg.sha256)
-    return path
+    if meta is not None:
+        for pkg in chain:
+            if meta.get("deb_sha256") == pkg.sha256:
+                return path, pkg
+    for pkg in chain:
+        say(f"kernel: looking for the Image in {pkg.basename}")
+        try:
+            extract_member(debs[pkg.name], KERNEL_MEMBER, path)
+        except DebianError:
+            continue
+        _record_image(path, deb_sha256=pkg.sha256, package=pkg.name)
+        return path, pkg
+    names = ", ".join(p.name for p in chain)
+    raise DebianError(f"no kernel Image ({KERNEL_MEMBER}) in any of: {names}")
 
 
 def _resolve(
-    apt: Apt, labels: Sequence[str], with_qemu: bool
-) -> tuple[Dict[str, Package], Dict[str, Package], Dict[str, Package]]:
-    """(base userland, nested userland, kernel image per label) as index records."""
+    apt: Apt, kernel_apt: Apt, labels: Sequence[str], with_qemu: bool
+) -> tuple[Dict[str, Package], Dict[str, Package], Dict[str, Sequence[Package]]]:
+    """(base userland, nested userland, kernel packages per label) as index records."""
     base_roots = list(config.BASE_PAYLOAD)
     base_versions = apt.closure(base_roots)
     nested_versions: Dict[str, str] = {}
@@ -142,7 +168,10 @@ def _resolve(
     records = apt.show({**base_versions, **nested_versions})
     base = {n: records[n] for n in base_versions}
     nested = {n: records[n] for n in nested_versions}
-    kernels = {label: apt.kernel_image(config.KERNELS[label].release) for label in labels}
+    kernels: Dict[str, Sequence[Package]] = {}
+    for label in labels:
+        flavour = config.KERNELS[label]
+        kernels[label] = (kernel_apt if flavour.kernel_root else apt).kernel_image(flavour.release)
     return base, nested, kernels
 
 
@@ -158,31 +187,44 @@ def prepare(labels: Sequence[str], with_qemu: bool, refresh: bool = False) -> Pr
         apt = Apt(_dir("apt"))
         apt.setup()
         apt.ensure_lists(refresh)
+        kernel_apt = Apt(_dir("apt-kernel"), config.KERNEL_APT_SUITES)
+        roots = [apt]
+        if any(config.KERNELS[label].kernel_root for label in labels):
+            kernel_apt.setup()
+            kernel_apt.ensure_lists(refresh)
+            roots.append(kernel_apt)
         try:
-            return _prepare(apt, labels, with_qemu, refresh)
+            return _prepare(apt, kernel_apt, labels, with_qemu, refresh)
         except DebianError as err:
-            if apt.updated:
+            stale = [root for root in roots if not root.updated]
+            if not stale:
                 raise
             # the archive drops superseded versions: our lists may name one
             say(f"{err}".splitlines()[0] + " -- refreshing the package lists and retrying")
-            apt.update()
-            return _prepare(apt, labels, with_qemu, refresh)
+            for root in stale:
+                root.update()
+            return _prepare(apt, kernel_apt, labels, with_qemu, refresh)
 
 
-def _prepare(apt: Apt, labels: Sequence[str], with_qemu: bool, refresh: bool) -> Prepared:
+def _prepare(
+    apt: Apt, kernel_apt: Apt, labels: Sequence[str], with_qemu: bool, refresh: bool
+) -> Prepared:
     wanted = list(dict.fromkeys(list(labels) + ([config.DEFAULT_KERNEL] if with_qemu else [])))
-    base_pkgs, nested_pkgs, kernel_pkgs = _resolve(apt, wanted, with_qemu)
-    for label, pkg in kernel_pkgs.items():
-        if not pkg.version.startswith(label + "."):
-            say(f"note: kernel flavour {label} now resolves to {pkg.name} {pkg.version}")
+    base_pkgs, nested_pkgs, kernel_pkgs = _resolve(apt, kernel_apt, wanted, with_qemu)
+    for label, chain in kernel_pkgs.items():
+        if label[:1].isdigit() and not chain[0].version.startswith(label + "."):
+            say(f"note: kernel flavour {label} now resolves to {chain[0].name} {chain[0].version}")
     userland = {**base_pkgs, **nested_pkgs}
-    debs = apt.download(list(userland.values()) + list(kernel_pkgs.values()), _dir("debs"))
+    debs = apt.download(list(userland.values()), _dir("debs"))
+    for label, chain in kernel_pkgs.items():
+        root = kernel_apt if config.KERNELS[label].kernel_root else apt
+        debs.update(root.download(chain, _dir("debs")))
     wheel_files = wheels.ensure(refresh)
 
-    kernels = {
-        label: KernelImage(label, pkg, _kernel_image(pkg, debs[pkg.name]))
-        for label, pkg in kernel_pkgs.items()
-    }
+    kernels: Dict[str, KernelImage] = {}
+    for label, chain in kernel_pkgs.items():
+        image, carrier = _kernel_image(chain, debs)
+        kernels[label] = KernelImage(label, chain[0], image, carrier)
 
     unpack_dir = _dir("unpacked")
     base_land = initramfs.Userland(base_pkgs, debs, unpack_dir)

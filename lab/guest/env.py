@@ -39,6 +39,8 @@ class LabConfig:
     expect_ras: bool
     with_qemu: bool
     timeout: int
+    #: the kernel commits an unmasked SError inside KVM_SET_VCPU_EVENTS (6.17 and later)
+    expect_commit: bool = False
 
     @classmethod
     def from_params(cls, p: Dict[str, str]) -> LabConfig:
@@ -49,6 +51,7 @@ class LabConfig:
             expect_ras=p.get("ras") == "1",
             with_qemu=p.get("qemu") == "1",
             timeout=int(p.get("timeout", "0") or 0),
+            expect_commit=p.get("commit") == "1",
         )
 
     @property

@@ -198,6 +198,17 @@ def test_demo_matches_on_every_host(lab: env.LabConfig) -> None:
     assert "serror-cpu" in steps and "guest-self-check" in steps
     cpu = steps["serror-cpu"]["observed"]
     assert cpu["ec"] == EC_SERROR
+    # when each SError was taken, as this kernel does it, predicted and seen
+    for name in ("serror-ras", "serror-cpu"):
+        if name not in steps:
+            continue
+        step = steps[name]
+        want = "at-injection" if lab.expect_commit else "when-run"
+        assert step["expected"]["timing"] == want, step
+        assert step["injection"]["prediction"]["timing"] == want, step
+        polls = step["injection"]["delivery"]["polls"]
+        assert (polls == 0) is lab.expect_commit, step
+        print(f"demo {name}: {want}, {polls} poll(s)")
     if lab.expect_ras:
         assert steps["serror-ras"]["observed"]["esr"] == ESR_SERROR | 0x1811
         assert cpu["esr"] == ESR_SERROR | IDS
@@ -297,6 +308,9 @@ def test_masked_serror_pends_with_its_esr_until_the_guest_unmasks(
     assert inj["before"]["serror_pending"] is True
     assert inj["before"]["serror_esr"] == (IDS if ras else 0)  # the refused one sent nothing
     assert inj["after"]["serror_pending"] is True and inj["after"]["serror_masked"] is True
+    # masked: pending on every kernel, and serrinj predicted so
+    assert inj["prediction"]["timing"] == "when-unmasked"
+    assert "last_exception" not in inj["after"] and inj["delivery"] is None
     if ras:
         assert inj["after"]["serror_esr"] == 0x1811
         st = _status(vm, vcpu)
@@ -334,6 +348,16 @@ def test_syndromes_reach_the_guest_exactly(guest: Guest, lab: env.LabConfig) -> 
     cases = CASES if lab.expect_ras else [("none", None, None)]
     count = heartbeat(vm, vcpu)["serror_count"]
     others = {v: len(serrors(vm, v)) for v in guest.masked if v != vcpu}
+    # --dry-run predicts when it would be taken, from serrinj's probe of the kernel
+    # (a throwaway VM of its own), and sends nothing
+    mark = vm.mark()
+    r = _inject(vm, vcpu, "--dry-run", *(["--severity", "ce"] if lab.expect_ras else []))
+    assert r.rc == 0 and r.data["dry_run"] is True, r
+    pred = r.data["injections"][0]["prediction"]
+    assert pred["timing"] == ("at-injection" if lab.expect_commit else "when-run"), pred
+    assert pred["kvm_commits_at_set"] is lab.expect_commit
+    print(f"{guest.mode}: --dry-run predicts {pred['timing']}")
+    assert heartbeat(vm, vcpu)["serror_count"] == count and serrors(vm, vcpu, mark) == []
     for i, (form, value, iss) in enumerate(cases):
         args = [form, value] if value is not None else []
         # --wait on the first and on the CPU's own: delivery confirmed by read-back
@@ -361,18 +385,42 @@ def test_syndromes_reach_the_guest_exactly(guest: Guest, lab: env.LabConfig) -> 
             assert seen["esr"] == want, f"{seen['esr']:#x} != {want:#x}"
             assert inj["prediction"]["guest_esr"] == want
         assert inj["prediction"]["survives"] is SURVIVES.get(iss, False)
-        if inj["after"]["serror_pending"]:
+        # when it is taken, as this kernel does it (lab.commit: 6.17+ commits at SET),
+        # predicted by serrinj's probe of the kernel and seen in the read-back
+        commit = lab.expect_commit
+        assert inj["prediction"]["kvm_commits_at_set"] is commit
+        assert inj["prediction"]["timing"] == ("at-injection" if commit else "when-run")
+        assert inj["after"]["serror_pending"] is (not commit)
+        d = inj["delivery"]
+        if commit:
+            # taken inside SET: in the guest's registers at once, delivered without --wait
+            taken = inj["after"]["last_exception"]
+            assert taken["serror"] and taken["at_serror_vector"], taken
+            if iss is not None or lab.expect_ras:
+                assert taken["esr_el1"] == seen["esr"], taken
+            assert d["delivered"] is True and d["polls"] == 0 and d["latency_s"] > 0, d
+            assert "taken at injection" in d["reason"] and "handler" in d["reason"], d
+        else:
             # the read-back right after SET, while the thread was still stopped
             readback = (IDS if iss is None else iss) if lab.expect_ras else 0
             assert inj["after"]["serror_esr"] == readback
-        if wait:
-            d = inj["delivery"]
-            assert d["delivered"] is True and d["latency_s"] > 0, d
-            if inj["after"]["serror_pending"]:
-                assert d["polls"] >= 1
-            else:  # a kernel that took the unmasked SError at SET time (BRIEF section 2)
-                assert d["polls"] == 0 and "injection time" in d["reason"]
+            assert "last_exception" not in inj["after"]
+            if wait:
+                assert d["delivered"] is True and d["latency_s"] > 0 and d["polls"] >= 1, d
+            else:
+                assert d is None
+        if wait or commit:
             print(f"  delivered after {1000 * d['latency_s']:.1f} ms, {d['polls']} poll(s)")
+        if i == 0:
+            # status right after: the guest took it (its ESR_EL1), and PSTATE is as the
+            # guest's handler left it (it returned to its loop with SErrors unmasked)
+            st = _status(vm, vcpu)
+            last = st["last_exception"]
+            assert last["serror"] is True and last["esr_el1"] == seen["esr"], last
+            assert last["at_serror_vector"] is False, last
+            assert st["events"]["serror_pending"] is False
+            assert st["pstate_decoded"]["A"] is False and st["pstate_decoded"]["mode"] == "EL1h"
+            print(f"  status: last exception SError, ESR_EL1 {last['esr_el1']:#x}")
     assert heartbeat(vm, vcpu)["serror_count"] == count
     assert {v: len(serrors(vm, v)) for v in others} == others  # the other vCPU took nothing
     assert trouble(vm) == []

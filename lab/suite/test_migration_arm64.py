@@ -10,6 +10,7 @@ built-in test VM in processes of their own; serrinj runs through its CLI.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -32,6 +33,8 @@ from lab.guest.testvm import (
 from serrinj.testvm.process import TestVmProcess
 
 ISS = 0x101D1ED  # IDS | 0x1d1ed, the kselftest's value: nothing KVM would make up itself
+#: events files saved by test_pending_serror_moves_with_its_esr on each kernel's RAS boot
+SAVED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "events-*.json")))
 ESR_SERROR = 0xBE000000
 EC_SERROR = 0x2F
 
@@ -82,6 +85,18 @@ def test_pending_serror_moves_with_its_esr(
         assert by_id[1]["decoded"]["serror_pending"] is True
         assert by_id[1]["decoded"]["serror_masked"] is True
         assert by_id[0]["decoded"]["serror_pending"] is False
+        assert doc["host"]["kernel"] == os.uname().release
+        # the file as saved on this kernel (lab/suite/data/ keeps one per kernel, which
+        # test_files_saved_on_every_kernel_load_here loads on every boot)
+        # (without "decoded", which load re-derives from "raw"), in pieces a console
+        # line can carry: lab/suite/data/events-<kernel>.json are these pieces joined
+        kept = dict(
+            doc, vcpus=[{k: v for k, v in x.items() if k != "decoded"} for x in doc["vcpus"]]
+        )
+        text = json.dumps(kept, separators=(",", ":"))
+        pieces = [text[i : i + 160] for i in range(0, len(text), 160)]
+        for i, piece in enumerate(pieces):
+            print(f"events file {lab.kernel} {i + 1}/{len(pieces)}: {piece}")
 
         if not ras:
             # A file with an ESR cannot load on a host without RAS: exit 5, nothing sent
@@ -121,3 +136,56 @@ def test_pending_serror_moves_with_its_esr(
     assert heartbeat(b, 1)["serror_count"] == 1
     assert local_events(a, 1)["events"]["serror_pending"] is True
     assert trouble(a) == [] and trouble(b) == []
+
+
+@pytest.mark.parametrize("saved", SAVED, ids=[os.path.basename(p)[7:-5] for p in SAVED])
+def test_files_saved_on_every_kernel_load_here(saved: str, lab: env.LabConfig) -> None:
+    """Across kernels: a pending SError with its ESR, saved on each kernel the lab boots
+    (6.1, 6.12, 7.2), loads into this boot's VM. Into a vCPU that masks SErrors it stays
+    pending with its ESR until the guest unmasks; into one that has them unmasked it is
+    taken with that ESR, at once on a kernel that commits at SET (6.17+, the load says
+    so), else when the vCPU runs. Without RAS the file is refused, nothing sent."""
+    with open(saved) as fh:
+        doc = json.load(fh)
+    print(f"{os.path.basename(saved)}: saved on Linux {doc['host']['kernel']}")
+    vm = start("halt", vcpus=2, extra=["--mask-serror"])
+    try:
+        unmask(vm, 0)
+        heartbeat(vm, 0)
+        if not lab.expect_ras:
+            r = serrinj("events", "load", saved, "--pid", str(vm.pid))
+            assert r.rc == 5 and "KVM_CAP_ARM_INJECT_SERROR_ESR is 0" in r.error["message"], r
+            assert local_events(vm, 1)["events"]["serror_pending"] is False
+            return
+        # the file holds vCPU 0 (nothing pending) and vCPU 1 (pending, masked): put the
+        # saved vCPU 1 onto both of ours
+        one = next(v for v in doc["vcpus"] if v["vcpu_id"] == 1)
+        both = dict(doc, vcpus=[dict(one, vcpu_id=0), one])
+        path = os.path.join(tempfile.mkdtemp(prefix="events-"), "both.json")
+        with open(path, "w") as fh:
+            json.dump(both, fh)
+        mark = vm.mark()
+        r = serrinj("events", "load", path, "--pid", str(vm.pid))
+        assert r.rc == 0, r
+        res = {x["vcpu_id"]: x for x in r.data["results"]}
+        # masked vCPU 1: pending with the saved ESR, on every kernel
+        assert res[1]["after"]["serror_pending"] is True and res[1]["after"]["serror_esr"] == ISS
+        own = local_events(vm, 1)
+        assert own["events"]["serror_pending"] is True and own["events"]["serror_esr"] == ISS
+        # unmasked vCPU 0: taken at load on 6.17+, else pending until it runs
+        assert res[0]["after"]["serror_pending"] is (not lab.expect_commit), res[0]
+        assert any("taken at once" in n for n in res[0]["notes"]) is lab.expect_commit, res[0]
+        seen0 = vm.wait_event(on("serror", 0), EVENT_TIMEOUT_S, since=mark)
+        assert seen0["esr"] == ESR_SERROR | ISS
+        assert serrors(vm, 1, mark) == []
+        unmask(vm, 1)
+        seen1 = vm.wait_event(on("serror", 1), EVENT_TIMEOUT_S, since=mark)
+        print(
+            f"  loaded: vCPU 0 took ESR_EL1 {seen0['esr']:#x},"
+            f" vCPU 1 after unmask {seen1['esr']:#x}"
+        )
+        assert seen1["esr"] == ESR_SERROR | ISS
+        assert heartbeat(vm, 0)["serror_count"] == 1 and heartbeat(vm, 1)["serror_count"] == 1
+        assert trouble(vm) == []
+    finally:
+        vm.stop()

@@ -46,7 +46,12 @@ def core_reg_id(offset: int) -> int:
     return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | (offset // 4)
 
 
+_KVM_REGS_ELR_EL1 = 34 * 8 + 8  # after user_pt_regs and sp_el1
+_KVM_REGS_SPSR_EL1 = 34 * 8 + 16  # spsr[KVM_SPSR_EL1 = 0]
+
 REG_PC = core_reg_id(_USER_PT_REGS_PC)
+REG_ELR_EL1 = core_reg_id(_KVM_REGS_ELR_EL1)
+REG_SPSR_EL1 = core_reg_id(_KVM_REGS_SPSR_EL1)
 REG_PSTATE = core_reg_id(_USER_PT_REGS_PSTATE)
 REG_SP = core_reg_id(_USER_PT_REGS_SP)
 
@@ -75,6 +80,14 @@ def sysreg_id(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
         | op2
     )
 
+
+#: the EL1 exception registers serrinj reads to see which exception the guest last took
+REG_ESR_EL1 = sysreg_id(3, 0, 5, 2, 0)
+REG_FAR_EL1 = sysreg_id(3, 0, 6, 0, 0)
+REG_VBAR_EL1 = sysreg_id(3, 0, 12, 0, 0)
+#: offsets of the SError entries in the EL1 vector table (current EL with SP_EL0,
+#: current EL with SP_ELx, lower EL AArch64, lower EL AArch32)
+SERROR_VECTOR_OFFSETS = (0x180, 0x380, 0x580, 0x780)
 
 # --- PSTATE bits
 PSTATE_D = 1 << 9

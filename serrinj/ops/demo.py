@@ -41,7 +41,7 @@ from serrinj.errors import (
     SerrinjError,
     Unsupported,
 )
-from serrinj.ops import host, inject, status, target
+from serrinj.ops import host, inject, kvmprobe, status, target
 
 Event = Dict[str, Any]
 Progress = Callable[[str], None]
@@ -187,8 +187,10 @@ class _Demo:
         wanted: Callable[[Event], bool],
         matches: Callable[[Event], bool],
         describe: Callable[[Event], str],
+        check: Optional[Callable[[Dict[str, object]], Optional[str]]] = None,
     ) -> Step:
-        """Inject, wait for the guest's report, compare."""
+        """Inject, wait for the guest's report, compare (``check``: what is wrong with
+        the injection's own report, or None)."""
         self.progress(f"{name}: injecting")
         mark = self.vm.mark()
         try:
@@ -208,7 +210,18 @@ class _Demo:
             return Step(name, injected_text, expected_text, "", False, inj, expected, None, first)
         clean = {k: v for k, v in event.items() if k != "_t"}
         ok = matches(event)
-        return Step(name, injected_text, expected_text, describe(event), ok, inj, expected, clean)
+        why = check(inj) if check is not None else None
+        return Step(
+            name,
+            injected_text,
+            expected_text,
+            describe(event),
+            ok and why is None,
+            inj,
+            expected,
+            clean,
+            why,
+        )
 
     # ------------------------------------------------------------ x86_64
     def x86_steps(self) -> List[Step]:
@@ -303,15 +316,22 @@ class _Demo:
             if want is not None
             else f"EC {esr.EC_SERROR:#x} (syndrome chosen by the CPU)"
         )
+        # the guest unmasks SErrors, so when it takes one is the kernel's business: at
+        # injection (6.17+ commits it inside KVM_SET_VCPU_EVENTS) or when the vCPU runs
+        commits = kvmprobe.serror_behaviour().commits_at_set
+        when = None if commits is None else ("at-injection" if commits else "when-run")
+        if when == "at-injection":
+            expected_text += "\ntaken at injection (0 polls)"
         return self.step(
             name,
             f"{text}\nto vCPU {vcpu_id}",
-            {"event": "serror", "vcpu": vcpu_id, "esr": want, "ec": esr.EC_SERROR},
+            {"event": "serror", "vcpu": vcpu_id, "esr": want, "ec": esr.EC_SERROR, "timing": when},
             f"SError exception on vCPU {vcpu_id}\n{expected_text}",
             injector,
             wanted,
             matches,
             describe,
+            lambda inj: _timing_mismatch(inj, when),
         )
 
     # ------------------------------------------------------------ both
@@ -359,6 +379,21 @@ class _Demo:
             expected={"check_failures": 0},
             observed={"check_failures": failures, "iterations": iterations},
         )
+
+
+def _timing_mismatch(inj: Dict[str, object], when: Optional[str]) -> Optional[str]:
+    """What is wrong with an SError injection's own account of when it was taken."""
+    pred = inj.get("prediction")
+    delivery = inj.get("delivery")
+    assert isinstance(pred, dict)
+    if when is not None and pred.get("timing") != when:
+        return f"predicted {pred.get('timing')!r}, the probe of the kernel says {when!r}"
+    if when == "at-injection":
+        if not isinstance(delivery, dict) or delivery.get("polls") != 0:
+            return f"expected the SError taken at injection (0 polls), got {delivery}"
+    elif when == "when-run" and isinstance(delivery, dict) and delivery.get("polls") == 0:
+        return "the SError was reported taken at injection on a kernel that keeps it pending"
+    return None
 
 
 def _testvm_children() -> Set[int]:

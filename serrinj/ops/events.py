@@ -11,7 +11,7 @@ File format (JSON, versioned)::
       "schema": "serrinj-events/1",
       "arch": "aarch64" | "x86_64",
       "saved_at": "2026-11-24T12:00:00+00:00",
-      "host": {"caps": {...}},                  # of the saving host
+      "host": {"caps": {...}, "kernel": "7.2.13+deb14-arm64"},  # of the saving host
       "source": {"pid": 123, "name": "vm-a", "vmm": "qemu"},
       "vcpus": [
         {"vcpu_id": 0, "raw": "<128 hex digits>", "decoded": {...},
@@ -69,13 +69,15 @@ class Snapshot:
     caps: Mapping[str, int] = field(default_factory=dict)
     source: Mapping[str, object] = field(default_factory=dict)
     saved_at: str = ""
+    #: the saving host's kernel release (informative: the file loads on any kernel)
+    kernel: str = ""
 
     def as_dict(self) -> Dict[str, object]:
         return {
             "schema": SCHEMA,
             "arch": self.arch,
             "saved_at": self.saved_at,
-            "host": {"caps": dict(self.caps)},
+            "host": {"caps": dict(self.caps), "kernel": self.kernel},
             "source": dict(self.source),
             "vcpus": [
                 {
@@ -125,6 +127,7 @@ def save(tgt: target.Target) -> Snapshot:
         caps=caps.caps,
         source={"pid": vm.pid, "name": vm.name, "vmm": vm.vmm},
         saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        kernel=os.uname().release,
     )
 
 
@@ -243,7 +246,15 @@ def parse(text: str, path: str = "<events>") -> Snapshot:
         caps_any = {}
     caps = {k: v for k, v in caps_any.items() if isinstance(k, str) and isinstance(v, int)}
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    return Snapshot(arch, vcpus, caps, source or {}, str(data.get("saved_at", "")))
+    kernel = host_doc.get("kernel") if isinstance(host_doc, dict) else None
+    return Snapshot(
+        arch,
+        vcpus,
+        caps,
+        source or {},
+        str(data.get("saved_at", "")),
+        kernel if isinstance(kernel, str) else "",
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -340,6 +351,17 @@ def load(tgt: target.Target, snap: Snapshot, *, force: bool = False) -> List[Loa
             else:
                 vc.set_events(new)
             after = vc.get_events()
+            if (
+                isinstance(new, kvm_arm64.VcpuEvents)
+                and new.serror_pending
+                and isinstance(after, kvm_arm64.VcpuEvents)
+                and not after.serror_pending
+            ):
+                notes.append(
+                    "taken at once: this vCPU has SErrors unmasked, and this kernel puts an"
+                    " unmasked SError into the vCPU's registers at KVM_SET_VCPU_EVENTS"
+                    " (Linux 6.17 and later)"
+                )
         out.append(
             LoadResult(
                 vcpu_id=vid,

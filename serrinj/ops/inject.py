@@ -19,9 +19,9 @@ from serrinj.errors import Conflict, InvalidInput, NotDelivered, Unsupported
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import guard, host, target
+from serrinj.ops import guard, host, kvmprobe, target
 from serrinj.ops.guard import guarded
-from serrinj.ops.status import decode_events, thread_state
+from serrinj.ops.status import decode_events, last_exception, thread_state
 from serrinj.remote.session import RemoteThread
 from serrinj.vcpu import Vcpu
 
@@ -334,7 +334,8 @@ def inject_serror(
     validate_serror(req, caps)
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
     tgt = replace(tgt, vm=vm)
-    prediction = esr.predict_linux(req.esr, host_ras=caps.serror_esr).as_dict()
+    linux = esr.predict_linux(req.esr, host_ras=caps.serror_esr).as_dict()
+    behaviour = kvmprobe.serror_behaviour()
     out: List[Injection] = guard.results()
     for vid in tgt.vcpu_ids:
         t0 = time.monotonic()
@@ -355,7 +356,14 @@ def inject_serror(
             after_ev = before_ev if dry_run else vc.get_events()
             assert isinstance(after_ev, kvm_arm64.VcpuEvents)
             after_pstate = pstate if dry_run else vc.pstate()
+            taken: Optional[Dict[str, object]] = None
+            if not dry_run and not after_ev.serror_pending:
+                # Linux 6.17+ commits an unmasked SError inside SET: see where it went
+                taken = last_exception(vc.exception_state())
             state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fds)
+        after = decode_events("aarch64", after_ev, after_pstate)
+        if taken is not None:
+            after["last_exception"] = taken
         inj = Injection(
             kind="serror",
             vm_pid=vm.pid,
@@ -365,17 +373,19 @@ def inject_serror(
             thread_state=state,
             request={"esr": req.esr, "has_esr": req.esr is not None, "force": req.force},
             before=decode_events("aarch64", before_ev, pstate),
-            after=decode_events("aarch64", after_ev, after_pstate),
-            prediction=prediction,
+            after=after,
+            prediction={**linux, **serror_timing(behaviour, pstate)},
             registers_restored=bool(rt.verified),
             kill_safe=rt.kill_safe,
             kill_safe_reason=rt.kill_safe_reason,
             timings_us=_timings(rt),
             dry_run=dry_run,
         )
-        if wait is not None and not dry_run:
+        if taken is not None and taken["at_serror_vector"]:
+            # in the guest's registers already: delivered, with or without --wait
+            inj = replace(inj, delivery=Delivery(True, t_set - t0, 0, _taken_reason(state)))
+        elif wait is not None and not dry_run:
             if not after_ev.serror_pending:
-                # Taken already (some kernels deliver an unmasked SError at SET time).
                 delivery = Delivery(True, t_set - t0, 0, "taken at injection time")
             else:
                 delivery = _poll(
@@ -384,6 +394,49 @@ def inject_serror(
             inj = replace(inj, delivery=delivery)
         out.append(_finish(inj, wait))
     return out
+
+
+def serror_timing(behaviour: kvmprobe.SErrorBehaviour, pstate: int) -> Dict[str, object]:
+    """When the vCPU takes an SError SET now, from its PSTATE.A and the probed kernel.
+
+    ``timing``: ``at-injection`` (this kernel commits an unmasked SError inside
+    KVM_SET_VCPU_EVENTS), ``when-unmasked`` (the guest masks SErrors: it stays
+    pending with its ESR until the guest clears PSTATE.A), ``when-run`` (it stays
+    pending until the vCPU next runs the guest), or ``unknown`` (the probe failed).
+    """
+    commits = behaviour.commits_at_set
+    if pstate & kvm_arm64.PSTATE_A:
+        timing = "when-unmasked"
+        why = (
+            "the guest masks SErrors (PSTATE.A=1): it stays pending with its ESR"
+            " (VSESR_EL2) until the guest unmasks them"
+        )
+    elif commits:
+        timing = "at-injection"
+        why = (
+            "the guest has SErrors unmasked and this host's KVM puts an unmasked SError"
+            " into the vCPU's registers inside KVM_SET_VCPU_EVENTS (Linux 6.17 and later)"
+        )
+    elif commits is False:
+        timing = "when-run"
+        why = (
+            "the guest has SErrors unmasked; this host's KVM keeps the SError pending"
+            " until the vCPU next runs the guest (Linux 6.16 and earlier)"
+        )
+    else:
+        timing = "unknown"
+        why = f"KVM's behaviour could not be probed: {behaviour.observed}"
+    return {"timing": timing, "timing_reason": why, "kvm_commits_at_set": commits}
+
+
+def _taken_reason(state: str) -> str:
+    where = "KVM put it into the guest's registers (PC at the SError vector)"
+    if state in ("userspace", "stopped"):
+        return (
+            f"taken at injection: {where}; the vCPU is not running the guest now (VM paused"
+            " or the VMM busy), so the guest handles it when the VM resumes"
+        )
+    return f"taken at injection: {where}; the guest runs its handler as the vCPU continues"
 
 
 def _serror_pending(vc: Vcpu) -> bool:

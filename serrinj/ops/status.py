@@ -158,6 +158,35 @@ def decode_events(arch: str, events: Events, pstate: Optional[int] = None) -> Di
     return out
 
 
+def last_exception(regs: Dict[str, int]) -> Dict[str, object]:
+    """The exception an arm64 guest took last, from its EL1 registers
+    (:meth:`~serrinj.vcpu.Vcpu.exception_state`).
+
+    ESR_EL1 keeps the syndrome of the last exception taken to EL1 until the next
+    one, so EC 0x2F there means the last was an SError. ``at_serror_vector``: the
+    PC is at an SError entry of VBAR_EL1, i.e. KVM has put the SError into the
+    registers and the guest has not run its handler yet (Linux 6.17 and later do
+    this inside KVM_SET_VCPU_EVENTS, even in a paused VM).
+    """
+    esr_el1 = regs["esr_el1"]
+    ec = (esr_el1 >> esr.ESR_EC_SHIFT) & 0x3F
+    offset = regs["pc"] - regs["vbar_el1"]
+    serror = ec == esr.EC_SERROR
+    return {
+        "esr_el1": esr_el1,
+        "ec": ec,
+        "ec_name": esr.ec_name(ec),
+        "serror": serror,
+        "syndrome": esr.decode(esr_el1, form="esr").as_dict() if serror else None,
+        "elr_el1": regs["elr_el1"],
+        "spsr_el1": regs["spsr_el1"],
+        "far_el1": regs["far_el1"],
+        "vbar_el1": regs["vbar_el1"],
+        "pc": regs["pc"],
+        "at_serror_vector": serror and offset in kvm_arm64.SERROR_VECTOR_OFFSETS,
+    }
+
+
 def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
     v = vm.vcpu(vcpu.vcpu_id)
     assert v.thread is not None
@@ -168,6 +197,8 @@ def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
     except Exception:
         mp = None
     detail: Dict[str, object] = {}
+    if vm.arch == "aarch64":
+        detail["last_exception"] = last_exception(vcpu.exception_state())
     if pstate is not None:
         detail["pstate_decoded"] = {
             "A": bool(pstate & kvm_arm64.PSTATE_A),
