@@ -34,7 +34,8 @@ from serrinj.remote.arch import Registers, to_signed
 from serrinj.testvm.process import TestVmProcess
 from tests import test_fault_matrix as matrix
 from tests.helpers import postkill
-from tests.test_fault_matrix import Paused, _wait_all_stopped, assert_healthy
+from tests.helpers.procs import wait_stopped
+from tests.test_fault_matrix import Paused, assert_healthy
 
 # the fault matrix's fixtures: test VMs and paused serrinj runs, ended by pid
 start_vm = matrix.start_vm
@@ -128,7 +129,7 @@ def test_sigkill_at_each_phase_the_thread_resumes_its_exact_context(
     tid = vm.vcpu(1).tid
     for _ in range(200):  # freeze it inside the syscall it blocks in
         os.kill(vm.pid, signal.SIGSTOP)
-        _wait_all_stopped(vm.pid)
+        wait_stopped(vm.pid)
         own = _own_registers(vm.pid, tid)
         if block_in == "kvm-run" or to_signed(own["orig_rax"]) in BLOCKED_IN[block_in]:
             break
