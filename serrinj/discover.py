@@ -15,9 +15,11 @@ sources disagree the more direct one wins, in this order (:data:`SOURCES`):
 
 1. ``syscall``: ``/proc/PID/task/TID/syscall`` shows the thread blocked in
    ``ioctl(fd, KVM_RUN)`` on one of the vCPU's fds, now (idle guests);
-2. ``probe``: a ptrace probe, only when asked, of the threads still unmapped:
+2. ``probe``: a ptrace probe, only when asked, of the threads still unmapped
+   (then of those mapped by name alone), one at a time (:func:`probe_order`):
    the thread is stopped, and the KVM_RUN it left (x86_64) or the next one it
-   enters (aarch64) names the fd, now; nothing of the thread is changed;
+   enters (a thread waiting outside KVM_RUN, aarch64) names the fd, now;
+   nothing of the thread is changed;
 3. ``debugfs``: ``/sys/kernel/debug/kvm/<tid>-<vmfd>/vcpu<N>/pid``, when
    mounted and readable: KVM's record of the thread that *last entered*
    KVM_RUN on vCPU N (right unless the VMM moved the vCPU since);
