@@ -15,9 +15,11 @@ sources disagree the more direct one wins, in this order (:data:`SOURCES`):
 
 1. ``syscall``: ``/proc/PID/task/TID/syscall`` shows the thread blocked in
    ``ioctl(fd, KVM_RUN)`` on one of the vCPU's fds, now (idle guests);
-2. ``probe``: a ptrace probe, only when asked, of the threads still unmapped:
+2. ``probe``: a ptrace probe, only when asked, of the threads still unmapped
+   (then of those mapped by name alone), one at a time (:func:`probe_order`):
    the thread is stopped, and the KVM_RUN it left (x86_64) or the next one it
-   enters (aarch64) names the fd, now; nothing of the thread is changed;
+   enters (a thread waiting outside KVM_RUN, aarch64) names the fd, now;
+   nothing of the thread is changed;
 3. ``debugfs``: ``/sys/kernel/debug/kvm/<tid>-<vmfd>/vcpu<N>/pid``, when
    mounted and readable: KVM's record of the thread that *last entered*
    KVM_RUN on vCPU N (right unless the VMM moved the vCPU since);
@@ -675,43 +677,94 @@ def find_file_holders(pid: int, fd: int) -> List[FdOwner]:
 
 
 # ---------------------------------------------------------------------- probing
-def probe(vm: Vm, timeout: float = 0.5) -> Vm:
+#: how long a step of a thread seen blocked outside KVM_RUN waits for it to wake
+#: (a vCPU whose guest exits to the VMM waits there for the VMM's work, e.g. an
+#: I/O hand-off); the step's own timeout counts from the wake-up
+PROBE_WAKE_WITHIN = 1.0
+
+
+def _vcpu_named(t: Thread) -> bool:
+    return any(pattern.match(t.name) for _kind, pattern in _THREAD_NAMES)
+
+
+def probe_order(vm: Vm, vcpus: Sequence[Vcpu], tried: Iterable[int] = ()) -> List[Thread]:
+    """The threads worth probing for the unmapped vCPUs of ``vcpus``, likeliest
+    and cheapest first.
+
+    A thread mapped by a source other than the names is never probed. A thread
+    mapped by its name alone is, after the unmapped ones: a name's index is the
+    VMM's CPU index, and a probe that finds it on another vCPU overrules it.
+    Among the unmapped threads, those seen on a CPU or in KVM_RUN come before
+    those blocked in another syscall (a vCPU whose guest exits to the VMM,
+    waiting there): a step of those lasts until they wake. Threads named like
+    a VMM's vCPU threads come first, the main thread last. Blocked threads are
+    probed only while the VM runs (some thread on a CPU or in KVM_RUN): in a
+    paused VM every thread is blocked and no step would end in KVM_RUN.
+    """
+    skip = set(tried)
+    by_name: set[int] = set()
+    for v in vcpus:
+        if v.thread is not None:
+            (by_name if v.mapped_by == "name" else skip).add(v.thread.tid)
+    runs = any(t.state in ("running", "in-kvm-run") for t in vm.threads)
+
+    def rank(t: Thread) -> int:
+        blocked = t.state == "blocked"
+        if t.tid in by_name:
+            return 6 if blocked else 5
+        if not blocked:
+            return 0 if _vcpu_named(t) else 1
+        if _vcpu_named(t):
+            return 2
+        return 4 if t.tid == vm.pid else 3
+
+    out = [
+        t
+        for t in vm.threads
+        if t.tid not in skip and t.seccomp_mode != 1 and (runs or t.state != "blocked")
+    ]
+    return sorted(out, key=rank)
+
+
+def probe(vm: Vm, timeout: float = 0.5, wake_within: float = PROBE_WAKE_WITHIN) -> Vm:
     """Map the still-unmapped vCPUs by briefly stopping candidate threads.
 
-    A candidate is stopped with PTRACE_INTERRUPT (a vCPU in the guest leaves
-    KVM_RUN with EINTR, which every VMM treats as a kick). On x86_64 the
-    stop's registers name the fd of the KVM_RUN it left; elsewhere the thread
-    is stepped to its next KVM_RUN entry. Nothing of the thread is changed and
-    it is detached at once. Blocked threads (a paused VM) are tried last.
+    A candidate (:func:`probe_order`) is stopped with PTRACE_INTERRUPT (a vCPU
+    in the guest leaves KVM_RUN with EINTR, which every VMM treats as a kick).
+    On x86_64 the stop's registers name the fd of the KVM_RUN it left;
+    otherwise the thread is stepped to its next KVM_RUN entry, for ``timeout``
+    (a thread seen blocked outside KVM_RUN first gets up to ``wake_within``
+    to wake). Nothing of the thread is changed and it is detached at once;
+    only that thread is stopped. Whatever vCPU a probe finds is evidence, and
+    it overrules the names (then the threads they mapped are probed too).
     """
     from serrinj.remote.session import RemoteThread
 
     arch = host_arch()
     if not vm.unmapped:
         return vm
-    mapped_tids = {v.thread.tid for v in vm.vcpus if v.thread is not None}
-    wanted = {fd for v in vm.unmapped for fd in v.fds}
+    groups = [(v.vcpu_id, v.fds) for v in vm.vcpus]
+    debugfs = [(v.vcpu_id, e.tid) for v in vm.vcpus for e in v.evidence if e.source == "debugfs"]
+    vcpu_fds = {fd for v in vm.vcpus for fd in v.fds}
     probed: List[Evidence] = []
-    order = {"running": 0, "in-kvm-run": 1, "unknown": 1, "blocked": 2}
-    candidates = sorted(
-        (t for t in vm.threads if t.tid not in mapped_tids), key=lambda t: order[t.state]
-    )
-    for t in candidates:
-        if not wanted:
+    tried: List[int] = []
+    vcpus: Sequence[Vcpu] = vm.vcpus
+    while any(v.thread is None for v in vcpus):
+        order = probe_order(vm, vcpus, tried)
+        if not order:
             break
-        if t.seccomp_mode == 1:
-            continue
+        t = order[0]
+        tried.append(t.tid)
         try:
             with RemoteThread(vm.pid, t.tid, expected_starttime=vm.starttime) as rt:
                 assert rt.saved is not None
                 fd = arch.kvm_run_fd_at_stop(rt.saved)
-                if fd is None and t.state != "blocked":
-                    fd = rt.step_to_kvm_run_entry(timeout)
+                if fd is None:
+                    wake = wake_within if t.state == "blocked" else 0.0
+                    fd = rt.step_to_kvm_run_entry(timeout, wake)
         except TargetGone:
             continue
-        if fd is not None and fd in wanted:
+        if fd is not None and fd in vcpu_fds:
             probed.append(Evidence("probe", t.tid, fd))
-            wanted -= set(next(v.fds for v in vm.unmapped if fd in v.fds))
-    groups = [(v.vcpu_id, v.fds) for v in vm.vcpus]
-    debugfs = [(v.vcpu_id, e.tid) for v in vm.vcpus for e in v.evidence if e.source == "debugfs"]
-    return replace(vm, vcpus=tuple(map_vcpus(groups, vm.threads, debugfs, probed)))
+            vcpus = map_vcpus(groups, vm.threads, debugfs, probed)
+    return replace(vm, vcpus=tuple(vcpus))

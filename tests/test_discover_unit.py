@@ -12,7 +12,7 @@ the flags are exactly those of such a worker on any host.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -345,3 +345,129 @@ def test_a_syscall_file_denied_by_yama_leaves_the_state_unknown(
         (0, T0, "name"),
         (1, T1, "name"),
     ]
+
+
+# ---------------------------------------------------------------------- probing
+#: QEMU's -smp 4,sockets=2,cores=3 on x86: CPU index 3 is APIC id (vcpu_id) 4
+QEMU_MAIN, CPU0, CPU1, CPU2, CPU3, RCU = 700, 701, 702, 703, 704, 705
+
+
+class _FakeSeized:
+    """Stands in for RemoteThread in :func:`discover.probe`: records which thread is
+    stopped and stepped, in which order, and reports the KVM_RUN fd it would enter."""
+
+    log: ClassVar[List[Tuple[str, int, float]]] = []
+    enters: ClassVar[Dict[int, int]] = {}  # tid -> the fd of the KVM_RUN it enters next
+
+    def __init__(self, pid: int, tid: int, expected_starttime: int = 0) -> None:
+        self.tid = tid
+        # registers at the stop that show no KVM_RUN just left (x86_64 reads these)
+        self.saved = {"orig_rax": (1 << 64) - 1, "rsi": 0, "rdi": 0}
+
+    def __enter__(self) -> _FakeSeized:
+        self.log.append(("stop", self.tid, 0.0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.log.append(("detach", self.tid, 0.0))
+
+    def step_to_kvm_run_entry(self, timeout: float, wake_within: float = 0.0) -> Optional[int]:
+        self.log.append(("step", self.tid, wake_within))
+        return self.enters.get(self.tid)
+
+
+def _qemu_vm(states: Dict[int, str], names: Optional[Dict[int, str]] = None) -> discover.Vm:
+    """vCPU ids 0, 1, 2, 4 on fds 20..23, threads named by CPU index."""
+    names = names or {CPU0: "CPU 0/KVM", CPU1: "CPU 1/KVM", CPU2: "CPU 2/KVM", CPU3: "CPU 3/KVM"}
+    names = {QEMU_MAIN: "qemu-system-x86", RCU: "call_rcu", **names}
+    threads = [
+        discover.Thread(tid, names[tid], states.get(tid, "blocked")) for tid in sorted(names)
+    ]
+    groups = [(0, (20,)), (1, (21,)), (2, (22,)), (4, (23,))]
+    vcpus = discover.map_vcpus(groups, threads)
+    return discover.Vm(
+        QEMU_MAIN, 1, "qemu-system-x86", None, "qemu", ARCH.name, 0, (19,), tuple(vcpus),
+        tuple(threads),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def fake_seize(monkeypatch: pytest.MonkeyPatch) -> type:
+    from serrinj.remote import session
+
+    _FakeSeized.log = []
+    _FakeSeized.enters = {}
+    monkeypatch.setattr(session, "RemoteThread", _FakeSeized)
+    return _FakeSeized
+
+
+SPINNING = {CPU0: "running", CPU1: "running", CPU2: "running"}
+
+
+def test_a_yielding_vcpu_named_by_its_index_is_probed_first_even_though_blocked(
+    fake_seize: type,
+) -> None:
+    """vCPU 4's thread "CPU 3/KVM" waits in a futex outside KVM_RUN (its guest exits to
+    the VMM); the others spin and are mapped by name. Only "CPU 3/KVM" is stopped:
+    first, given time to wake, and nothing else is touched."""
+    vm = _qemu_vm(SPINNING)
+    assert [v.vcpu_id for v in vm.unmapped] == [4]
+    _FakeSeized.enters = {CPU3: 23}
+    out = discover.probe(vm)
+    v4 = out.vcpu(4)
+    assert v4.thread is not None and v4.thread.tid == CPU3 and v4.sources == ("probe",)
+    assert [(v.vcpu_id, v.mapped_by) for v in out.vcpus] == [
+        (0, "name"), (1, "name"), (2, "name"), (4, "probe"),
+    ]  # fmt: skip
+    assert _FakeSeized.log == [
+        ("stop", CPU3, 0.0),
+        ("step", CPU3, discover.PROBE_WAKE_WITHIN),
+        ("detach", CPU3, 0.0),
+    ]
+
+
+def test_probe_order_unmapped_before_name_mapped_busy_before_blocked_main_last() -> None:
+    vm = _qemu_vm({**SPINNING, RCU: "running"})
+    order = [t.tid for t in discover.probe_order(vm, vm.vcpus)]
+    # RCU (busy, unmapped), CPU3 (blocked, vCPU-named), main; then the name-mapped ones
+    assert order == [RCU, CPU3, QEMU_MAIN, CPU0, CPU1, CPU2]
+    assert [t.tid for t in discover.probe_order(vm, vm.vcpus, tried=[RCU, CPU3])] == [
+        QEMU_MAIN, CPU0, CPU1, CPU2,
+    ]  # fmt: skip
+
+
+def test_a_paused_vm_has_no_thread_to_step(fake_seize: type) -> None:
+    """Every thread blocked outside KVM_RUN: no step could end in KVM_RUN, so none is
+    stopped (ensure_mapped's paused-VM path serves it)."""
+    vm = _qemu_vm({})
+    assert discover.probe_order(vm, vm.vcpus) == []
+    assert discover.probe(vm).vcpu(4).thread is None and _FakeSeized.log == []
+
+
+def test_a_probe_overrules_names_that_are_not_the_ids(fake_seize: type) -> None:
+    """-smp 6,sockets=2,cores=3 has vcpu_ids 0,1,2,4,5,6 for CPU indices 0..5: the names
+    take "CPU 4/KVM" for vCPU 4 and "CPU 5/KVM" for vCPU 5, both wrong, and leave vCPU
+    6 unmapped. The probe finds "CPU 3/KVM" on vCPU 4: the names lose, the threads
+    they mapped are probed too, and every vCPU ends on its own thread."""
+    cpu4, cpu5 = 706, 707
+    names = {CPU0: "CPU 0/KVM", CPU1: "CPU 1/KVM", CPU2: "CPU 2/KVM", CPU3: "CPU 3/KVM"}
+    names.update({cpu4: "CPU 4/KVM", cpu5: "CPU 5/KVM"})
+    states = {tid: "running" for tid in names}
+    threads = [discover.Thread(QEMU_MAIN, "qemu-system-x86", "blocked")]
+    threads += [discover.Thread(tid, names[tid], states[tid]) for tid in sorted(names)]
+    groups = [(vid, (20 + i,)) for i, vid in enumerate((0, 1, 2, 4, 5, 6))]
+    vcpus = discover.map_vcpus(groups, threads)
+    assert [(v.vcpu_id, v.thread.tid if v.thread else None) for v in vcpus][3:] == [
+        (4, cpu4), (5, cpu5), (6, None),
+    ]  # fmt: skip
+    vm = discover.Vm(
+        QEMU_MAIN, 1, "qemu-system-x86", None, "qemu", ARCH.name, 0, (19,), tuple(vcpus),
+        tuple(threads),
+    )  # fmt: skip
+    _FakeSeized.enters = {CPU0: 20, CPU1: 21, CPU2: 22, CPU3: 23, cpu4: 24, cpu5: 25}
+    out = discover.probe(vm)
+    assert [(v.vcpu_id, v.thread.tid if v.thread else None, v.mapped_by) for v in out.vcpus] == [
+        (0, CPU0, "probe"), (1, CPU1, "probe"), (2, CPU2, "probe"),
+        (4, CPU3, "probe"), (5, cpu4, "probe"), (6, cpu5, "probe"),
+    ]  # fmt: skip
+    assert QEMU_MAIN not in {tid for _what, tid, _w in _FakeSeized.log}

@@ -51,6 +51,44 @@ def test_remote_getpid_in_every_syscall_state(workload: Workload) -> None:
         assert after > before, "the target stopped making progress"
 
 
+class _Hung(Exception):
+    pass
+
+
+def _on_alarm(signo: int, frame: object) -> None:
+    raise _Hung("the step did not end")
+
+
+@pytest.mark.parametrize("workload", ["nanosleep", "futex", "poll", "futex-forever"], indirect=True)
+def test_a_step_that_meets_no_kvm_run_ends_at_its_timeout(workload: Workload) -> None:
+    """A thread that keeps making syscalls, none of them KVM_RUN (what a probe meets in
+    a VMM's helper threads): the step ends at its timeout, at a stop the thread is
+    released from unharmed. Under PTRACE_SYSCALL the PTRACE_INTERRUPT that ends the
+    step is reported as a syscall stop; waiting for an event stop while stepping on
+    never ended (SIGALRM breaks such a hang here)."""
+    workload.beats(1)
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        for timeout, wake_within in ((0.2, 0.0), (0.2, 0.3)):
+            t0 = time.monotonic()
+            signal.alarm(30)
+            with RemoteThread(workload.pid, workload.tid) as t:
+                assert t.step_to_kvm_run_entry(timeout, wake_within) is None
+                assert t.syscall(t.arch.nr["getpid"]) == workload.pid
+            signal.alarm(0)
+            assert t.verified is True
+            assert time.monotonic() - t0 >= max(timeout, wake_within)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    before = workload.beats(1)[0]
+    after = workload.beats(2)[-1]
+    assert workload.proc.poll() is None
+    assert workload.bad_lines() == []
+    if workload.kind != "futex-forever":
+        assert after > before, "the target stopped making progress"
+
+
 @pytest.mark.parametrize("workload", ["futex"], indirect=True)
 def test_thousand_back_to_back_operations(workload: Workload) -> None:
     for _ in range(1000):

@@ -108,7 +108,8 @@ def ensure_mapped(vm: discover.Vm, vcpu_ids: Sequence[int]) -> discover.Vm:
     if all(vm.vcpu(i).thread is not None for i in vcpu_ids):
         return vm
     vm = discover.probe(vm)
-    vm = _paused_fallback(vm, vcpu_ids)
+    if any(vm.vcpu(i).thread is None for i in vcpu_ids):
+        vm = _paused_fallback(vm, vcpu_ids)
     for i in vcpu_ids:
         if vm.vcpu(i).thread is None:
             names = "name the VMM's threads (QEMU: -name ...,debug-threads=on)"

@@ -741,11 +741,21 @@ class RemoteThread:
     def write_memory(self, addr: int, data: bytes) -> None:
         self._vm(_native.process_vm_write, self.pid, addr, data)
 
-    def step_syscalls(self, want: Callable[[bool, Registers], bool], timeout: float) -> bool:
+    def step_syscalls(
+        self,
+        want: Callable[[bool, Registers], bool],
+        timeout: float,
+        wake_within: float = 0.0,
+    ) -> bool:
         """Let the thread live on under syscall tracing until ``want(is_entry, regs)``
         holds at a syscall stop; the thread stays stopped there and that point
         becomes the new baseline. Returns ``False`` on timeout (the thread is then
         brought to an ordinary event stop, equally safe to restore from).
+
+        ``wake_within``: the thread sleeps in a syscall (a futex, a poll) that
+        may last that long; ``timeout`` then counts from its first syscall exit
+        (its wake-up), so that the time it slept, and the time a loaded host
+        takes to run it again, is not charged to the work that follows.
 
         Signals meant for the thread are delivered as usual: its registers are
         its own during stepping. Only valid before the engine borrowed them.
@@ -754,17 +764,18 @@ class RemoteThread:
         # The thread runs its own code now and may use the stack below its
         # pointer: give the scratch bytes back; a new frame follows the new baseline.
         self._restore_memory()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + max(timeout, wake_within)
+        woke = wake_within <= 0
         entry = True
         self._resume(ptrace.resume_syscall, 0)
         while True:
             stop = self._wait(max(deadline - time.monotonic(), 0.0), allow_timeout=True)
             if stop is None or self.interrupt_pending():
-                if stop is not None:  # interrupted: leave from an ordinary event stop
-                    sig = stop.signo if stop.kind is ptrace.StopKind.SIGNAL else 0
-                    self._resume(ptrace.resume_syscall, sig)
-                self._ptrace(ptrace.interrupt, self.tid)
-                self._wait_event_stop(deliver_signals=True, resume=ptrace.resume_syscall)
+                if stop is None:
+                    self._ptrace(ptrace.interrupt, self.tid)
+                    stop = self._wait(self.stop_timeout)
+                    assert stop is not None
+                self._to_event_stop(stop)
                 self._rebase()
                 self.raise_if_interrupted()
                 return False
@@ -772,6 +783,9 @@ class RemoteThread:
                 if want(entry, self.get_registers()):
                     self._rebase(at_syscall_stop=True, syscall_entry=entry)
                     return True
+                if not entry and not woke:
+                    woke = True
+                    deadline = max(deadline, time.monotonic() + timeout)
                 entry = not entry
                 self._resume(ptrace.resume_syscall, 0)
             elif stop.kind is ptrace.StopKind.SIGNAL:
@@ -779,8 +793,9 @@ class RemoteThread:
             else:
                 self._resume(ptrace.resume_syscall, 0)
 
-    def step_to_kvm_run_entry(self, timeout: float) -> Optional[int]:
-        """Step to the thread's next ``ioctl(fd, KVM_RUN)`` entry; returns ``fd``."""
+    def step_to_kvm_run_entry(self, timeout: float, wake_within: float = 0.0) -> Optional[int]:
+        """Step to the thread's next ``ioctl(fd, KVM_RUN)`` entry; returns ``fd``
+        (``wake_within``: see :meth:`step_syscalls`)."""
         found: List[int] = []
 
         def want(is_entry: bool, regs: Registers) -> bool:
@@ -789,7 +804,7 @@ class RemoteThread:
                 found.append(fd)
             return fd is not None
 
-        return found[0] if self.step_syscalls(want, timeout) else None
+        return found[0] if self.step_syscalls(want, timeout, wake_within) else None
 
     def step_to_kvm_run_exit(self, accept: Callable[[int], bool], timeout: float) -> Optional[int]:
         """Step until an ``ioctl(fd, KVM_RUN)`` returns with ``accept(fd)`` true;
@@ -963,6 +978,25 @@ class RemoteThread:
                 else:
                     self._deferred.append(stop.signo)
             self._resume(resume, sig)
+
+    def _to_event_stop(self, stop: ptrace.Stop) -> None:
+        """From any stop of a thread being stepped, reach an ordinary event stop.
+
+        Under PTRACE_SYSCALL a PTRACE_INTERRUPT is reported as a syscall stop
+        when one comes first (any ptrace stop consumes the pending interrupt
+        trap), so waiting for the event stop while resuming with PTRACE_SYSCALL
+        never ends for a thread that keeps making syscalls. The interrupt is
+        queued again while the thread is stopped, and it is resumed with
+        PTRACE_CONT (no syscall stops): its next return to user mode, or its
+        next blocking wait, is the event stop. Signals are delivered as usual.
+        """
+        while stop.kind is not ptrace.StopKind.EVENT_STOP:
+            sig = stop.signo if stop.kind is ptrace.StopKind.SIGNAL else 0
+            self._ptrace(ptrace.interrupt, self.tid)
+            self._resume(ptrace.cont, sig)
+            nxt = self._wait(self.stop_timeout)
+            assert nxt is not None
+            stop = nxt
 
     def _wait_syscall_stop(self) -> None:
         stalled = False
