@@ -67,11 +67,29 @@ def _all_stopped(pid: int) -> None:
         time.sleep(0.01)
 
 
+#: serrinj refuses the resume frame on a thread whose SVE state is live (the frame
+#: carries FPSIMD only) and takes its old path, which a kill -9 can harm; it says so
+#: in its output, JSON and audit record. Linux 6.1 keeps a thread's SVE state live
+#: across syscalls once the thread has used SVE, so whether the test VM's vCPU
+#: thread is such a thread varies from run to run there.
+SKIP_LIVE_SVE = (
+    "the vCPU thread holds live SVE state: serrinj takes its old path there, not kill-safe"
+)
+
+
+def _skip_if_sve_live(pid: int, tid: int) -> None:
+    with RemoteThread(pid, tid) as t:
+        problem = t._arch_problem()
+    if "live SVE state" in problem:
+        pytest.skip(SKIP_LIVE_SVE)
+
+
 @pytest.mark.parametrize("phase", PHASES)
 def test_sigkill_at_each_phase_leaves_the_vmm_running(phase: str) -> None:
     vm = start("spin", vcpus=2)
     try:
         unmask(vm, 1)
+        _skip_if_sve_live(vm.pid, vm.vcpu(1).tid)
         mark = vm.mark()
         with tempfile.TemporaryDirectory(prefix="kill-") as tmp:
             marker = os.path.join(tmp, "pause")
@@ -102,6 +120,7 @@ def test_sigkill_the_thread_resumes_its_exact_context(phase: str) -> None:
         os.kill(vm.pid, signal.SIGSTOP)
         try:
             _all_stopped(vm.pid)
+            _skip_if_sve_live(vm.pid, tid)
             before = postkill.settle(vm.pid, tid, own=_regs(vm.pid, tid))
             with tempfile.TemporaryDirectory(prefix="kill-") as tmp:
                 marker = os.path.join(tmp, "pause")
