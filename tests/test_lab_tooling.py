@@ -899,3 +899,99 @@ def test_inner_qemu_command() -> None:
     assert cmd[cmd.index("-cpu") + 1] == "host"
     assert cmd[cmd.index("-name") + 1] == "t,debug-threads=on"
     assert "lab.tick=2" in cmd[cmd.index("-append") + 1]
+
+
+# --- the runner never leaves a QEMU behind ---------------------------------------
+
+_SPAWN_AND_WAIT = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    from lab.arm64 import __main__ as lab_main, boot
+    lab_main.catch_termination()
+    child = subprocess.Popen(boot.orphan_proof(["sleep", "120"]))
+    try:
+        while open(f"/proc/{child.pid}/comm").read().strip() != "sleep":
+            time.sleep(0.01)  # setpriv has set PR_SET_PDEATHSIG once it has exec'd
+        print(child.pid, flush=True)
+        time.sleep(120)
+    except lab_main.Terminated as err:
+        child.kill()
+        child.wait()
+        print("unwound", err.signo, flush=True)
+        sys.exit(128 + err.signo)
+    """
+)
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    """True once ``pid`` no longer runs (reaped, or a zombie left to its new parent)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _runner(tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _SPAWN_AND_WAIT],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_sigkilled_runner_takes_its_qemu_with_it(tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: PR_SET_PDEATHSIG (set by ``setpriv``) ends the child."""
+    need_tool("setpriv", "util-linux")
+    runner = _runner(tmp_path)
+    child = None
+    try:
+        assert runner.stdout is not None
+        child = int(runner.stdout.readline())
+        runner.kill()
+        runner.wait(timeout=10)
+        assert _gone(child), f"the child {child} outlived its SIGKILLed runner"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        if runner.stdout is not None:
+            runner.stdout.close()
+        if child is not None and not _gone(child, within=0):
+            os.kill(child, 9)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_unwind_the_runner(tmp_path: Path, signame: str) -> None:
+    """The runner's handler turns SIGTERM/SIGHUP into an exception, so the boots'
+    clean-up (kill each QEMU by pid) runs, as it does for Ctrl-C."""
+    import signal
+
+    runner = _runner(tmp_path)
+    child = None
+    try:
+        assert runner.stdout is not None
+        child = int(runner.stdout.readline())
+        signo = int(getattr(signal, signame))
+        runner.send_signal(signo)
+        out, _ = runner.communicate(timeout=10)
+        assert out.strip() == f"unwound {signo}"
+        assert runner.returncode == 128 + signo
+        assert _gone(child)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        if runner.stdout is not None:
+            runner.stdout.close()
+        if child is not None and not _gone(child, within=0):
+            os.kill(child, 9)

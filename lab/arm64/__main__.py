@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -342,11 +343,34 @@ def cmd_clean(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like Ctrl-C, so every boot kills its QEMU by pid."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
+def _raise_terminated(signo: int, _frame: object) -> None:
+    raise Terminated(signo)
+
+
+def catch_termination() -> None:
+    """Python's default for SIGTERM and SIGHUP ends the process at once, without unwinding,
+    which would leave the running boots' QEMUs orphaned; raise instead."""
+    for signo in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signo, _raise_terminated)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "shell": cmd_shell, "fetch": cmd_fetch, "clean": cmd_clean}
+    catch_termination()
     try:
         return handlers[args.command](args)
+    except Terminated as err:
+        print(f"lab: stopped by signal {err.signo}; the boots' QEMUs were killed", file=sys.stderr)
+        return 128 + err.signo
     except (DebianError, WheelError, BuildError, FileNotFoundError) as err:
         print(f"lab: error: {err}", file=sys.stderr)
         return EXIT_PREPARE

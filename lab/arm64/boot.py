@@ -21,6 +21,20 @@ from lab.arm64 import config
 QEMU = "qemu-system-aarch64"
 
 
+def orphan_proof(cmd: Sequence[str]) -> List[str]:
+    """``cmd`` wrapped so that the kernel kills it when the thread that started it dies.
+
+    A SIGKILL of the lab runner (a CI job cancelled, an OOM kill) cannot be caught, so
+    without this its QEMUs would run on, orphaned, for up to the boot limit. util-linux's
+    ``setpriv --pdeathsig`` sets PR_SET_PDEATHSIG and then execs ``cmd`` under the same pid,
+    so killing "the QEMU by its pid" still works.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return list(cmd)
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd]
+
+
 @dataclass(frozen=True)
 class BootSpec:
     """One boot of the matrix."""
@@ -133,7 +147,10 @@ def run(
     lines: queue.Queue[Optional[str]] = queue.Queue()
     start = time.monotonic()
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        orphan_proof(cmd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
 
     def reader() -> None:
@@ -210,17 +227,17 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, Optional[float]]:
 def interactive(spec: BootSpec, initrd: str, with_qemu: bool, timeout: Optional[float]) -> int:
     """Boot in ``shell`` mode with the console on this terminal; returns QEMU's status."""
     cmd = command(spec, initrd, append_line(spec, "shell", with_qemu, 0))
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(orphan_proof(cmd))
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         return 124
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or SIGTERM/SIGHUP turned into Terminated by main()
         proc.kill()
         proc.wait()
-        return 130
+        raise
     finally:
         # QEMU's -nographic leaves the terminal raw when it is killed
         if os.isatty(0):
