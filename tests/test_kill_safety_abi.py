@@ -205,10 +205,8 @@ def test_aarch64_sve_records_layout(tmp_path: Path) -> None:
     headers = ["signal.h", "asm/sigcontext.h", "asm/ptrace.h", "linux/elf.h"]
     res = _compile("aarch64-linux-gnu-gcc", tmp_path, asserts, headers)
     assert res.returncode == 0, res.stderr
-    bad = _compile(
-        "aarch64-linux-gnu-gcc", tmp_path, ['_Static_assert(SVE_SIG_CONTEXT_SIZE(4) == 2208, "x");'],
-        headers,
-    )  # fmt: skip
+    wrong = '_Static_assert(SVE_SIG_CONTEXT_SIZE(4) == 2208, "x");'
+    bad = _compile("aarch64-linux-gnu-gcc", tmp_path, [wrong], headers)
     assert bad.returncode != 0  # 2200: the record's size is rounded up, the macro is not
 
 
