@@ -38,6 +38,7 @@ from typing import List
 import pytest
 
 from lab.guest.testvm import heartbeat, on, serrors, start, trouble, unmask
+from serrinj import _native
 from serrinj.remote import RemoteThread, ptrace
 from serrinj.remote import sigframe as sf
 from serrinj.remote.arch import Aarch64, Registers
@@ -81,6 +82,7 @@ def _all_stopped(pid: int) -> None:
 
 
 FP_MODES = ["fpsimd", "sve", "sve-max-vl"]
+SVC_0 = (0xD4000001).to_bytes(4, "little")
 
 
 def _event_stop(tid: int) -> None:
@@ -115,6 +117,16 @@ def _sve_image(head: sf.SveHeader, fpsimd: bytes, vl: int, live: bool) -> bytes:
     )
 
 
+def _at_syscall_boundary(pid: int, tid: int) -> bool:
+    """Whether the stopped thread has run nothing since its last syscall: its pc is
+    right after an ``svc #0`` (returned) or on it (rewound to run again). The
+    signal path forgets the syscall number before the stop, so that is the sign."""
+    arch = Aarch64()
+    pc = Registers.unpack(arch, ptrace.get_regset(tid, ptrace.NT_PRSTATUS, arch.regs_size))["pc"]
+    code = _native.process_vm_read(pid, pc - 4, 8)
+    return SVC_0 in (code[:4], code[4:])
+
+
 def _force_fp(pid: int, tid: int, mode: str) -> bool:
     """Put the (group-stopped) thread's FP state in ``mode`` from a short-lived tracer.
     False when the thread is not stopped at a syscall boundary (thaw and retry)."""
@@ -122,10 +134,7 @@ def _force_fp(pid: int, tid: int, mode: str) -> bool:
     ptrace.seize(tid)
     try:
         _event_stop(tid)
-        nr = int.from_bytes(
-            ptrace.get_regset(tid, ptrace.NT_ARM_SYSTEM_CALL, 4), "little", signed=True
-        )
-        if nr < 0:
+        if not _at_syscall_boundary(pid, tid):
             return False
         head = sf.SveHeader.unpack(ptrace.get_regset(tid, sf.NT_ARM_SVE, 16))
         fpsimd = ptrace.get_regset(tid, 2, sf.A64_USER_FPSIMD_SIZE)  # NT_PRFPREG
@@ -151,6 +160,18 @@ def _freeze_with_fp(vm_pid: int, tid: int, mode: str) -> None:
     raise AssertionError("the vCPU thread never stopped at a syscall boundary")
 
 
+def _fp_state(pid: int, tid: int) -> str:
+    """What the engine finds in the (running) thread's FP state at one stop."""
+    with RemoteThread(pid, tid) as t:
+        problem = t._arch_problem()
+        sve = t._saved_sve
+    if problem:
+        return f"falls back: {problem}"
+    if sve:
+        return f"live SVE at VL {sf.SveHeader.unpack(sve).vl * 8} bits, in the frame"
+    return "FPSIMD only"
+
+
 def _describe(ctx: postkill.Context) -> str:
     head = sf.SveHeader.unpack(ctx.sve)
     return f"SVE {'live' if head.live else 'off'} at VL {head.vl * 8} bits ({len(ctx.sve)} bytes)"
@@ -161,6 +182,7 @@ def test_sigkill_at_each_phase_leaves_the_vmm_running(phase: str) -> None:
     vm = start("spin", vcpus=2)
     try:
         unmask(vm, 1)
+        state = _fp_state(vm.pid, vm.vcpu(1).tid)
         mark = vm.mark()
         with tempfile.TemporaryDirectory(prefix="kill-") as tmp:
             marker = os.path.join(tmp, "pause")
@@ -178,7 +200,10 @@ def test_sigkill_at_each_phase_leaves_the_vmm_running(phase: str) -> None:
             got = serrors(vm, 1, mark)
         assert len(got) == want, got
         assert trouble(vm) == []
-        print(f"kill -9 at {phase}: VMM alive, guest clean, {len(got)} SError(s)")
+        print(
+            f"kill -9 at {phase}: VMM alive, guest clean, {len(got)} SError(s); the vCPU"
+            f" thread, sampled just before: {state}"
+        )
     finally:
         vm.stop()
 
