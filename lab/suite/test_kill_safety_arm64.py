@@ -110,8 +110,9 @@ def _sve_image(head: sf.SveHeader, fpsimd: bytes, vl: int, live: bool) -> bytes:
     ffr = b"\xff" * vq + bytes(vq)  # monotonic, as FFR must be
     block = zregs + pregs + ffr
     pad = bytes(-(16 + len(block)) % 16)
-    tail = fpsimd[512:520]  # FPSR, FPCR
-    total = 16 + len(block) + len(pad) + len(tail)
+    # FPSR, FPCR; PTRACE_SETREGSET takes whole 16-byte units of this regset
+    tail = fpsimd[512:520] + bytes(8)
+    total = 16 + len(block) + len(pad) + 8
     return (
         struct.pack("<IIHHHH", total, 0, vl, 0, keep | sf.SVE_PT_REGS_SVE, 0) + block + pad + tail
     )
@@ -142,7 +143,9 @@ def _force_fp(pid: int, tid: int, mode: str) -> bool:
         image = _sve_image(head, fpsimd, vl, live=mode != "fpsimd")
         ptrace.set_regset(tid, sf.NT_ARM_SVE, image)
         got = ptrace.get_regset(tid, sf.NT_ARM_SVE, sf.SVE_PT_MAX_SIZE)
-        assert got[8:10] == image[8:10] and got[16:] == image[16:], f"{mode}: not taken"
+        # the read is the regset's full size (zero past the registers): compare the image's part
+        same = got[8:10] == image[8:10] and got[12:14] == image[12:14]
+        assert same and got[16 : len(image)] == image[16:], f"{mode}: not taken"
         return True
     finally:
         ptrace.detach(tid, 0)
