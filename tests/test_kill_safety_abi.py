@@ -7,6 +7,10 @@ ucontext (glibc's ``ucontext_t`` has the kernel's layout up to and including
 fpsimd_context`` (arm64) from asm/sigcontext.h. Each offset serrinj writes is
 checked with a ``_Static_assert`` compiled by gcc (x86_64) and by the arm64
 cross compiler, so compiling is the check; a wrong offset is shown to fail.
+The arm64 SVE records (``sve_context``, ``extra_context``, the ``SVE_SIG_*`` and
+``SVE_PT_*`` blocks) are checked the same way for every vector length, and
+the frames serrinj builds with them are walked by the rules of the kernel's
+``parse_user_sigframe``.
 """
 
 from __future__ import annotations
