@@ -290,6 +290,7 @@ def test_serrinj_alive_puts_live_sve_state_back(fp: str) -> None:
                 assert t.syscall(t.arch.nr["getpid"]) == vm.pid
                 assert t.kill_safe is True, t.kill_safe_reason
                 assert t._frame is not None and len(t._frame.data) >= sf.A64_RT_SIGFRAME_SIZE
+            assert t.verified is True  # registers and SVE state read back as saved
             after = postkill.settle(vm.pid, tid, own=own)
         finally:
             os.kill(vm.pid, signal.SIGCONT)

@@ -907,6 +907,10 @@ class RemoteThread:
                         f"thread {tid} registers differed after restore: {self.saved.diff(after)}"
                     )
                     self._put_baseline()
+                elif self._saved_sve and not self._same_sve():
+                    self.verified = False
+                    failure = EngineError(f"thread {tid} SVE state differed after restore")
+                    self._put_baseline()
                 self._dirty = False
             elif self.saved is not None:
                 self.verified = True
@@ -962,6 +966,11 @@ class RemoteThread:
             self._ptrace(
                 ptrace.set_regset, self.tid, ptrace.NT_ARM_SYSTEM_CALL, self._saved_syscallno
             )
+
+    def _same_sve(self) -> bool:
+        """Whether the NT_ARM_SVE regset reads as it was saved."""
+        now = self._ptrace(ptrace.get_regset, self.tid, sigframe.NT_ARM_SVE, len(self._saved_sve))
+        return now == self._saved_sve
 
     def _same_registers(self, a: Registers, b: Registers) -> bool:
         return self.arch.same_after_restore(a, b, self._at_syscall_stop)
