@@ -56,6 +56,8 @@ class Allowed:
 
 
 _HOST_X86 = "x86_64 only: the host's x86_64 run covers it; its arm64 half runs here"
+_NO_SVE = "live SVE state cannot be forced on a CPU without SVE; the -cpu max boots run it"
+_NO_SVE_REASON = "the CPU has no SVE (the cortex-a57 boot): FPSIMD is all its FP state"
 _RAS_ONLY = "needs a syndrome (an ESR), which a host without RAS refuses; a no-RAS test covers it"
 
 ALLOWED: Tuple[Allowed, ...] = (
@@ -83,18 +85,12 @@ ALLOWED: Tuple[Allowed, ...] = (
             "test_without_ras_an_esr_is_refused_and_the_cpus_own_serror_is_fatal",
             RAS, "the negative test of a host without RAS: it runs on the cortex-a57 boot",
             "the host without RAS is the cortex-a57 boot"),
-    # a vCPU thread with live SVE state gets no resume frame (Linux 6.1 keeps SVE
-    # live across syscalls once used): serrinj reports it as not kill-safe
-    Allowed("lab/suite/test_kill_safety_arm64.py::"
-            "test_sigkill_at_each_phase_leaves_the_vmm_running[*]",
-            RAS, "serrinj's old path on a thread with live SVE state (reported as not kill-safe)",
-            "the vCPU thread holds live SVE state: serrinj takes its old path there,"
-            " not kill-safe"),
+    # the kill-safety tests' forced live SVE state on the boot whose CPU has no SVE
     Allowed("lab/suite/test_kill_safety_arm64.py::"
             "test_sigkill_the_thread_resumes_its_exact_context[*]",
-            RAS, "serrinj's old path on a thread with live SVE state (reported as not kill-safe)",
-            "the vCPU thread holds live SVE state: serrinj takes its old path there,"
-            " not kill-safe"),
+            NO_RAS, _NO_SVE, _NO_SVE_REASON),
+    Allowed("lab/suite/test_kill_safety_arm64.py::test_serrinj_alive_puts_live_sve_state_back[*]",
+            NO_RAS, _NO_SVE, _NO_SVE_REASON),
     # --no-qemu: every test of the inner QEMU, by the nested fixture's reason
     Allowed("*", NO_QEMU, "--no-qemu leaves the inner QEMU out", NO_QEMU_REASON),
 )  # fmt: skip

@@ -7,6 +7,10 @@ ucontext (glibc's ``ucontext_t`` has the kernel's layout up to and including
 fpsimd_context`` (arm64) from asm/sigcontext.h. Each offset serrinj writes is
 checked with a ``_Static_assert`` compiled by gcc (x86_64) and by the arm64
 cross compiler, so compiling is the check; a wrong offset is shown to fail.
+The arm64 SVE records (``sve_context``, ``extra_context``, the ``SVE_SIG_*`` and
+``SVE_PT_*`` blocks) are checked the same way for every vector length, and
+the frames serrinj builds with them are walked by the rules of the kernel's
+``parse_user_sigframe``.
 """
 
 from __future__ import annotations
@@ -159,3 +163,129 @@ def test_aarch64_frame_contents() -> None:
     assert vregs == fpsimd[:512]
     end = sf.A64_OFF_RESERVED + sf.FPSIMD_CONTEXT_SIZE
     assert f.data[end : end + 8] == bytes(8)  # the null record
+
+
+@pytest.mark.cross
+def test_aarch64_sve_records_layout(tmp_path: Path) -> None:
+    """sve_context, extra_context, the SVE_SIG_* block and NT_ARM_SVE's, per vector length."""
+    asserts = [
+        '_Static_assert(sizeof(struct sve_context) == 16, "sve_context");',
+        '_Static_assert(offsetof(struct sve_context, vl) == 8, "vl");',
+        '_Static_assert(offsetof(struct sve_context, flags) == 10, "flags");',
+        f'_Static_assert(SVE_MAGIC == {sf.SVE_MAGIC:#x}, "sve magic");',
+        f'_Static_assert(SVE_SIG_FLAG_SM == {sf.SVE_SIG_FLAG_SM}, "sm");',
+        f'_Static_assert(EXTRA_MAGIC == {sf.EXTRA_MAGIC:#x}, "extra magic");',
+        f'_Static_assert(sizeof(struct extra_context) == {sf.EXTRA_CONTEXT_SIZE}, "extra");',
+        '_Static_assert(offsetof(struct extra_context, datap) == 8, "datap");',
+        '_Static_assert(offsetof(struct extra_context, size) == 16, "size");',
+        f'_Static_assert(sizeof(struct _aarch64_ctx) <= {sf.TERMINATOR_SIZE}, "terminator");',
+        f'_Static_assert(SVE_SIG_REGS_OFFSET == {sf.SVE_SIG_REGS_OFFSET}, "regs");',
+        f'_Static_assert(SVE_VQ_BYTES == {sf.SVE_VQ_BYTES}, "vq bytes");',
+        f'_Static_assert(sizeof(struct user_sve_header) == {sf.SVE_PT_HEADER_SIZE}, "header");',
+        '_Static_assert(offsetof(struct user_sve_header, vl) == 8, "hvl");',
+        '_Static_assert(offsetof(struct user_sve_header, flags) == 12, "hflags");',
+        f'_Static_assert(SVE_PT_REGS_OFFSET == {sf.SVE_PT_REGS_OFFSET}, "pt regs");',
+        f'_Static_assert(SVE_PT_REGS_SVE == {sf.SVE_PT_REGS_SVE}, "pt sve");',
+        f'_Static_assert(ZA_PT_ZA_OFFSET == {sf.ZA_PT_ZA_OFFSET}, "za");',
+        f'_Static_assert(NT_ARM_SVE == {sf.NT_ARM_SVE:#x}, "nt sve");',
+        f'_Static_assert(NT_ARM_SSVE == {sf.NT_ARM_SSVE:#x}, "nt ssve");',
+        f'_Static_assert(NT_ARM_ZA == {sf.NT_ARM_ZA:#x}, "nt za");',
+        f"_Static_assert(SVE_PT_SIZE({sf.SVE_VL_MAX_ARCH // 16}, SVE_PT_REGS_SVE)"
+        f' <= {sf.SVE_PT_MAX_SIZE}, "pt max");',
+        f'_Static_assert(sve_vl_valid({sf.SVE_VL_MAX_ARCH}), "vl max");',
+    ]
+    for vq in range(1, 17):
+        asserts += [
+            f'_Static_assert(SVE_SIG_CONTEXT_SIZE({vq}) == {sf.sve_context_size(vq)}, "ctx{vq}");',
+            f'_Static_assert(SVE_SIG_REGS_SIZE({vq}) == {sf.sve_regs_size(vq)}, "regs{vq}");',
+            # the regset's Z/P/FFR block is the record's, byte for byte
+            f"_Static_assert(SVE_PT_SVE_FFR_OFFSET({vq}) - SVE_PT_REGS_OFFSET =="
+            f' SVE_SIG_FFR_OFFSET({vq}) - SVE_SIG_REGS_OFFSET, "ffr{vq}");',
+            f"_Static_assert(SVE_PT_SVE_PREGS_OFFSET({vq}) - SVE_PT_REGS_OFFSET =="
+            f' SVE_SIG_PREGS_OFFSET({vq}) - SVE_SIG_REGS_OFFSET, "p{vq}");',
+            f"_Static_assert(SVE_PT_SVE_FFR_OFFSET({vq}) + SVE_PT_SVE_FFR_SIZE({vq}) =="
+            f' SVE_PT_REGS_OFFSET + {sf.sve_regs_size(vq)}, "end{vq}");',
+        ]
+    headers = ["signal.h", "asm/sigcontext.h", "asm/ptrace.h", "linux/elf.h"]
+    res = _compile("aarch64-linux-gnu-gcc", tmp_path, asserts, headers)
+    assert res.returncode == 0, res.stderr
+    wrong = '_Static_assert(SVE_SIG_CONTEXT_SIZE(4) == 2208, "x");'
+    bad = _compile("aarch64-linux-gnu-gcc", tmp_path, [wrong], headers)
+    assert bad.returncode != 0  # 2200: the record's size is rounded up, the macro is not
+
+
+def _sve_regset(vl: int, fill: int = 0) -> bytes:
+    vq = vl // 16
+    body = bytes((fill + i) % 251 for i in range(sf.sve_regs_size(vq)))
+    head = struct.pack("<IIHHHH", 0, 0, vl, 256, sf.SVE_PT_REGS_SVE, 0)
+    tail = bytes(-(16 + len(body)) % 16) + struct.pack("<II", 0x11, 0x22)
+    return head + body + tail
+
+
+def _kernel_parse(frame: sf.Frame) -> dict:  # type: ignore[type-arg]
+    """The records rt_sigreturn finds, by the rules of parse_user_sigframe."""
+    mem, base = frame.data, frame.base
+    off, limit, at = 0, sf.A64_RESERVED_SIZE, sf.A64_OFF_RESERVED
+    found: dict = {}  # type: ignore[type-arg]
+    extra_seen = False
+    while True:
+        assert limit - off >= 8 and off % 16 == 0
+        magic, size = struct.unpack_from("<II", mem, at + off)
+        assert limit - off >= size
+        if magic == 0:
+            assert size == 0
+            return found
+        if magic == sf.EXTRA_MAGIC:
+            assert not extra_seen and size >= 32
+            datap, extra_size = struct.unpack_from("<QI", mem, at + off + 8)
+            assert limit - off - size >= sf.TERMINATOR_SIZE
+            assert mem[at + off + size : at + off + size + 8] == bytes(8)  # the terminator
+            after = base + at + off + size + sf.TERMINATOR_SIZE
+            assert datap % 16 == 0 and extra_size % 16 == 0 and datap == after
+            assert extra_size <= base + sf.SIGFRAME_MAXSZ - after
+            assert datap - base + extra_size <= len(mem)
+            extra_seen = True
+            found["extra"] = (off, extra_size)
+            off, limit, at = 0, extra_size, datap - base
+            continue
+        assert magic not in found and size >= 16 and size % 16 == 0
+        found[magic] = (at + off, size)
+        off += size
+
+
+def test_aarch64_sve_frame_in_reserved_and_behind_extra_context() -> None:
+    arch = Aarch64()
+    regs = Registers(arch, [0x10 + i for i in range(len(arch.reg_names))])
+    fpsimd = bytes(range(256)) * 2 + struct.pack("<IIQ", 0x11, 0x22, 0)
+    top = 0x7FFF0000 - 128
+    plain = _kernel_parse(sf.a64_frame(top, regs, fpsimd, 0))
+    assert list(plain) == [sf.FPSIMD_MAGIC]
+    for vl, extra in ((16, False), (64, False), (96, False), (128, True), (256, True)):
+        sve = _sve_regset(vl, fill=vl)
+        f = sf.a64_frame(top, regs, fpsimd, 0x4000, sve)
+        assert f.base % 16 == 0 and f.end <= top and len(f.data) % 16 == 0
+        recs = _kernel_parse(f)
+        assert ("extra" in recs) is extra, vl
+        assert recs[sf.FPSIMD_MAGIC] == (sf.A64_OFF_RESERVED, sf.FPSIMD_CONTEXT_SIZE)
+        at, size = recs[sf.SVE_MAGIC]
+        vq = vl // 16
+        # restore_sve_fpsimd_context: vl as the thread's, a size that holds the registers
+        assert size == (sf.sve_context_size(vq) + 15) & ~15 >= sf.sve_context_size(vq)
+        assert struct.unpack_from("<HH", f.data, at + 8) == (vl, 0)
+        block = f.data[at + 16 : at + 16 + sf.sve_regs_size(vq)]
+        assert block == sve[16 : 16 + sf.sve_regs_size(vq)]
+        if not extra:  # in __reserved, right after fpsimd_context, as the kernel puts it
+            assert at == sf.A64_OFF_RESERVED + sf.FPSIMD_CONTEXT_SIZE
+            assert len(f.data) == sf.A64_RT_SIGFRAME_SIZE
+        else:  # extra_context right after fpsimd_context, its data after its terminator
+            assert recs["extra"][0] == sf.FPSIMD_CONTEXT_SIZE
+            assert at == sf.A64_OFF_RESERVED + sf.FPSIMD_CONTEXT_SIZE + 32 + 16
+            assert recs["extra"][1] == size + sf.TERMINATOR_SIZE
+            assert len(f.data) == at + size + sf.TERMINATOR_SIZE
+    # an image that is not live SVE state, or cut short, is refused
+    with pytest.raises(ValueError):
+        sf.a64_frame(top, regs, fpsimd, 0, _sve_regset(64)[:1000])
+    fpsimd_view = struct.pack("<IIHHHH", 0, 0, 64, 256, 0, 0) + fpsimd
+    assert "FPSIMD view" in sf.a64_sve_problem(fpsimd_view)
+    odd_vl = struct.pack("<IIHHHH", 0, 0, 40, 256, sf.SVE_PT_REGS_SVE, 0) + bytes(3000)
+    assert "vector length 40" in sf.a64_sve_problem(odd_vl)

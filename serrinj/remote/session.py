@@ -39,9 +39,12 @@ engine writes a resume frame below the stack pointer (serrinj.remote.sigframe)
 and runs its syscalls through a ``syscall; ret`` (``svc #0; ret``) of the VMM
 that returns into the VMM's ``rt_sigreturn``: a thread whose tracer died
 restores itself. The restore puts registers back before memory, so every
-intermediate state is one the thread survives. A thread the frame cannot
-serve (a shadow stack, live SVE state, no gadget) takes the old path, and
-:attr:`RemoteThread.kill_safe` says so.
+intermediate state is one the thread survives. On aarch64 a thread with live
+SVE state gets an ``sve_context`` record in its frame, and the restore puts
+its NT_ARM_SVE regset back too (the engine's own syscall discards the SVE bits
+above the FPSIMD view, as every syscall does). A thread the frame cannot
+serve (a shadow stack or GCS, SME streaming mode or ZA, no gadget) takes the
+old path, and :attr:`RemoteThread.kill_safe` says so.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT
 _HELD_SIGNALS = _GUARDED_SIGNALS | {signal.SIGTSTP}
 #: the most scratch memory a session borrows below the stack pointer for buffers
 MAX_SCRATCH = 4096
-#: the most room a kill-safe frame may take (an XSAVE area with AVX-512 is 2.5 KiB)
+#: the most room a kill-safe frame may take (an XSAVE area with AVX-512 is 2.5 KiB;
+#: an arm64 frame with 2048-bit SVE state, behind an extra_context, about 10 KiB)
 MAX_FRAME = 16384
 
 #: (pid, start time, tid) -> (start, end) of the writable mapping a thread's
@@ -316,6 +320,10 @@ class RemoteThread:
         self._ret_gadget: Optional[int] = None
         self._restorer: Optional[int] = None
         self._syscall_entry_baseline = False  # the baseline is a syscall-entry stop
+        #: aarch64: the baseline's NT_ARM_SVE regset when its SVE state is live
+        #: (put back at restore, and carried in the frame); b"" otherwise
+        self._saved_sve = b""
+        self._arch_read = False  # _arch_problem ran for this baseline
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> RemoteThread:
@@ -476,16 +484,23 @@ class RemoteThread:
         """Write the resume frame below the stack pointer, once, before the first
         register or scratch change: from then on every state the engine puts the
         thread in is one it leaves on its own if serrinj dies."""
-        if self._frame is not None or not self.kill_safe:
+        if self._frame is not None:
+            return
+        if not self._arch_read:
+            # also what the restore puts back (live SVE state), kill-safe or not
+            arch_problem = self._arch_problem()
+            self._arch_read = True
+            if arch_problem and self.kill_safe:
+                self._not_kill_safe(arch_problem)
+        if not self.kill_safe:
             return
         assert self.saved is not None and self._restorer is not None
         frames = sigframe.FRAMES[self.arch.name]
         if self._ret_gadget == self.saved[self.arch.pc_reg]:
             self._not_kill_safe("the thread stopped on the engine's own gadget")
             return
-        problem = self._arch_problem()
         fp = self._ptrace(ptrace.get_regset, self.tid, frames.fp_note, frames.fp_size)
-        problem = problem or frames.fp_problem(fp)
+        problem = frames.fp_problem(fp)
         if problem:
             self._not_kill_safe(problem)
             return
@@ -499,6 +514,7 @@ class RemoteThread:
             fp,
             int.from_bytes(mask, "little"),
             self._restorer,
+            self._saved_sve,
         )
         try:
             self._claim(frame.base, top)
@@ -513,24 +529,45 @@ class RemoteThread:
 
     def _arch_problem(self) -> str:
         """What of the stopped thread's state a frame cannot carry ('' if nothing):
-        on aarch64 a guarded control stack (GCS) or live SVE state."""
+        on aarch64 a guarded control stack (GCS), SME streaming mode or live ZA
+        storage. Live SVE state is read whole into :attr:`_saved_sve`, for the
+        frame's ``sve_context`` record and for the restore."""
         if self.arch.name != "aarch64":
             return ""
-        try:
-            gcs = ptrace.get_regset(self.tid, sigframe.NT_ARM_GCS, 24)
-        except OSError:
-            gcs = b""  # no GCS on this kernel or CPU
+        gcs = self._optional_regset(sigframe.NT_ARM_GCS, 24)  # b"": no GCS here
         if len(gcs) >= 8 and int.from_bytes(gcs[:8], "little") & sigframe.PR_SHADOW_STACK_ENABLE:
             return (
                 "the thread runs with a guarded control stack (GCS), which would reject the frame"
             )
-        try:
-            sve = ptrace.get_regset(self.tid, sigframe.NT_ARM_SVE, 16)
-        except OSError:
-            sve = b""  # no SVE
-        if len(sve) >= 14 and int.from_bytes(sve[12:14], "little") & sigframe.SVE_PT_REGS_SVE:
-            return "the thread holds live SVE state, which the frame (FPSIMD only) would cut"
+        head = self._optional_regset(sigframe.NT_ARM_SVE, sigframe.SVE_PT_HEADER_SIZE)
+        if len(head) >= sigframe.SVE_PT_HEADER_SIZE and sigframe.SveHeader.unpack(head).live:
+            sve = self._ptrace(
+                ptrace.get_regset, self.tid, sigframe.NT_ARM_SVE, sigframe.SVE_PT_MAX_SIZE
+            )
+            problem = sigframe.a64_sve_problem(sve)
+            if problem:
+                return problem
+            self._saved_sve = sve
+        ssve = self._optional_regset(sigframe.NT_ARM_SSVE, sigframe.SVE_PT_HEADER_SIZE)
+        if len(ssve) >= sigframe.SVE_PT_HEADER_SIZE and sigframe.SveHeader.unpack(ssve).live:
+            return (
+                "the thread is in SME streaming mode, which the frame (non-streaming SVE"
+                " and FPSIMD only) would end"
+            )
+        za = self._optional_regset(sigframe.NT_ARM_ZA, sigframe.SVE_PT_HEADER_SIZE)
+        if len(za) >= 4 and int.from_bytes(za[:4], "little") > sigframe.ZA_PT_ZA_OFFSET:
+            return "the thread holds live SME ZA storage, which the frame does not carry"
         return ""
+
+    def _optional_regset(self, note: int, size: int) -> bytes:
+        """A regset the kernel or CPU may not have (b"" then)."""
+        try:
+            return ptrace.get_regset(self.tid, note, size)
+        except OSError as err:
+            if err.errno == errno.ESRCH and not self._alive():
+                self._seized = False
+                raise TargetGone(f"thread {self.tid} of process {self.pid} exited") from err
+            return b""
 
     def _warm_up(self) -> None:
         """Run the code of the stop path once before the thread is stopped.
@@ -827,6 +864,7 @@ class RemoteThread:
         self.saved = self.get_registers()
         self._at_syscall_stop = at_syscall_stop
         self._syscall_entry_baseline = at_syscall_stop and syscall_entry
+        self._saved_sve, self._arch_read = b"", False
         if self.arch.name == "aarch64":
             self._saved_syscallno = ptrace.get_regset(self.tid, ptrace.NT_ARM_SYSTEM_CALL, 4)
 
@@ -868,6 +906,10 @@ class RemoteThread:
                     failure = EngineError(
                         f"thread {tid} registers differed after restore: {self.saved.diff(after)}"
                     )
+                    self._put_baseline()
+                elif self._saved_sve and not self._same_sve():
+                    self.verified = False
+                    failure = EngineError(f"thread {tid} SVE state differed after restore")
                     self._put_baseline()
                 self._dirty = False
             elif self.saved is not None:
@@ -915,11 +957,20 @@ class RemoteThread:
 
     def _put_baseline(self) -> None:
         assert self.saved is not None
+        if self._saved_sve:
+            # Before the general registers: until they are back, a kill leaves the
+            # thread to its frame, which restores the SVE state itself.
+            self._ptrace(ptrace.set_regset, self.tid, sigframe.NT_ARM_SVE, self._saved_sve)
         self._ptrace(ptrace.set_regset, self.tid, ptrace.NT_PRSTATUS, self.saved.pack())
         if self._saved_syscallno is not None:
             self._ptrace(
                 ptrace.set_regset, self.tid, ptrace.NT_ARM_SYSTEM_CALL, self._saved_syscallno
             )
+
+    def _same_sve(self) -> bool:
+        """Whether the NT_ARM_SVE regset reads as it was saved."""
+        now = self._ptrace(ptrace.get_regset, self.tid, sigframe.NT_ARM_SVE, len(self._saved_sve))
+        return now == self._saved_sve
 
     def _same_registers(self, a: Registers, b: Registers) -> bool:
         return self.arch.same_after_restore(a, b, self._at_syscall_stop)

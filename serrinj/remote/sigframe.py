@@ -196,6 +196,30 @@ def x86_frame(top: int, resume: Registers, xstate: bytes, sigmask: int, restorer
 # valid_user_regs), forgets the syscall, requires an fpsimd_context record in
 # __reserved (magic 0x46508001, size 528) ended by a null record, resets
 # restart_block, and ignores uc_stack errors but EFAULT.
+#
+# SVE (Documentation/arch/arm64/sve.rst, "Signal handling"): a thread whose SVE
+# state is live (TIF_SVE) gets an sve_context record after fpsimd_context:
+#
+#   struct sve_context { struct _aarch64_ctx head; u16 vl; u16 flags; u16 __reserved[2]; }
+#
+# followed, from SVE_SIG_REGS_OFFSET (16), by Z0-Z31 (vq * 16 bytes each),
+# P0-P15 and FFR (vq * 2 bytes each), vq = vl / 16; head.size is
+# SVE_SIG_CONTEXT_SIZE(vq) rounded up to 16. restore_sve_fpsimd_context
+# requires vl to equal the thread's current vector length, copies the Z/P/FFR
+# block into the thread's SVE state and sets TIF_SVE, then loads the V
+# registers, FPSR and FPCR from fpsimd_context (the V registers become bits
+# 127:0 of Z0-Z31: the two records must agree, as they do when read at one
+# stop). NT_ARM_SVE (struct user_sve_header, then at SVE_PT_REGS_OFFSET = 16
+# the same Z/P/FFR block, then FPSR/FPCR) gives that block as it is.
+#
+# The kernel lays records out in __reserved keeping room for an extra_context
+# record (32 bytes) and a terminator (16): a record that does not fit in what
+# is left makes it write, at that point, an extra_context whose datap is the
+# address right after it and its own null terminator, and the record (and the
+# list's final null record) continue from there past the end of __reserved;
+# extra_context.size covers them. parse_user_sigframe checks exactly that
+# (datap 16-aligned and equal to the address after the terminator, size a
+# multiple of 16 and below SIGFRAME_MAXSZ).
 A64_SIGINFO_SIZE = 128
 A64_OFF_UC = A64_SIGINFO_SIZE
 A64_OFF_UC_STACK = A64_OFF_UC + 16
@@ -208,40 +232,147 @@ FPSIMD_MAGIC = 0x46508001
 FPSIMD_CONTEXT_SIZE = 528
 #: NT_PRFPREG on aarch64: struct user_fpsimd_state {vregs[32], fpsr, fpcr, reserved[2]}
 A64_USER_FPSIMD_SIZE = 528
+SVE_MAGIC = 0x53564501
+EXTRA_MAGIC = 0x45585401
+#: sve_context.flags: the record holds streaming-mode (SME) state
+SVE_SIG_FLAG_SM = 0x1
+SVE_VQ_BYTES = 16
+#: sizeof(struct sve_context), rounded to SVE_VQ_BYTES: where the registers start
+SVE_SIG_REGS_OFFSET = 16
+#: struct extra_context and a null record, each rounded up to 16 bytes
+EXTRA_CONTEXT_SIZE = 32
+TERMINATOR_SIZE = 16
+#: the smallest SIGFRAME_MAXSZ of the kernels that have extra_context (64 KiB)
+SIGFRAME_MAXSZ = 65536
+#: struct user_sve_header (NT_ARM_SVE, NT_ARM_SSVE) and the offset of the registers after it
+SVE_PT_HEADER_SIZE = 16
+SVE_PT_REGS_OFFSET = 16
+#: the architecture's largest vector: 2048 bits
+SVE_VL_MAX_ARCH = 256
 
 
-def a64_frame(top: int, resume: Registers, fpsimd: bytes, sigmask: int) -> Frame:
+def _round16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def sve_regs_size(vq: int) -> int:
+    """SVE_SIG_REGS_SIZE(vq): Z0-Z31, P0-P15 and FFR."""
+    return 32 * vq * SVE_VQ_BYTES + 17 * vq * (SVE_VQ_BYTES // 8)
+
+
+def sve_context_size(vq: int) -> int:
+    """SVE_SIG_CONTEXT_SIZE(vq)."""
+    return SVE_SIG_REGS_OFFSET + sve_regs_size(vq)
+
+
+@dataclass(frozen=True)
+class SveHeader:
+    """struct user_sve_header, the first 16 bytes of NT_ARM_SVE / NT_ARM_SSVE."""
+
+    size: int
+    max_size: int
+    vl: int
+    max_vl: int
+    flags: int
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> SveHeader:
+        return cls(*struct.unpack_from("<IIHHH", raw, 0))
+
+    @property
+    def live(self) -> bool:
+        """The regset holds SVE register data (SVE_PT_REGS_SVE), not the FPSIMD view."""
+        return bool(self.flags & SVE_PT_REGS_SVE)
+
+
+def a64_sve_problem(sve: bytes) -> str:
+    """Why an NT_ARM_SVE image with live SVE state cannot go into a frame ('' when it can)."""
+    if len(sve) < SVE_PT_HEADER_SIZE:
+        return f"the SVE state read is {len(sve)} bytes"
+    head = SveHeader.unpack(sve)
+    if not head.live:
+        return "the SVE state read is the FPSIMD view"
+    if head.vl % SVE_VQ_BYTES or not SVE_VQ_BYTES <= head.vl <= SVE_VL_MAX_ARCH:
+        return f"the thread's SVE vector length {head.vl} is not one the architecture has"
+    need = SVE_PT_REGS_OFFSET + sve_regs_size(head.vl // SVE_VQ_BYTES)
+    if len(sve) < need:
+        return f"the SVE state read is {len(sve)} bytes, not the {need} its vector length takes"
+    return ""
+
+
+def a64_sve_record(sve: bytes) -> bytes:
+    """The ``sve_context`` record (padded to 16 bytes) for an NT_ARM_SVE image
+    with live SVE state: the header, then the Z/P/FFR block as the regset has it."""
+    head = SveHeader.unpack(sve)
+    vq = head.vl // SVE_VQ_BYTES
+    size = _round16(sve_context_size(vq))
+    regs = sve[SVE_PT_REGS_OFFSET : SVE_PT_REGS_OFFSET + sve_regs_size(vq)]
+    record = struct.pack("<IIHH4x", SVE_MAGIC, size, head.vl, 0) + regs
+    return record + bytes(size - len(record))
+
+
+def a64_frame(top: int, resume: Registers, fpsimd: bytes, sigmask: int, sve: bytes = b"") -> Frame:
     """An aarch64 ``rt_sigframe`` ending at or below ``top`` (16-aligned, at sp).
 
-    ``fpsimd``: the thread's NT_PRFPREG regset; ``sigmask``: PTRACE_GETSIGMASK.
-    On aarch64 the kernel has already rewound an interrupted syscall when the
-    thread stops, so ``resume`` is the saved state as it is.
+    ``fpsimd``: the thread's NT_PRFPREG regset; ``sigmask``: PTRACE_GETSIGMASK;
+    ``sve``: its NT_ARM_SVE regset when that holds live SVE state (then an
+    ``sve_context`` record follows ``fpsimd_context``, in ``__reserved`` when
+    it fits and behind an ``extra_context`` record otherwise, as the kernel
+    lays it out), ``b""`` for none. On aarch64 the kernel has already rewound
+    an interrupted syscall when the thread stops, so ``resume`` is the saved
+    state as it is.
     """
     if len(fpsimd) < A64_USER_FPSIMD_SIZE - 8:
         raise ValueError(f"NT_PRFPREG gave {len(fpsimd)} bytes")
-    base = (top - A64_RT_SIGFRAME_SIZE) & ~15
-    frame = bytearray(A64_RT_SIGFRAME_SIZE)
+    vregs = fpsimd[:512]
+    fpsr, fpcr = struct.unpack_from("<II", fpsimd, 512)
+    records = struct.pack("<IIII512s", FPSIMD_MAGIC, FPSIMD_CONTEXT_SIZE, fpsr, fpcr, vregs)
+    sve_record = b""
+    if sve:
+        problem = a64_sve_problem(sve)
+        if problem:
+            raise ValueError(problem)
+        sve_record = a64_sve_record(sve)
+    room = A64_RESERVED_SIZE - EXTRA_CONTEXT_SIZE - TERMINATOR_SIZE - len(records)
+    extra_at = 0  # offset of the extra_context record in the frame, if any
+    if len(sve_record) <= room:
+        records += sve_record + bytes(TERMINATOR_SIZE)
+    else:
+        extra_at = A64_OFF_RESERVED + len(records)
+        records += bytes(EXTRA_CONTEXT_SIZE + TERMINATOR_SIZE) + sve_record
+        records += bytes(TERMINATOR_SIZE)
+    size = _round16(max(A64_OFF_RESERVED + len(records), A64_RT_SIGFRAME_SIZE))
+    base = (top - size) & ~15
+    frame = bytearray(size)
     struct.pack_into("<Qi4xQ", frame, A64_OFF_UC_STACK, 0, SS_INVALID, 0)
     struct.pack_into("<Q", frame, A64_OFF_SIGMASK, sigmask & _U64)
     regs = [resume[f"x{i}"] for i in range(31)]
     struct.pack_into(
         "<Q31QQQQ", frame, A64_OFF_MCONTEXT, 0, *regs, resume["sp"], resume["pc"], resume["pstate"]
     )
-    vregs = fpsimd[:512]
-    fpsr, fpcr = struct.unpack_from("<II", fpsimd, 512)
-    struct.pack_into(
-        "<IIII512s", frame, A64_OFF_RESERVED, FPSIMD_MAGIC, FPSIMD_CONTEXT_SIZE, fpsr, fpcr, vregs
-    )
-    # the null record that ends __reserved follows (already zero)
+    frame[A64_OFF_RESERVED : A64_OFF_RESERVED + len(records)] = records
+    if extra_at:
+        data = extra_at + EXTRA_CONTEXT_SIZE + TERMINATOR_SIZE
+        struct.pack_into(
+            "<IIQI12x", frame, extra_at, EXTRA_MAGIC, EXTRA_CONTEXT_SIZE, base + data, size - data
+        )
+    # the null records (after the last record, and after extra_context) are zero already
     return Frame(base=base, sp=base, data=bytes(frame))
 
 
 # ---------------------------------------------------------------- per arch
 NT_PRFPREG = 2
 NT_ARM_SVE = 0x405
+NT_ARM_SSVE = 0x40B
+NT_ARM_ZA = 0x40C
 NT_ARM_GCS = 0x410
-#: user_sve_header.flags: the thread has live SVE state (more than FPSIMD)
+#: user_sve_header.flags: the thread has live SVE state (more than FPSIMD); in
+#: NT_ARM_SSVE: the thread is in streaming mode
 SVE_PT_REGS_SVE = 1
+#: user_za_header.size when ZA is off: the header alone (ZA_PT_ZA_OFFSET)
+ZA_PT_ZA_OFFSET = 16
+#: the most NT_ARM_SVE can hold (SVE_PT_SIZE at the architecture's largest vector)
+SVE_PT_MAX_SIZE = _round16(SVE_PT_REGS_OFFSET + sve_regs_size(SVE_VL_MAX_ARCH // 16)) + 16
 #: user_gcs.features_enabled: PR_SHADOW_STACK_ENABLE
 PR_SHADOW_STACK_ENABLE = 1
 
@@ -260,8 +391,9 @@ class Frames:
 
     def build(
         self, top: int, saved: Registers, syscall_entry: bool, fp: bytes, sigmask: int,
-        restorer: int,
+        restorer: int, extra: bytes = b"",
     ) -> Frame:  # fmt: skip
+        """``extra``: more state the frame must carry (aarch64: a live NT_ARM_SVE image)."""
         raise NotImplementedError
 
     def borrow(self, regs: Registers, frame: Frame, restorer: int) -> Registers:
@@ -279,7 +411,7 @@ class X86Frames(Frames):
 
     def build(
         self, top: int, saved: Registers, syscall_entry: bool, fp: bytes, sigmask: int,
-        restorer: int,
+        restorer: int, extra: bytes = b"",
     ) -> Frame:  # fmt: skip
         return x86_frame(top, x86_resume_registers(saved, syscall_entry), fp, sigmask, restorer)
 
@@ -299,11 +431,11 @@ class A64Frames(Frames):
 
     def build(
         self, top: int, saved: Registers, syscall_entry: bool, fp: bytes, sigmask: int,
-        restorer: int,
+        restorer: int, extra: bytes = b"",
     ) -> Frame:  # fmt: skip
         if syscall_entry:  # the syscall has not run: the frame runs it again
             saved = saved.replace(pc=saved["pc"] - 4)
-        return a64_frame(top, saved, fp, sigmask)
+        return a64_frame(top, saved, fp, sigmask, extra)
 
     def borrow(self, regs: Registers, frame: Frame, restorer: int) -> Registers:
         # the gadget's `ret` goes to x30: the vDSO's __kernel_rt_sigreturn, which

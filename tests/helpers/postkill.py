@@ -5,13 +5,15 @@ A test freezes the VMM (SIGSTOP), kills serrinj at a phase, and then calls
 thread and, when the thread is still on the registers serrinj borrowed, lets
 it run under PTRACE_SYSCALL until the exit stop of its ``rt_sigreturn``, the
 first instant it is back on its own context. There it reads the general
-registers (NT_PRSTATUS), the FP/SIMD state (NT_X86_XSTATE) and the blocked
-signals (PTRACE_GETSIGMASK), then detaches. Built on serrinj's ptrace
+registers (NT_PRSTATUS), the FP/SIMD state (NT_X86_XSTATE; NT_PRFPREG and
+NT_ARM_SVE on aarch64) and the blocked signals (PTRACE_GETSIGMASK), then
+detaches. Built on serrinj's ptrace
 primitives only (never on the engine under test).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import List
@@ -21,6 +23,7 @@ from serrinj.remote import ptrace
 from serrinj.remote.arch import Registers, host_arch
 
 NR_RT_SIGRETURN = {"x86_64": 15, "aarch64": 139}
+NT_ARM_SVE = 0x405
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class Context:
     sigmask: int
     #: the syscalls the thread made before it was back on its own context
     syscalls: List[int]
+    #: aarch64: the NT_ARM_SVE regset (header and registers; b"" without SVE)
+    sve: bytes = b""
 
 
 def fp_note() -> int:
@@ -42,7 +47,11 @@ def read_context(tid: int, syscalls: List[int]) -> Context:
     fp = ptrace.get_regset(tid, fp_note(), 16384)
     mask = bytearray(8)
     _native.ptrace_buf(ptrace.PTRACE_GETSIGMASK, tid, 8, mask)
-    return Context(regs, fp, int.from_bytes(mask, "little"), syscalls)
+    sve = b""
+    if arch.name == "aarch64":
+        with contextlib.suppress(OSError):  # no SVE on this CPU or kernel
+            sve = ptrace.get_regset(tid, NT_ARM_SVE, 16384)
+    return Context(regs, fp, int.from_bytes(mask, "little"), syscalls, sve)
 
 
 def _wait(tid: int, timeout: float) -> ptrace.Stop:
