@@ -26,12 +26,12 @@ Layers, from the kernel up (internal modules; not part of the API):
 - ``serrinj._native``  cffi bindings to libc (the only module that imports cffi)
 - ``serrinj.kvm``      the KVM uAPI as data: ioctl numbers, caps, struct codecs
 - ``serrinj.remote``   the ptrace remote-syscall engine
-- ``serrinj.discover`` /proc scanning: VMs, vCPU fds, vCPU threads
-- ``serrinj.esr``      SError syndrome codec (``serrinj.mce`` for x86 MCi_STATUS)
-- ``serrinj.vcpu``     a vCPU reachable through a local or remote executor
+- ``serrinj.target.discover`` /proc scanning: VMs, vCPU fds, vCPU threads
+- ``serrinj.codec.esr``      SError syndrome codec (``serrinj.codec.mce`` for x86 MCi_STATUS)
+- ``serrinj.vcpu.base``     a vCPU reachable through a local or remote executor
 - ``serrinj.ops``      use cases (status, inject, events, campaigns)
 - ``serrinj.api``      the public API above, on the same use cases as the CLI
-- ``serrinj.cli`` / ``serrinj.render``  click commands and rich/JSON output
+- ``serrinj.cli`` / ``serrinj.cli.render``  click commands and rich/JSON output
 - ``serrinj.pytest_plugin``  the pytest plugin (loaded by pytest only)
 """
 

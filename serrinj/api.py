@@ -32,13 +32,13 @@ import contextlib
 from types import TracebackType
 from typing import Callable, Iterator, List, Optional, Tuple, Type, Union
 
-from serrinj import discover
 from serrinj.errors import InvalidInput, TargetGone, TargetNotFound, Unsupported
+from serrinj.host import kvmcaps as _host
 from serrinj.ops import events as _events
-from serrinj.ops import host as _host
 from serrinj.ops import inject as _inject
 from serrinj.ops import status as _status
-from serrinj.ops import target as _target
+from serrinj.target import attach as _target
+from serrinj.target import discover
 
 Injection = _inject.Injection
 Delivery = _inject.Delivery
@@ -151,8 +151,8 @@ def capability_missing(name: str) -> Optional[str]:
     (KVM_CAP_ARM_INJECT_SERROR_ESR); ``ext-dabt``: KVM_CAP_ARM_INJECT_EXT_DABT;
     ``root``: ptrace of any VMM (root or CAP_SYS_PTRACE).
     """
-    from serrinj import procfs
     from serrinj.errors import SerrinjError
+    from serrinj.host import procfs
     from serrinj.kvm import api as kvm_api
 
     key = name.strip().lower().replace("_", "-")

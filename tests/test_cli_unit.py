@@ -20,15 +20,19 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from serrinj import audit, cli, discover, esr, mce
+from serrinj import cli
+from serrinj.cli.render import Fields, Heading, Styled, Table, Ui, to_plain
+from serrinj.codec import esr, mce
 from serrinj.errors import Conflict, ExitCode, InvalidInput, PermissionDenied, TargetNotFound
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, inject, kvmprobe, target
+from serrinj.ops import audit, inject, kvmprobe
 from serrinj.remote import ptrace
 from serrinj.remote.arch import X86_64, Aarch64
-from serrinj.render import Fields, Heading, Styled, Table, Ui, to_plain
+from serrinj.target import attach as target
+from serrinj.target import discover
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any, Iterator, List, Optional
 import pytest
 
 from serrinj.errors import SeccompBlocked
-from serrinj.ops import inject, status, target
+from serrinj.ops import inject, status
+from serrinj.target import attach as target
 from serrinj.testvm.process import TestVmProcess
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]

@@ -16,11 +16,12 @@ from typing import List, Tuple
 import pytest
 
 from serrinj.errors import InvalidInput
-from serrinj.executor import BufferSpec, materialize
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
-from serrinj.ops import events, host, kvmprobe
-from serrinj.vcpu import Vcpu
+from serrinj.ops import events, kvmprobe
+from serrinj.vcpu.base import Vcpu
+from serrinj.vcpu.executor import BufferSpec, materialize
 
 
 class RecordingExecutor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from serrinj import esr, mce
+from serrinj.codec import esr, mce
 from serrinj.errors import (
     Conflict,
     ExpectationFailed,
@@ -41,7 +41,9 @@ from serrinj.errors import (
     SerrinjError,
     Unsupported,
 )
-from serrinj.ops import host, inject, kvmprobe, status, target
+from serrinj.host import kvmcaps as host
+from serrinj.ops import inject, kvmprobe, status
+from serrinj.target import attach as target
 
 Event = Dict[str, Any]
 Progress = Callable[[str], None]

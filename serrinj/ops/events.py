@@ -32,15 +32,17 @@ import os
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
-from serrinj import privilege
 from serrinj.errors import Conflict, InvalidInput, Unsupported
+from serrinj.host import kvmcaps as host
+from serrinj.host import privilege
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import guard, host, target
+from serrinj.ops import guard
 from serrinj.ops.guard import guarded
 from serrinj.ops.status import decode_events
-from serrinj.vcpu import Events
+from serrinj.target import attach as target
+from serrinj.vcpu.base import Events
 
 SCHEMA = "serrinj-events/1"
 SAVE_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG)

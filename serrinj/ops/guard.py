@@ -15,7 +15,6 @@ import functools
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
 
-from serrinj import audit
 from serrinj.errors import (
     Conflict,
     Interrupted,
@@ -27,8 +26,8 @@ from serrinj.errors import (
     TargetNotFound,
     Unsupported,
 )
-from serrinj.ops import lock
-from serrinj.ops.target import Target
+from serrinj.ops import audit, lock
+from serrinj.target.attach import Target
 
 F = TypeVar("F", bound=Callable[..., Sequence[Any]])
 

@@ -14,16 +14,19 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from serrinj import discover, esr, mce
+from serrinj.codec import esr, mce
 from serrinj.errors import Conflict, InvalidInput, NotDelivered, Unsupported
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import guard, host, kvmprobe, target
+from serrinj.ops import guard, kvmprobe
 from serrinj.ops.guard import guarded
 from serrinj.ops.status import decode_events, last_exception, thread_state
 from serrinj.remote.session import RemoteThread
-from serrinj.vcpu import Vcpu
+from serrinj.target import attach as target
+from serrinj.target import discover
+from serrinj.vcpu.base import Vcpu
 
 SERROR_REQUESTS = (api.KVM_GET_VCPU_EVENTS, api.KVM_SET_VCPU_EVENTS, api.KVM_GET_ONE_REG)
 NMI_REQUESTS = (api.KVM_GET_VCPU_EVENTS, kvm_x86.KVM_NMI)
@@ -570,7 +573,7 @@ def inject_ext_dabt(
 
 
 def _kvm_run_address(pid: int, vcpu_id: int) -> int:
-    from serrinj import procfs
+    from serrinj.host import procfs
 
     for m in procfs.maps(pid):
         if m.path == f"anon_inode:kvm-vcpu:{vcpu_id}" and m.offset == 0:

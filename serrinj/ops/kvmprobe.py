@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from serrinj import _native
-from serrinj.executor import LocalExecutor
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
-from serrinj.ops import host, lock
-from serrinj.vcpu import Vcpu
+from serrinj.ops import lock
+from serrinj.vcpu.base import Vcpu
+from serrinj.vcpu.executor import LocalExecutor
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CACHE_NAME = "kvm-serror-probe.json"

@@ -26,7 +26,7 @@ _held: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (pid, starttime) -> (fd, d
 
 
 def lock_dir() -> str:
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     env = privilege.env_path("SERRINJ_LOCK_DIR", os.environ.get("SERRINJ_LOCK_DIR"))
     if env:

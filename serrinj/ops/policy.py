@@ -53,8 +53,8 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
+from serrinj.codec import tomlsubset
 from serrinj.errors import InvalidInput, PermissionDenied
-from serrinj.ops import tomlsubset
 
 #: the policy's one place: no option or variable moves it
 POLICY_PATH = "/etc/serrinj/policy.toml"
@@ -366,14 +366,14 @@ def allowed_operations(
 # ---------------------------------------------------------------------- severities
 def serror_severity(iss: Optional[int]) -> str:
     """``fatal`` when a Linux guest panics on an SError with this syndrome."""
-    from serrinj import esr
+    from serrinj.codec import esr
 
     return "survivable" if esr.predict_linux(iss).survives else "fatal"
 
 
 def mce_severity(m: Any) -> str:
     """``fatal`` when a Linux guest panics on this machine check (or may: SRAR)."""
-    from serrinj import mce
+    from serrinj.codec import mce
     from serrinj.kvm.x86_64 import MCI_STATUS_UC
 
     status = int(m.status)
@@ -495,7 +495,7 @@ def system_policy() -> Optional[Policy]:
 
 def subject() -> Subject:
     """The caller as a :class:`Subject`."""
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     who = privilege.current()
     return Subject(
@@ -507,7 +507,7 @@ def subject() -> Subject:
 
 
 def _vm_request(vm: Any, operation: str, severity: Optional[str]) -> Tuple[Request, FrozenSet[str]]:
-    from serrinj import discover
+    from serrinj.target import discover
 
     domain = discover._libvirt_names().get(vm.pid)
     vmm_names: FrozenSet[str] = frozenset()
@@ -523,7 +523,7 @@ def _vm_request(vm: Any, operation: str, severity: Optional[str]) -> Tuple[Reque
 def check(operation: str, vm: Any, severity: Optional[str] = None) -> Optional[Decision]:
     """The decision for the caller doing ``operation`` on ``vm``; ``None`` when no
     policy applies (root, a user with its own rights, or no policy file)."""
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     if not privilege.current().elevated:
         return None
@@ -567,7 +567,7 @@ def enforce_guarded(
 
     Nothing is computed for a caller the policy does not apply to.
     """
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     if not privilege.current().elevated:
         return
@@ -582,8 +582,7 @@ def _audit_refusal(
     request: Optional[Mapping[str, object]],
     decision: Optional[Decision],
 ) -> None:
-    from serrinj import audit
-    from serrinj.ops import guard
+    from serrinj.ops import audit, guard
 
     audit.record(
         action=action,
@@ -598,7 +597,7 @@ def _audit_refusal(
 
 def enforce_campaign(campaign: Any, vm: Any, dry_run: bool = False) -> None:
     """Check every inject step of ``campaign`` against the policy before the first runs."""
-    from serrinj.ops import campaign as camp
+    from serrinj import campaign as camp
 
     for step in campaign.steps:
         if not isinstance(step, camp.InjectStep):
@@ -622,7 +621,7 @@ def enforce_campaign(campaign: Any, vm: Any, dry_run: bool = False) -> None:
 
 def describe(vm: Any) -> Dict[str, object]:
     """Which policy applies to the caller on ``vm``, for ``serrinj status``."""
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     who = privilege.current()
     out: Dict[str, object] = {

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from serrinj import discover, esr
+from serrinj.codec import esr
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, target
 from serrinj.remote.session import RemoteThread
-from serrinj.vcpu import Events, Vcpu
+from serrinj.target import attach as target
+from serrinj.target import discover
+from serrinj.vcpu.base import Events, Vcpu
 
 STATUS_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG, api.KVM_GET_MP_STATE)
 STATUS_REQUESTS_X86 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_MP_STATE)
@@ -160,7 +162,7 @@ def decode_events(arch: str, events: Events, pstate: Optional[int] = None) -> Di
 
 def last_exception(regs: Dict[str, int]) -> Dict[str, object]:
     """The exception an arm64 guest took last, from its EL1 registers
-    (:meth:`~serrinj.vcpu.Vcpu.exception_state`).
+    (:meth:`~serrinj.vcpu.base.Vcpu.exception_state`).
 
     ESR_EL1 keeps the syndrome of the last exception taken to EL1 until the next
     one, so EC 0x2F there means the last was an SError. ``at_serror_vector``: the

@@ -43,8 +43,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from serrinj import _native, procfs
+from serrinj import _native
 from serrinj.errors import InvalidInput, PermissionDenied, TargetGone, TargetNotFound
+from serrinj.host import procfs
 from serrinj.kvm.api import KVM_RUN
 from serrinj.remote.arch import Arch, host_arch
 

@@ -1,6 +1,6 @@
 """Campaigns: scripted RAS tests, run step by step against one VM, with a JUnit report.
 
-A campaign is a TOML file (read by :mod:`serrinj.ops.tomlsubset`, which
+A campaign is a TOML file (read by :mod:`serrinj.codec.tomlsubset`, which
 works on Python 3.9 and knows the line of every key)::
 
     [campaign]
@@ -131,7 +131,9 @@ from typing import (
     Union,
 )
 
-from serrinj import __version__, esr, mce
+from serrinj import __version__
+from serrinj.codec import esr, mce, tomlsubset
+from serrinj.codec.tomlsubset import Path
 from serrinj.errors import (
     Conflict,
     ExitCode,
@@ -144,8 +146,6 @@ from serrinj.errors import (
     TargetNotFound,
 )
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import tomlsubset
-from serrinj.ops.tomlsubset import Path
 
 __all__ = [
     "Campaign",
@@ -546,7 +546,7 @@ def load(path: str, *, arch: Optional[str] = None) -> Campaign:
     ``arch`` (``"x86_64"`` or ``"aarch64"``) also checks the steps against a
     VM of that arch, as :func:`run` does once it has found the VM.
     """
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     try:
         with privilege.open_file(path, "rb", "campaign file") as f:
@@ -1469,7 +1469,7 @@ class _Runner:
             self.on_event(progress)
 
     def find_vm(self) -> Any:
-        from serrinj import discover
+        from serrinj.target import discover
 
         o = self.override
         if o.selects_vm:
@@ -1486,7 +1486,7 @@ class _Runner:
 
     def preflight(self) -> Tuple[List[_Plan], Dict[int, Tuple[int, ...]]]:
         """Check the campaign against the VM and the host; plan every execution."""
-        from serrinj.ops import host
+        from serrinj.host import kvmcaps as host
 
         vm = self.vm
         if not vm.vcpus:
@@ -1552,7 +1552,7 @@ class _Runner:
         """Every file the steps will read, looked up with the caller's rights now,
         before anything is sent: a guest log the caller may not read ends the run
         here (exit 4), whether or not it exists yet."""
-        from serrinj import privilege
+        from serrinj.host import privilege
 
         for step in self.c.steps:
             if isinstance(step, ExpectStep) and step.expect == "log":
@@ -1696,7 +1696,7 @@ class _Runner:
 
     def _refresh_vm(self) -> Any:
         """Re-read the VM (threads move, VMs exit) and make sure it is the same process."""
-        from serrinj import discover
+        from serrinj.target import discover
 
         old = self.vm
         try:
@@ -1760,7 +1760,8 @@ class _Runner:
     def _inject(
         self, step: InjectStep, vcpu: Optional[int], out: List[Mapping[str, object]]
     ) -> str:
-        from serrinj.ops import inject, target
+        from serrinj.ops import inject
+        from serrinj.target import attach as target
 
         assert vcpu is not None
         tgt = target.Target(self.vm, (vcpu,))
@@ -1927,7 +1928,7 @@ class _Runner:
     def _pending(self, vcpu: int, kind: str) -> bool:
         from serrinj.kvm import api
         from serrinj.kvm import arm64 as kvm_arm64
-        from serrinj.ops import target
+        from serrinj.target import attach as target
 
         with target.attach(self.vm, vcpu, (api.KVM_GET_VCPU_EVENTS,)) as (vc, _rt):
             ev = vc.get_events()
@@ -1953,7 +1954,7 @@ class JunitReport:
     """
 
     def __init__(self, path: str, warn: Callable[[str], None]) -> None:
-        from serrinj import privilege
+        from serrinj.host import privilege
 
         self.path = path
         self.warn = warn
@@ -1975,7 +1976,7 @@ class JunitReport:
 
 
 def _read_pid_file(path: str) -> int:
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     try:
         with privilege.open_file(path, "r", "pid file", encoding="utf-8") as f:
@@ -1990,14 +1991,14 @@ def _read_pid_file(path: str) -> int:
 
 
 def _mtime(path: str) -> Optional[float]:
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     st = privilege.stat(path, "pause file")
     return None if st is None else st.st_mtime_ns / 1e9
 
 
 def _size(path: str) -> int:
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     st = privilege.stat(path, "guest log")
     return 0 if st is None else st.st_size
@@ -2015,7 +2016,7 @@ class _LogReader:
         self.lineno: Optional[int] = None  # the line number of the next line
 
     def lines(self, *, final: bool = False) -> List[Tuple[int, str]]:
-        from serrinj import privilege
+        from serrinj.host import privilege
 
         try:
             # with the caller's rights: a refusal (PermissionDenied) ends the step

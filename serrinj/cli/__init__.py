@@ -1,8 +1,8 @@
 """The ``serrinj`` command line: click commands that parse, call a use case, and render.
 
 Each command checks its arguments, calls one function of :mod:`serrinj.ops`
-(or the pure codecs :mod:`serrinj.esr` / :mod:`serrinj.mce`), and hands the
-result's ``as_dict()`` to the :class:`~serrinj.render.Ui` built once in
+(or the pure codecs :mod:`serrinj.codec.esr` / :mod:`serrinj.codec.mce`), and hands the
+result's ``as_dict()`` to the :class:`~serrinj.cli.render.Ui` built once in
 :func:`run` and passed down as ``ctx.obj``. Errors are
 :class:`~serrinj.errors.SerrinjError`\\ s; :func:`run` turns them (and click's
 usage errors, Ctrl-C and unexpected exceptions) into ``error:``/``hint:``
@@ -24,8 +24,8 @@ from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence, T
 import click
 
 from serrinj import __version__
+from serrinj.cli.render import Ui
 from serrinj.errors import ExitCode, InvalidInput, SerrinjError, Unsupported
-from serrinj.render import Ui
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,7 +64,7 @@ JSON_LINES_HELP = (
     " happens, and the result as the last line."
 )
 
-#: kept in step with serrinj.esr.SEVERITIES and serrinj.mce.PRESETS/PRESET_ALIASES
+#: kept in step with serrinj.codec.esr.SEVERITIES and serrinj.codec.mce.PRESETS/PRESET_ALIASES
 #: (tests/test_cli_unit.py checks); spelled out so that --help imports neither
 SEVERITY_CHOICES = ("ce", "ueo", "uer", "ueu", "uc")
 MCE_PRESET_CHOICES = (
@@ -168,7 +168,7 @@ def json_lines_option(f: F) -> F:
 def _scan_quiet() -> List[Any]:
     """Every VM, for completion: never fails, never prints."""
     try:
-        from serrinj import discover
+        from serrinj.target import discover
 
         return list(discover.scan())
     except Exception:
@@ -252,7 +252,7 @@ def _target_args(
     pid: Optional[int], name: Optional[str], fd: Optional[int], vcpu: Optional[str]
 ) -> Tuple[Optional[int], Optional[str], Any]:
     """(pid, name, vcpu spec) with ``--fd`` resolved to its VMM and vCPU id."""
-    from serrinj.ops import target
+    from serrinj.target import attach as target
 
     spec = target.parse_vcpu(vcpu)
     if fd is None:
@@ -293,7 +293,7 @@ def _resolve_injection_target(
 def _number(text: Optional[str], what: str, bits: int = 64) -> Optional[int]:
     if text is None:
         return None
-    from serrinj.esr import parse_int
+    from serrinj.codec.numbers import parse_int
 
     return parse_int(text, what=what, bits=bits)
 
@@ -375,9 +375,9 @@ def cli() -> None:
 @_command("list")
 def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
     """List the KVM VMs on this host, their vCPUs and the threads that run them."""
+    from serrinj.cli.render import view_list
     from serrinj.ops.listing import list_vms
     from serrinj.ops.status import vm_dict
-    from serrinj.render import view_list
 
     ui = _ui()
     vms = list_vms(pid, name, probe=probe, warn=ui.warn)
@@ -409,8 +409,8 @@ def status_cmd(
     vector means the SError is in the guest's registers and its handler has not
     run yet (a paused VM runs it when it resumes).
     """
+    from serrinj.cli.render import view_status
     from serrinj.ops import status
-    from serrinj.render import view_status
 
     pid, name, spec = _target_args(pid, name, fd, vcpu)
     report = status.status(pid, name, spec)
@@ -495,8 +495,8 @@ def inject_cmd(
     throwaway one-vCPU VM of its own, cached per boot), never by its version;
     the prediction (--dry-run too) says which applies.
     """
+    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
-    from serrinj.render import view_injections
 
     ui = _ui()
     if esr_text is not None and severity is not None:
@@ -585,9 +585,9 @@ def mce_cmd(
     a triple fault (CR4.MCE clear, a machine check in progress) or drop
     silently (MCi_CTL not all ones) is refused unless --force.
     """
-    from serrinj import mce as mce_mod
+    from serrinj.cli.render import view_injections
+    from serrinj.codec import mce as mce_mod
     from serrinj.ops import inject
-    from serrinj.render import view_injections
 
     ui = _ui()
     if bank is not None and bank < 0:
@@ -629,8 +629,8 @@ def nmi_cmd(
     A Linux guest with no NMI source logs "Uhhuh. NMI received for unknown
     reason". With --wait, serrinj polls until the NMI is no longer pending.
     """
+    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
-    from serrinj.render import view_injections
 
     ui = _ui()
     if wait is not None and wait <= 0:
@@ -649,7 +649,7 @@ def esr_group() -> None:
 
 
 def _esr_data(value: int, form: str) -> Mapping[str, Any]:
-    from serrinj import esr
+    from serrinj.codec import esr
 
     syn = esr.decode(value, form=form)
     linux = None
@@ -680,8 +680,8 @@ def esr_decode_cmd(value: str, form: str) -> None:
     injection rather than left pending (see `serrinj inject`), and without RAS
     such an SError reads IDS=1 (0xbf000000) rather than the CPU's own.
     """
-    from serrinj import esr
-    from serrinj.render import view_esr
+    from serrinj.cli.render import view_esr
+    from serrinj.codec import esr
 
     number = esr.parse_int(value, what="ESR")
     _ui().emit(_esr_data(number, form), view_esr)
@@ -710,8 +710,8 @@ def esr_encode_cmd(
 
     With no option: 0x11, an asynchronous SError graded UC.
     """
-    from serrinj import esr
-    from serrinj.render import view_esr
+    from serrinj.cli.render import view_esr
+    from serrinj.codec import esr
 
     iss = esr.encode(
         severity,
@@ -747,8 +747,8 @@ def demo_cmd(arch: str) -> None:
     every injection was observed as injected (9 otherwise). The test VM is
     ended by pid on every path, Ctrl-C included.
     """
+    from serrinj.cli.render import view_demo
     from serrinj.ops import demo
-    from serrinj.render import view_demo
 
     ui = _ui()
     with ui.progress("starting the test VM") as step:
@@ -798,8 +798,9 @@ def events_save_cmd(
 
     Without -o the file itself goes to stdout (`serrinj events save > a.json`).
     """
-    from serrinj.ops import events, target
-    from serrinj.render import view_events_saved
+    from serrinj.cli.render import view_events_saved
+    from serrinj.ops import events
+    from serrinj.target import attach as target
 
     ui = _ui()
     pid, name, spec = _target_args(pid, name, fd, vcpu)
@@ -840,9 +841,10 @@ def events_load_cmd(
 
     vCPUs are matched by vcpu_id. Each vCPU's events are read before and after.
     """
-    from serrinj.ops import events, target
+    from serrinj.cli.render import view_events_loaded
+    from serrinj.ops import events
     from serrinj.ops.status import vm_dict
-    from serrinj.render import view_events_loaded
+    from serrinj.target import attach as target
 
     ui = _ui()
     text = sys.stdin.read() if file == "-" else events.read_file(file)
@@ -895,8 +897,8 @@ def run_cmd(
     Exit 0 when every step passed, 9 when one failed, or the error's own code.
     See examples/ and examples/README.md for the format.
     """
-    from serrinj.ops import campaign
-    from serrinj.render import view_campaign
+    from serrinj import campaign
+    from serrinj.cli.render import view_campaign
 
     ui = _ui()
     if sum(x is not None for x in (pid, name, pid_file)) > 1:
@@ -1112,10 +1114,10 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     finally:
         # an audit record that could not be written is never silent, nor an ignored
         # environment override
-        privilege = sys.modules.get("serrinj.privilege")
+        privilege = sys.modules.get("serrinj.host.privilege")
         for note in getattr(privilege, "warnings", ()):
             ui.warn(note)
-        audit = sys.modules.get("serrinj.audit")
+        audit = sys.modules.get("serrinj.ops.audit")
         for problem in getattr(audit, "problems", ()):
             ui.warn(problem)
 

@@ -1,6 +1,6 @@
 """Which VM and vCPUs a command means, and a safe way to reach one of them.
 
-:func:`attach` is the one place where a :class:`~serrinj.vcpu.Vcpu` backed by
+:func:`attach` is the one place where a :class:`~serrinj.vcpu.base.Vcpu` backed by
 the remote engine is made. It guarantees, before anything is sent:
 
 - the thread is the vCPU's thread (checked again at the stop when the
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-from serrinj import _native, discover, procfs
+from serrinj import _native
 from serrinj.errors import (
     Conflict,
     InvalidInput,
@@ -36,11 +36,13 @@ from serrinj.errors import (
     TargetGone,
     TargetNotFound,
 )
-from serrinj.executor import LocalExecutor
+from serrinj.host import procfs
 from serrinj.kvm import api
-from serrinj.remote.executor import RemoteExecutor
 from serrinj.remote.session import RemoteThread, explain_ptrace_denial
-from serrinj.vcpu import Vcpu
+from serrinj.target import discover
+from serrinj.vcpu.base import Vcpu
+from serrinj.vcpu.executor import LocalExecutor
+from serrinj.vcpu.remote import RemoteExecutor
 
 VcpuSpec = Union[int, str, None]  # an id, "all", or None (= all when there is one, else error)
 

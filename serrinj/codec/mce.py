@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from serrinj.codec.numbers import parse_int
 from serrinj.errors import InvalidInput
-from serrinj.esr import parse_int
 from serrinj.kvm.x86_64 import (
     CR4_MCE,
     MC_VECTOR,
@@ -107,7 +107,7 @@ def parse_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Opt
     """A register value as a user types it: a number, or flag names joined by commas.
 
     ``"val,uc,en"`` is the OR of those bits of ``names`` (case-insensitive);
-    anything else is read by :func:`serrinj.esr.parse_int` as a 64-bit number.
+    anything else is read by :func:`serrinj.codec.numbers.parse_int` as a 64-bit number.
     Text with a letter that is neither a flag name nor part of a 0x/0b/0o
     number is refused, naming the unknown flags. ``None`` (not given) stays ``None``.
     """

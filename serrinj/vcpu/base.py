@@ -12,10 +12,10 @@ import struct
 from typing import Dict, Optional, Tuple, Union
 
 from serrinj.errors import InvalidInput, KvmRejected, TargetNotFound, Unsupported
-from serrinj.executor import BufferSpec, Executor
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.vcpu.executor import BufferSpec, Executor
 
 Events = Union[kvm_arm64.VcpuEvents, kvm_x86.VcpuEvents]
 
