@@ -32,7 +32,9 @@ import contextlib
 from types import TracebackType
 from typing import Callable, Iterator, List, Optional, Tuple, Type, Union
 
+from serrinj import faults as _faults
 from serrinj.errors import InvalidInput, TargetGone, TargetNotFound, Unsupported
+from serrinj.faults import ext_dabt as _ext_dabt
 from serrinj.host import kvmcaps as _host
 from serrinj.ops import events as _events
 from serrinj.ops import inject as _inject
@@ -338,17 +340,16 @@ class _Injector:
         if an SError is already pending; ``dry_run`` checks and reads the vCPU
         but sends nothing.
         """
-        value = _inject.serror_esr(esr, severity)
+        req = _faults.SError.from_fields({"esr": esr, "severity": severity, "force": force})
         tgt = self._one("serror", vcpu)
-        req = _inject.SErrorRequest(value, force)
-        return _made(_inject.inject_serror(tgt, req, _wait(wait), dry_run=dry_run)[0])
+        return _made(_inject.inject(tgt, req, _wait(wait), dry_run=dry_run)[0])
 
     def inject_ext_dabt(
         self,
         *,
         vcpu: Optional[int] = None,
         mmio_addr: Optional[int] = None,
-        mmio_timeout: float = _inject.DEFAULT_MMIO_TIMEOUT_S,
+        mmio_timeout: float = _ext_dabt.DEFAULT_MMIO_TIMEOUT_S,
         dry_run: bool = False,
     ) -> Injection:
         """Inject a synchronous external data abort at the vCPU's next MMIO exit (arm64).
@@ -359,10 +360,9 @@ class _Injector:
         (:class:`~serrinj.errors.NotDelivered` when none comes). KVM never
         reports the abort as pending, so its delivery cannot be confirmed.
         """
-        req = _inject.ExtDabtRequest(mmio_timeout, mmio_addr)
-        _inject.validate_ext_dabt(req)
+        req = _faults.ExtDabt.from_fields({"mmio_addr": mmio_addr, "mmio_timeout": mmio_timeout})
         tgt = self._one("ext-dabt", vcpu)
-        return _made(_inject.inject_ext_dabt(tgt, req, dry_run=dry_run)[0])
+        return _made(_inject.inject(tgt, req, dry_run=dry_run)[0])
 
     def mce(
         self,
@@ -387,12 +387,19 @@ class _Injector:
         ``force``. ``wait``: poll until the guest took the #MC (a corrected
         error raises none and counts as delivered at once).
         """
-        m = _inject.build_mce(
-            bank, preset=preset, status=status, addr=addr, misc=misc, mcg_status=mcg_status
+        req = _faults.MachineCheck.from_fields(
+            {
+                "bank": bank,
+                "preset": preset,
+                "status": status,
+                "addr": addr,
+                "misc": misc,
+                "mcg_status": mcg_status,
+                "force": force,
+            }
         )
         tgt = self._one("mce", vcpu)
-        req = _inject.MceRequest(m, force)
-        return _made(_inject.inject_mce(tgt, req, _wait(wait), dry_run=dry_run)[0])
+        return _made(_inject.inject(tgt, req, _wait(wait), dry_run=dry_run)[0])
 
     def nmi(
         self, *, vcpu: Optional[int] = None, wait: Optional[float] = None, dry_run: bool = False

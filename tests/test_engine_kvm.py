@@ -194,7 +194,7 @@ def _commits_at_set() -> bool:
     (Linux 6.17+). In the arm64 lab the host states it per kernel (``lab.commit``),
     and serrinj's own probe must agree; elsewhere only the probe can tell."""
     from lab.guest import env
-    from serrinj.ops import kvmprobe
+    from serrinj.vcpu import probe as kvmprobe
 
     probed = kvmprobe.probe_serror().commits_at_set
     assert probed is not None, kvmprobe.probe_serror().observed

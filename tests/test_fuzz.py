@@ -26,11 +26,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from serrinj.codec import esr, mce
+from serrinj.codec.events import decode_events
 from serrinj.errors import ExitCode, InvalidInput, SerrinjError, TargetNotFound, Unsupported
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import events
-from serrinj.ops.status import decode_events
 
 U64 = (1 << 64) - 1
 u64 = st.integers(0, U64)

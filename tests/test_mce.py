@@ -120,7 +120,7 @@ def test_parse_value_takes_numbers_or_flag_names() -> None:
     )
     with pytest.raises(InvalidInput) as err:
         mce.parse_value("val,bogus,uc,nope", "--status", bits)
-    assert err.value.message == "--status: unknown flag(s) bogus, nope"
+    assert err.value.message == "--status: unknown flags 'bogus', 'nope'"
     assert err.value.hint == f"flags: {', '.join(bits)}; or give a number"
     with pytest.raises(InvalidInput, match=r"--status: .*negative"):
         mce.parse_value("-1", "--status", bits)

@@ -19,7 +19,8 @@ from serrinj.errors import InvalidInput
 from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
-from serrinj.ops import events, kvmprobe
+from serrinj.ops import events
+from serrinj.vcpu import probe as kvmprobe
 from serrinj.vcpu.base import Vcpu
 from serrinj.vcpu.executor import BufferSpec, materialize
 

@@ -105,7 +105,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import difflib
 import json
 import math
 import os
@@ -132,7 +131,7 @@ from typing import (
 )
 
 from serrinj import __version__
-from serrinj.codec import esr, mce, tomlsubset
+from serrinj.codec import tomlsubset
 from serrinj.codec.tomlsubset import Path
 from serrinj.errors import (
     Conflict,
@@ -145,7 +144,7 @@ from serrinj.errors import (
     TargetGone,
     TargetNotFound,
 )
-from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.faults import KINDS, fields
 
 __all__ = [
     "Campaign",
@@ -168,9 +167,7 @@ __all__ = [
 ]
 
 #: which VM architecture each fault needs
-FAULT_ARCH: Mapping[str, str] = MappingProxyType(
-    {"serror": "aarch64", "ext-dabt": "aarch64", "mce": "x86_64", "nmi": "x86_64"}
-)
+FAULT_ARCH: Mapping[str, str] = MappingProxyType({k: f.arch for k, f in KINDS.items()})
 ARCH_ALIASES: Mapping[str, str] = MappingProxyType(
     {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 )
@@ -252,7 +249,7 @@ class InjectStep(Step):
     kind: ClassVar[str] = "inject"
 
     fault: str
-    #: inject.SErrorRequest, ExtDabtRequest or MceRequest; None for an NMI
+    #: the request (:mod:`serrinj.faults`); None only for a step that had problems
     request: Any
     vcpus: VcpuSel
     wait: Optional[float]
@@ -261,13 +258,7 @@ class InjectStep(Step):
     raises_mc: Optional[bool] = None
 
     def label(self) -> str:
-        detail = ""
-        if self.fault == "serror":
-            value = getattr(self.request, "esr", None)
-            detail = "KVM's syndrome" if value is None else f"esr {value:#x}"
-        elif self.fault == "mce":
-            m = self.request.mce
-            detail = f"bank {m.bank}, status {m.status:#x}"
+        detail = self.request.label() if self.request is not None else ""
         return f"inject {self.fault}" + (f" ({detail})" if detail else "")
 
 
@@ -371,29 +362,13 @@ class CampaignError(InvalidInput):
 
 
 # ====================================================================== validation
-_TOML_TYPES: Mapping[type, str] = MappingProxyType(
-    {
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a float",
-        list: "an array",
-        dict: "a table",
-    }
-)
-
 _TOP_KEYS = ("campaign", "target", "steps")
 _CAMPAIGN_KEYS = ("name", "description", "on_failure")
 _TARGET_KEYS = ("pid", "name", "pid_file", "arch", "log")
 _COMMON_KEYS = ("name", "repeat", "interval", "on_failure")
 _INJECT_KEYS = ("inject", "vcpus", "wait", "dry_run")
 _FAULT_KEYS: Mapping[str, Tuple[str, ...]] = MappingProxyType(
-    {
-        "serror": ("esr", "severity", "force"),
-        "ext-dabt": ("mmio_addr", "mmio_timeout"),
-        "mce": ("bank", "preset", "status", "addr", "misc", "mcg_status", "force"),
-        "nmi": (),
-    }
+    {k: f.fields for k, f in KINDS.items()}
 )
 _EXPECT_KEYS: Mapping[str, Tuple[str, ...]] = MappingProxyType(
     {
@@ -412,13 +387,9 @@ _ALL_STEP_KEYS = frozenset(
 )
 
 
-def _type_name(value: object) -> str:
-    return _TOML_TYPES.get(type(value), type(value).__name__)
-
-
-def _suggest(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_type_name = fields.type_name
+_suggest = fields.suggest
+_show = fields.show
 
 
 def _unknown(word: str, allowed: Sequence[str]) -> str:
@@ -523,17 +494,6 @@ class _Checker:
         return None if value is None else bool(value)
 
 
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, dict)):
-        text = json.dumps(value)
-        return text if len(text) <= 40 else text[:37] + "..."
-    return str(value)
-
-
 def loads(text: str, source: str = "<campaign>", *, arch: Optional[str] = None) -> Campaign:
     """Parse and validate campaign text; ``arch`` also checks it against a VM arch."""
     doc = tomlsubset.loads(text, source)
@@ -590,12 +550,7 @@ def _arch_problems(campaign: Campaign, arch: str, what: str) -> List[Problem]:
 
 
 def _fault_name(fault: str) -> str:
-    return {
-        "serror": "an SError",
-        "ext-dabt": "an external data abort",
-        "mce": "a machine-check",
-        "nmi": "an NMI",
-    }[fault]
+    return KINDS[fault].title
 
 
 def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campaign:
@@ -766,8 +721,6 @@ def _unknown_step_keys(
 def _inject_step(
     ck: _Checker, path: Path, raw: Mapping[str, Any], common: Dict[str, Any]
 ) -> Optional[InjectStep]:
-    from serrinj.ops import inject
-
     fault = ck.string(path, raw, "inject", tuple(FAULT_ARCH))
     if fault is None:
         return None
@@ -788,22 +741,17 @@ def _inject_step(
     else:
         wait = ck.seconds(path, raw, "wait", zero_ok=False)
     dry_run = bool(ck.boolean(path, raw, "dry_run"))
-    force = bool(ck.boolean(path, raw, "force"))
     request: Any = None
-    raises_mc: Optional[bool] = None
-    if fault == "serror":
-        request = inject.SErrorRequest(_serror_esr(ck, path, raw), force)
-    elif fault == "ext-dabt":
-        timeout = ck.seconds(path, raw, "mmio_timeout", zero_ok=False)
-        addr = ck.integer(path, raw, "mmio_addr", hi=(1 << 64) - 1)
-        request = inject.ExtDabtRequest(
-            inject.DEFAULT_MMIO_TIMEOUT_S if timeout is None else timeout, addr
-        )
-    elif fault == "mce":
-        m = _mce(ck, path, raw)
-        if m is not None:
-            request = inject.MceRequest(m, force)
-            raises_mc = mce.predict(m, bank_count=kvm_x86.KVM_MAX_MCE_BANKS).raises_mc
+    try:
+        request = KINDS[fault].from_fields(raw)
+    except fields.FieldErrors as err:
+        for e in err.problems:
+            text = e.render(cli=False)
+            ck.problem(
+                (*path, e.field) if e.field else path, text if e.missing else _with_hint(e, text)
+            )
+        return None
+    raises_mc = request.raises_exception()
     return InjectStep(
         **common,
         fault=fault,
@@ -847,118 +795,9 @@ def _vcpus(ck: _Checker, path: Path, raw: Mapping[str, Any]) -> VcpuSel:
     return None
 
 
-def _serror_esr(ck: _Checker, path: Path, raw: Mapping[str, Any]) -> Optional[int]:
-    if "esr" in raw and "severity" in raw:
-        ck.problem((*path, "severity"), "give either esr or severity, not both")
-        return None
-    if "severity" in raw:
-        sev = ck.string(path, raw, "severity", tuple(esr.SEVERITIES))
-        return None if sev is None else esr.PRESETS[sev]
-    if "esr" not in raw:
-        return None
-    value = raw["esr"]
-    try:
-        if type(value) is int:
-            return esr.validate_injectable(value)
-        if type(value) is str:
-            return esr.resolve_iss(value)
-    except InvalidInput as err:
-        ck.problem((*path, "esr"), _with_hint(err))
-        return None
-    ck.problem(
-        (*path, "esr"),
-        f"must be a number or a severity name, not {_type_name(value)} ({_show(value)})",
-    )
-    return None
-
-
-def _with_hint(err: SerrinjError) -> str:
-    return f"{err.message} ({err.hint})" if err.hint else err.message
-
-
-def _flags(
-    ck: _Checker, path: Path, raw: Mapping[str, Any], key: str, names: Mapping[str, int]
-) -> Optional[int]:
-    if key not in raw:
-        return None
-    value = raw[key]
-    key_path = (*path, key)
-    if type(value) is int:
-        if not 0 <= value < 1 << 64:
-            ck.problem(key_path, f"{value:#x} is not a 64-bit value")
-            return None
-        return int(value)
-    words: List[str]
-    if type(value) is str:
-        words = [w.strip() for w in value.split(",")]
-    elif type(value) is list and all(type(w) is str for w in value):
-        words = [str(w).strip() for w in value]
-    else:
-        ck.problem(
-            key_path,
-            f"must be a number or flag names, not {_type_name(value)} ({_show(value)})",
-        )
-        return None
-    out = 0
-    for w in words:
-        bit = names.get(w.lower())
-        if bit is None:
-            ck.problem(
-                key_path,
-                f"unknown flag {w!r}{_suggest(w.lower(), list(names))};"
-                f" the flags are {', '.join(names)}",
-            )
-            return None
-        out |= bit
-    return out
-
-
-def _mce(ck: _Checker, path: Path, raw: Mapping[str, Any]) -> Optional[kvm_x86.Mce]:
-    preset: Optional[mce.McePreset] = None
-    name = ck.string(path, raw, "preset")
-    if name is not None:
-        try:
-            preset = mce.preset(name)
-        except InvalidInput as err:
-            ck.problem((*path, "preset"), _with_hint(err))
-            return None
-    status = _flags(ck, path, raw, "status", mce.STATUS_BITS)
-    mcg = _flags(ck, path, raw, "mcg_status", mce.MCG_STATUS_BITS)
-    addr = ck.integer(path, raw, "addr", hi=(1 << 64) - 1)
-    misc = ck.integer(path, raw, "misc", hi=(1 << 64) - 1)
-    if "bank" not in raw:
-        ck.problem(path, "an mce step needs 'bank' (the machine-check bank, MCi)")
-        return None
-    bank = ck.get(path, raw, "bank", (int,), "an integer")
-    if bank is None:
-        return None
-    if not 0 <= bank < kvm_x86.KVM_MAX_MCE_BANKS:
-        ck.problem(
-            (*path, "bank"),
-            f"bank {bank} does not exist: KVM gives a vCPU at most {kvm_x86.KVM_MAX_MCE_BANKS}"
-            f" banks (0..{kvm_x86.KVM_MAX_MCE_BANKS - 1}); the VM's own count is checked"
-            " before each injection",
-        )
-        return None
-    if status is None and preset is None:
-        if "status" not in raw:
-            ck.problem(
-                path, f"an mce step needs 'preset' or 'status' (presets: {', '.join(mce.PRESETS)})"
-            )
-        return None
-    m = kvm_x86.Mce(
-        status=status if status is not None else preset.status,  # type: ignore[union-attr]
-        bank=bank,
-        addr=addr or 0,
-        misc=misc if misc is not None else (preset.misc if preset else 0),
-        mcg_status=mcg if mcg is not None else (preset.mcg_status if preset else 0),
-    )
-    try:
-        mce.validate(m, kvm_x86.KVM_MAX_MCE_BANKS)
-    except InvalidInput as err:
-        ck.problem((*path, "status" if "status" in raw else "preset"), _with_hint(err))
-        return None
-    return m
+def _with_hint(err: SerrinjError, message: Optional[str] = None) -> str:
+    text = err.message if message is None else message
+    return f"{text} ({err.hint})" if err.hint else text
 
 
 def _pause_step(
@@ -1565,22 +1404,13 @@ class _Runner:
                 privilege.stat(step.until_file, "pause file")
 
     def _cap_problems(self, step: InjectStep, caps: Any, key: str) -> List[Problem]:
-        from serrinj.kvm import api
-
-        why = None
-        if step.fault == "serror" and step.request.esr is not None and not caps.serror_esr:
-            why = (
-                "this host cannot inject an SError with a given syndrome"
-                " (KVM_CAP_ARM_INJECT_SERROR_ESR is 0: no RAS extension); leave out esr and"
-                " severity for KVM's own syndrome"
-            )
-        elif step.fault == "ext-dabt" and not caps.ext_dabt:
-            why = "this host cannot inject external data aborts (KVM_CAP_ARM_INJECT_EXT_DABT is 0)"
-        elif step.fault == "mce" and not caps.cap(api.KVM_CAP_MCE):
-            why = "this host's KVM has no machine-check support (KVM_CAP_MCE is 0)"
-        if why is None:
-            return []
-        return [Problem(self.c.source, step.key_line("inject"), f"{key}.inject", why)]
+        try:
+            step.request.check(caps)
+        except SerrinjError as err:
+            return [
+                Problem(self.c.source, step.key_line("inject"), f"{key}.inject", _with_hint(err))
+            ]
+        return []
 
     # ------------------------------------------------------------ the run
     def run(self) -> CampaignResult:
@@ -1589,7 +1419,16 @@ class _Runner:
         self.vm = self.find_vm()
         plan, _ = self.preflight()
         self.check_files()
-        policy.enforce_campaign(self.c, self.vm, self.dry_run)
+        # every inject step against the policy before the first runs
+        for step in self.c.steps:
+            if isinstance(step, InjectStep):
+                policy.enforce(
+                    step.fault,
+                    self.vm,
+                    step.request.severity(),
+                    action="campaign-run",
+                    audit_request={"step": step.number, "line": step.line, "fault": step.fault},
+                )
         # One lock for the whole run, so that no other serrinj run interleaves with the
         # steps; each injection takes it again (the lock is re-entrant in one process).
         vm = self.vm
@@ -1766,14 +1605,7 @@ class _Runner:
         assert vcpu is not None
         tgt = target.Target(self.vm, (vcpu,))
         dry = self.dry_run or step.dry_run
-        if step.fault == "serror":
-            res = inject.inject_serror(tgt, step.request, step.wait, dry_run=dry)
-        elif step.fault == "ext-dabt":
-            res = inject.inject_ext_dabt(tgt, step.request, step.wait, dry_run=dry)
-        elif step.fault == "mce":
-            res = inject.inject_mce(tgt, step.request, step.wait, dry_run=dry)
-        else:
-            res = inject.inject_nmi(tgt, step.wait, dry_run=dry)
+        res = inject.inject(tgt, step.request, step.wait, dry_run=dry)
         out.extend(i.as_dict() for i in res)
         if dry:
             why = "campaign dry run" if self.dry_run else "dry_run = true"
@@ -1888,6 +1720,11 @@ class _Runner:
                 kind = str(inj["kind"])
                 if (vcpu, kind, raises) not in targets:
                     targets.append((vcpu, kind, raises))
+        fault = next(
+            s.request
+            for s in self.c.steps
+            if isinstance(s, InjectStep) and s.number == step.inject_step
+        )
         t0 = time.monotonic()
         deadline = t0 + step.timeout
         state: Dict[int, Optional[float]] = {}
@@ -1901,7 +1738,7 @@ class _Runner:
             for vcpu, kind in watch:
                 if state.get(vcpu) is not None:
                     continue
-                if not self._pending(vcpu, kind):
+                if not self._pending(vcpu, fault):
                     state[vcpu] = time.monotonic() - t0
                     if step.expect == "pending":
                         detail["taken_after_s"] = state[vcpu]
@@ -1925,20 +1762,12 @@ class _Runner:
         late = [v for v, _ in watch if state.get(v) is None]
         raise _StepFailed(f"still pending on vCPU {_ids(late)} after {step.timeout:g} s", detail)
 
-    def _pending(self, vcpu: int, kind: str) -> bool:
+    def _pending(self, vcpu: int, fault: Any) -> bool:
         from serrinj.kvm import api
-        from serrinj.kvm import arm64 as kvm_arm64
         from serrinj.target import attach as target
 
         with target.attach(self.vm, vcpu, (api.KVM_GET_VCPU_EVENTS,)) as (vc, _rt):
-            ev = vc.get_events()
-        if isinstance(ev, kvm_arm64.VcpuEvents):
-            return bool(ev.serror_pending)
-        assert isinstance(ev, kvm_x86.VcpuEvents)
-        if kind == "nmi":
-            return bool(ev.nmi.pending or ev.nmi.injected)
-        exc = ev.exception
-        return bool((exc.pending or exc.injected) and exc.nr == kvm_x86.MC_VECTOR)
+            return bool(fault.pending(vc))
 
 
 def _ids(ids: Sequence[int]) -> str:

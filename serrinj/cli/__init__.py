@@ -25,7 +25,7 @@ import click
 
 from serrinj import __version__
 from serrinj.cli.render import Ui
-from serrinj.errors import ExitCode, InvalidInput, SerrinjError, Unsupported
+from serrinj.errors import ExitCode, InvalidInput, SerrinjError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -165,14 +165,10 @@ def json_lines_option(f: F) -> F:
     return _global_options(hidden=True, json_help=JSON_LINES_HELP)(f)
 
 
-def _scan_quiet() -> List[Any]:
-    """Every VM, for completion: never fails, never prints."""
-    try:
-        from serrinj.target import discover
+def _vms_quietly() -> List[Any]:
+    from serrinj.ops import select
 
-        return list(discover.scan())
-    except Exception:
-        return []
+    return list(select.vms_quietly())
 
 
 def _complete_pid(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[Any]:
@@ -180,7 +176,7 @@ def _complete_pid(ctx: click.Context, _param: click.Parameter, incomplete: str) 
 
     return [
         CompletionItem(str(vm.pid), help=f"{vm.name or vm.comm} [{vm.vmm}, {vm.arch}]")
-        for vm in _scan_quiet()
+        for vm in _vms_quietly()
         if str(vm.pid).startswith(incomplete)
     ]
 
@@ -190,7 +186,7 @@ def _complete_name(ctx: click.Context, _param: click.Parameter, incomplete: str)
 
     return [
         CompletionItem(vm.name, help=f"pid {vm.pid} [{vm.vmm}]")
-        for vm in _scan_quiet()
+        for vm in _vms_quietly()
         if vm.name and vm.name.startswith(incomplete)
     ]
 
@@ -202,7 +198,7 @@ def _complete_vcpu(ctx: click.Context, _param: click.Parameter, incomplete: str)
     name = ctx.params.get("name")
     items: List[Any] = []
     seen = set()
-    for vm in _scan_quiet():
+    for vm in _vms_quietly():
         if (pid is not None and vm.pid != pid) or (name is not None and vm.name != name):
             continue
         for v in vm.vcpus:
@@ -251,43 +247,17 @@ def target_options(f: F) -> F:
 def _target_args(
     pid: Optional[int], name: Optional[str], fd: Optional[int], vcpu: Optional[str]
 ) -> Tuple[Optional[int], Optional[str], Any]:
-    """(pid, name, vcpu spec) with ``--fd`` resolved to its VMM and vCPU id."""
-    from serrinj.target import attach as target
+    from serrinj.ops import select
 
-    spec = target.parse_vcpu(vcpu)
-    if fd is None:
-        return pid, name, spec
-    if fd < 0:
-        raise InvalidInput(f"--fd {fd}: file descriptors are not negative")
-    res = target.resolve_fd(fd, pid)
-    if res.local or res.owner_pid is None:
-        raise Unsupported(
-            f"fd {fd} belongs to a VM this serrinj process created; there is nothing to attach to"
-        )
-    if spec not in (None, res.vcpu_id):
-        raise InvalidInput(
-            f"--fd {fd} is vCPU {res.vcpu_id}, but --vcpu says {vcpu}",
-            hint="give one of --fd and --vcpu",
-        )
-    return res.owner_pid, name, res.vcpu_id
+    return select.target_args(pid, name, fd, vcpu)
 
 
 def _resolve_injection_target(
-    kind: str,
-    pid: Optional[int],
-    name: Optional[str],
-    fd: Optional[int],
-    vcpu: Optional[str],
+    kind: str, pid: Optional[int], name: Optional[str], fd: Optional[int], vcpu: Optional[str]
 ) -> Any:
-    """The target of an injection: one vCPU unless ``--vcpu all`` says otherwise.
+    from serrinj.ops import select
 
-    The VM's architecture is checked first: an SError for an x86_64 VM is
-    pointed at ``mce``/``nmi`` (and the reverse) before anything else.
-    """
-    from serrinj.ops import inject
-
-    pid, name, spec = _target_args(pid, name, fd, vcpu)
-    return inject.resolve_target(kind, pid, name, spec)
+    return select.injection_target(kind, pid, name, fd, vcpu)
 
 
 def _number(text: Optional[str], what: str, bits: int = 64) -> Optional[int]:
@@ -495,36 +465,29 @@ def inject_cmd(
     throwaway one-vCPU VM of its own, cached per boot), never by its version;
     the prediction (--dry-run too) says which applies.
     """
+    from serrinj import faults
     from serrinj.cli.render import view_injections
     from serrinj.ops import inject
 
     ui = _ui()
-    if esr_text is not None and severity is not None:
-        raise InvalidInput("give either --esr or --severity, not both")
     if ext_dabt and (esr_text is not None or severity is not None or force):
         raise InvalidInput("--ext-dabt takes no syndrome (--esr/--severity) and no --force")
     if not ext_dabt and (mmio_addr is not None or mmio_timeout is not None):
         raise InvalidInput("--mmio-addr and --mmio-timeout go with --ext-dabt")
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
-    value = inject.serror_esr(esr_text, severity)
-    dabt: Optional[inject.ExtDabtRequest] = None
     if ext_dabt:
-        dabt = inject.ExtDabtRequest(
-            inject.DEFAULT_MMIO_TIMEOUT_S if mmio_timeout is None else mmio_timeout,
-            _number(mmio_addr, "--mmio-addr"),
-        )
-        inject.validate_ext_dabt(dabt, wait)
-    tgt = _resolve_injection_target("ext-dabt" if ext_dabt else "serror", pid, name, fd, vcpu)
-    if dabt is not None:
+        dabt = faults.ExtDabt.from_fields({"mmio_addr": mmio_addr, "mmio_timeout": mmio_timeout})
+        dabt.validate(wait)
+        tgt = _resolve_injection_target(dabt.kind, pid, name, fd, vcpu)
         with ui.progress("waiting for an MMIO exit"):
             injs = inject.inject_ext_dabt(tgt, dabt, wait, dry_run=dry_run)
     else:
+        req = faults.SError.from_fields({"esr": esr_text, "severity": severity, "force": force})
+        tgt = _resolve_injection_target(req.kind, pid, name, fd, vcpu)
         msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
         with ui.progress(msg):
-            injs = inject.inject_serror(
-                tgt, inject.SErrorRequest(value, force), wait, dry_run=dry_run
-            )
+            injs = inject.inject_serror(tgt, req, wait, dry_run=dry_run)
     ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
 
 
@@ -585,27 +548,28 @@ def mce_cmd(
     a triple fault (CR4.MCE clear, a machine check in progress) or drop
     silently (MCi_CTL not all ones) is refused unless --force.
     """
+    from serrinj import faults
     from serrinj.cli.render import view_injections
-    from serrinj.codec import mce as mce_mod
     from serrinj.ops import inject
 
     ui = _ui()
-    if bank is not None and bank < 0:
-        raise InvalidInput(f"--bank {bank}: banks are numbered from 0")
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
-    m = inject.build_mce(
-        bank,
-        preset=preset,
-        status=mce_mod.parse_value(status_text, "--status", mce_mod.STATUS_BITS),
-        addr=_number(addr, "--addr"),
-        misc=_number(misc, "--misc"),
-        mcg_status=mce_mod.parse_value(mcg_status, "--mcg-status", mce_mod.MCG_STATUS_BITS),
+    fault = faults.MachineCheck.from_fields(
+        {
+            "bank": bank,
+            "preset": preset,
+            "status": status_text,
+            "addr": addr,
+            "misc": misc,
+            "mcg_status": mcg_status,
+            "force": force,
+        }
     )
     tgt = _resolve_injection_target("mce", pid, name, fd, vcpu)
     msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
     with ui.progress(msg):
-        injs = inject.inject_mce(tgt, inject.MceRequest(m, force), wait, dry_run=dry_run)
+        injs = inject.inject_mce(tgt, fault, wait, dry_run=dry_run)
     ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
 
 
@@ -799,14 +763,13 @@ def events_save_cmd(
     Without -o the file itself goes to stdout (`serrinj events save > a.json`).
     """
     from serrinj.cli.render import view_events_saved
-    from serrinj.ops import events
-    from serrinj.target import attach as target
+    from serrinj.ops import events, select
 
     ui = _ui()
-    pid, name, spec = _target_args(pid, name, fd, vcpu)
+    tgt = select.resolve(pid, name, fd, vcpu)
     out = events.OutputFile(output) if output is not None else None
     try:
-        snap = events.save(target.resolve(pid, name, spec))
+        snap = events.save(tgt)
     except BaseException:
         if out is not None:
             out.discard()
@@ -842,15 +805,13 @@ def events_load_cmd(
     vCPUs are matched by vcpu_id. Each vCPU's events are read before and after.
     """
     from serrinj.cli.render import view_events_loaded
-    from serrinj.ops import events
+    from serrinj.ops import events, select
     from serrinj.ops.status import vm_dict
-    from serrinj.target import attach as target
 
     ui = _ui()
     text = sys.stdin.read() if file == "-" else events.read_file(file)
     snap = events.parse(text, file)
-    pid, name, spec = _target_args(pid, name, fd, vcpu)
-    tgt = target.resolve(pid, name, spec)
+    tgt = select.resolve(pid, name, fd, vcpu)
     results = events.load(tgt, snap, force=force)
     ui.emit(
         {
@@ -959,12 +920,9 @@ def run_cmd(
 
 # ====================================================================== entry points
 def _flag_in(args: Sequence[str], flag: str) -> bool:
-    for a in args:
-        if a == "--":
-            return False
-        if a == flag:
-            return True
-    return False
+    from serrinj.ops.guard import flag_in
+
+    return flag_in(args, flag)
 
 
 def _usage_error(ui: Ui, err: click.ClickException) -> int:
@@ -995,32 +953,15 @@ def _traceback() -> None:
     traceback.print_exc()
 
 
-#: injecting commands -> their audit action; the use cases audit every attempt that
-#: reaches them, and :func:`_audit_attempt` the ones refused before (bad arguments,
-#: no VM found, no permission)
-_AUDITED_COMMANDS: Mapping[str, str] = MappingProxyType(
-    {
-        "inject": "inject-serror",
-        "mce": "inject-mce",
-        "nmi": "inject-nmi",
-        "events load": "events-load",
-        "run": "campaign-run",
-    }
-)
-
-
 def _audit_attempt(
     ui: Ui, args: Sequence[str], err: BaseException, raised: Optional[BaseException] = None
 ) -> None:
     """Audit an injection attempt that failed before its use case recorded it."""
-    action = _AUDITED_COMMANDS.get(ui.command)
+    from serrinj.ops import guard
+
+    action = guard.command_action(ui.command, args)
     if action is None:
         return
-    if action == "inject-serror" and _flag_in(args, "--ext-dabt"):
-        action = "inject-ext-dabt"
-    if action == "campaign-run" and _flag_in(args, "--check-only"):
-        return  # checking a file injects nothing
-    from serrinj.ops import guard
 
     if any(x is not None and guard.was_audited(x) for x in (err, raised)):
         return

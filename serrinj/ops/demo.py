@@ -42,8 +42,9 @@ from serrinj.errors import (
     Unsupported,
 )
 from serrinj.host import kvmcaps as host
-from serrinj.ops import inject, kvmprobe, status
+from serrinj.ops import inject, status
 from serrinj.target import attach as target
+from serrinj.vcpu import probe as kvmprobe
 
 Event = Dict[str, Any]
 Progress = Callable[[str], None]

@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
+from serrinj.codec.events import decode_events
 from serrinj.errors import Conflict, InvalidInput, Unsupported
 from serrinj.host import kvmcaps as host
 from serrinj.host import privilege
@@ -40,7 +41,6 @@ from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import guard
 from serrinj.ops.guard import guarded
-from serrinj.ops.status import decode_events
 from serrinj.target import attach as target
 from serrinj.vcpu.base import Events
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from serrinj.codec import esr
+from serrinj.codec.events import decode_events, last_exception
 from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
@@ -13,7 +13,8 @@ from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.remote.session import RemoteThread
 from serrinj.target import attach as target
 from serrinj.target import discover
-from serrinj.vcpu.base import Events, Vcpu
+from serrinj.target.attach import thread_state
+from serrinj.vcpu.base import Vcpu
 
 STATUS_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG, api.KVM_GET_MP_STATE)
 STATUS_REQUESTS_X86 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_MP_STATE)
@@ -113,21 +114,6 @@ def vm_dict(vm: discover.Vm) -> Dict[str, object]:
     }
 
 
-def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fds: Sequence[int]) -> str:
-    """Where the vCPU's thread was when it was stopped (``fds``: the vCPU's fds)."""
-    stop = rt.first_stop
-    if stop is not None and stop.group_stop:
-        return "stopped"
-    assert rt.saved is not None
-    left_run = rt.arch.kvm_run_fd_at_stop(rt.saved)
-    in_run = left_run in fds or (left_run is None and _left_kvm_run_generic(rt))
-    if before is not None and before.state == "in-kvm-run":
-        return "halted"
-    if in_run:
-        return "in-guest"
-    return "userspace"
-
-
 def reconcile_state(arch: str, state: str, mp: Optional[str]) -> str:
     """Make ``state`` agree with the MP state read at the same stop.
 
@@ -139,54 +125,6 @@ def reconcile_state(arch: str, state: str, mp: Optional[str]) -> str:
     if arch != "x86_64" or mp is None or state not in ("halted", "in-guest"):
         return state
     return "in-guest" if mp == "runnable" else "halted"
-
-
-def _left_kvm_run_generic(rt: RemoteThread) -> bool:
-    # aarch64 keeps the request in x1 and the number in x8 after the syscall returns.
-    assert rt.saved is not None
-    if rt.arch.name != "aarch64":
-        return False
-    return bool(rt.saved["x8"] == rt.arch.nr["ioctl"] and rt.saved["x1"] == api.KVM_RUN)
-
-
-def decode_events(arch: str, events: Events, pstate: Optional[int] = None) -> Dict[str, object]:
-    out = events.as_dict()
-    if isinstance(events, kvm_arm64.VcpuEvents):
-        out["serror_esr_decoded"] = (
-            esr.decode(events.serror_esr, form="iss").as_dict() if events.serror_pending else None
-        )
-        if pstate is not None:
-            out["serror_masked"] = bool(pstate & kvm_arm64.PSTATE_A)
-    return out
-
-
-def last_exception(regs: Dict[str, int]) -> Dict[str, object]:
-    """The exception an arm64 guest took last, from its EL1 registers
-    (:meth:`~serrinj.vcpu.base.Vcpu.exception_state`).
-
-    ESR_EL1 keeps the syndrome of the last exception taken to EL1 until the next
-    one, so EC 0x2F there means the last was an SError. ``at_serror_vector``: the
-    PC is at an SError entry of VBAR_EL1, i.e. KVM has put the SError into the
-    registers and the guest has not run its handler yet (Linux 6.17 and later do
-    this inside KVM_SET_VCPU_EVENTS, even in a paused VM).
-    """
-    esr_el1 = regs["esr_el1"]
-    ec = (esr_el1 >> esr.ESR_EC_SHIFT) & 0x3F
-    offset = regs["pc"] - regs["vbar_el1"]
-    serror = ec == esr.EC_SERROR
-    return {
-        "esr_el1": esr_el1,
-        "ec": ec,
-        "ec_name": esr.ec_name(ec),
-        "serror": serror,
-        "syndrome": esr.decode(esr_el1, form="esr").as_dict() if serror else None,
-        "elr_el1": regs["elr_el1"],
-        "spsr_el1": regs["spsr_el1"],
-        "far_el1": regs["far_el1"],
-        "vbar_el1": regs["vbar_el1"],
-        "pc": regs["pc"],
-        "at_serror_vector": serror and offset in kvm_arm64.SERROR_VECTOR_OFFSETS,
-    }
 
 
 def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:

@@ -421,3 +421,26 @@ def _owner_rank(owner: discover.FdOwner) -> Tuple[bool, int]:
         return (True, 1 << 62)
     runs_it = vm is not None and any(owner.fd in v.fds and v.thread is not None for v in vm.vcpus)
     return (not runs_it, starttime)
+
+
+def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fds: Sequence[int]) -> str:
+    """Where the vCPU's thread was when it was stopped (``fds``: the vCPU's fds)."""
+    stop = rt.first_stop
+    if stop is not None and stop.group_stop:
+        return "stopped"
+    assert rt.saved is not None
+    left_run = rt.arch.kvm_run_fd_at_stop(rt.saved)
+    in_run = left_run in fds or (left_run is None and _left_kvm_run_generic(rt))
+    if before is not None and before.state == "in-kvm-run":
+        return "halted"
+    if in_run:
+        return "in-guest"
+    return "userspace"
+
+
+def _left_kvm_run_generic(rt: RemoteThread) -> bool:
+    # aarch64 keeps the request in x1 and the number in x8 after the syscall returns.
+    assert rt.saved is not None
+    if rt.arch.name != "aarch64":
+        return False
+    return bool(rt.saved["x8"] == rt.arch.nr["ioctl"] and rt.saved["x1"] == api.KVM_RUN)

@@ -122,7 +122,7 @@ class Vcpu:
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
         """Write a 64-bit register (KVM_SET_ONE_REG); serrinj does this only to the
-        throwaway vCPU of its own probe (:mod:`serrinj.ops.kvmprobe`), never to a VM's."""
+        throwaway vCPU of its own probe (:mod:`serrinj.vcpu.probe`), never to a VM's."""
         self._require("aarch64", "KVM_SET_ONE_REG")
 
         def build(addr: int) -> bytes:

@@ -26,9 +26,9 @@ from typing import Dict, Optional
 
 from serrinj import _native
 from serrinj.host import kvmcaps as host
+from serrinj.host import privilege
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
-from serrinj.ops import lock
 from serrinj.vcpu.base import Vcpu
 from serrinj.vcpu.executor import LocalExecutor
 
@@ -75,7 +75,7 @@ def boot_id() -> str:
 
 
 def _cache_path() -> str:
-    return os.path.join(lock.lock_dir(), CACHE_NAME)
+    return os.path.join(privilege.runtime_dir(), CACHE_NAME)
 
 
 def _read_cache(bid: str) -> Optional[SErrorBehaviour]:
