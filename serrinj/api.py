@@ -36,6 +36,7 @@ from serrinj import faults as _faults
 from serrinj.errors import InvalidInput, TargetGone, TargetNotFound, Unsupported
 from serrinj.faults import ext_dabt as _ext_dabt
 from serrinj.host import kvmcaps as _host
+from serrinj.kvm.arch import Arch
 from serrinj.ops import events as _events
 from serrinj.ops import inject as _inject
 from serrinj.ops import status as _status
@@ -164,10 +165,10 @@ def capability_missing(name: str) -> Optional[str]:
         if procfs.has_capability(procfs.CAP_SYS_PTRACE):
             return None
         return "needs root or CAP_SYS_PTRACE to trace a VMM this process did not start"
-    if key == "x86_64":
-        return None if arch == "x86_64" else f"needs an x86_64 host; this one is {arch}"
+    if key == Arch.X86_64:
+        return None if arch == Arch.X86_64 else f"needs an x86_64 host; this one is {arch}"
     if key == "arm64":
-        return None if arch == "aarch64" else f"needs an arm64 host; this one is {arch}"
+        return None if arch == Arch.AARCH64 else f"needs an arm64 host; this one is {arch}"
     if key not in CAPABILITIES:
         raise InvalidInput(f"unknown capability {name!r}", hint=f"known: {', '.join(CAPABILITIES)}")
     try:
@@ -177,12 +178,12 @@ def capability_missing(name: str) -> Optional[str]:
     if key == "kvm":
         return None
     if key in ("nmi", "mce"):
-        if arch != "x86_64":
+        if arch != Arch.X86_64:
             return f"{key} injection is for x86_64; this host is {arch}"
         if key == "mce" and not caps.cap(kvm_api.KVM_CAP_MCE):
             return "this host's KVM has no machine-check support (KVM_CAP_MCE is 0)"
         return None
-    if arch != "aarch64":
+    if arch != Arch.AARCH64:
         return f"{key} injection is for arm64; this host is {arch}"
     if key == "ras" and not caps.serror_esr:
         return (

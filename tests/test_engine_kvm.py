@@ -28,7 +28,7 @@ from serrinj.remote import RemoteThread
 from serrinj.target import attach as target
 from serrinj.target import discover
 from serrinj.testvm.process import TestVmProcess
-from serrinj.vcpu.base import Vcpu
+from serrinj.vcpu import open_vcpu
 from tests.conftest import debugfs_kvm
 from tests.helpers.procs import wait_stopped
 
@@ -325,7 +325,7 @@ def test_a_local_ioctl_on_a_foreign_vcpu_fd_is_eio(vm: TestVmProcess) -> None:
     mine = _native.pidfd_getfd(pidfd, fd)
     try:
         with pytest.raises(KvmRejected, match="EIO"):
-            Vcpu(LocalExecutor(), mine, 0, os.uname().machine).get_events()
+            open_vcpu(LocalExecutor(), mine, 0, os.uname().machine).get_events()
     finally:
         os.close(mine)
         os.close(pidfd)

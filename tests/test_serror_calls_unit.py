@@ -21,7 +21,7 @@ from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.ops import events
 from serrinj.vcpu import probe as kvmprobe
-from serrinj.vcpu.base import Vcpu
+from serrinj.vcpu.arm64 import Arm64Vcpu as Vcpu
 from serrinj.vcpu.executor import BufferSpec, materialize
 
 

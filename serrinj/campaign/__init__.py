@@ -145,6 +145,7 @@ from serrinj.errors import (
     TargetNotFound,
 )
 from serrinj.faults import KINDS, fields
+from serrinj.kvm.arch import Arch
 
 __all__ = [
     "Campaign",
@@ -167,9 +168,9 @@ __all__ = [
 ]
 
 #: which VM architecture each fault needs
-FAULT_ARCH: Mapping[str, str] = MappingProxyType({k: f.arch for k, f in KINDS.items()})
-ARCH_ALIASES: Mapping[str, str] = MappingProxyType(
-    {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+FAULT_ARCH: Mapping[str, Arch] = MappingProxyType({k: f.arch for k, f in KINDS.items()})
+ARCH_ALIASES: Mapping[str, Arch] = MappingProxyType(
+    {"x86_64": Arch.X86_64, "aarch64": Arch.AARCH64, "arm64": Arch.AARCH64}
 )
 DEFAULT_WAIT_S = 5.0
 DEFAULT_PAUSE_TIMEOUT_S = 600.0

@@ -11,16 +11,14 @@ send it, whether it is still pending, and why it might not be delivered.
 from __future__ import annotations
 
 import abc
-import signal
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from serrinj.errors import Unsupported
 from serrinj.host.kvmcaps import HostCaps
+from serrinj.kvm.arch import Arch
 from serrinj.remote.session import RemoteThread
 from serrinj.target import attach as target
-from serrinj.target.attach import thread_state
-from serrinj.vcpu.base import Vcpu
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ class Fault(abc.ABC):
     #: the name commands, campaign files and audit records use: ``serror``, ``mce``, ...
     kind: ClassVar[str]
     #: the VM architecture the fault is for
-    arch: ClassVar[str]
+    arch: ClassVar[Arch]
     #: the vCPU ioctls sent to the VMM's thread (checked against its seccomp filter first)
     requests: ClassVar[Tuple[int, ...]]
     #: the fields :meth:`from_fields` reads (campaign keys; the command line says --like-this)
@@ -154,34 +152,13 @@ class Fault(abc.ABC):
     ) -> List[Injection]:
         """Inject into each vCPU of ``tgt``, appending each result to ``out`` as it completes."""
 
-    def pending(self, vc: Vcpu) -> bool:
-        """Whether the vCPU still has the fault pending (not taken by the guest yet)."""
-        raise Unsupported(f"{self.title} cannot be read back from the vCPU")
 
-    def explain(self, vc: Vcpu, rt: RemoteThread) -> str:
-        """Why the vCPU has not taken the fault, from where its thread was at the last poll.
-
-        The same facts as ``status`` shows (:func:`~serrinj.target.attach.thread_state`),
-        on both architectures: a group stop (the VMM is stopped), a thread outside
-        KVM_RUN, or a thread inside KVM_RUN whose guest did not run into the fault
-        (halted, or not scheduled).
-        """
-        where = thread_state(None, rt, (vc.fd,))
-        if where == "stopped":
-            assert rt.first_stop is not None
-            name = signal.Signals(rt.first_stop.signo).name
-            return f"the VMM process is stopped ({name}); continue it with SIGCONT"
-        if where == "userspace":
-            return "the vCPU thread is not running the guest (VM paused or the VMM is busy)"
-        return "the vCPU has not entered the guest since (halted, or not scheduled)"
-
-
-def require_arch(vm_arch: str, kind: str, wanted: str) -> None:
+def require_arch(vm_arch: str, kind: str, wanted: Arch) -> None:
     """Refuse a ``kind`` fault (for ``wanted`` VMs) on a VM of ``vm_arch``, naming the
     faults that VM can take."""
     if vm_arch == wanted:
         return
-    if wanted == "aarch64":
+    if wanted == Arch.AARCH64:
         raise Unsupported(
             f"{kind} injection is for arm64 VMs; this VM is {vm_arch}",
             hint="on x86_64 use `serrinj mce` (machine checks) or `serrinj nmi`",

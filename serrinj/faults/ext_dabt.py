@@ -11,7 +11,7 @@ fault has its own sequence instead of the per-vCPU loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, cast
 
 from serrinj.errors import InvalidInput, NotDelivered, Unsupported
 from serrinj.faults.base import Fault, Injection, timings
@@ -19,7 +19,9 @@ from serrinj.faults.fields import Fields
 from serrinj.host import procfs
 from serrinj.host.kvmcaps import HostCaps
 from serrinj.kvm import api
+from serrinj.kvm.arch import Arch
 from serrinj.target import attach as target
+from serrinj.vcpu.arm64 import Arm64Vcpu
 
 #: how long to wait for the vCPU's next MMIO exit by default
 DEFAULT_MMIO_TIMEOUT_S = 5.0
@@ -31,7 +33,7 @@ class ExtDabt(Fault):
     only an exit at this guest-physical address."""
 
     kind: ClassVar[str] = "ext-dabt"
-    arch: ClassVar[str] = "aarch64"
+    arch: ClassVar[Arch] = Arch.AARCH64
     requests: ClassVar[Tuple[int, ...]] = (api.KVM_SET_VCPU_EVENTS,)
     fields: ClassVar[Tuple[str, ...]] = ("mmio_addr", "mmio_timeout")
     title: ClassVar[str] = "an external data abort"
@@ -135,7 +137,7 @@ class ExtDabt(Fault):
                     hint="an external data abort needs a guest access to an emulated (MMIO)"
                     " address right before it; KVM uses that access's fault address",
                 )
-            vc.inject_ext_dabt()
+            cast(Arm64Vcpu, vc).inject_ext_dabt()  # an arm64 VM: the arch was checked
         out.append(
             Injection(
                 kind=self.kind,

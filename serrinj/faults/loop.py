@@ -10,16 +10,21 @@ explained from the vCPU's state. A refused request sends nothing.
 from __future__ import annotations
 
 import abc
+import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Generic, List, Optional, TypeVar, cast
 
 from serrinj.errors import NotDelivered
 from serrinj.faults.base import Delivery, Fault, Injection, timings
 from serrinj.host.kvmcaps import HostCaps
+from serrinj.remote.session import RemoteThread
 from serrinj.target import attach as target
 from serrinj.target.attach import thread_state
 from serrinj.vcpu.base import Vcpu
+
+#: the vCPU class of the fault's arch
+V = TypeVar("V", bound=Vcpu)
 
 _POLL_START = 0.0005
 _POLL_MAX = 0.02
@@ -33,27 +38,28 @@ class Reading:
     shown: Dict[str, object]
 
 
-class VcpuFault(Fault):
-    """A fault sent to each selected vCPU in turn and read back."""
+class VcpuFault(Fault, Generic[V]):
+    """A fault sent to each selected vCPU in turn and read back; ``V`` is the vCPU class
+    of its arch (:class:`~serrinj.vcpu.arm64.Arm64Vcpu` for an arm64 fault)."""
 
     def plan(self, caps: HostCaps) -> Any:
         """What every vCPU of one injection shares (handed to :meth:`admit`)."""
         return None
 
     @abc.abstractmethod
-    def read(self, vc: Vcpu) -> Reading:
+    def read(self, vc: V) -> Reading:
         """The vCPU state a report shows before and after."""
 
-    def admit(self, vcpu_id: int, vc: Vcpu, before: Reading, plan: Any) -> Dict[str, object]:
+    def admit(self, vcpu_id: int, vc: V, before: Reading, plan: Any) -> Dict[str, object]:
         """The prediction for this vCPU; raises :class:`~serrinj.errors.Conflict` when the
         fault must not be sent to it as it is."""
         return {}
 
     @abc.abstractmethod
-    def send(self, vc: Vcpu) -> None:
+    def send(self, vc: V) -> None:
         """Send the fault (the vCPU's thread is held)."""
 
-    def landed(self, vc: Vcpu, after: Reading) -> Optional[Dict[str, object]]:
+    def landed(self, vc: V, after: Reading) -> Optional[Dict[str, object]]:
         """Right after the send: what the vCPU's registers say the guest already took,
         or ``None``."""
         return None
@@ -70,6 +76,27 @@ class VcpuFault(Fault):
         """Why the fault counts as delivered at injection even without ``wait``, or ``None``."""
         return None
 
+    @abc.abstractmethod
+    def pending(self, vc: V) -> bool:
+        """Whether the vCPU still has the fault pending (not taken by the guest yet)."""
+
+    def explain(self, vc: V, rt: RemoteThread) -> str:
+        """Why the vCPU has not taken the fault, from where its thread was at the last poll.
+
+        The same facts as ``status`` shows (:func:`~serrinj.target.attach.thread_state`),
+        on both architectures: a group stop (the VMM is stopped), a thread outside
+        KVM_RUN, or a thread inside KVM_RUN whose guest did not run into the fault
+        (halted, or not scheduled).
+        """
+        where = thread_state(None, rt, (vc.fd,))
+        if where == "stopped":
+            assert rt.first_stop is not None
+            name = signal.Signals(rt.first_stop.signo).name
+            return f"the VMM process is stopped ({name}); continue it with SIGCONT"
+        if where == "userspace":
+            return "the vCPU thread is not running the guest (VM paused or the VMM is busy)"
+        return "the vCPU has not entered the guest since (halted, or not scheduled)"
+
     def run(
         self,
         tgt: target.Target,
@@ -83,7 +110,9 @@ class VcpuFault(Fault):
         plan = self.plan(caps)
         for vid in tgt.vcpu_ids:
             t0 = time.monotonic()
-            with target.attach(vm, vid, self.requests) as (vc, rt):
+            with target.attach(vm, vid, self.requests) as (any_vc, rt):
+                # the VM's arch is the fault's (checked first), so attach made a V
+                vc = cast(V, any_vc)
                 before = self.read(vc)
                 prediction = self.admit(vid, vc, before, plan)
                 if not dry_run:
@@ -126,7 +155,8 @@ class VcpuFault(Fault):
         delay = _POLL_START
         polls = 0
         while True:
-            with target.attach(tgt.vm, vcpu_id, self.requests) as (vc, rt):
+            with target.attach(tgt.vm, vcpu_id, self.requests) as (any_vc, rt):
+                vc = cast(V, any_vc)
                 polls += 1
                 still = self.pending(vc)
                 now = time.monotonic()

@@ -19,16 +19,17 @@ from serrinj.faults.loop import Reading, VcpuFault
 from serrinj.host.kvmcaps import HostCaps
 from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.vcpu.base import Vcpu
+from serrinj.kvm.arch import Arch
+from serrinj.vcpu.x86_64 import X86Vcpu
 
 
 @dataclass(frozen=True)
-class MachineCheck(VcpuFault):
+class MachineCheck(VcpuFault[X86Vcpu]):
     """``mce``: the ``struct kvm_x86_mce`` to send; ``force``: send it even when KVM would
     turn it into a triple fault or drop it."""
 
     kind: ClassVar[str] = "mce"
-    arch: ClassVar[str] = "x86_64"
+    arch: ClassVar[Arch] = Arch.X86_64
     requests: ClassVar[Tuple[int, ...]] = (
         api.KVM_GET_VCPU_EVENTS,
         kvm_x86.KVM_GET_MSRS,
@@ -124,11 +125,11 @@ class MachineCheck(VcpuFault):
         return f"bank {self.mce.bank}, status {self.mce.status:#x}"
 
     # ---- the loop's steps
-    def read(self, vc: Vcpu) -> Reading:
+    def read(self, vc: X86Vcpu) -> Reading:
         ev = vc.get_events()
         return Reading(ev, ev.as_dict())
 
-    def admit(self, vcpu_id: int, vc: Vcpu, before: Reading, plan: Any) -> Dict[str, object]:
+    def admit(self, vcpu_id: int, vc: X86Vcpu, before: Reading, plan: Any) -> Dict[str, object]:
         state, banks = _guest_state(vc, self.mce.bank)
         effect = mce_codec.predict(self.mce, bank_count=banks, state=state)
         if effect.outcome in ("triple-fault", "dropped") and not self.force:
@@ -139,7 +140,7 @@ class MachineCheck(VcpuFault):
             )
         return effect.as_dict()
 
-    def send(self, vc: Vcpu) -> None:
+    def send(self, vc: X86Vcpu) -> None:
         vc.inject_mce(self.mce)
 
     def settled(
@@ -151,10 +152,8 @@ class MachineCheck(VcpuFault):
             True, None, 0, "logged in the bank; it raises no exception (the guest polls)"
         )
 
-    def pending(self, vc: Vcpu) -> bool:
-        ev = vc.get_events()
-        assert isinstance(ev, kvm_x86.VcpuEvents)
-        exc = ev.exception
+    def pending(self, vc: X86Vcpu) -> bool:
+        exc = vc.get_events().exception
         return bool((exc.pending or exc.injected) and exc.nr == kvm_x86.MC_VECTOR)
 
 
@@ -192,7 +191,7 @@ def _bank(f: Fields, value: object) -> Optional[int]:
     return bank
 
 
-def _guest_state(vc: Vcpu, bank: int) -> Tuple[mce_codec.GuestMceState, int]:
+def _guest_state(vc: X86Vcpu, bank: int) -> Tuple[mce_codec.GuestMceState, int]:
     msrs = vc.get_msrs(
         (
             kvm_x86.MSR_IA32_MCG_CAP,

@@ -19,18 +19,19 @@ from serrinj.faults.loop import Reading, VcpuFault
 from serrinj.host.kvmcaps import HostCaps
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
+from serrinj.kvm.arch import Arch
 from serrinj.remote.session import RemoteThread
 from serrinj.vcpu import probe
-from serrinj.vcpu.base import Vcpu
+from serrinj.vcpu.arm64 import Arm64Vcpu
 
 
 @dataclass(frozen=True)
-class SError(VcpuFault):
+class SError(VcpuFault[Arm64Vcpu]):
     """``esr=None``: let KVM/the CPU choose the syndrome; ``force``: inject even when one
     is pending already."""
 
     kind: ClassVar[str] = "serror"
-    arch: ClassVar[str] = "aarch64"
+    arch: ClassVar[Arch] = Arch.AARCH64
     requests: ClassVar[Tuple[int, ...]] = (
         api.KVM_GET_VCPU_EVENTS,
         api.KVM_SET_VCPU_EVENTS,
@@ -87,13 +88,12 @@ class SError(VcpuFault):
         linux = esr.predict_linux(self.esr, host_ras=caps.serror_esr).as_dict()
         return linux, probe.serror_behaviour()
 
-    def read(self, vc: Vcpu) -> Reading:
+    def read(self, vc: Arm64Vcpu) -> Reading:
         ev = vc.get_events()
-        assert isinstance(ev, kvm_arm64.VcpuEvents)
         pstate = vc.pstate()
-        return Reading((ev, pstate), decode_events("aarch64", ev, pstate))
+        return Reading((ev, pstate), decode_events(Arch.AARCH64, ev, pstate))
 
-    def admit(self, vcpu_id: int, vc: Vcpu, before: Reading, plan: Any) -> Dict[str, object]:
+    def admit(self, vcpu_id: int, vc: Arm64Vcpu, before: Reading, plan: Any) -> Dict[str, object]:
         ev, pstate = before.raw
         linux, behaviour = plan
         if ev.serror_pending and not self.force:
@@ -105,10 +105,10 @@ class SError(VcpuFault):
             )
         return {**linux, **serror_timing(behaviour, pstate)}
 
-    def send(self, vc: Vcpu) -> None:
+    def send(self, vc: Arm64Vcpu) -> None:
         vc.inject_serror(self.esr)
 
-    def landed(self, vc: Vcpu, after: Reading) -> Optional[Dict[str, object]]:
+    def landed(self, vc: Arm64Vcpu, after: Reading) -> Optional[Dict[str, object]]:
         if after.raw[0].serror_pending:
             return None
         # Linux 6.17+ commits an unmasked SError inside SET: see where it went
@@ -133,12 +133,10 @@ class SError(VcpuFault):
             return None
         return Delivery(True, sent_after, 0, "taken at injection time")
 
-    def pending(self, vc: Vcpu) -> bool:
-        ev = vc.get_events()
-        assert isinstance(ev, kvm_arm64.VcpuEvents)
-        return bool(ev.serror_pending)
+    def pending(self, vc: Arm64Vcpu) -> bool:
+        return bool(vc.get_events().serror_pending)
 
-    def explain(self, vc: Vcpu, rt: RemoteThread) -> str:
+    def explain(self, vc: Arm64Vcpu, rt: RemoteThread) -> str:
         if vc.pstate() & kvm_arm64.PSTATE_A:
             return "the guest masks SErrors (PSTATE.A=1); it takes the SError when it unmasks"
         return super().explain(vc, rt)

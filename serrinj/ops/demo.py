@@ -42,6 +42,7 @@ from serrinj.errors import (
     Unsupported,
 )
 from serrinj.host import kvmcaps as host
+from serrinj.kvm.arch import Arch
 from serrinj.ops import inject, status
 from serrinj.target import attach as target
 from serrinj.vcpu import probe as kvmprobe
@@ -475,7 +476,7 @@ def run(
         raise Unsupported(
             f"this host is {here}: KVM runs {here} guests only, not {arch}",
             hint="the arm64 demo runs in the arm64 lab (make lab-arm64)"
-            if arch == "aarch64"
+            if arch == Arch.AARCH64
             else None,
         )
     caps = host.probe()
@@ -513,7 +514,7 @@ def _run_steps(vm: Any, arch: str, mode: str, caps: host.HostCaps, say: Progress
     snap = status.status(vm.pid).as_dict()
     demo = _Demo(vm, arch, say)
     skipped: List[str] = []
-    if arch == "x86_64":
+    if arch == Arch.X86_64:
         steps = demo.x86_steps()
     else:
         if not caps.serror_esr:

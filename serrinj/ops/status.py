@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 from serrinj.codec.events import decode_events, last_exception
 from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.kvm.arch import Arch
 from serrinj.remote.session import RemoteThread
 from serrinj.target import attach as target
 from serrinj.target import discover
 from serrinj.target.attach import thread_state
+from serrinj.vcpu.arm64 import Arm64Vcpu
 from serrinj.vcpu.base import Vcpu
 
 STATUS_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG, api.KVM_GET_MP_STATE)
@@ -122,7 +124,7 @@ def reconcile_state(arch: str, state: str, mp: Optional[str]) -> str:
     says "runnable". On x86_64 the MP state is the authority for a thread inside KVM_RUN.
     On arm64 KVM reports a WFI-blocked vCPU as runnable, so the thread sample decides.
     """
-    if arch != "x86_64" or mp is None or state not in ("halted", "in-guest"):
+    if arch != Arch.X86_64 or mp is None or state not in ("halted", "in-guest"):
         return state
     return "in-guest" if mp == "runnable" else "halted"
 
@@ -131,14 +133,14 @@ def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
     v = vm.vcpu(vcpu.vcpu_id)
     assert v.thread is not None
     events = vcpu.get_events()
-    pstate = vcpu.pstate() if vm.arch == "aarch64" else None
+    pstate = cast(Arm64Vcpu, vcpu).pstate() if vm.arch == Arch.AARCH64 else None
     try:
         mp = api.MP_STATE_NAMES.get(vcpu.mp_state())
     except Exception:
         mp = None
     detail: Dict[str, object] = {}
-    if vm.arch == "aarch64":
-        detail["last_exception"] = last_exception(vcpu.exception_state())
+    if vm.arch == Arch.AARCH64:
+        detail["last_exception"] = last_exception(cast(Arm64Vcpu, vcpu).exception_state())
     if pstate is not None:
         detail["pstate_decoded"] = {
             "A": bool(pstate & kvm_arm64.PSTATE_A),
@@ -187,7 +189,7 @@ def _read(caps: host.HostCaps, tgt: target.Target) -> StatusReport:
 
     policy.enforce("status", tgt.vm)
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
-    requests = STATUS_REQUESTS_ARM64 if vm.arch == "aarch64" else STATUS_REQUESTS_X86
+    requests = STATUS_REQUESTS_ARM64 if vm.arch == Arch.AARCH64 else STATUS_REQUESTS_X86
     out: List[VcpuStatus] = []
     for vid in tgt.vcpu_ids:
         with target.attach(vm, vid, requests) as (vc, rt):

@@ -38,8 +38,10 @@ from serrinj.errors import (
 )
 from serrinj.host import procfs
 from serrinj.kvm import api
+from serrinj.kvm.arch import Arch
 from serrinj.remote.session import RemoteThread, explain_ptrace_denial
 from serrinj.target import discover
+from serrinj.vcpu import open_vcpu
 from serrinj.vcpu.base import Vcpu
 from serrinj.vcpu.executor import LocalExecutor
 from serrinj.vcpu.remote import RemoteExecutor
@@ -249,7 +251,7 @@ def attach(
             _check_requests(rt, v.fd, requests)
         except SeccompBlocked as blocked:
             exec_thread = _helper_thread(vm, v, requests, stack, blocked, held)
-        yield Vcpu(RemoteExecutor(exec_thread), v.fd, vcpu_id, vm.arch), rt
+        yield open_vcpu(RemoteExecutor(exec_thread), v.fd, vcpu_id, vm.arch), rt
 
 
 def _vmm_running(vm: discover.Vm) -> bool:
@@ -441,6 +443,6 @@ def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fds: Seque
 def _left_kvm_run_generic(rt: RemoteThread) -> bool:
     # aarch64 keeps the request in x1 and the number in x8 after the syscall returns.
     assert rt.saved is not None
-    if rt.arch.name != "aarch64":
+    if rt.arch.name != Arch.AARCH64:
         return False
     return bool(rt.saved["x8"] == rt.arch.nr["ioctl"] and rt.saved["x1"] == api.KVM_RUN)
