@@ -10,7 +10,7 @@ fault has its own sequence instead of the per-vCPU loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, cast
 
 from serrinj.errors import InvalidInput, NotDelivered, Unsupported
@@ -99,20 +99,7 @@ class ExtDabt(Fault):
         run_addr = _kvm_run_address(vm.pid, vid)
         if dry_run:
             assert v.thread is not None
-            out.append(
-                Injection(
-                    kind=self.kind,
-                    vm_pid=vm.pid,
-                    vm_name=vm.name,
-                    vcpu_id=vid,
-                    tid=v.thread.tid,
-                    thread_state="not-attached",
-                    request=self.request(),
-                    before={},
-                    after={},
-                    dry_run=True,
-                )
-            )
+            out.append(self._injection(vm, vid, v.thread.tid, "not-attached", {}, dry_run=True))
             return out
         with target.attach(vm, vid, self.requests) as (vc, rt):
             seen: Dict[str, object] = {}
@@ -138,17 +125,10 @@ class ExtDabt(Fault):
                     " address right before it; KVM uses that access's fault address",
                 )
             cast(Arm64Vcpu, vc).inject_ext_dabt()  # an arm64 VM: the arch was checked
+        inj = self._injection(vm, vid, rt.tid, "mmio-exit", {"mmio_exit": seen})
         out.append(
-            Injection(
-                kind=self.kind,
-                vm_pid=vm.pid,
-                vm_name=vm.name,
-                vcpu_id=vid,
-                tid=rt.tid,
-                thread_state="mmio-exit",
-                request=self.request(),
-                before={"mmio_exit": seen},
-                after={},
+            replace(
+                inj,
                 registers_restored=bool(rt.verified),
                 kill_safe=rt.kill_safe,
                 kill_safe_reason=rt.kill_safe_reason,
@@ -156,6 +136,28 @@ class ExtDabt(Fault):
             )
         )
         return out
+
+    def _injection(
+        self,
+        vm: Any,
+        vid: int,
+        tid: int,
+        state: str,
+        before: Dict[str, object],
+        dry_run: bool = False,
+    ) -> Injection:
+        return Injection(
+            kind=self.kind,
+            vm_pid=vm.pid,
+            vm_name=vm.name,
+            vcpu_id=vid,
+            tid=tid,
+            thread_state=state,
+            request=self.request(),
+            before=before,
+            after={},
+            dry_run=dry_run,
+        )
 
 
 def _kvm_run_address(pid: int, vcpu_id: int) -> int:

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from types import MappingProxyType
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from serrinj.codec import mce
 from serrinj.codec.numbers import parse_int
@@ -148,6 +148,17 @@ class Fields:
         """One of ``keys`` is required and none was given."""
         self.problems.append(FieldError("", detail, hint, missing=keys, fault_kind=self.kind))
 
+    def wrong_type(self, key: str, value: object, expected: str) -> None:
+        self.fail(key, f"must be {expected}, not {type_name(value)} ({show(value)})")
+
+    def parse(self, key: str, parser: Callable[[], Optional[int]]) -> Optional[int]:
+        """``parser()``, with an :class:`InvalidInput` it raises recorded against ``key``."""
+        try:
+            return parser()
+        except InvalidInput as err:
+            self.fail(key, err.message, err.hint)
+            return None
+
     def done(self) -> None:
         if self.problems:
             raise FieldErrors(self.problems)
@@ -158,7 +169,7 @@ class Fields:
         if value is None:
             return False
         if type(value) is not bool:
-            self.fail(key, f"must be true or false, not {type_name(value)} ({show(value)})")
+            self.wrong_type(key, value, "true or false")
             return False
         return value
 
@@ -174,12 +185,8 @@ class Fields:
                 return None
             return value
         if type(value) is str:
-            try:
-                return parse_int(value, what="", bits=bits)
-            except InvalidInput as err:
-                self.fail(key, err.message, err.hint)
-                return None
-        self.fail(key, f"must be a number, not {type_name(value)} ({show(value)})")
+            return self.parse(key, lambda: parse_int(value, what="", bits=bits))
+        self.wrong_type(key, value, "a number")
         return None
 
     def flags(self, key: str, names: Mapping[str, int]) -> Optional[int]:
@@ -193,15 +200,10 @@ class Fields:
         if type(value) is list and value and all(type(w) is str for w in value):
             value = ",".join(value)
         if type(value) is not str:
-            self.fail(
-                key, f"must be a number or flag names, not {type_name(value)} ({show(value)})"
-            )
+            self.wrong_type(key, value, "a number or flag names")
             return None
-        try:
-            return mce.parse_value(value, "", names)
-        except InvalidInput as err:
-            self.fail(key, err.message, err.hint)
-            return None
+        text = value
+        return self.parse(key, lambda: mce.parse_value(text, "", names))
 
     def seconds(self, key: str) -> Optional[float]:
         """A positive number of seconds."""
@@ -209,7 +211,7 @@ class Fields:
         if value is None:
             return None
         if type(value) not in (int, float):
-            self.fail(key, f"must be a number of seconds, not {type_name(value)} ({show(value)})")
+            self.wrong_type(key, value, "a number of seconds")
             return None
         if not math.isfinite(value) or value <= 0:
             self.fail(key, f"{show(value)} seconds: it must be positive")
@@ -222,7 +224,7 @@ class Fields:
         if value is None:
             return None
         if type(value) is not str:
-            self.fail(key, f"must be a string, not {type_name(value)} ({show(value)})")
+            self.wrong_type(key, value, "a string")
             return None
         word = value.strip().lower()
         if word not in choices:
