@@ -809,7 +809,7 @@ def events_load_cmd(
     from serrinj.ops.status import vm_dict
 
     ui = _ui()
-    text = sys.stdin.read() if file == "-" else events.read_file(file)
+    text = events.read_file(file)
     snap = events.parse(text, file)
     tgt = select.resolve(pid, name, fd, vcpu)
     results = events.load(tgt, snap, force=force)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, cast
 
@@ -174,7 +175,12 @@ class OutputFile:
 
 
 def read_file(path: str) -> str:
-    """The text of an events file, read with the caller's rights."""
+    """The text of an events file, read with the caller's rights (``-``: standard input)."""
+    if path == "-":
+        try:
+            return sys.stdin.read()
+        except OSError as err:
+            raise InvalidInput(f"cannot read the standard input: {err}") from None
     try:
         with privilege.open_file(path, "r", "events file", encoding="utf-8") as f:
             text: str = f.read()
