@@ -33,8 +33,9 @@ def peak_kb() -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from serrinj import discover
-    from serrinj.ops import inject, target
+    from serrinj.ops import inject
+    from serrinj.target import attach as target
+    from serrinj.target import discover
 
     parser = argparse.ArgumentParser(prog="python -m bench.campaign_worker")
     parser.add_argument("--pid", type=int, required=True)

@@ -191,7 +191,8 @@ def _typed_summary(typed: Dict[str, Any]) -> Tuple[List[float], str]:
 
 
 def _qemu(ctx: Context) -> Dict[str, Any]:
-    from serrinj import discover, mce
+    from serrinj.codec import mce
+    from serrinj.target import discover
 
     image = build_firmware(os.path.join(ctx.workdir, "fw.bin"))
     q = Qemu(ctx.workdir, image, f"srjbench-{os.getpid()}", smp=2)

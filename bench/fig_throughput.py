@@ -36,9 +36,10 @@ GOAL_PER_S = 2000
 
 
 def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
-    from serrinj import discover
     from serrinj.kvm import x86_64 as kvm_x86
-    from serrinj.ops import inject, target
+    from serrinj.ops import inject
+    from serrinj.target import attach as target
+    from serrinj.target import discover
 
     # the library session declares the one ioctl it issues
     NMI_ONLY = (kvm_x86.KVM_NMI,)

@@ -28,9 +28,12 @@ from typing import Any, Callable, Dict, List, Optional
 import atheris
 
 with atheris.instrument_imports():
-    from serrinj import audit, cli, discover, esr
+    from serrinj import campaign, cli
+    from serrinj.codec import esr, tomlsubset
     from serrinj.errors import ExitCode, InvalidInput, TargetNotFound, Unsupported
-    from serrinj.ops import campaign, demo, events, guard, target, tomlsubset
+    from serrinj.ops import audit, demo, events, guard
+    from serrinj.target import attach as target
+    from serrinj.target import discover
 
 
 def _text(data: bytes) -> str:

@@ -21,17 +21,20 @@ exception is a :class:`SerrinjError` whose ``exit_code`` is the one the
 ``serrinj`` command exits with. The names are imported on first use, so
 ``import serrinj`` (and the command line's start-up) stays cheap.
 
-Layers, from the kernel up (internal modules; not part of the API):
+Layers, from the kernel up (internal; not part of the API; docs/ARCHITECTURE.md):
 
 - ``serrinj._native``  cffi bindings to libc (the only module that imports cffi)
 - ``serrinj.kvm``      the KVM uAPI as data: ioctl numbers, caps, struct codecs
+- ``serrinj.codec``    pure codecs: numbers, SError syndromes, MCA status, vCPU events
+- ``serrinj.host``     this machine: /proc, KVM capabilities, the caller's privileges
 - ``serrinj.remote``   the ptrace remote-syscall engine
-- ``serrinj.discover`` /proc scanning: VMs, vCPU fds, vCPU threads
-- ``serrinj.esr``      SError syndrome codec (``serrinj.mce`` for x86 MCi_STATUS)
 - ``serrinj.vcpu``     a vCPU reachable through a local or remote executor
-- ``serrinj.ops``      use cases (status, inject, events, campaigns)
+- ``serrinj.target``   discovery (VMs, vCPU fds, vCPU threads) and attaching to a vCPU
+- ``serrinj.faults``   one module per fault kind, and the one injection loop
+- ``serrinj.ops``      use cases (status, inject, events, list, demo)
+- ``serrinj.campaign`` campaign files and their runner
 - ``serrinj.api``      the public API above, on the same use cases as the CLI
-- ``serrinj.cli`` / ``serrinj.render``  click commands and rich/JSON output
+- ``serrinj.cli``      click commands and rich/JSON output
 - ``serrinj.pytest_plugin``  the pytest plugin (loaded by pytest only)
 """
 

@@ -32,13 +32,16 @@ import contextlib
 from types import TracebackType
 from typing import Callable, Iterator, List, Optional, Tuple, Type, Union
 
-from serrinj import discover
+from serrinj import faults as _faults
 from serrinj.errors import InvalidInput, TargetGone, TargetNotFound, Unsupported
+from serrinj.faults import ext_dabt as _ext_dabt
+from serrinj.host import kvmcaps as _host
+from serrinj.kvm.arch import Arch
 from serrinj.ops import events as _events
-from serrinj.ops import host as _host
 from serrinj.ops import inject as _inject
 from serrinj.ops import status as _status
-from serrinj.ops import target as _target
+from serrinj.target import attach as _target
+from serrinj.target import discover
 
 Injection = _inject.Injection
 Delivery = _inject.Delivery
@@ -151,8 +154,8 @@ def capability_missing(name: str) -> Optional[str]:
     (KVM_CAP_ARM_INJECT_SERROR_ESR); ``ext-dabt``: KVM_CAP_ARM_INJECT_EXT_DABT;
     ``root``: ptrace of any VMM (root or CAP_SYS_PTRACE).
     """
-    from serrinj import procfs
     from serrinj.errors import SerrinjError
+    from serrinj.host import procfs
     from serrinj.kvm import api as kvm_api
 
     key = name.strip().lower().replace("_", "-")
@@ -162,10 +165,10 @@ def capability_missing(name: str) -> Optional[str]:
         if procfs.has_capability(procfs.CAP_SYS_PTRACE):
             return None
         return "needs root or CAP_SYS_PTRACE to trace a VMM this process did not start"
-    if key == "x86_64":
-        return None if arch == "x86_64" else f"needs an x86_64 host; this one is {arch}"
+    if key == Arch.X86_64:
+        return None if arch == Arch.X86_64 else f"needs an x86_64 host; this one is {arch}"
     if key == "arm64":
-        return None if arch == "aarch64" else f"needs an arm64 host; this one is {arch}"
+        return None if arch == Arch.AARCH64 else f"needs an arm64 host; this one is {arch}"
     if key not in CAPABILITIES:
         raise InvalidInput(f"unknown capability {name!r}", hint=f"known: {', '.join(CAPABILITIES)}")
     try:
@@ -175,12 +178,12 @@ def capability_missing(name: str) -> Optional[str]:
     if key == "kvm":
         return None
     if key in ("nmi", "mce"):
-        if arch != "x86_64":
+        if arch != Arch.X86_64:
             return f"{key} injection is for x86_64; this host is {arch}"
         if key == "mce" and not caps.cap(kvm_api.KVM_CAP_MCE):
             return "this host's KVM has no machine-check support (KVM_CAP_MCE is 0)"
         return None
-    if arch != "aarch64":
+    if arch != Arch.AARCH64:
         return f"{key} injection is for arm64; this host is {arch}"
     if key == "ras" and not caps.serror_esr:
         return (
@@ -338,17 +341,16 @@ class _Injector:
         if an SError is already pending; ``dry_run`` checks and reads the vCPU
         but sends nothing.
         """
-        value = _inject.serror_esr(esr, severity)
+        req = _faults.SError.from_fields({"esr": esr, "severity": severity, "force": force})
         tgt = self._one("serror", vcpu)
-        req = _inject.SErrorRequest(value, force)
-        return _made(_inject.inject_serror(tgt, req, _wait(wait), dry_run=dry_run)[0])
+        return _made(_inject.inject(tgt, req, _wait(wait), dry_run=dry_run)[0])
 
     def inject_ext_dabt(
         self,
         *,
         vcpu: Optional[int] = None,
         mmio_addr: Optional[int] = None,
-        mmio_timeout: float = _inject.DEFAULT_MMIO_TIMEOUT_S,
+        mmio_timeout: float = _ext_dabt.DEFAULT_MMIO_TIMEOUT_S,
         dry_run: bool = False,
     ) -> Injection:
         """Inject a synchronous external data abort at the vCPU's next MMIO exit (arm64).
@@ -359,10 +361,9 @@ class _Injector:
         (:class:`~serrinj.errors.NotDelivered` when none comes). KVM never
         reports the abort as pending, so its delivery cannot be confirmed.
         """
-        req = _inject.ExtDabtRequest(mmio_timeout, mmio_addr)
-        _inject.validate_ext_dabt(req)
+        req = _faults.ExtDabt.from_fields({"mmio_addr": mmio_addr, "mmio_timeout": mmio_timeout})
         tgt = self._one("ext-dabt", vcpu)
-        return _made(_inject.inject_ext_dabt(tgt, req, dry_run=dry_run)[0])
+        return _made(_inject.inject(tgt, req, dry_run=dry_run)[0])
 
     def mce(
         self,
@@ -387,12 +388,19 @@ class _Injector:
         ``force``. ``wait``: poll until the guest took the #MC (a corrected
         error raises none and counts as delivered at once).
         """
-        m = _inject.build_mce(
-            bank, preset=preset, status=status, addr=addr, misc=misc, mcg_status=mcg_status
+        req = _faults.MachineCheck.from_fields(
+            {
+                "bank": bank,
+                "preset": preset,
+                "status": status,
+                "addr": addr,
+                "misc": misc,
+                "mcg_status": mcg_status,
+                "force": force,
+            }
         )
         tgt = self._one("mce", vcpu)
-        req = _inject.MceRequest(m, force)
-        return _made(_inject.inject_mce(tgt, req, _wait(wait), dry_run=dry_run)[0])
+        return _made(_inject.inject(tgt, req, _wait(wait), dry_run=dry_run)[0])
 
     def nmi(
         self, *, vcpu: Optional[int] = None, wait: Optional[float] = None, dry_run: bool = False

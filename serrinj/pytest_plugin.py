@@ -119,7 +119,7 @@ def _state(request: pytest.FixtureRequest) -> _TestState:
     node: pytest.Item = request.node
     state = node.stash.get(_STATE, None)
     if state is None:
-        from serrinj import audit
+        from serrinj.ops import audit
 
         state = _TestState()
         state.audit_path = audit.path()
@@ -449,7 +449,7 @@ def serrinj_test_vm(
 ) -> Generator[TestVm, None, None]:
     """The built-in test VM for this host's architecture, ended (by its pid) after the test."""
     import serrinj
-    from serrinj.ops.host import machine
+    from serrinj.host.kvmcaps import machine
     from serrinj.testvm.process import TestVmError, TestVmProcess
 
     why = serrinj.capability_missing("kvm")

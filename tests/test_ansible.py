@@ -220,7 +220,7 @@ def test_the_example_inventory_parses() -> None:
     hosts = data["_meta"]["hostvars"]
     assert set(data["x86_labs"]["hosts"]) == {"lab-x86-1.example.net", "lab-x86-2.example.net"}
     assert hosts["lab-arm64-1.example.net"]["campaign"] == "../arm64-ras.toml"
-    from serrinj.ops import campaign
+    from serrinj import campaign
 
     for host, hv in hosts.items():
         assert hv["serrinj_install"] == "wheel"

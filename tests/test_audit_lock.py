@@ -14,9 +14,9 @@ from typing import Any, Iterator, List, Tuple
 
 import pytest
 
-from serrinj import audit
 from serrinj.errors import Conflict, ExitCode, PermissionDenied, Unsupported
-from serrinj.ops import inject, lock, target
+from serrinj.ops import audit, inject, lock
+from serrinj.target import attach as target
 from serrinj.testvm.process import TestVmProcess
 
 X86 = os.uname().machine == "x86_64"

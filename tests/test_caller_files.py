@@ -12,9 +12,9 @@ from typing import Iterator, List
 
 import pytest
 
-from serrinj import privilege
 from serrinj.errors import PermissionDenied
-from serrinj.privilege import Caller
+from serrinj.host import privilege
+from serrinj.host.privilege import Caller
 
 NOBODY = 65534
 
@@ -58,8 +58,7 @@ def open_tmp() -> Iterator[Path]:
 def test_the_environment_cannot_move_roots_files(
     as_nobody: Caller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from serrinj import audit
-    from serrinj.ops import lock
+    from serrinj.ops import audit, lock
 
     monkeypatch.setenv("SERRINJ_AUDIT_LOG", "/tmp/elsewhere.jsonl")
     monkeypatch.setenv("SERRINJ_LOCK_DIR", "/tmp/elsewhere")

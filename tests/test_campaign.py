@@ -20,10 +20,8 @@ from typing import IO, Any, Callable, Dict, Iterator, List, Optional
 import pytest
 import xmlschema
 
-from serrinj import esr, mce
-from serrinj.errors import ExitCode, InvalidInput, TargetNotFound
-from serrinj.ops import campaign
-from serrinj.ops.campaign import (
+from serrinj import campaign
+from serrinj.campaign import (
     CampaignError,
     ExpectStep,
     InjectStep,
@@ -32,6 +30,8 @@ from serrinj.ops.campaign import (
     TargetOverride,
     WaitStep,
 )
+from serrinj.codec import esr, mce
+from serrinj.errors import ExitCode, InvalidInput, TargetNotFound
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

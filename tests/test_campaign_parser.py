@@ -18,9 +18,9 @@ import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from serrinj.codec import tomlsubset
+from serrinj.codec.tomlsubset import Document, Path, TomlError, format_path, loads, same_value
 from serrinj.errors import InvalidInput
-from serrinj.ops import tomlsubset
-from serrinj.ops.tomlsubset import Document, Path, TomlError, format_path, loads, same_value
 
 BARE = string.ascii_letters + string.digits + "_-"
 CONTROL = {chr(i) for i in range(0x20) if i != 9} | {"\x7f"}

@@ -20,15 +20,21 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from serrinj import audit, cli, discover, esr, mce
+from serrinj import cli
+from serrinj.cli.render import Fields, Heading, Styled, Table, Ui, to_plain
+from serrinj.codec import esr, mce
 from serrinj.errors import Conflict, ExitCode, InvalidInput, PermissionDenied, TargetNotFound
+from serrinj.faults import loop
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, inject, kvmprobe, target
+from serrinj.ops import audit, inject
 from serrinj.remote import ptrace
 from serrinj.remote.arch import X86_64, Aarch64
-from serrinj.render import Fields, Heading, Styled, Table, Ui, to_plain
+from serrinj.target import attach as target
+from serrinj.target import discover
+from serrinj.vcpu import probe as kvmprobe
 
 
 @dataclass
@@ -318,7 +324,7 @@ def test_serror_into_a_paused_vm_says_it_is_handled_on_resume(
     """A vCPU thread outside KVM_RUN (VM paused): the SError committed at SET is in the
     guest's registers, and the report says the guest handles it when the VM resumes."""
     st = fake_host("aarch64", commits_at_set=True, pstate_value=0x2C5)
-    monkeypatch.setattr(inject, "thread_state", lambda before, rt, fd: "userspace")
+    monkeypatch.setattr(loop, "thread_state", lambda before, rt, fd: "userspace")
     vcpu = st["vcpus"][0]
 
     def taken_at_set(esr_value: Optional[int]) -> None:

@@ -5,7 +5,7 @@ KVM's ``kvm-nx-lpage-recovery`` worker lives in the VMM's task list (a kernel
 thread, PF_KTHREAD, before Linux 6.13; a user worker, PF_USER_WORKER, since),
 and its ``syscall`` file even shows the vCPU's ``ioctl(fd, KVM_RUN)`` line
 (BRIEF section 6). It cannot run a syscall for serrinj, so discovery must never
-map a vCPU to it. ``serrinj.procfs.PROC`` is pointed at a tree built here, so
+map a vCPU to it. ``serrinj.host.procfs.PROC`` is pointed at a tree built here, so
 the flags are exactly those of such a worker on any host.
 """
 
@@ -16,9 +16,10 @@ from typing import ClassVar, Dict, List, Optional, Tuple
 
 import pytest
 
-from serrinj import discover, procfs
+from serrinj.host import procfs
 from serrinj.kvm.api import KVM_RUN
 from serrinj.remote.arch import host_arch
+from serrinj.target import discover
 
 VMM = 4194999  # above any pid_max: never this test's own pid
 MAIN, VCPU_THREAD, WORKER = VMM, VMM + 1, VMM + 7
@@ -270,7 +271,7 @@ def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
     fake_proc: Path,
 ) -> None:
     """The text of ``list`` and ``status`` from the JSON of the disagreement above."""
-    from serrinj import render
+    from serrinj.cli import render
     from serrinj.ops.status import vm_dict
 
     _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))

@@ -17,14 +17,18 @@ from typing import Iterator
 
 import pytest
 
-from serrinj import discover, mce, procfs
+from serrinj.codec import mce
+from serrinj.host import kvmcaps as host
+from serrinj.host import procfs
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, inject, status, target
+from serrinj.ops import inject, status
 from serrinj.remote import RemoteThread
+from serrinj.target import attach as target
+from serrinj.target import discover
 from serrinj.testvm.process import TestVmProcess
-from serrinj.vcpu import Vcpu
+from serrinj.vcpu import open_vcpu
 from tests.conftest import debugfs_kvm
 from tests.helpers.procs import wait_stopped
 
@@ -190,7 +194,7 @@ def _commits_at_set() -> bool:
     (Linux 6.17+). In the arm64 lab the host states it per kernel (``lab.commit``),
     and serrinj's own probe must agree; elsewhere only the probe can tell."""
     from lab.guest import env
-    from serrinj.ops import kvmprobe
+    from serrinj.vcpu import probe as kvmprobe
 
     probed = kvmprobe.probe_serror().commits_at_set
     assert probed is not None, kvmprobe.probe_serror().observed
@@ -279,7 +283,7 @@ def test_status_of_a_paused_vm_is_userspace(vm: TestVmProcess) -> None:
 
 
 #: task_struct->flags of tasks that run no user code (include/linux/sched.h), written
-#: out here, not taken from serrinj.procfs, so that the check does not share its constants
+#: out here, not taken from serrinj.host.procfs, so that the check does not share its constants
 _PF_IO_WORKER, _PF_USER_WORKER, _PF_KTHREAD = 0x10, 0x4000, 0x00200000
 
 
@@ -314,14 +318,14 @@ def test_a_local_ioctl_on_a_foreign_vcpu_fd_is_eio(vm: TestVmProcess) -> None:
     is refused by KVM in serrinj's process, and resolve_fd explains it."""
     from serrinj import _native
     from serrinj.errors import KvmRejected
-    from serrinj.executor import LocalExecutor
+    from serrinj.vcpu.executor import LocalExecutor
 
     fd = vm.vcpu(0).fd
     pidfd = _native.pidfd_open(vm.pid)
     mine = _native.pidfd_getfd(pidfd, fd)
     try:
         with pytest.raises(KvmRejected, match="EIO"):
-            Vcpu(LocalExecutor(), mine, 0, os.uname().machine).get_events()
+            open_vcpu(LocalExecutor(), mine, 0, os.uname().machine).get_events()
     finally:
         os.close(mine)
         os.close(pidfd)

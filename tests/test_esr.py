@@ -1,4 +1,4 @@
-"""serrinj.esr: the SError syndrome codec, validation and the Linux-guest prediction.
+"""serrinj.codec.esr: the SError syndrome codec, validation and the Linux-guest prediction.
 
 The expected values come from BRIEF sections 2, 3 and 9 (measured on real
 arm64 KVM in the lab) and the kselftest external_aborts.c.
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serrinj import esr
+from serrinj.codec import esr
 from serrinj.errors import ExitCode, InvalidInput
 
 U64 = (1 << 64) - 1
@@ -468,7 +468,7 @@ def test_resolve_iss() -> None:
 
 def test_no_ui_imports() -> None:
     code = (
-        "import sys, serrinj.esr, serrinj.mce; "
+        "import sys, serrinj.codec.esr, serrinj.codec.mce; "
         "bad = [m for m in ('click', 'rich') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -15,9 +15,11 @@ from typing import Iterator, Tuple
 import pytest
 
 from serrinj.errors import InvalidInput, Unsupported
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import events, host, inject, target
+from serrinj.ops import events, inject
+from serrinj.target import attach as target
 from serrinj.testvm.process import TestVmProcess
 
 X86 = os.uname().machine == "x86_64"

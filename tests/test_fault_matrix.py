@@ -34,8 +34,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import pytest
 
-from serrinj import audit, mce
+from serrinj.codec import mce
 from serrinj.errors import ExitCode
+from serrinj.ops import audit
 from serrinj.remote import RemoteThread
 from serrinj.remote.arch import Registers
 from serrinj.testvm.process import TestVmProcess
@@ -620,7 +621,7 @@ def pid_reuse_scenario() -> None:
     started with the same pid (``ns_last_pid``), so that its vCPU thread even gets
     A's vCPU thread's tid. serrinj must notice the reuse and send nothing to B.
     """
-    from serrinj import procfs
+    from serrinj.host import procfs
     from serrinj.ops import lock
 
     def start() -> TestVmProcess:
@@ -709,9 +710,9 @@ def test_interrupted_restartable_syscalls_of_every_kind_in_the_vmm(
     """The vCPU threads block in futex, ppoll, nanosleep or read(pipe) between runs
     (each interrupted by the engine's stop gets a different restart code: -512,
     -514, -516); the VMM checks every return value for a leaked restart code."""
-    from serrinj import discover
     from serrinj.kvm import api
-    from serrinj.ops import target
+    from serrinj.target import attach as target
+    from serrinj.target import discover
 
     vm = start_vm(vcpus=2, mode="futex", extra=["--block-in", kind, "--yield-ms", "20"])
     found = target.ensure_mapped(discover.find(pid=vm.pid), (0, 1))
@@ -855,7 +856,7 @@ def test_seccomp_filter_on_every_thread_refuses_everything_through_the_cli(
 # ====================================================================== /proc churn
 CHURN = r"""
 import os, random, sys, threading, time
-from serrinj.executor import LocalExecutor
+from serrinj.vcpu.executor import LocalExecutor
 from serrinj.kvm import api
 
 ex = LocalExecutor()
@@ -888,7 +889,7 @@ print(made, flush=True)
 def test_list_while_vmms_come_and_go() -> None:
     """Processes holding KVM VM and vCPU fds start and exit all the time (their /proc
     entries vanish mid-scan): discovery and `serrinj list` never fail."""
-    from serrinj import discover
+    from serrinj.target import discover
 
     churn = subprocess.Popen(
         [sys.executable, "-c", CHURN, "12"], env=_env(), stdout=subprocess.PIPE, text=True
@@ -1033,7 +1034,8 @@ def test_internal_errors_inside_a_use_case_are_audited_as_failed(
     start_vm: Callable[..., TestVmProcess],
 ) -> None:
     """Not only serrinj's own errors: anything that escapes a guarded use case."""
-    from serrinj.ops import guard, target
+    from serrinj.ops import guard
+    from serrinj.target import attach as target
 
     vm = start_vm(vcpus=2)
     tgt = target.resolve(pid=vm.pid, vcpu="all")

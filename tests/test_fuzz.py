@@ -25,12 +25,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from serrinj import esr, mce
+from serrinj.codec import esr, mce
+from serrinj.codec.events import decode_events
 from serrinj.errors import ExitCode, InvalidInput, SerrinjError, TargetNotFound, Unsupported
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import events
-from serrinj.ops.status import decode_events
 
 U64 = (1 << 64) - 1
 u64 = st.integers(0, U64)
@@ -326,7 +326,7 @@ TOML_TOKENS = st.sampled_from(
 @fuzz_settings(100)
 @given(st.one_of(TEXT, st.lists(TOML_TOKENS, max_size=40).map("".join)))
 def test_campaign_loader_refuses_clearly(text: str) -> None:
-    from serrinj.ops import campaign
+    from serrinj import campaign
 
     try:
         campaign.loads(text, "c.toml")
@@ -373,7 +373,7 @@ def campaign_documents(draw: Any) -> str:
 @fuzz_settings(300)
 @given(campaign_documents())
 def test_campaign_steps_refuse_clearly_or_load(text: str) -> None:
-    from serrinj.ops import campaign
+    from serrinj import campaign
 
     try:
         camp = campaign.loads(text, "c.toml")
@@ -444,8 +444,9 @@ DOCUMENTED = {int(c) for c in ExitCode} - {ExitCode.ERROR}
 @pytest.fixture(scope="module")
 def no_vm_world() -> Iterator[None]:
     """Discovery finds no VM and no fd can be resolved: nothing reaches a VMM."""
-    from serrinj import audit, discover
-    from serrinj.ops import demo, guard, target
+    from serrinj.ops import audit, demo, guard
+    from serrinj.target import attach as target
+    from serrinj.target import discover
 
     mp = pytest.MonkeyPatch()
 

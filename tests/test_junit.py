@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterator
 import pytest
 import xmlschema
 
+from serrinj.campaign import CampaignResult, Execution
 from serrinj.errors import InvalidInput, NotDelivered, TargetGone
-from serrinj.ops.campaign import CampaignResult, Execution
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XSD = os.path.join(HERE, "data", "junit", "junit-10.xsd")

@@ -22,7 +22,7 @@ from typing import Iterator, Tuple
 
 import pytest
 
-from serrinj import mce
+from serrinj.codec import mce
 from tests.conftest import missing, need_tool
 from tests.helpers import libvirt, serrinj_cli
 from tests.helpers.qemu import build_firmware

@@ -1,7 +1,7 @@
-"""serrinj.mce: the machine-check codec, presets, validation and KVM's verdict.
+"""serrinj.codec.mce: the machine-check codec, presets, validation and KVM's verdict.
 
 The pure tests check the codec against the Intel SDM layout and QEMU's
-injection values. The ``kvm`` tests hold :func:`serrinj.mce.predict` against
+injection values. The ``kvm`` tests hold :func:`serrinj.codec.mce.predict` against
 the real KVM on this machine: a tiny real-mode guest, created by this process
 (KVM_X86_SET_MCE must come from the VM's owner), reports through port 0x10
 whether it took the #MC, carried on, or was shut down by a triple fault.
@@ -20,7 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serrinj import _native, mce
+from serrinj import _native
+from serrinj.codec import mce
 from serrinj.errors import InvalidInput
 from serrinj.kvm import api, x86_64
 from serrinj.kvm.ioctl import _IOW, _IOWR
@@ -119,7 +120,7 @@ def test_parse_value_takes_numbers_or_flag_names() -> None:
     )
     with pytest.raises(InvalidInput) as err:
         mce.parse_value("val,bogus,uc,nope", "--status", bits)
-    assert err.value.message == "--status: unknown flag(s) bogus, nope"
+    assert err.value.message == "--status: unknown flags 'bogus', 'nope'"
     assert err.value.hint == f"flags: {', '.join(bits)}; or give a number"
     with pytest.raises(InvalidInput, match=r"--status: .*negative"):
         mce.parse_value("-1", "--status", bits)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serrinj import mce
+from serrinj.codec import mce
 from serrinj.errors import InvalidInput, PermissionDenied
 from serrinj.ops import policy
 from serrinj.ops.policy import Request, Subject

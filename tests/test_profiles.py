@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from serrinj import mce
+from serrinj.codec import mce
 from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kx
 from serrinj.remote import seccomp

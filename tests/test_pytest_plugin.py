@@ -58,7 +58,7 @@ def test_the_plugin_is_registered_through_the_entry_point(pytester: pytest.Pytes
 
 def test_serrinj_never_imports_pytest() -> None:
     code = (
-        "import sys, serrinj, serrinj.api, serrinj.cli, serrinj.ops.campaign;"
+        "import sys, serrinj, serrinj.api, serrinj.cli, serrinj.campaign;"
         " serrinj.find; print(sorted(m for m in sys.modules if m.split('.')[0] in"
         " ('pytest', '_pytest', 'pluggy')))"
     )

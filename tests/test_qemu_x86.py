@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from serrinj import mce
+from serrinj.codec import mce
 from tests.helpers.qemu import Qemu, build_firmware, show_observations
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kvm, pytest.mark.root]

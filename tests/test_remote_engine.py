@@ -16,8 +16,9 @@ import pytest
 
 from serrinj import _native
 from serrinj.errors import Conflict, TargetGone, TargetNotFound
-from serrinj.remote import RemoteExecutor, RemoteThread
+from serrinj.remote import RemoteThread
 from serrinj.remote.session import EngineError
+from serrinj.vcpu.remote import RemoteExecutor
 from tests.conftest import missing
 from tests.helpers.procs import Workload, task_states, wait_stopped
 

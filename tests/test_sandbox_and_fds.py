@@ -16,7 +16,8 @@ from typing import Any, Iterator, List, Optional
 import pytest
 
 from serrinj.errors import SeccompBlocked
-from serrinj.ops import inject, status, target
+from serrinj.ops import inject, status
+from serrinj.target import attach as target
 from serrinj.testvm.process import TestVmProcess
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
@@ -110,7 +111,7 @@ def test_inherited_fd_owner_found_with_kcmp(plain: TestVmProcess) -> None:
     vm = plain
     fd = vm.vcpu(1).fd
     code = (
-        "import json, sys; from serrinj.ops import target\n"
+        "import json, sys; from serrinj.target import attach as target\n"
         f"r = target.resolve_fd({fd})\n"
         "print(json.dumps(r.__dict__))"
     )

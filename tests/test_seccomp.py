@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serrinj.errors import SeccompBlocked
-from serrinj.remote import RemoteExecutor, RemoteThread, seccomp
+from serrinj.remote import RemoteThread, seccomp
 from serrinj.remote.arch import host_arch
+from serrinj.vcpu.remote import RemoteExecutor
 
 ARCH = host_arch()
 IOCTL = ARCH.nr["ioctl"]

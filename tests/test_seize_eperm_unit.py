@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from serrinj import procfs
 from serrinj.errors import Conflict, ExitCode, PermissionDenied, SerrinjError, TargetGone
+from serrinj.host import procfs
 from serrinj.remote import session
 
 VMM = 4242

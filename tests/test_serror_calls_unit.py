@@ -16,11 +16,13 @@ from typing import List, Tuple
 import pytest
 
 from serrinj.errors import InvalidInput
-from serrinj.executor import BufferSpec, materialize
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
-from serrinj.ops import events, host, kvmprobe
-from serrinj.vcpu import Vcpu
+from serrinj.ops import events
+from serrinj.vcpu import probe as kvmprobe
+from serrinj.vcpu.arm64 import Arm64Vcpu as Vcpu
+from serrinj.vcpu.executor import BufferSpec, materialize
 
 
 class RecordingExecutor:

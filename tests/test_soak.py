@@ -82,9 +82,10 @@ def _heap_kib(gc: Any, tracemalloc: Any) -> int:
 
 def drive(pids: Sequence[int], count: int, every: int) -> None:
     """Inject ``count`` faults through serrinj's use cases; JSON lines on stdout."""
-    from serrinj import mce
+    from serrinj.codec import mce
     from serrinj.errors import SerrinjError
-    from serrinj.ops import inject, target
+    from serrinj.ops import inject
+    from serrinj.target import attach as target
 
     def emit(obj: Dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")

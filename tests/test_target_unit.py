@@ -1,4 +1,4 @@
-"""``--fd`` resolution (``serrinj.ops.target.resolve_fd``): its errors.
+"""``--fd`` resolution (``serrinj.target.attach.resolve_fd``): its errors.
 
 The unit tests replace what ``resolve_fd`` calls (``pidfd_getfd``, the
 readlink of the fd, the local ioctl, the kcmp search), so every error path is
@@ -18,11 +18,13 @@ from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
-from serrinj import _native, discover, procfs
+from serrinj import _native
 from serrinj.errors import ExitCode, PermissionDenied, TargetGone, TargetNotFound
-from serrinj.executor import LocalExecutor
+from serrinj.host import procfs
 from serrinj.kvm import api
-from serrinj.ops import target
+from serrinj.target import attach as target
+from serrinj.target import discover
+from serrinj.vcpu.executor import LocalExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
 VMM = 4242

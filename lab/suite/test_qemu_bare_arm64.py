@@ -26,7 +26,7 @@ from lab.guest import env
 from lab.guest.cli import serrinj
 from lab.guest.nested import InnerQemu, NestedAssets
 from lab.guest.qmp import Qmp
-from serrinj import audit
+from serrinj.ops import audit
 from serrinj.testvm.firmware_arm64 import PROBE_ADDR, FirmwareOptions, build
 
 BOOT_TIMEOUT_S = 60

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from serrinj import esr, mce
+from serrinj.codec import esr, mce
 from serrinj.errors import (
     Conflict,
     ExpectationFailed,
@@ -41,7 +41,11 @@ from serrinj.errors import (
     SerrinjError,
     Unsupported,
 )
-from serrinj.ops import host, inject, kvmprobe, status, target
+from serrinj.host import kvmcaps as host
+from serrinj.kvm.arch import Arch
+from serrinj.ops import inject, status
+from serrinj.target import attach as target
+from serrinj.vcpu import probe as kvmprobe
 
 Event = Dict[str, Any]
 Progress = Callable[[str], None]
@@ -472,7 +476,7 @@ def run(
         raise Unsupported(
             f"this host is {here}: KVM runs {here} guests only, not {arch}",
             hint="the arm64 demo runs in the arm64 lab (make lab-arm64)"
-            if arch == "aarch64"
+            if arch == Arch.AARCH64
             else None,
         )
     caps = host.probe()
@@ -510,7 +514,7 @@ def _run_steps(vm: Any, arch: str, mode: str, caps: host.HostCaps, say: Progress
     snap = status.status(vm.pid).as_dict()
     demo = _Demo(vm, arch, say)
     skipped: List[str] = []
-    if arch == "x86_64":
+    if arch == Arch.X86_64:
         steps = demo.x86_steps()
     else:
         if not caps.serror_esr:

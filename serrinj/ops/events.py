@@ -29,18 +29,23 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, cast
 
-from serrinj import privilege
+from serrinj.codec.events import decode_events
 from serrinj.errors import Conflict, InvalidInput, Unsupported
+from serrinj.host import kvmcaps as host
+from serrinj.host import privilege
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import guard, host, target
+from serrinj.kvm.arch import Arch
+from serrinj.ops import guard
 from serrinj.ops.guard import guarded
-from serrinj.ops.status import decode_events
-from serrinj.vcpu import Events
+from serrinj.target import attach as target
+from serrinj.vcpu.arm64 import Arm64Vcpu
+from serrinj.vcpu.base import Events
 
 SCHEMA = "serrinj-events/1"
 SAVE_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG)
@@ -101,7 +106,7 @@ class Snapshot:
 
 
 def _unpack(arch: str, raw: bytes) -> Events:
-    if arch == "aarch64":
+    if arch == Arch.AARCH64:
         return kvm_arm64.VcpuEvents.unpack(raw)
     return kvm_x86.VcpuEvents.unpack(raw)
 
@@ -114,12 +119,12 @@ def save(tgt: target.Target) -> Snapshot:
     policy.enforce("events-save", tgt.vm)
     caps = host.probe()
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
-    requests = SAVE_REQUESTS_ARM64 if vm.arch == "aarch64" else SAVE_REQUESTS_X86
+    requests = SAVE_REQUESTS_ARM64 if vm.arch == Arch.AARCH64 else SAVE_REQUESTS_X86
     out: List[SavedVcpu] = []
     for vid in tgt.vcpu_ids:
         with target.attach(vm, vid, requests) as (vc, _rt):
             ev = vc.get_events()
-            pstate = vc.pstate() if vm.arch == "aarch64" else None
+            pstate = cast(Arm64Vcpu, vc).pstate() if vm.arch == Arch.AARCH64 else None
         out.append(SavedVcpu(vid, ev.pack(), pstate))
     return Snapshot(
         arch=vm.arch,
@@ -170,7 +175,12 @@ class OutputFile:
 
 
 def read_file(path: str) -> str:
-    """The text of an events file, read with the caller's rights."""
+    """The text of an events file, read with the caller's rights (``-``: standard input)."""
+    if path == "-":
+        try:
+            return sys.stdin.read()
+        except OSError as err:
+            raise InvalidInput(f"cannot read the standard input: {err}") from None
     try:
         with privilege.open_file(path, "r", "events file", encoding="utf-8") as f:
             text: str = f.read()
@@ -288,7 +298,7 @@ def check_compatible(snap: Snapshot, vm_arch: str, caps: host.HostCaps) -> None:
             f"the events were saved from an {snap.arch} VM; this VM is {vm_arch}",
             hint="vCPU events only load into a VM of the same architecture",
         )
-    if snap.arch == "aarch64" and not caps.serror_esr:
+    if snap.arch == Arch.AARCH64 and not caps.serror_esr:
         for v in snap.vcpus:
             ev = v.events(snap.arch)
             assert isinstance(ev, kvm_arm64.VcpuEvents)

@@ -13,9 +13,9 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
-from serrinj import audit
 from serrinj.errors import (
     Conflict,
     Interrupted,
@@ -27,8 +27,8 @@ from serrinj.errors import (
     TargetNotFound,
     Unsupported,
 )
-from serrinj.ops import lock
-from serrinj.ops.target import Target
+from serrinj.ops import audit, lock
+from serrinj.target.attach import Target
 
 F = TypeVar("F", bound=Callable[..., Sequence[Any]])
 
@@ -125,24 +125,28 @@ def record_refusal(
     mark_audited(err)
 
 
-def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Callable[[F], F]:
+def guarded(
+    action: Union[str, Callable[..., str]], describe: Callable[..., Mapping[str, object]]
+) -> Callable[[F], F]:
     """Run ``fn(tgt, ...)`` under the VM lock and audit every attempt and outcome.
 
     ``describe(*args, **kwargs)`` (the arguments after ``tgt``) summarises the
-    request for the audit record.
+    request for the audit record; ``action`` names it, or is called like ``describe``
+    to name it.
     """
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(tgt: Target, *args: Any, **kwargs: Any) -> Sequence[Any]:
             request = dict(describe(*args, **kwargs))
+            name = action(*args, **kwargs) if callable(action) else action
 
             def record_done(results: Sequence[Any]) -> None:
                 for res in results:
                     as_dict = getattr(res, "as_dict", None)
                     data = as_dict() if callable(as_dict) else {}
                     audit.record(
-                        action=action,
+                        action=name,
                         outcome="dry-run" if data.get("dry_run") else "ok",
                         vm=vm_dict(tgt),
                         vcpu_id=data.get("vcpu_id"),
@@ -165,7 +169,7 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
             # before the lock and before anything is read or sent
             from serrinj.ops import policy
 
-            policy.enforce_guarded(action, tgt.vm, args, request)
+            policy.enforce_guarded(name, tgt.vm, args, request)
             done: List[Any] = []
             token = _results.set(done)
             try:
@@ -177,7 +181,7 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
                 finished = {_vcpu_of(r) for r in done}
                 pending = [v for v in tgt.vcpu_ids if v not in finished]
                 audit.record(
-                    action=action,
+                    action=name,
                     outcome=classify(err),
                     vm=vm_dict(tgt),
                     vcpu_id=pending[0] if len(pending) == 1 or done else None,
@@ -194,3 +198,38 @@ def guarded(action: str, describe: Callable[..., Mapping[str, object]]) -> Calla
         return wrapper  # type: ignore[return-value]
 
     return deco
+
+
+#: injecting commands -> their audit action; the use cases audit every attempt that
+#: reaches them, and the command line the ones refused before (bad arguments, no VM
+#: found, no permission)
+_AUDITED_COMMANDS: Mapping[str, str] = MappingProxyType(
+    {
+        "inject": "inject-serror",
+        "mce": "inject-mce",
+        "nmi": "inject-nmi",
+        "events load": "events-load",
+        "run": "campaign-run",
+    }
+)
+
+
+def command_action(command: str, argv: Sequence[str]) -> Optional[str]:
+    """The audit action of a command line refused before its use case ran, or ``None``
+    when it would inject nothing (``run --check-only``, or not an injecting command)."""
+    action = _AUDITED_COMMANDS.get(command)
+    if action == "inject-serror" and flag_in(argv, "--ext-dabt"):
+        return "inject-ext-dabt"
+    if action == "campaign-run" and flag_in(argv, "--check-only"):
+        return None  # checking a file injects nothing
+    return action
+
+
+def flag_in(argv: Sequence[str], flag: str) -> bool:
+    """Whether ``flag`` is among the options of ``argv`` (before any ``--``)."""
+    for a in argv:
+        if a == "--":
+            return False
+        if a == flag:
+            return True
+    return False

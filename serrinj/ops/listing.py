@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional
 
-from serrinj import discover
 from serrinj.errors import SerrinjError
+from serrinj.target import discover
 
 Warn = Callable[[str], None]
 

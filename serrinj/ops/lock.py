@@ -26,14 +26,9 @@ _held: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (pid, starttime) -> (fd, d
 
 
 def lock_dir() -> str:
-    from serrinj import privilege
+    from serrinj.host import privilege
 
-    env = privilege.env_path("SERRINJ_LOCK_DIR", os.environ.get("SERRINJ_LOCK_DIR"))
-    if env:
-        return env
-    if os.access("/run", os.W_OK):
-        return "/run/serrinj"
-    return "/tmp/serrinj-locks"
+    return privilege.runtime_dir()
 
 
 def _path(pid: int, starttime: int) -> str:

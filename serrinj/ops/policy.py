@@ -53,8 +53,8 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
+from serrinj.codec import tomlsubset
 from serrinj.errors import InvalidInput, PermissionDenied
-from serrinj.ops import tomlsubset
 
 #: the policy's one place: no option or variable moves it
 POLICY_PATH = "/etc/serrinj/policy.toml"
@@ -366,21 +366,16 @@ def allowed_operations(
 # ---------------------------------------------------------------------- severities
 def serror_severity(iss: Optional[int]) -> str:
     """``fatal`` when a Linux guest panics on an SError with this syndrome."""
-    from serrinj import esr
+    from serrinj.faults.serror import SError
 
-    return "survivable" if esr.predict_linux(iss).survives else "fatal"
+    return SError(iss).severity()
 
 
 def mce_severity(m: Any) -> str:
     """``fatal`` when a Linux guest panics on this machine check (or may: SRAR)."""
-    from serrinj import mce
-    from serrinj.kvm.x86_64 import MCI_STATUS_UC
+    from serrinj.faults.mce import MachineCheck
 
-    status = int(m.status)
-    if not status & MCI_STATUS_UC or mce.is_ucna(m):
-        return "survivable"
-    notes = mce.linux_notes(status, int(m.mcg_status))
-    return "fatal" if any("panics" in n for n in notes) else "survivable"
+    return MachineCheck(m).severity()
 
 
 def events_severity(snap: Any) -> str:
@@ -404,16 +399,15 @@ def events_severity(snap: Any) -> str:
 #: the guarded use case's audit action -> a function of its arguments giving (operation, severity)
 def request_of(action: str, args: Sequence[Any]) -> Tuple[str, Optional[str]]:
     """The policy operation and severity of a guarded injection ``action(tgt, *args)``."""
-    if action == "inject-serror":
-        return "serror", serror_severity(args[0].esr if args else None)
-    if action == "inject-ext-dabt":
-        return "ext-dabt", "fatal"
-    if action == "inject-mce":
-        return "mce", mce_severity(args[0].mce)
-    if action == "inject-nmi":
-        return "nmi", "survivable"
     if action == "events-load":
         return "events-load", events_severity(args[0])
+    if action.startswith("inject-"):
+        from serrinj.faults import KINDS
+
+        kind = action[len("inject-") :]
+        if kind in KINDS:
+            fault = args[0] if args else KINDS[kind].from_fields({})
+            return kind, fault.severity()
     raise ValueError(f"no policy operation for {action!r}")
 
 
@@ -495,7 +489,7 @@ def system_policy() -> Optional[Policy]:
 
 def subject() -> Subject:
     """The caller as a :class:`Subject`."""
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     who = privilege.current()
     return Subject(
@@ -507,7 +501,7 @@ def subject() -> Subject:
 
 
 def _vm_request(vm: Any, operation: str, severity: Optional[str]) -> Tuple[Request, FrozenSet[str]]:
-    from serrinj import discover
+    from serrinj.target import discover
 
     domain = discover._libvirt_names().get(vm.pid)
     vmm_names: FrozenSet[str] = frozenset()
@@ -523,7 +517,7 @@ def _vm_request(vm: Any, operation: str, severity: Optional[str]) -> Tuple[Reque
 def check(operation: str, vm: Any, severity: Optional[str] = None) -> Optional[Decision]:
     """The decision for the caller doing ``operation`` on ``vm``; ``None`` when no
     policy applies (root, a user with its own rights, or no policy file)."""
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     if not privilege.current().elevated:
         return None
@@ -567,7 +561,7 @@ def enforce_guarded(
 
     Nothing is computed for a caller the policy does not apply to.
     """
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     if not privilege.current().elevated:
         return
@@ -582,8 +576,7 @@ def _audit_refusal(
     request: Optional[Mapping[str, object]],
     decision: Optional[Decision],
 ) -> None:
-    from serrinj import audit
-    from serrinj.ops import guard
+    from serrinj.ops import audit, guard
 
     audit.record(
         action=action,
@@ -596,33 +589,9 @@ def _audit_refusal(
     guard.mark_audited(err)
 
 
-def enforce_campaign(campaign: Any, vm: Any, dry_run: bool = False) -> None:
-    """Check every inject step of ``campaign`` against the policy before the first runs."""
-    from serrinj.ops import campaign as camp
-
-    for step in campaign.steps:
-        if not isinstance(step, camp.InjectStep):
-            continue
-        if step.fault == "serror":
-            sev: Optional[str] = serror_severity(step.request.esr)
-        elif step.fault == "mce":
-            sev = mce_severity(step.request.mce)
-        elif step.fault == "nmi":
-            sev = "survivable"
-        else:
-            sev = "fatal"
-        enforce(
-            step.fault,
-            vm,
-            sev,
-            action="campaign-run",
-            audit_request={"step": step.number, "line": step.line, "fault": step.fault},
-        )
-
-
 def describe(vm: Any) -> Dict[str, object]:
     """Which policy applies to the caller on ``vm``, for ``serrinj status``."""
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     who = privilege.current()
     out: Dict[str, object] = {

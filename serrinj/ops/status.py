@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
-from serrinj import discover, esr
+from serrinj.codec.events import decode_events, last_exception
+from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
-from serrinj.ops import host, target
+from serrinj.kvm.arch import Arch
 from serrinj.remote.session import RemoteThread
-from serrinj.vcpu import Events, Vcpu
+from serrinj.target import attach as target
+from serrinj.target import discover
+from serrinj.target.attach import thread_state
+from serrinj.vcpu.arm64 import Arm64Vcpu
+from serrinj.vcpu.base import Vcpu
 
 STATUS_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG, api.KVM_GET_MP_STATE)
 STATUS_REQUESTS_X86 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_MP_STATE)
@@ -111,21 +116,6 @@ def vm_dict(vm: discover.Vm) -> Dict[str, object]:
     }
 
 
-def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fds: Sequence[int]) -> str:
-    """Where the vCPU's thread was when it was stopped (``fds``: the vCPU's fds)."""
-    stop = rt.first_stop
-    if stop is not None and stop.group_stop:
-        return "stopped"
-    assert rt.saved is not None
-    left_run = rt.arch.kvm_run_fd_at_stop(rt.saved)
-    in_run = left_run in fds or (left_run is None and _left_kvm_run_generic(rt))
-    if before is not None and before.state == "in-kvm-run":
-        return "halted"
-    if in_run:
-        return "in-guest"
-    return "userspace"
-
-
 def reconcile_state(arch: str, state: str, mp: Optional[str]) -> str:
     """Make ``state`` agree with the MP state read at the same stop.
 
@@ -134,71 +124,23 @@ def reconcile_state(arch: str, state: str, mp: Optional[str]) -> str:
     says "runnable". On x86_64 the MP state is the authority for a thread inside KVM_RUN.
     On arm64 KVM reports a WFI-blocked vCPU as runnable, so the thread sample decides.
     """
-    if arch != "x86_64" or mp is None or state not in ("halted", "in-guest"):
+    if arch != Arch.X86_64 or mp is None or state not in ("halted", "in-guest"):
         return state
     return "in-guest" if mp == "runnable" else "halted"
-
-
-def _left_kvm_run_generic(rt: RemoteThread) -> bool:
-    # aarch64 keeps the request in x1 and the number in x8 after the syscall returns.
-    assert rt.saved is not None
-    if rt.arch.name != "aarch64":
-        return False
-    return bool(rt.saved["x8"] == rt.arch.nr["ioctl"] and rt.saved["x1"] == api.KVM_RUN)
-
-
-def decode_events(arch: str, events: Events, pstate: Optional[int] = None) -> Dict[str, object]:
-    out = events.as_dict()
-    if isinstance(events, kvm_arm64.VcpuEvents):
-        out["serror_esr_decoded"] = (
-            esr.decode(events.serror_esr, form="iss").as_dict() if events.serror_pending else None
-        )
-        if pstate is not None:
-            out["serror_masked"] = bool(pstate & kvm_arm64.PSTATE_A)
-    return out
-
-
-def last_exception(regs: Dict[str, int]) -> Dict[str, object]:
-    """The exception an arm64 guest took last, from its EL1 registers
-    (:meth:`~serrinj.vcpu.Vcpu.exception_state`).
-
-    ESR_EL1 keeps the syndrome of the last exception taken to EL1 until the next
-    one, so EC 0x2F there means the last was an SError. ``at_serror_vector``: the
-    PC is at an SError entry of VBAR_EL1, i.e. KVM has put the SError into the
-    registers and the guest has not run its handler yet (Linux 6.17 and later do
-    this inside KVM_SET_VCPU_EVENTS, even in a paused VM).
-    """
-    esr_el1 = regs["esr_el1"]
-    ec = (esr_el1 >> esr.ESR_EC_SHIFT) & 0x3F
-    offset = regs["pc"] - regs["vbar_el1"]
-    serror = ec == esr.EC_SERROR
-    return {
-        "esr_el1": esr_el1,
-        "ec": ec,
-        "ec_name": esr.ec_name(ec),
-        "serror": serror,
-        "syndrome": esr.decode(esr_el1, form="esr").as_dict() if serror else None,
-        "elr_el1": regs["elr_el1"],
-        "spsr_el1": regs["spsr_el1"],
-        "far_el1": regs["far_el1"],
-        "vbar_el1": regs["vbar_el1"],
-        "pc": regs["pc"],
-        "at_serror_vector": serror and offset in kvm_arm64.SERROR_VECTOR_OFFSETS,
-    }
 
 
 def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
     v = vm.vcpu(vcpu.vcpu_id)
     assert v.thread is not None
     events = vcpu.get_events()
-    pstate = vcpu.pstate() if vm.arch == "aarch64" else None
+    pstate = cast(Arm64Vcpu, vcpu).pstate() if vm.arch == Arch.AARCH64 else None
     try:
         mp = api.MP_STATE_NAMES.get(vcpu.mp_state())
     except Exception:
         mp = None
     detail: Dict[str, object] = {}
-    if vm.arch == "aarch64":
-        detail["last_exception"] = last_exception(vcpu.exception_state())
+    if vm.arch == Arch.AARCH64:
+        detail["last_exception"] = last_exception(cast(Arm64Vcpu, vcpu).exception_state())
     if pstate is not None:
         detail["pstate_decoded"] = {
             "A": bool(pstate & kvm_arm64.PSTATE_A),
@@ -247,7 +189,7 @@ def _read(caps: host.HostCaps, tgt: target.Target) -> StatusReport:
 
     policy.enforce("status", tgt.vm)
     vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
-    requests = STATUS_REQUESTS_ARM64 if vm.arch == "aarch64" else STATUS_REQUESTS_X86
+    requests = STATUS_REQUESTS_ARM64 if vm.arch == Arch.AARCH64 else STATUS_REQUESTS_X86
     out: List[VcpuStatus] = []
     for vid in tgt.vcpu_ids:
         with target.attach(vm, vid, requests) as (vc, rt):

@@ -9,10 +9,8 @@ serrinj runs them as syscalls of a thread of the VMM:
 - :mod:`serrinj.remote.gadget`   finding existing code: syscall, ``syscall; ret``, sigreturn
 - :mod:`serrinj.remote.sigframe` the resume frame a thread restores itself from if serrinj dies
 - :mod:`serrinj.remote.seccomp`  evaluating the thread's seccomp filters first
-- :mod:`serrinj.remote.executor` :class:`RemoteExecutor`, the remote half of the executor seam
 """
 
-from serrinj.remote.executor import RemoteExecutor
 from serrinj.remote.session import EngineError, RemoteThread
 
-__all__ = ["EngineError", "RemoteExecutor", "RemoteThread"]
+__all__ = ["EngineError", "RemoteThread"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from serrinj import _native, procfs
+from serrinj import _native
 from serrinj.errors import SerrinjError
+from serrinj.host import procfs
 from serrinj.remote.arch import Arch
 
 _CHUNK = 1 << 20

@@ -60,7 +60,7 @@ import time
 from types import TracebackType
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
 
-from serrinj import _native, procfs
+from serrinj import _native
 from serrinj.errors import (
     Conflict,
     Interrupted,
@@ -69,6 +69,7 @@ from serrinj.errors import (
     SerrinjError,
     TargetGone,
 )
+from serrinj.host import procfs
 from serrinj.remote import ptrace, seccomp, sigframe
 from serrinj.remote.arch import Arch, Registers, host_arch, to_signed
 from serrinj.remote.gadget import find_sequence, find_syscall_gadget

@@ -3,7 +3,7 @@
 ``python -m serrinj.testvm`` creates a VM with guest RAM and N vCPUs, each run
 by its own thread (named like a real VMM's), and runs a tiny guest that
 reports what it observes. Everything goes through ``serrinj._native`` and
-:class:`serrinj.executor.LocalExecutor`; this module has no ctypes and no
+:class:`serrinj.vcpu.executor.LocalExecutor`; this module has no ctypes and no
 ``fcntl.ioctl``.
 
 VMM profiles
@@ -168,12 +168,12 @@ from typing import (
 )
 
 from serrinj import _native
-from serrinj.executor import LocalExecutor
 from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kx86
 from serrinj.remote import arch as remote_arch
 from serrinj.remote import seccomp
 from serrinj.testvm import profiles
+from serrinj.vcpu.executor import LocalExecutor
 
 __all__ = [
     "ARCHES",

@@ -1,12 +1,12 @@
-"""An :class:`~serrinj.executor.Executor` that runs ioctls inside another process."""
+"""An :class:`~serrinj.vcpu.executor.Executor` that runs ioctls inside another process."""
 
 from __future__ import annotations
 
 import errno
 from typing import Optional
 
-from serrinj.executor import BufferSpec, buffer_size, materialize
 from serrinj.remote.session import RemoteThread
+from serrinj.vcpu.executor import BufferSpec, buffer_size, materialize
 
 _MAX_ERRNO = 4095
 

@@ -42,11 +42,11 @@ UEO let the guest continue silently; UER, UEU, UC and reserved values panic.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from serrinj.codec.numbers import parse_int as parse_int
 from serrinj.errors import InvalidInput
 
 # --- ESR_ELx layout
@@ -160,50 +160,6 @@ EC_NAMES: Mapping[int, str] = MappingProxyType(
 def ec_name(ec: int) -> str:
     """The name of exception class ``ec`` (``"reserved"`` for an unallocated one)."""
     return EC_NAMES.get(ec, "reserved")
-
-
-# --------------------------------------------------------------------------- parsing
-
-_INT_RE = re.compile(r"0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[0-9][0-9_]*")
-
-
-def parse_int(text: str, *, what: str = "value", bits: int = 64) -> int:
-    """Parse a non-negative integer the way a user types it.
-
-    Accepts decimal (``6161``), hex (``0x1811``), binary (``0b1_1000_0001_0001``)
-    and octal (``0o14021``), with ``_`` separators. A decimal number with a
-    leading zero (``0011``) is refused: it is most likely hex without its prefix.
-    Raises :class:`InvalidInput` for junk, negatives and values wider than ``bits``.
-    """
-    s = text.strip()
-    if not s:
-        raise InvalidInput(f"{what}: empty number")
-    if s.startswith("-"):
-        raise InvalidInput(f"{what}: {text!r} is negative", hint="give a value of 0 or more")
-    if not _INT_RE.fullmatch(s):
-        raise InvalidInput(
-            f"{what}: {text!r} is not a number",
-            hint="write it in decimal (6161), hex (0x1811) or binary (0b1100000010001)",
-        )
-    if len(s) > 1 and s[0] == "0" and s[1].isdigit():
-        raise InvalidInput(
-            f"{what}: {text!r} has a leading zero",
-            hint=f"write 0x{s.lstrip('0_') or '0'} for hex, or drop the leading zeros for decimal",
-        )
-    try:
-        value = int(s, 0)
-    except ValueError:
-        # only misplaced underscores get past the regex
-        raise InvalidInput(
-            f"{what}: {text!r} is not a number",
-            hint="underscores may only separate digits",
-        ) from None
-    if value >> bits:
-        raise InvalidInput(
-            f"{what}: {text} is wider than {bits} bits",
-            hint=f"the largest {bits}-bit value is {hex((1 << bits) - 1)}",
-        )
-    return value
 
 
 # --------------------------------------------------------------------------- decoding

@@ -26,12 +26,13 @@ How KVM_X86_SET_MCE treats an error (arch/x86/kvm/x86.c, BRIEF section 4), in or
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from serrinj.codec.numbers import parse_int
 from serrinj.errors import InvalidInput
-from serrinj.esr import parse_int
 from serrinj.kvm.x86_64 import (
     CR4_MCE,
     MC_VECTOR,
@@ -107,9 +108,10 @@ def parse_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Opt
     """A register value as a user types it: a number, or flag names joined by commas.
 
     ``"val,uc,en"`` is the OR of those bits of ``names`` (case-insensitive);
-    anything else is read by :func:`serrinj.esr.parse_int` as a 64-bit number.
+    anything else is read by :func:`serrinj.codec.numbers.parse_int` as a 64-bit number.
     Text with a letter that is neither a flag name nor part of a 0x/0b/0o
     number is refused, naming the unknown flags. ``None`` (not given) stays ``None``.
+    The command line and campaign files both read MCi_STATUS and MCG_STATUS here.
     """
     if text is None:
         return None
@@ -121,10 +123,14 @@ def parse_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Opt
         return value
     if any(ch.isalpha() for ch in text) and not text.strip().lower().startswith(("0x", "0b", "0o")):
         unknown = [w for w in words if w not in names]
-        raise InvalidInput(
-            f"{what}: unknown flag(s) {', '.join(unknown)}",
-            hint=f"flags: {', '.join(names)}; or give a number",
-        )
+        at = f"{what}: " if what else ""
+        if len(unknown) == 1:
+            close = difflib.get_close_matches(unknown[0], list(names), n=1, cutoff=0.6)
+            also = f" (did you mean {close[0]!r}?)" if close else ""
+            message = f"{at}unknown flag {unknown[0]!r}{also}"
+        else:
+            message = f"{at}unknown flags {', '.join(repr(w) for w in unknown)}"
+        raise InvalidInput(message, hint=f"flags: {', '.join(names)}; or give a number")
     return parse_int(text, what=what, bits=64)
 
 

@@ -15,6 +15,7 @@ from serrinj import _native
 from serrinj.errors import PermissionDenied, Unsupported
 from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kvm_x86
+from serrinj.kvm.arch import Arch
 
 KVM_DEV = "/dev/kvm"
 
@@ -98,7 +99,7 @@ def probe() -> HostCaps:
                     raise
                 caps[api.CAP_NAMES[number]] = 0
         mce = None
-        if arch == "x86_64" and caps.get("KVM_CAP_MCE"):
+        if arch == Arch.X86_64 and caps.get("KVM_CAP_MCE"):
             buf = bytearray(8)
             _native.ioctl_buf(fd, kvm_x86.KVM_X86_GET_MCE_CAP_SUPPORTED, buf)
             mce = struct.unpack("<Q", buf)[0]

@@ -30,7 +30,7 @@ problems: List[str] = []
 
 
 def path() -> str:
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     env = privilege.env_path("SERRINJ_AUDIT_LOG", os.environ.get("SERRINJ_AUDIT_LOG"))
     if env:
@@ -42,7 +42,7 @@ def path() -> str:
 
 
 def _user() -> Dict[str, object]:
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     uid = os.getuid()
     try:
@@ -89,7 +89,7 @@ def record(
     }
     if detail:
         entry["detail"] = dict(detail)
-    from serrinj import privilege
+    from serrinj.host import privilege
 
     line = json.dumps(entry, default=str)
     target = path()

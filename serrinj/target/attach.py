@@ -1,6 +1,6 @@
 """Which VM and vCPUs a command means, and a safe way to reach one of them.
 
-:func:`attach` is the one place where a :class:`~serrinj.vcpu.Vcpu` backed by
+:func:`attach` is the one place where a :class:`~serrinj.vcpu.base.Vcpu` backed by
 the remote engine is made. It guarantees, before anything is sent:
 
 - the thread is the vCPU's thread (checked again at the stop when the
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-from serrinj import _native, discover, procfs
+from serrinj import _native
 from serrinj.errors import (
     Conflict,
     InvalidInput,
@@ -36,11 +36,15 @@ from serrinj.errors import (
     TargetGone,
     TargetNotFound,
 )
-from serrinj.executor import LocalExecutor
+from serrinj.host import procfs
 from serrinj.kvm import api
-from serrinj.remote.executor import RemoteExecutor
+from serrinj.kvm.arch import Arch
 from serrinj.remote.session import RemoteThread, explain_ptrace_denial
-from serrinj.vcpu import Vcpu
+from serrinj.target import discover
+from serrinj.vcpu import open_vcpu
+from serrinj.vcpu.base import Vcpu
+from serrinj.vcpu.executor import LocalExecutor
+from serrinj.vcpu.remote import RemoteExecutor
 
 VcpuSpec = Union[int, str, None]  # an id, "all", or None (= all when there is one, else error)
 
@@ -247,7 +251,7 @@ def attach(
             _check_requests(rt, v.fd, requests)
         except SeccompBlocked as blocked:
             exec_thread = _helper_thread(vm, v, requests, stack, blocked, held)
-        yield Vcpu(RemoteExecutor(exec_thread), v.fd, vcpu_id, vm.arch), rt
+        yield open_vcpu(RemoteExecutor(exec_thread), v.fd, vcpu_id, vm.arch), rt
 
 
 def _vmm_running(vm: discover.Vm) -> bool:
@@ -419,3 +423,26 @@ def _owner_rank(owner: discover.FdOwner) -> Tuple[bool, int]:
         return (True, 1 << 62)
     runs_it = vm is not None and any(owner.fd in v.fds and v.thread is not None for v in vm.vcpus)
     return (not runs_it, starttime)
+
+
+def thread_state(before: Optional[discover.Thread], rt: RemoteThread, fds: Sequence[int]) -> str:
+    """Where the vCPU's thread was when it was stopped (``fds``: the vCPU's fds)."""
+    stop = rt.first_stop
+    if stop is not None and stop.group_stop:
+        return "stopped"
+    assert rt.saved is not None
+    left_run = rt.arch.kvm_run_fd_at_stop(rt.saved)
+    in_run = left_run in fds or (left_run is None and _left_kvm_run_generic(rt))
+    if before is not None and before.state == "in-kvm-run":
+        return "halted"
+    if in_run:
+        return "in-guest"
+    return "userspace"
+
+
+def _left_kvm_run_generic(rt: RemoteThread) -> bool:
+    # aarch64 keeps the request in x1 and the number in x8 after the syscall returns.
+    assert rt.saved is not None
+    if rt.arch.name != Arch.AARCH64:
+        return False
+    return bool(rt.saved["x8"] == rt.arch.nr["ioctl"] and rt.saved["x1"] == api.KVM_RUN)

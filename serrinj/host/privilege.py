@@ -305,3 +305,13 @@ def unlink_quietly(path: str) -> None:
 
 def is_regular(st: os.stat_result) -> bool:
     return stat_mod.S_ISREG(st.st_mode)
+
+
+def runtime_dir() -> str:
+    """Where serrinj keeps its locks and per-boot caches (``$SERRINJ_LOCK_DIR`` if allowed)."""
+    env = env_path("SERRINJ_LOCK_DIR", os.environ.get("SERRINJ_LOCK_DIR"))
+    if env:
+        return env
+    if os.access("/run", os.W_OK):
+        return "/run/serrinj"
+    return "/tmp/serrinj-locks"

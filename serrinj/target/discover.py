@@ -43,8 +43,10 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from serrinj import _native, procfs
+from serrinj import _native
 from serrinj.errors import InvalidInput, PermissionDenied, TargetGone, TargetNotFound
+from serrinj.host import procfs
+from serrinj.kvm import arch as kvm_arch
 from serrinj.kvm.api import KVM_RUN
 from serrinj.remote.arch import Arch, host_arch
 
@@ -147,7 +149,7 @@ class Vm:
     comm: str
     name: Optional[str]
     vmm: str
-    arch: str
+    arch: kvm_arch.Arch
     uid: int
     vm_fds: Tuple[int, ...]
     vcpus: Tuple[Vcpu, ...]
@@ -462,7 +464,7 @@ def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
         comm=comm,
         name=name,
         vmm=vmm_kind(comm, argv, (t.name for t in threads)),
-        arch=arch.name,
+        arch=kvm_arch.Arch(arch.name),
         uid=uid,
         vm_fds=tuple(vm_fds),
         vcpus=tuple(vcpus),

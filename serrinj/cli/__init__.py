@@ -1,8 +1,8 @@
 """The ``serrinj`` command line: click commands that parse, call a use case, and render.
 
 Each command checks its arguments, calls one function of :mod:`serrinj.ops`
-(or the pure codecs :mod:`serrinj.esr` / :mod:`serrinj.mce`), and hands the
-result's ``as_dict()`` to the :class:`~serrinj.render.Ui` built once in
+(or the pure codecs :mod:`serrinj.codec.esr` / :mod:`serrinj.codec.mce`), and hands the
+result's ``as_dict()`` to the :class:`~serrinj.cli.render.Ui` built once in
 :func:`run` and passed down as ``ctx.obj``. Errors are
 :class:`~serrinj.errors.SerrinjError`\\ s; :func:`run` turns them (and click's
 usage errors, Ctrl-C and unexpected exceptions) into ``error:``/``hint:``
@@ -15,309 +15,96 @@ are imported inside the commands, so ``serrinj --help`` loads click alone.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from types import MappingProxyType
-from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Mapping, NoReturn, Optional, Sequence
 
 import click
 
 from serrinj import __version__
-from serrinj.errors import ExitCode, InvalidInput, SerrinjError, Unsupported
-from serrinj.render import Ui
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: what each exit code means (the README and the man page are generated from this)
-EXIT_CODE_DOCS: Mapping[ExitCode, str] = MappingProxyType(
-    {
-        ExitCode.OK: "success",
-        ExitCode.ERROR: "unexpected failure (an internal error; --debug shows the traceback)",
-        ExitCode.USAGE: "bad arguments or input; nothing was sent",
-        ExitCode.NOT_FOUND: "no such VM, vCPU, process or thread (or it exited meanwhile)",
-        ExitCode.PERMISSION: "ptrace or /dev/kvm access refused, a file the sudo caller may not"
-        " use, or the policy refuses it; nothing was sent",
-        ExitCode.UNSUPPORTED: "the host, the VM's architecture or the VMM's sandbox cannot do it",
-        ExitCode.KVM_REJECTED: "KVM returned an error for the ioctl",
-        ExitCode.NOT_DELIVERED: "--wait ran out: the fault is still pending (or no MMIO exit)",
-        ExitCode.CONFLICT: "the vCPU's state forbids it (e.g. an SError is already pending;"
-        " --force overrides)",
-        ExitCode.EXPECTATION_FAILED: "the guest did not observe what was injected (demo)",
-        ExitCode.INTERRUPTED: "interrupted (Ctrl-C); every stopped thread was restored first",
-    }
+from serrinj.cli.options import (
+    CONTEXT_SETTINGS as CONTEXT_SETTINGS,
 )
-
-JSON_NOTE = (
-    "Every command takes --json: one JSON object on stdout whose first keys are"
-    ' "schema" ("serrinj/1") and "command", followed by the command\'s data.'
-    " Integers are exact (64-bit values included). On failure the object is"
-    ' {"schema", "command", "error": {"kind", "message", "hint", "exit_code"}}.'
-    " `serrinj run` prints JSON lines instead: one compact object per step event"
-    ' ({"schema", "command", "event": {...}}) as it happens, and the result as the last'
-    " line (an error that stops the campaign before its first step is the error object)."
-    " Diagnostics always go to stderr."
+from serrinj.cli.options import (
+    DEFAULT_WAIT_S as DEFAULT_WAIT_S,
 )
-JSON_HELP = "Print one JSON object (schema serrinj/1) instead of text."
-JSON_LINES_HELP = (
-    "Print JSON lines (schema serrinj/1) instead of text: one object per step event as it"
-    " happens, and the result as the last line."
+from serrinj.cli.options import (
+    EXIT_CODE_DOCS as EXIT_CODE_DOCS,
 )
-
-#: kept in step with serrinj.esr.SEVERITIES and serrinj.mce.PRESETS/PRESET_ALIASES
-#: (tests/test_cli_unit.py checks); spelled out so that --help imports neither
-SEVERITY_CHOICES = ("ce", "ueo", "uer", "ueu", "uc")
-MCE_PRESET_CHOICES = (
-    "corrected",
-    "ucna",
-    "srao",
-    "srar",
-    "uc-fatal",
-    "ce",
-    "uncorrected",
-    "uc",
-    "fatal",
+from serrinj.cli.options import (
+    JSON_HELP as JSON_HELP,
 )
-DEFAULT_WAIT_S = 5.0
-
-CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-# ====================================================================== plumbing
-def _ui() -> Ui:
-    ctx = click.get_current_context()
-    ui = ctx.find_object(Ui)
-    if ui is None:
-        ui = ctx.ensure_object(Ui)
-    return ui
-
-
-def _command(name: str) -> Callable[[F], F]:
-    """Set the JSON ``command`` name before the command body runs."""
-
-    def deco(f: F) -> F:
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            _ui().command = name
-            return f(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return deco
-
-
-def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    if value:
-        ctx.ensure_object(Ui).json = True
-
-
-def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    if value:
-        ctx.ensure_object(Ui).debug = True
-
-
-def _set_color(ctx: click.Context, _param: click.Parameter, value: Optional[str]) -> None:
-    if value is not None:
-        ctx.ensure_object(Ui).color = value
-
-
-def _global_options(hidden: bool, json_help: str = JSON_HELP) -> Callable[[F], F]:
-    def deco(f: F) -> F:
-        f = click.option(
-            "--color",
-            type=click.Choice(["auto", "always", "never"]),
-            default=None,
-            expose_value=False,
-            is_eager=True,
-            callback=_set_color,
-            hidden=hidden,
-            help="Tables and colours on a terminal (auto, the default), always, or never."
-            " NO_COLOR is honoured.",
-        )(f)
-        f = click.option(
-            "--debug",
-            is_flag=True,
-            expose_value=False,
-            is_eager=True,
-            callback=_set_debug,
-            hidden=hidden,
-            help="Show a traceback when a command fails.",
-        )(f)
-        return click.option(
-            "--json",
-            is_flag=True,
-            expose_value=False,
-            is_eager=True,
-            callback=_set_json,
-            help=json_help,
-        )(f)
-
-    return deco
-
-
-def json_option(f: F) -> F:
-    """--json on every command (and --debug/--color, documented on `serrinj` itself)."""
-    return _global_options(hidden=True)(f)
-
-
-def json_lines_option(f: F) -> F:
-    """--json for a command that streams: JSON lines, the result last (``run``)."""
-    return _global_options(hidden=True, json_help=JSON_LINES_HELP)(f)
-
-
-def _scan_quiet() -> List[Any]:
-    """Every VM, for completion: never fails, never prints."""
-    try:
-        from serrinj import discover
-
-        return list(discover.scan())
-    except Exception:
-        return []
-
-
-def _complete_pid(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[Any]:
-    from click.shell_completion import CompletionItem
-
-    return [
-        CompletionItem(str(vm.pid), help=f"{vm.name or vm.comm} [{vm.vmm}, {vm.arch}]")
-        for vm in _scan_quiet()
-        if str(vm.pid).startswith(incomplete)
-    ]
-
-
-def _complete_name(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[Any]:
-    from click.shell_completion import CompletionItem
-
-    return [
-        CompletionItem(vm.name, help=f"pid {vm.pid} [{vm.vmm}]")
-        for vm in _scan_quiet()
-        if vm.name and vm.name.startswith(incomplete)
-    ]
-
-
-def _complete_vcpu(ctx: click.Context, _param: click.Parameter, incomplete: str) -> List[Any]:
-    from click.shell_completion import CompletionItem
-
-    pid = ctx.params.get("pid")
-    name = ctx.params.get("name")
-    items: List[Any] = []
-    seen = set()
-    for vm in _scan_quiet():
-        if (pid is not None and vm.pid != pid) or (name is not None and vm.name != name):
-            continue
-        for v in vm.vcpus:
-            if v.vcpu_id in seen:
-                continue
-            seen.add(v.vcpu_id)
-            tid = v.thread.tid if v.thread else "?"
-            items.append(CompletionItem(str(v.vcpu_id), help=f"{vm.label}, thread {tid}"))
-    items.append(CompletionItem("all", help="every vCPU of the VM"))
-    return [i for i in items if i.value.startswith(incomplete)]
-
-
-def target_options(f: F) -> F:
-    """--pid/--name/--fd/--vcpu, shared by every command that touches a VM."""
-    opts = [
-        click.option(
-            "--pid",
-            type=int,
-            shell_complete=_complete_pid,
-            help="The VMM's process id.",
-        ),
-        click.option(
-            "--name",
-            shell_complete=_complete_name,
-            help="The VM's name (QEMU -name guest=NAME, or the libvirt domain).",
-        ),
-        click.option(
-            "--fd",
-            type=int,
-            metavar="N",
-            help="A vCPU fd: one serrinj inherited (its VMM is found with kcmp), or with"
-            " --pid, the target's fd N.",
-        ),
-        click.option(
-            "--vcpu",
-            metavar="ID|all",
-            shell_complete=_complete_vcpu,
-            help="The vCPU id (KVM's id, as `serrinj list` shows), or 'all'.",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def _target_args(
-    pid: Optional[int], name: Optional[str], fd: Optional[int], vcpu: Optional[str]
-) -> Tuple[Optional[int], Optional[str], Any]:
-    """(pid, name, vcpu spec) with ``--fd`` resolved to its VMM and vCPU id."""
-    from serrinj.ops import target
-
-    spec = target.parse_vcpu(vcpu)
-    if fd is None:
-        return pid, name, spec
-    if fd < 0:
-        raise InvalidInput(f"--fd {fd}: file descriptors are not negative")
-    res = target.resolve_fd(fd, pid)
-    if res.local or res.owner_pid is None:
-        raise Unsupported(
-            f"fd {fd} belongs to a VM this serrinj process created; there is nothing to attach to"
-        )
-    if spec not in (None, res.vcpu_id):
-        raise InvalidInput(
-            f"--fd {fd} is vCPU {res.vcpu_id}, but --vcpu says {vcpu}",
-            hint="give one of --fd and --vcpu",
-        )
-    return res.owner_pid, name, res.vcpu_id
-
-
-def _resolve_injection_target(
-    kind: str,
-    pid: Optional[int],
-    name: Optional[str],
-    fd: Optional[int],
-    vcpu: Optional[str],
-) -> Any:
-    """The target of an injection: one vCPU unless ``--vcpu all`` says otherwise.
-
-    The VM's architecture is checked first: an SError for an x86_64 VM is
-    pointed at ``mce``/``nmi`` (and the reverse) before anything else.
-    """
-    from serrinj.ops import inject
-
-    pid, name, spec = _target_args(pid, name, fd, vcpu)
-    return inject.resolve_target(kind, pid, name, spec)
-
-
-def _number(text: Optional[str], what: str, bits: int = 64) -> Optional[int]:
-    if text is None:
-        return None
-    from serrinj.esr import parse_int
-
-    return parse_int(text, what=what, bits=bits)
-
-
-def wait_option(f: F) -> F:
-    return click.option(
-        "--wait",
-        type=float,
-        is_flag=False,
-        flag_value=DEFAULT_WAIT_S,
-        default=None,
-        metavar="[SECONDS]",
-        help=f"Poll the vCPU until the guest has taken the fault (default {DEFAULT_WAIT_S:g} s)"
-        " and report the latency; exit 7 if it is still pending then.",
-    )(f)
-
-
-def dry_run_option(f: F) -> F:
-    return click.option(
-        "--dry-run",
-        is_flag=True,
-        help="Check everything and read the vCPU, show what would be sent and the"
-        " prediction; send nothing.",
-    )(f)
+from serrinj.cli.options import (
+    JSON_LINES_HELP as JSON_LINES_HELP,
+)
+from serrinj.cli.options import (
+    JSON_NOTE as JSON_NOTE,
+)
+from serrinj.cli.options import (
+    MCE_PRESET_CHOICES as MCE_PRESET_CHOICES,
+)
+from serrinj.cli.options import (
+    SEVERITY_CHOICES as SEVERITY_CHOICES,
+)
+from serrinj.cli.options import (
+    F as F,
+)
+from serrinj.cli.options import (
+    _command as _command,
+)
+from serrinj.cli.options import (
+    _complete_name as _complete_name,
+)
+from serrinj.cli.options import (
+    _complete_pid as _complete_pid,
+)
+from serrinj.cli.options import (
+    _complete_vcpu as _complete_vcpu,
+)
+from serrinj.cli.options import (
+    _global_options as _global_options,
+)
+from serrinj.cli.options import (
+    _number as _number,
+)
+from serrinj.cli.options import (
+    _resolve_injection_target as _resolve_injection_target,
+)
+from serrinj.cli.options import (
+    _set_color as _set_color,
+)
+from serrinj.cli.options import (
+    _set_debug as _set_debug,
+)
+from serrinj.cli.options import (
+    _set_json as _set_json,
+)
+from serrinj.cli.options import (
+    _target_args as _target_args,
+)
+from serrinj.cli.options import (
+    _ui as _ui,
+)
+from serrinj.cli.options import (
+    _vms_quietly as _vms_quietly,
+)
+from serrinj.cli.options import (
+    dry_run_option as dry_run_option,
+)
+from serrinj.cli.options import (
+    json_lines_option as json_lines_option,
+)
+from serrinj.cli.options import (
+    json_option as json_option,
+)
+from serrinj.cli.options import (
+    target_options as target_options,
+)
+from serrinj.cli.options import (
+    wait_option as wait_option,
+)
+from serrinj.cli.render import Ui
+from serrinj.errors import ExitCode, InvalidInput, SerrinjError
 
 
 # ====================================================================== the group
@@ -375,9 +162,9 @@ def cli() -> None:
 @_command("list")
 def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
     """List the KVM VMs on this host, their vCPUs and the threads that run them."""
+    from serrinj.cli.render import view_list
     from serrinj.ops.listing import list_vms
     from serrinj.ops.status import vm_dict
-    from serrinj.render import view_list
 
     ui = _ui()
     vms = list_vms(pid, name, probe=probe, warn=ui.warn)
@@ -409,8 +196,8 @@ def status_cmd(
     vector means the SError is in the guest's registers and its handler has not
     run yet (a paused VM runs it when it resumes).
     """
+    from serrinj.cli.render import view_status
     from serrinj.ops import status
-    from serrinj.render import view_status
 
     pid, name, spec = _target_args(pid, name, fd, vcpu)
     report = status.status(pid, name, spec)
@@ -495,36 +282,29 @@ def inject_cmd(
     throwaway one-vCPU VM of its own, cached per boot), never by its version;
     the prediction (--dry-run too) says which applies.
     """
+    from serrinj import faults
+    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
-    from serrinj.render import view_injections
 
     ui = _ui()
-    if esr_text is not None and severity is not None:
-        raise InvalidInput("give either --esr or --severity, not both")
     if ext_dabt and (esr_text is not None or severity is not None or force):
         raise InvalidInput("--ext-dabt takes no syndrome (--esr/--severity) and no --force")
     if not ext_dabt and (mmio_addr is not None or mmio_timeout is not None):
         raise InvalidInput("--mmio-addr and --mmio-timeout go with --ext-dabt")
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
-    value = inject.serror_esr(esr_text, severity)
-    dabt: Optional[inject.ExtDabtRequest] = None
     if ext_dabt:
-        dabt = inject.ExtDabtRequest(
-            inject.DEFAULT_MMIO_TIMEOUT_S if mmio_timeout is None else mmio_timeout,
-            _number(mmio_addr, "--mmio-addr"),
-        )
-        inject.validate_ext_dabt(dabt, wait)
-    tgt = _resolve_injection_target("ext-dabt" if ext_dabt else "serror", pid, name, fd, vcpu)
-    if dabt is not None:
+        dabt = faults.ExtDabt.from_fields({"mmio_addr": mmio_addr, "mmio_timeout": mmio_timeout})
+        dabt.validate(wait)
+        tgt = _resolve_injection_target(dabt.kind, pid, name, fd, vcpu)
         with ui.progress("waiting for an MMIO exit"):
             injs = inject.inject_ext_dabt(tgt, dabt, wait, dry_run=dry_run)
     else:
+        req = faults.SError.from_fields({"esr": esr_text, "severity": severity, "force": force})
+        tgt = _resolve_injection_target(req.kind, pid, name, fd, vcpu)
         msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
         with ui.progress(msg):
-            injs = inject.inject_serror(
-                tgt, inject.SErrorRequest(value, force), wait, dry_run=dry_run
-            )
+            injs = inject.inject_serror(tgt, req, wait, dry_run=dry_run)
     ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
 
 
@@ -585,27 +365,28 @@ def mce_cmd(
     a triple fault (CR4.MCE clear, a machine check in progress) or drop
     silently (MCi_CTL not all ones) is refused unless --force.
     """
-    from serrinj import mce as mce_mod
+    from serrinj import faults
+    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
-    from serrinj.render import view_injections
 
     ui = _ui()
-    if bank is not None and bank < 0:
-        raise InvalidInput(f"--bank {bank}: banks are numbered from 0")
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
-    m = inject.build_mce(
-        bank,
-        preset=preset,
-        status=mce_mod.parse_value(status_text, "--status", mce_mod.STATUS_BITS),
-        addr=_number(addr, "--addr"),
-        misc=_number(misc, "--misc"),
-        mcg_status=mce_mod.parse_value(mcg_status, "--mcg-status", mce_mod.MCG_STATUS_BITS),
+    fault = faults.MachineCheck.from_fields(
+        {
+            "bank": bank,
+            "preset": preset,
+            "status": status_text,
+            "addr": addr,
+            "misc": misc,
+            "mcg_status": mcg_status,
+            "force": force,
+        }
     )
     tgt = _resolve_injection_target("mce", pid, name, fd, vcpu)
     msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
     with ui.progress(msg):
-        injs = inject.inject_mce(tgt, inject.MceRequest(m, force), wait, dry_run=dry_run)
+        injs = inject.inject_mce(tgt, fault, wait, dry_run=dry_run)
     ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
 
 
@@ -629,8 +410,8 @@ def nmi_cmd(
     A Linux guest with no NMI source logs "Uhhuh. NMI received for unknown
     reason". With --wait, serrinj polls until the NMI is no longer pending.
     """
+    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
-    from serrinj.render import view_injections
 
     ui = _ui()
     if wait is not None and wait <= 0:
@@ -649,7 +430,7 @@ def esr_group() -> None:
 
 
 def _esr_data(value: int, form: str) -> Mapping[str, Any]:
-    from serrinj import esr
+    from serrinj.codec import esr
 
     syn = esr.decode(value, form=form)
     linux = None
@@ -680,8 +461,8 @@ def esr_decode_cmd(value: str, form: str) -> None:
     injection rather than left pending (see `serrinj inject`), and without RAS
     such an SError reads IDS=1 (0xbf000000) rather than the CPU's own.
     """
-    from serrinj import esr
-    from serrinj.render import view_esr
+    from serrinj.cli.render import view_esr
+    from serrinj.codec import esr
 
     number = esr.parse_int(value, what="ESR")
     _ui().emit(_esr_data(number, form), view_esr)
@@ -710,8 +491,8 @@ def esr_encode_cmd(
 
     With no option: 0x11, an asynchronous SError graded UC.
     """
-    from serrinj import esr
-    from serrinj.render import view_esr
+    from serrinj.cli.render import view_esr
+    from serrinj.codec import esr
 
     iss = esr.encode(
         severity,
@@ -747,8 +528,8 @@ def demo_cmd(arch: str) -> None:
     every injection was observed as injected (9 otherwise). The test VM is
     ended by pid on every path, Ctrl-C included.
     """
+    from serrinj.cli.render import view_demo
     from serrinj.ops import demo
-    from serrinj.render import view_demo
 
     ui = _ui()
     with ui.progress("starting the test VM") as step:
@@ -798,14 +579,14 @@ def events_save_cmd(
 
     Without -o the file itself goes to stdout (`serrinj events save > a.json`).
     """
-    from serrinj.ops import events, target
-    from serrinj.render import view_events_saved
+    from serrinj.cli.render import view_events_saved
+    from serrinj.ops import events, select
 
     ui = _ui()
-    pid, name, spec = _target_args(pid, name, fd, vcpu)
+    tgt = select.resolve(pid, name, fd, vcpu)
     out = events.OutputFile(output) if output is not None else None
     try:
-        snap = events.save(target.resolve(pid, name, spec))
+        snap = events.save(tgt)
     except BaseException:
         if out is not None:
             out.discard()
@@ -840,15 +621,14 @@ def events_load_cmd(
 
     vCPUs are matched by vcpu_id. Each vCPU's events are read before and after.
     """
-    from serrinj.ops import events, target
+    from serrinj.cli.render import view_events_loaded
+    from serrinj.ops import events, select
     from serrinj.ops.status import vm_dict
-    from serrinj.render import view_events_loaded
 
     ui = _ui()
-    text = sys.stdin.read() if file == "-" else events.read_file(file)
+    text = events.read_file(file)
     snap = events.parse(text, file)
-    pid, name, spec = _target_args(pid, name, fd, vcpu)
-    tgt = target.resolve(pid, name, spec)
+    tgt = select.resolve(pid, name, fd, vcpu)
     results = events.load(tgt, snap, force=force)
     ui.emit(
         {
@@ -895,8 +675,8 @@ def run_cmd(
     Exit 0 when every step passed, 9 when one failed, or the error's own code.
     See examples/ and examples/README.md for the format.
     """
-    from serrinj.ops import campaign
-    from serrinj.render import view_campaign
+    from serrinj import campaign
+    from serrinj.cli.render import view_campaign
 
     ui = _ui()
     if sum(x is not None for x in (pid, name, pid_file)) > 1:
@@ -957,12 +737,9 @@ def run_cmd(
 
 # ====================================================================== entry points
 def _flag_in(args: Sequence[str], flag: str) -> bool:
-    for a in args:
-        if a == "--":
-            return False
-        if a == flag:
-            return True
-    return False
+    from serrinj.ops.guard import flag_in
+
+    return flag_in(args, flag)
 
 
 def _usage_error(ui: Ui, err: click.ClickException) -> int:
@@ -993,32 +770,15 @@ def _traceback() -> None:
     traceback.print_exc()
 
 
-#: injecting commands -> their audit action; the use cases audit every attempt that
-#: reaches them, and :func:`_audit_attempt` the ones refused before (bad arguments,
-#: no VM found, no permission)
-_AUDITED_COMMANDS: Mapping[str, str] = MappingProxyType(
-    {
-        "inject": "inject-serror",
-        "mce": "inject-mce",
-        "nmi": "inject-nmi",
-        "events load": "events-load",
-        "run": "campaign-run",
-    }
-)
-
-
 def _audit_attempt(
     ui: Ui, args: Sequence[str], err: BaseException, raised: Optional[BaseException] = None
 ) -> None:
     """Audit an injection attempt that failed before its use case recorded it."""
-    action = _AUDITED_COMMANDS.get(ui.command)
+    from serrinj.ops import guard
+
+    action = guard.command_action(ui.command, args)
     if action is None:
         return
-    if action == "inject-serror" and _flag_in(args, "--ext-dabt"):
-        action = "inject-ext-dabt"
-    if action == "campaign-run" and _flag_in(args, "--check-only"):
-        return  # checking a file injects nothing
-    from serrinj.ops import guard
 
     if any(x is not None and guard.was_audited(x) for x in (err, raised)):
         return
@@ -1112,10 +872,10 @@ def _run(argv: Optional[Sequence[str]]) -> int:
     finally:
         # an audit record that could not be written is never silent, nor an ignored
         # environment override
-        privilege = sys.modules.get("serrinj.privilege")
+        privilege = sys.modules.get("serrinj.host.privilege")
         for note in getattr(privilege, "warnings", ()):
             ui.warn(note)
-        audit = sys.modules.get("serrinj.audit")
+        audit = sys.modules.get("serrinj.ops.audit")
         for problem in getattr(audit, "problems", ()):
             ui.warn(problem)
 

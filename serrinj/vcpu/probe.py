@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from serrinj import _native
-from serrinj.executor import LocalExecutor
+from serrinj.host import kvmcaps as host
+from serrinj.host import privilege
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as kvm_arm64
-from serrinj.ops import host, lock
-from serrinj.vcpu import Vcpu
+from serrinj.kvm.arch import Arch
+from serrinj.vcpu.arm64 import Arm64Vcpu
+from serrinj.vcpu.executor import LocalExecutor
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CACHE_NAME = "kvm-serror-probe.json"
@@ -74,7 +76,7 @@ def boot_id() -> str:
 
 
 def _cache_path() -> str:
-    return os.path.join(lock.lock_dir(), CACHE_NAME)
+    return os.path.join(privilege.runtime_dir(), CACHE_NAME)
 
 
 def _read_cache(bid: str) -> Optional[SErrorBehaviour]:
@@ -133,7 +135,7 @@ def serror_behaviour(use_cache: bool = True) -> SErrorBehaviour:
 
 def probe_serror(bid: str = "") -> SErrorBehaviour:
     """Create a throwaway one-vCPU VM, SET an SError with PSTATE.A clear, and look."""
-    if host.machine() != "aarch64":
+    if host.machine() != Arch.AARCH64:
         return SErrorBehaviour(None, "not an arm64 host", bid)
     fds = []
     try:
@@ -149,13 +151,12 @@ def probe_serror(bid: str = "") -> SErrorBehaviour:
         vcpu_fd = _native.ioctl_int(vm_fd, api.KVM_CREATE_VCPU, 0)
         fds.append(vcpu_fd)
         ex.ioctl_buf(vcpu_fd, kvm_arm64.KVM_ARM_VCPU_INIT, init.pack())
-        vc = Vcpu(ex, vcpu_fd, 0, "aarch64")
+        vc = Arm64Vcpu(ex, vcpu_fd, 0, Arch.AARCH64)
         vc.set_one_reg(kvm_arm64.REG_VBAR_EL1, PROBE_VBAR)
         vc.set_one_reg(kvm_arm64.REG_PC, PROBE_PC)
         vc.set_one_reg(kvm_arm64.REG_PSTATE, PROBE_PSTATE)
         vc.inject_serror(None)
         ev = vc.get_events()
-        assert isinstance(ev, kvm_arm64.VcpuEvents)
         pc = vc.get_one_reg(kvm_arm64.REG_PC)
         ec = (vc.get_one_reg(kvm_arm64.REG_ESR_EL1) >> 26) & 0x3F
     except Exception as err:  # the probe is advisory: any failure means "unknown"
