@@ -22,7 +22,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -30,6 +30,7 @@ import serrinj
 from serrinj import errors
 from serrinj.target import discover
 from serrinj.testvm.process import TestVmProcess
+from tests.helpers.testvm import VmFactory
 from tests.test_campaign import ROOT, LoggedVm
 
 DOC = Path(ROOT) / "docs" / "api.md"
@@ -48,9 +49,8 @@ def doc_blocks() -> List[Tuple[str, str]]:
 
 
 @pytest.fixture
-def test_vm() -> Iterator[TestVmProcess]:
-    with TestVmProcess.start(vcpus=2, mode="halt") as vm:
-        yield vm
+def test_vm(start_vm: VmFactory) -> TestVmProcess:
+    return start_vm(vcpus=2, mode="halt", ready=False)
 
 
 @pytest.mark.kvm
@@ -312,6 +312,7 @@ def test_find_by_fd_and_by_libvirt_domain(
 @pytest.mark.kvm
 @X86
 def test_a_vm_handle_notices_its_vm_is_gone() -> None:
+    # not the start_vm fixture: the VM must end inside the test, while the handle lives
     with TestVmProcess.start(vcpus=1) as tv:
         vm = serrinj.find(pid=tv.pid)
         assert vm.nmi(wait=5.0).delivered

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterator
 
 import pytest
 
@@ -31,6 +30,7 @@ from serrinj.testvm.process import TestVmProcess
 from serrinj.vcpu.base import Vcpu
 from tests.conftest import debugfs_kvm
 from tests.helpers.procs import wait_stopped
+from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
@@ -43,11 +43,9 @@ ESR_SERROR = 0xBE000000  # EC 0x2F and IL, which the CPU adds to the injected IS
 
 
 @pytest.fixture
-def vm(request: pytest.FixtureRequest) -> Iterator[TestVmProcess]:
+def vm(request: pytest.FixtureRequest, start_vm: VmFactory) -> TestVmProcess:
     mode, vcpus = request.param
-    with TestVmProcess.start(vcpus=vcpus, mode=mode) as proc:
-        proc.wait_event(lambda e: e["event"] == "guest-ready", timeout=20)
-        yield proc
+    return start_vm(vcpus=vcpus, mode=mode)
 
 
 def _heartbeat(vm: TestVmProcess, vcpu: int) -> dict:  # type: ignore[type-arg]

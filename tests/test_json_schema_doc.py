@@ -18,12 +18,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set
 
 import pytest
 
 from serrinj.testvm.process import TestVmProcess
 from tests import test_cli_unit
+from tests.helpers.testvm import VmFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "json-schema.md"
@@ -211,10 +212,8 @@ def test_inject_on_a_fake_arm64_host(arm64_fakes: Any, capsys: pytest.CaptureFix
 
 
 @pytest.fixture
-def vm() -> Iterator[TestVmProcess]:
-    with TestVmProcess.start(vcpus=2, mode="halt") as proc:
-        proc.wait_event(lambda e: e["event"] == "guest-ready", timeout=20)
-        yield proc
+def vm(start_vm: VmFactory) -> TestVmProcess:
+    return start_vm(vcpus=2, mode="halt")
 
 
 @pytest.mark.kvm

@@ -38,7 +38,6 @@ from tests.helpers.procs import wait_stopped
 from tests.test_fault_matrix import Paused, assert_healthy
 
 # the fault matrix's fixtures: test VMs and paused serrinj runs, ended by pid
-start_vm = matrix.start_vm
 paused_runs = matrix.paused_runs
 
 X86 = os.uname().machine == "x86_64"

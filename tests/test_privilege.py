@@ -142,30 +142,6 @@ def audit_records(shared: Path) -> List[Dict[str, Any]]:
 
 
 @pytest.fixture
-def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
-    vms: List[TestVmProcess] = []
-
-    def start(
-        python: str = sys.executable,
-        extra: Sequence[str] = (),
-        env: Optional[Dict[str, str]] = None,
-    ) -> TestVmProcess:
-        vm = TestVmProcess.start(
-            vcpus=2, mode="halt", python=python, extra_args=list(extra), env=env
-        )
-        vms.append(vm)
-        for v in (0, 1):
-            vm.wait_event(lambda e, v=v: e.get("event") == "guest-ready" and e.get("vcpu") == v, 20)
-        return vm
-
-    try:
-        yield start
-    finally:
-        for vm in vms:
-            vm.stop()
-
-
-@pytest.fixture
 def nocap_python(tmp_path: Path) -> str:
     """A python that runs as root but with no capability at all (a minimal VMM)."""
     setpriv = need_tool("setpriv", "util-linux")

@@ -31,13 +31,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
 
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import missing, need_tool
+from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
@@ -172,22 +173,15 @@ def dirs(sudo_user: SudoUser) -> Iterator[Tuple[Path, Path, Path]]:
 
 
 @pytest.fixture
-def start_vm(sudo_user: SudoUser) -> Iterator[Any]:
-    vms: List[TestVmProcess] = []
+def named_vm(sudo_user: SudoUser, start_vm: VmFactory) -> Callable[..., TestVmProcess]:
+    """Start a test VM named ``name`` (after ``sudo_user``: each VM is stopped first)."""
 
     def start(
         name: str, mode: str = "halt", extra: Tuple[str, ...] = (), vcpus: int = 1
     ) -> TestVmProcess:
-        vm = TestVmProcess.start(vcpus=vcpus, mode=mode, extra_args=["--name", name, *extra])
-        vms.append(vm)
-        vm.wait_event(lambda e: e.get("event") == "guest-ready" and e.get("vcpu") == 0, 20)
-        return vm
+        return start_vm(vcpus, mode, ["--name", name, *extra])
 
-    try:
-        yield start
-    finally:
-        for vm in vms:
-            vm.stop()
+    return start
 
 
 def observed(vm: TestVmProcess) -> Tuple[int, int]:
@@ -222,10 +216,10 @@ PROBE = '[[steps]]\nexpect = "log"\nmatch = "^root:"\nsince = "beginning"\ntimeo
 # ====================================================================== files as the caller
 @pytest.mark.skipif(not X86, reason="the test VM's NMI is x86_64")
 def test_a_caller_cannot_learn_whether_a_pattern_matches_a_file_it_cannot_read(
-    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], named_vm: Callable[..., TestVmProcess]
 ) -> None:
     base, _mine, closed = dirs
-    vm = start_vm(f"ras-{sudo_user.name}")
+    vm = named_vm(f"ras-{sudo_user.name}")
     probe = write(base / "probe.toml", campaign(vm.pid, "/etc/shadow", PROBE))
     r = sudo_user.run("run", probe)
     refused(r, "guest log /etc/shadow", f"uid {sudo_user.uid} ({sudo_user.name})",
@@ -263,10 +257,10 @@ def test_a_caller_cannot_learn_whether_a_pattern_matches_a_file_it_cannot_read(
 
 @pytest.mark.skipif(not X86, reason="the test VM's NMI is x86_64")
 def test_a_caller_cannot_write_a_junit_or_events_file_where_it_may_not(
-    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], named_vm: Callable[..., TestVmProcess]
 ) -> None:
     base, mine, closed = dirs
-    vm = start_vm(f"ras-{sudo_user.name}")
+    vm = named_vm(f"ras-{sudo_user.name}")
     c = write(base / "c.toml", campaign(vm.pid, None))
     report = closed / "report.xml"
     refused(sudo_user.run("run", c, "--junit", report), f"JUnit report {report}")
@@ -293,10 +287,10 @@ def test_a_caller_cannot_write_a_junit_or_events_file_where_it_may_not(
 
 @pytest.mark.skipif(not X86, reason="the test VM's NMI is x86_64")
 def test_a_caller_cannot_redirect_the_audit_log_or_the_lock_directory(
-    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], named_vm: Callable[..., TestVmProcess]
 ) -> None:
     _base, mine, _closed = dirs
-    vm = start_vm(f"ras-{sudo_user.name}")
+    vm = named_vm(f"ras-{sudo_user.name}")
     env = {"SERRINJ_AUDIT_LOG": str(mine / "audit.jsonl"), "SERRINJ_LOCK_DIR": str(mine / "locks")}
     before = len(sudo_user.audit())
     r = sudo_user.run("nmi", "--pid", vm.pid, "--vcpu", 0, "--wait", env=env)
@@ -358,11 +352,14 @@ do = ["status"]
 
 @pytest.mark.skipif(not X86, reason="the test VM's NMI and machine checks are x86_64")
 def test_the_policy_allows_the_ras_vm_and_refuses_the_rest(
-    sudo_user: SudoUser, policy: Path, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser,
+    policy: Path,
+    dirs: Tuple[Path, Path, Path],
+    named_vm: Callable[..., TestVmProcess],
 ) -> None:
     base, _mine, _closed = dirs
-    ras = start_vm(f"ras-{sudo_user.name}")
-    prod = start_vm(f"prod-{sudo_user.name}")
+    ras = named_vm(f"ras-{sudo_user.name}")
+    prod = named_vm(f"prod-{sudo_user.name}")
     before = len(sudo_user.audit())
 
     # allowed: an NMI into the ras VM, and the guest takes it
@@ -418,12 +415,12 @@ def test_the_policy_allows_the_ras_vm_and_refuses_the_rest(
 
 
 def test_list_probe_stops_the_threads_of_a_vm_only_where_status_is_allowed(
-    sudo_user: SudoUser, policy: Path, start_vm: Any
+    sudo_user: SudoUser, policy: Path, named_vm: Callable[..., TestVmProcess]
 ) -> None:
     """``list --probe`` briefly stops a VM's threads to map its vCPUs: a read of the VM."""
     spinning = ("--thread-names", "none")
-    ras = start_vm(f"ras-{sudo_user.name}", "spin", spinning, 2)
-    prod = start_vm(f"prod-{sudo_user.name}", "spin", spinning, 2)
+    ras = named_vm(f"ras-{sudo_user.name}", "spin", spinning, 2)
+    prod = named_vm(f"prod-{sudo_user.name}", "spin", spinning, 2)
     # only the ras-lab rule: nothing at all is allowed on the prod VM
     text = policy.read_text()
     write(policy, text[: text.index('[[rule]]\nname = "ras-look-elsewhere"')])
