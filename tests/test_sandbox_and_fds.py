@@ -98,7 +98,7 @@ def test_inherited_fd_owner_found_with_kcmp(plain: TestVmProcess) -> None:
     vm = plain
     fd = vm.vcpu(1).fd
     code = (
-        "import json, sys; from serrinj.ops import target\n"
+        "import json, sys; from serrinj.target import attach as target\n"
         f"r = target.resolve_fd({fd})\n"
         "print(json.dumps(r.__dict__))"
     )
