@@ -13,6 +13,7 @@ import pytest
 import xmlschema
 
 from serrinj.testvm.process import TestVmProcess
+from tests.helpers import serrinj_cli
 from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
@@ -22,10 +23,8 @@ X86 = os.uname().machine == "x86_64"
 
 
 def serrinj(*args: str) -> Tuple[int, str, str]:
-    p = subprocess.run(
-        [sys.executable, "-m", "serrinj", *args], capture_output=True, text=True, timeout=120
-    )
-    return p.returncode, p.stdout, p.stderr
+    r = serrinj_cli.run(*args, timeout=120)
+    return r.rc, r.stdout, r.stderr
 
 
 @pytest.fixture

@@ -7,11 +7,8 @@ reports what it observed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -29,6 +26,7 @@ from serrinj.target import discover
 from serrinj.testvm.process import TestVmProcess
 from serrinj.vcpu.base import Vcpu
 from tests.conftest import debugfs_kvm
+from tests.helpers import serrinj_cli
 from tests.helpers.procs import wait_stopped
 from tests.helpers.testvm import VmFactory
 
@@ -263,14 +261,9 @@ def test_status_of_a_paused_vm_is_userspace(vm: TestVmProcess) -> None:
     # the names agree with KVM's debugfs where it is mounted, which then wins
     assert all(s.registers_restored and "name" in s.sources for s in rep.vcpus)
     assert {s.mapped_by for s in rep.vcpus} == {"debugfs" if debugfs_kvm() else "name"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", "status", "--pid", str(vm.pid), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    proc = serrinj_cli.run("status", "--pid", vm.pid, "--json")
+    assert proc.rc == 0, proc
+    out = proc.data
     assert [(v["vcpu_id"], v["thread"]["tid"], v["state"]) for v in out["vcpus"]] == [
         (0, tids[0], "userspace"),
         (1, tids[1], "userspace"),

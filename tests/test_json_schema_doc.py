@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set
@@ -24,6 +22,7 @@ import pytest
 
 from serrinj.testvm.process import TestVmProcess
 from tests import test_cli_unit
+from tests.helpers import serrinj_cli
 from tests.helpers.testvm import VmFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,19 +128,11 @@ def documented_error() -> Dict[str, Any]:
 
 # ====================================================================== running serrinj
 def serrinj(*args: object, check: bool = True) -> List[Dict[str, Any]]:
-    """Run ``python -m serrinj ARGS`` and return its JSON: one object, or JSON lines."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """Run ``serrinj ARGS`` and return its JSON: one object, or JSON lines."""
+    r = serrinj_cli.run(*args, timeout=120)
     if check:
-        assert proc.returncode == 0, (args, proc.stderr)
-    try:
-        return [json.loads(proc.stdout)]
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        assert r.rc == 0, r
+    return r.lines
 
 
 def check(command: str, outputs: Sequence[Dict[str, Any]]) -> Set[int]:

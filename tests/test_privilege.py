@@ -20,7 +20,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -29,23 +28,14 @@ import pytest
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import need_tool
+from tests.helpers import serrinj_cli
+from tests.helpers.serrinj_cli import Result
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
 NOBODY = 65534
 AS_NOBODY = ["--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 NO_CAPS = ["--bounding-set=-all", "--inh-caps=-all"]
-
-
-@dataclass
-class Run:
-    argv: List[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:
-        return f"{self.argv} -> {self.rc}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -108,29 +98,24 @@ def run_as(
     shared: Path,
     strace_to: Optional[Path] = None,
     prefix: Sequence[str] = (),
-) -> Run:
+) -> Result:
     """``[PREFIX] setpriv ARGS python -m serrinj ARGS``, optionally under a real strace."""
-    argv = [str(a) for a in args]
-    cmd = [
-        need_tool("setpriv", "util-linux"),
-        *setpriv_args,
-        sys.executable,
-        "-m",
-        "serrinj",
-        *argv,
-    ]
+    strace: List[str] = []
     if strace_to is not None:
-        cmd = [need_tool("strace", "strace"), "-f", "-qq", "-o", str(strace_to), *cmd]
-    cmd = [*prefix, *cmd]
+        strace = [need_tool("strace", "strace"), "-f", "-qq", "-o", str(strace_to)]
     env = {
-        **os.environ,
         "PYTHONPATH": os.pathsep.join(_readable),
         "SERRINJ_AUDIT_LOG": str(shared / "audit.jsonl"),
         "SERRINJ_LOCK_DIR": str(shared / "locks"),
         "HOME": str(shared),
     }
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd="/")
-    return Run(argv, proc.returncode, proc.stdout, proc.stderr)
+    return serrinj_cli.run(
+        *args,
+        prefix=[*prefix, *strace, need_tool("setpriv", "util-linux"), *setpriv_args],
+        serrinj=[sys.executable, "-m", "serrinj"],
+        env=env,
+        cwd="/",
+    )
 
 
 def audit_records(shared: Path) -> List[Dict[str, Any]]:
@@ -163,7 +148,7 @@ def guest_counts(vm: TestVmProcess) -> List[tuple]:  # type: ignore[type-arg]
     return out
 
 
-def assert_refused(r: Run, *words: str) -> None:
+def assert_refused(r: Result, *words: str) -> None:
     assert r.rc == ExitCode.PERMISSION, r
     assert r.stderr.startswith("error: "), r
     assert "Traceback" not in r.stderr + r.stdout, r
@@ -413,7 +398,7 @@ def test_a_user_with_only_cap_sys_ptrace_injects_into_a_vmm_with_more_capabiliti
     assert_refused(r, "capabilities serrinj lacks")
     assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
-    def run(*args: object) -> Run:
+    def run(*args: object) -> Result:
         return run_as(ONLY_PTRACE, *args, shared=nobody_dir, prefix=kvm_prefix)
 
     r = run("list", "--json", "--pid", vm.pid)

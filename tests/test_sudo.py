@@ -38,6 +38,8 @@ import pytest
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import missing, need_tool
+from tests.helpers import serrinj_cli
+from tests.helpers.serrinj_cli import Result
 from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
@@ -49,17 +51,6 @@ _BIND = (
     'mount --bind "$1" /etc/serrinj && mount --bind "$2" /var/log/serrinj'
     ' && mount --bind "$3" /run/serrinj && shift 3 && exec "$@"'
 )
-
-
-@dataclass
-class Run:
-    argv: List[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:
-        return f"{self.argv} -> {self.rc}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
 @dataclass
@@ -81,30 +72,29 @@ class SudoUser:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def run(self, *args: object, env: Mapping[str, str] = {}, root: bool = False) -> Run:
+    def run(self, *args: object, env: Mapping[str, str] = {}, root: bool = False) -> Result:
         """``sudo -n [VAR=value...] serrinj ARGS`` as the test user (``root``: serrinj
         run by root itself, with ``env`` in its environment), in the private namespace."""
         argv = [str(a) for a in args]
         dirs = [str(self.state / d) for d in ("etc", "log", "run")]
         if root:
-            inner = [str(SERRINJ), *argv]
+            inner = [str(SERRINJ)]
         else:
             setpriv = need_tool("setpriv", "util-linux")
             inner = [setpriv, "--reuid", str(self.uid), "--regid", str(self.gid),
                      "--init-groups", "--", need_tool("sudo", "sudo"), "-n",
-                     *(f"{k}={v}" for k, v in env.items()), str(SERRINJ), *argv]  # fmt: skip
+                     *(f"{k}={v}" for k, v in env.items()), str(SERRINJ)]  # fmt: skip
         cmd = [need_tool("unshare", "util-linux"), "-m", "--propagation", "private", "--",
-               "sh", "-c", _BIND, "sh", *dirs, *inner]  # fmt: skip
+               "sh", "-c", _BIND, "sh", *dirs]  # fmt: skip
         base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "NO_COLOR": "1"}
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/",
+        return serrinj_cli.run(
+            *argv,
+            prefix=cmd,
+            serrinj=inner,
             env={**base, **env} if root else base,
+            inherit_env=False,
+            cwd="/",
         )
-        return Run(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
 def _must(*cmd: str) -> None:
@@ -192,7 +182,7 @@ def observed(vm: TestVmProcess) -> Tuple[int, int]:
     return hb["nmi_count"], hb["mce_count"]
 
 
-def refused(r: Run, *words: str) -> None:
+def refused(r: Result, *words: str) -> None:
     assert r.rc == ExitCode.PERMISSION, r
     assert "error: " in r.stderr and "Traceback" not in r.stderr + r.stdout, r
     for w in words:

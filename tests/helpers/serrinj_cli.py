@@ -25,7 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 _VENV_SCRIPT = Path(sys.executable).with_name("serrinj")
 SERRINJ: List[str] = (
@@ -81,12 +81,21 @@ def run(
     debugfs: bool = False,
     without_debugfs: bool = False,
     env: Optional[Mapping[str, str]] = None,
+    inherit_env: bool = True,
     timeout: float = 60.0,
     cwd: Optional[str] = None,
+    prefix: Sequence[str] = (),
+    serrinj: Sequence[str] = (),
 ) -> Result:
-    """Run ``serrinj ARGS``; ``env`` is added to this process's environment."""
+    """Run ``[PREFIX] serrinj ARGS``.
+
+    ``env`` is added to this process's environment (with ``inherit_env=False``, it
+    is the whole environment). ``prefix`` is a command that runs the rest (``setpriv
+    ...``, ``sudo -n``, ``strace -o FILE``); ``serrinj`` replaces the command that is
+    serrinj (:data:`SERRINJ`), e.g. ``python -m serrinj`` from another PYTHONPATH.
+    """
     argv = [str(a) for a in args]
-    command = [*SERRINJ, *argv]
+    command = [*prefix, *(serrinj or SERRINJ), *argv]
     if debugfs:
         command = [*debugfs_prefix(), *command]
     elif without_debugfs:
@@ -98,7 +107,7 @@ def run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**(os.environ if inherit_env else {}), **(env or {})},
         cwd=cwd,
     )
     try:
