@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.helpers.paused import Paused
 from tests.helpers.testvm import VmFactory
 
 
@@ -197,6 +198,18 @@ def start_vm() -> Iterator[VmFactory]:
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture
+def paused_runs() -> Iterator[List[Paused]]:
+    """Paused serrinj runs (:class:`tests.helpers.paused.Paused`) a test appends here;
+    each one still running at the end is killed by its pid."""
+    runs: List[Paused] = []
+    try:
+        yield runs
+    finally:
+        for run in runs:
+            run.kill()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -41,6 +41,7 @@ from serrinj.remote.arch import Registers
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import need_tool, no_such_pid
 from tests.helpers import serrinj_cli
+from tests.helpers.paused import Paused, env_with_tests
 from tests.helpers.procs import task_states, wait_stopped
 from tests.helpers.serrinj_cli import Result
 
@@ -56,82 +57,8 @@ Event = Dict[str, Any]
 
 
 # ====================================================================== helpers
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **(extra or {})}
-
-
 def serrinj(*args: object, env: Optional[Dict[str, str]] = None, timeout: float = 60) -> Result:
     return serrinj_cli.run(*args, env=env, timeout=timeout)
-
-
-class Paused:
-    """``serrinj ARGS`` held at an engine phase (``tests.helpers.paused_serrinj``).
-
-    The engine pauses at that phase of *every* remote syscall after the first
-    ``skip``; :meth:`release` lets it go on and keeps releasing later pauses until
-    the command ends.
-    """
-
-    def __init__(self, tmp: Path, phase: str, *args: object, skip: int = 0, **popen: Any) -> None:
-        self.marker = tmp / f"pause-{phase}-{time.monotonic_ns()}"
-        self.argv = [str(a) for a in args]
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.helpers.paused_serrinj",
-                "--pause-at",
-                phase,
-                "--marker",
-                str(self.marker),
-                "--skip",
-                str(skip),
-                "--",
-                *self.argv,
-            ],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            **popen,
-        )
-
-    def wait_paused(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.marker.exists():
-            if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
-                raise AssertionError(
-                    f"serrinj ended before pausing: {self.proc.returncode}\n{out}\n{err}"
-                )
-            assert time.monotonic() < deadline, "serrinj never reached the pause point"
-            time.sleep(0.005)
-
-    def release(self, timeout: float = 60.0) -> Result:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            with contextlib.suppress(FileNotFoundError):
-                self.marker.unlink()
-            assert time.monotonic() < deadline, "serrinj did not finish"
-            time.sleep(0.005)
-        out, err = self.proc.communicate()
-        return Result(self.argv, self.proc.returncode, out, err)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
-
-
-@pytest.fixture
-def paused_runs() -> Iterator[List[Paused]]:
-    runs: List[Paused] = []
-    try:
-        yield runs
-    finally:
-        for run in runs:
-            run.kill()
 
 
 def heartbeat(vm: TestVmProcess, vcpu: int, timeout: float = 10.0) -> Event:
@@ -608,7 +535,7 @@ def test_pid_reuse_between_discovery_and_attach_is_caught(tmp_path: Path) -> Non
     proc = subprocess.Popen(
         [exe, "--pid", "--mount-proc", "--kill-child", sys.executable, "-c", code],
         cwd=ROOT,
-        env=_env(),
+        env=env_with_tests(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -831,7 +758,7 @@ def test_list_while_vmms_come_and_go() -> None:
     from serrinj.target import discover
 
     churn = subprocess.Popen(
-        [sys.executable, "-c", CHURN, "12"], env=_env(), stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHURN, "12"], env=env_with_tests(), stdout=subprocess.PIPE, text=True
     )
     try:
         seen = scans = 0
@@ -1007,10 +934,7 @@ def test_serrinj_sigkilled_before_changing_anything_leaves_the_vmm_running(
         before = observe(vm.pid, tid)
         run = Paused(tmp_path, "seized", "nmi", "--pid", vm.pid, "--vcpu", 0)
         paused_runs.append(run)
-        run.wait_paused()
-        run.proc.kill()
-        run.proc.wait(10)
-        run.marker.unlink()
+        run.sigkill_when_paused()
         with open(f"/proc/{vm.pid}/task/{tid}/status") as f:
             assert "TracerPid:\t0\n" in f.read()
         after = observe(vm.pid, tid)
