@@ -44,6 +44,7 @@ from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
+ROOT = Path(__file__).resolve().parent.parent
 SERRINJ = Path(sys.executable).parent / "serrinj"
 #: the root-owned paths serrinj uses, each replaced by a directory of the test's own
 PRIVATE = ("/etc/serrinj", "/var/log/serrinj", "/run/serrinj")
@@ -312,28 +313,9 @@ def test_a_caller_cannot_redirect_the_audit_log_or_the_lock_directory(
 @pytest.fixture
 def policy(sudo_user: SudoUser) -> Iterator[Path]:
     """/etc/serrinj/policy.toml (in the private namespace) for the test user's group."""
-    path = write(
-        sudo_user.policy_file,
-        f"""\
-[[rule]]
-name = "no-fatal-into-others"
-effect = "deny"
-users = ["*"]
-owner = "other"
-severity = "fatal"
-
-[[rule]]
-name = "ras-lab"
-groups = ["{sudo_user.group}"]
-vms = ["ras-*"]
-do = ["*"]
-
-[[rule]]
-name = "ras-look-elsewhere"
-groups = ["{sudo_user.group}"]
-do = ["status"]
-""",
-    )
+    example = (ROOT / "docs" / "policy-example.toml").read_text()  # the README's
+    # the example's "ras" group is the test user's own
+    path = write(sudo_user.policy_file, example.replace('"ras"', f'"{sudo_user.group}"'))
     try:
         yield path
     finally:
