@@ -29,6 +29,7 @@ from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import need_tool
 from tests.helpers import serrinj_cli
+from tests.helpers.rootpaths import bind_prefix, private_state, world_writable_dir
 from tests.helpers.serrinj_cli import Result
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
@@ -41,12 +42,8 @@ NO_CAPS = ["--bounding-set=-all", "--inh-caps=-all"]
 @pytest.fixture(scope="module")
 def shared_dir() -> Iterator[Path]:
     """A directory every uid may write: the audit log and the locks of these runs."""
-    d = Path(tempfile.mkdtemp(prefix="serrinj-priv-"))
-    try:
-        d.chmod(0o777)
+    with world_writable_dir() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 #: the packages an unprivileged serrinj imports
@@ -66,7 +63,6 @@ def _world_readable_packages() -> Iterator[None]:
     fail to *import* there, or these tests would test nothing.
     """
     import importlib.util
-    import tempfile
 
     base = tempfile.mkdtemp(prefix="serrinj-priv-")
     try:
@@ -306,10 +302,15 @@ def test_real_uid_that_differs_is_named_as_the_ptrace_problem(
     read the fds (file-system ids match) but PTRACE_SEIZE checks the real ids."""
     vm = start_vm(python=nocap_python)
     setuid_like = ["--ruid", str(NOBODY), "--euid", "0", "--clear-groups", *NO_CAPS]
-    for args in (["nmi", "--pid", vm.pid, "--vcpu", 0], ["status", "--pid", vm.pid]):
-        r = run_as(setuid_like, *args, shared=shared_dir)
-        assert_refused(r, "ptrace of process", f"serrinj as uid {NOBODY}", "real ids",
-                       "CAP_SYS_PTRACE")  # fmt: skip
+    # root acting for another uid ignores SERRINJ_AUDIT_LOG: its audit log (and locks)
+    # are this test's own, bind-mounted in a private mount namespace
+    with private_state("serrinj-priv-") as state:
+        private = bind_prefix(need_tool("unshare", "util-linux"), state)
+        for args in (["nmi", "--pid", vm.pid, "--vcpu", 0], ["status", "--pid", vm.pid]):
+            r = run_as(setuid_like, *args, shared=shared_dir, prefix=private)
+            assert_refused(r, "ptrace of process", f"serrinj as uid {NOBODY}", "real ids",
+                           "CAP_SYS_PTRACE")  # fmt: skip
+        assert [rec["action"] for rec in audit_records(state / "log")] == ["inject-nmi"]
     assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
 
@@ -351,12 +352,8 @@ def kvm_prefix(tmp_path: Path) -> List[str]:
 def nobody_dir() -> Iterator[Path]:
     """The audit log and locks of uid 65534's runs (the module's shared directory may
     hold a lock directory that an earlier root run made)."""
-    d = Path(tempfile.mkdtemp(prefix="serrinj-priv-"))
-    try:
-        d.chmod(0o777)
+    with world_writable_dir() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

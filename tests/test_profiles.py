@@ -195,7 +195,8 @@ def _kvm_fds(pid: int) -> Dict[str, List[int]]:
 def test_profile_layout_seen_from_proc(profile: str, start_vm: VmFactory) -> None:
     """What /proc shows of each profile: names, fds, ids, filters."""
     p = profiles.PROFILES[profile]
-    vm = start_vm(*_profile_vm(profile), ready_timeout=30)
+    vcpus, extra = _profile_vm(profile)
+    vm = start_vm(vcpus, "halt", extra, ready_timeout=30)
     pid = vm.pid
     assert _comm(pid, pid) == p.main_name[:15]
     ids = [v.vcpu_id for v in vm.vcpus]
@@ -398,7 +399,8 @@ def test_a_trapped_call_kills_the_vmm_as_the_real_one(
 ) -> None:
     """The VMM's own forbidden ioctl (on its vCPU thread) is trapped, reported and fatal:
     what the matrix's "the filter never trapped" would see."""
-    vm = start_vm(*_profile_vm(profile), ready_timeout=30)
+    vcpus, extra = _profile_vm(profile)
+    vm = start_vm(vcpus, "halt", extra, ready_timeout=30)
     mark = vm.mark()
     vm.command(command)
     event = vm.wait_event(lambda e: e["event"] == "sigsys", 10, mark)

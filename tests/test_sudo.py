@@ -39,6 +39,7 @@ from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import missing, need_tool
 from tests.helpers import serrinj_cli
+from tests.helpers.rootpaths import bind_prefix, private_state
 from tests.helpers.serrinj_cli import Result
 from tests.helpers.testvm import VmFactory
 
@@ -46,12 +47,6 @@ pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
 ROOT = Path(__file__).resolve().parent.parent
 SERRINJ = Path(sys.executable).parent / "serrinj"
-#: the root-owned paths serrinj uses, each replaced by a directory of the test's own
-PRIVATE = ("/etc/serrinj", "/var/log/serrinj", "/run/serrinj")
-_BIND = (
-    'mount --bind "$1" /etc/serrinj && mount --bind "$2" /var/log/serrinj'
-    ' && mount --bind "$3" /run/serrinj && shift 3 && exec "$@"'
-)
 
 
 @dataclass
@@ -77,7 +72,6 @@ class SudoUser:
         """``sudo -n [VAR=value...] serrinj ARGS`` as the test user (``root``: serrinj
         run by root itself, with ``env`` in its environment), in the private namespace."""
         argv = [str(a) for a in args]
-        dirs = [str(self.state / d) for d in ("etc", "log", "run")]
         if root:
             inner = [str(SERRINJ)]
         else:
@@ -85,8 +79,7 @@ class SudoUser:
             inner = [setpriv, "--reuid", str(self.uid), "--regid", str(self.gid),
                      "--init-groups", "--", need_tool("sudo", "sudo"), "-n",
                      *(f"{k}={v}" for k, v in env.items()), str(SERRINJ)]  # fmt: skip
-        cmd = [need_tool("unshare", "util-linux"), "-m", "--propagation", "private", "--",
-               "sh", "-c", _BIND, "sh", *dirs]  # fmt: skip
+        cmd = bind_prefix(need_tool("unshare", "util-linux"), self.state)
         base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "NO_COLOR": "1"}
         return serrinj_cli.run(
             *argv,
@@ -117,16 +110,9 @@ def sudo_user() -> Iterator[SudoUser]:
     name = f"sjt{secrets.token_hex(4)}"
     group = f"{name}ras"
     rule = Path(f"/etc/sudoers.d/serrinj-test-{name}")  # no dot: sudo would skip it
-    created: List[str] = []
-    state = Path(tempfile.mkdtemp(prefix="serrinj-sudo-"))
-    try:
-        for d in ("etc", "log", "run"):
-            (state / d).mkdir(mode=0o755)
-            (state / d).chmod(0o755)
-        for mount_point in PRIVATE:
-            if not os.path.isdir(mount_point):
-                os.makedirs(mount_point, mode=0o755)
-                created.append(mount_point)
+    with contextlib.ExitStack() as stack:
+        state = stack.enter_context(private_state("serrinj-sudo-"))
+        stack.callback(_remove_user, name, group, rule)
         _must("groupadd", group)
         _must("useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group",
               "--groups", group, name)  # fmt: skip
@@ -135,15 +121,13 @@ def sudo_user() -> Iterator[SudoUser]:
         _must("visudo", "-c", "-q", "-f", str(rule))
         pw = pwd.getpwnam(name)
         yield SudoUser(name, pw.pw_uid, pw.pw_gid, group, state)
-    finally:
-        rule.unlink(missing_ok=True)
-        subprocess.run(["userdel", name], capture_output=True)
-        subprocess.run(["groupdel", group], capture_output=True)
-        subprocess.run(["groupdel", name], capture_output=True)  # the user's own, if left
-        shutil.rmtree(state, ignore_errors=True)
-        for mount_point in reversed(created):
-            with contextlib.suppress(OSError):
-                os.rmdir(mount_point)
+
+
+def _remove_user(name: str, group: str, rule: Path) -> None:
+    rule.unlink(missing_ok=True)
+    subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["groupdel", group], capture_output=True)
+    subprocess.run(["groupdel", name], capture_output=True)  # the user's own, if left
 
 
 @pytest.fixture
