@@ -20,6 +20,8 @@ from serrinj.target.discover import HostPaths
 OTHER_FLAGS = 0x00000040 | 0x00008000
 #: the /proc/PID/task/TID/syscall line of a thread running on a CPU
 RUNNING = "running\n"
+#: a task as the tests describe it: (comm, stat flags, syscall line)
+Task = Tuple[str, int, str]
 
 
 def stat_line(tid: int, comm: str, flags: int, starttime: int = 12345, pgrp: int = 1) -> str:
@@ -122,5 +124,3 @@ def kvm_run_line(nr_ioctl: int, fd: int, kvm_run: int) -> str:
     """The syscall line of a thread blocked in ``ioctl(fd, KVM_RUN)``."""
     return f"{nr_ioctl} {fd:#x} {kvm_run:#x} 0x0 0x0 0x0 0x0 0x7ffc1000 0x7f001000\n"
 
-
-Task = Tuple[str, int, str]
