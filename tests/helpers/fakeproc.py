@@ -123,4 +123,3 @@ class FakeProc:
 def kvm_run_line(nr_ioctl: int, fd: int, kvm_run: int) -> str:
     """The syscall line of a thread blocked in ``ioctl(fd, KVM_RUN)``."""
     return f"{nr_ioctl} {fd:#x} {kvm_run:#x} 0x0 0x0 0x0 0x0 0x7ffc1000 0x7f001000\n"
-
