@@ -87,26 +87,8 @@ ENVIRONMENT: Tuple[Tuple[str, str], ...] = (
     ),
 )
 
-#: the policy example of the man page and the README (tests/test_policy.py parses it)
-POLICY_EXAMPLE = """\
-[[rule]]
-name = "no-fatal-into-others"
-effect = "deny"
-users = ["*"]
-owner = "other"
-severity = "fatal"
-
-[[rule]]
-name = "ras-lab"
-groups = ["ras"]
-vms = ["ras-*"]
-do = ["*"]
-
-[[rule]]
-name = "ras-look-elsewhere"
-groups = ["ras"]
-do = ["status"]
-"""
+#: the policy example of the man page and the README (the tests parse it and use it)
+POLICY_EXAMPLE = (ROOT / "docs" / "policy-example.toml").read_text()
 
 # --------------------------------------------------------------------------- roff
 _BACKTICK = re.compile(r"`([^`]+)`")

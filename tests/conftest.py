@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Dict, List, NoReturn, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Sequence
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.helpers.paused import Paused
+from tests.helpers.testvm import VmFactory
 
 
 def _inside_arm64_lab() -> bool:
@@ -183,6 +186,30 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("serrinj-state")
     os.environ.setdefault("SERRINJ_AUDIT_LOG", str(base / "audit.jsonl"))
     os.environ.setdefault("SERRINJ_LOCK_DIR", str(base / "locks"))
+
+
+@pytest.fixture
+def start_vm() -> Iterator[VmFactory]:
+    """Start test VMs (``start_vm(vcpus=2, mode="halt", extra=())``, see
+    :class:`tests.helpers.testvm.VmFactory`); every one is stopped by its pid when the
+    test ends, whatever happens."""
+    factory = VmFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def paused_runs() -> Iterator[List[Paused]]:
+    """Paused serrinj runs (:class:`tests.helpers.paused.Paused`) a test appends here;
+    each one still running at the end is killed by its pid."""
+    runs: List[Paused] = []
+    try:
+        yield runs
+    finally:
+        for run in runs:
+            run.kill()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -30,6 +29,8 @@ import serrinj
 from serrinj import errors
 from serrinj.target import discover
 from serrinj.testvm.process import TestVmProcess
+from tests.helpers import serrinj_cli
+from tests.helpers.testvm import VmFactory
 from tests.test_campaign import ROOT, LoggedVm
 
 DOC = Path(ROOT) / "docs" / "api.md"
@@ -48,9 +49,8 @@ def doc_blocks() -> List[Tuple[str, str]]:
 
 
 @pytest.fixture
-def test_vm() -> Iterator[TestVmProcess]:
-    with TestVmProcess.start(vcpus=2, mode="halt") as vm:
-        yield vm
+def test_vm(start_vm: VmFactory) -> TestVmProcess:
+    return start_vm(vcpus=2, mode="halt", ready=False)
 
 
 @pytest.mark.kvm
@@ -312,6 +312,7 @@ def test_find_by_fd_and_by_libvirt_domain(
 @pytest.mark.kvm
 @X86
 def test_a_vm_handle_notices_its_vm_is_gone() -> None:
+    # not the start_vm fixture: the VM must end inside the test, while the handle lives
     with TestVmProcess.start(vcpus=1) as tv:
         vm = serrinj.find(pid=tv.pid)
         assert vm.nmi(wait=5.0).delivered
@@ -331,20 +332,14 @@ def test_a_session_holds_the_vm_lock(tmp_path: Path) -> None:
             s.nmi(vcpu=0)  # not open yet
         with s:
             assert s.nmi(vcpu=0, wait=5.0).delivered
-            cli = subprocess.run(
-                [sys.executable, "-m", "serrinj", "--json", "--lock-wait", "0", "nmi",
-                 "--pid", str(lvm.pid), "--vcpu", "1"],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            assert cli.returncode == 8, cli.stdout + cli.stderr
-            assert json.loads(cli.stdout)["error"]["kind"] == "conflict"
+            cli = serrinj_cli.run(
+                "--json", "--lock-wait", "0", "nmi", "--pid", lvm.pid, "--vcpu", "1"
+            )
+            assert cli.rc == 8, cli
+            assert cli.data["error"]["kind"] == "conflict"
             assert s.nmi(vcpu=1, wait=5.0).delivered
-        cli = subprocess.run(
-            [sys.executable, "-m", "serrinj", "--json", "nmi", "--pid", str(lvm.pid),
-             "--vcpu", "1", "--wait"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert cli.returncode == 0, cli.stderr  # released at the end of the block
+        cli = serrinj_cli.run("--json", "nmi", "--pid", lvm.pid, "--vcpu", "1", "--wait")
+        assert cli.rc == 0, cli  # released at the end of the block
         assert len([e for e in lvm.events() if e["event"] == "nmi"]) == 3
 
 
@@ -363,10 +358,7 @@ def test_the_api_and_the_command_fail_alike(test_vm: TestVmProcess) -> None:
     for call, argv in cases:
         with pytest.raises(serrinj.SerrinjError) as err:
             call()
-        cli = subprocess.run(
-            [sys.executable, "-m", "serrinj", "--json", *argv, "--pid", str(test_vm.pid)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        data = json.loads(cli.stdout)["error"]
-        assert (err.value.kind, int(err.value.exit_code)) == (data["kind"], cli.returncode), argv
+        cli = serrinj_cli.run("--json", *argv, "--pid", test_vm.pid)
+        data = cli.data["error"]
+        assert (err.value.kind, int(err.value.exit_code)) == (data["kind"], cli.rc), argv
         assert err.value.message == data["message"], argv

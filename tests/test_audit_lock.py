@@ -10,7 +10,7 @@ import sys
 import syslog
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 
@@ -18,6 +18,7 @@ from serrinj.errors import Conflict, ExitCode, PermissionDenied, Unsupported
 from serrinj.ops import audit, inject, lock
 from serrinj.target import attach as target
 from serrinj.testvm.process import TestVmProcess
+from tests.helpers.testvm import VmFactory
 
 X86 = os.uname().machine == "x86_64"
 
@@ -120,10 +121,8 @@ def test_every_record_also_goes_to_syslog(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.fixture
-def vm() -> Iterator[TestVmProcess]:
-    with TestVmProcess.start(vcpus=1, mode="halt") as proc:
-        proc.wait_event(lambda e: e["event"] == "guest-ready", timeout=20)
-        yield proc
+def vm(start_vm: VmFactory) -> TestVmProcess:
+    return start_vm(vcpus=1, mode="halt")
 
 
 @pytest.mark.kvm

@@ -32,6 +32,7 @@ from serrinj.campaign import (
 )
 from serrinj.codec import esr, mce
 from serrinj.errors import ExitCode, InvalidInput, TargetNotFound
+from tests.helpers import serrinj_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -573,12 +574,10 @@ def test_serrinj_run_end_to_end(vm: LoggedVm, tmp_path: Any, schema: xmlschema.X
     stderr as it finishes; the report is valid JUnit."""
     report = os.path.join(str(tmp_path), "junit.xml")
     smoke = os.path.join(EXAMPLES, "x86-smoke.toml")
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", "run", smoke,
-         "--pid", str(vm.pid), "--log", vm.log_path, "--junit", report],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    proc = serrinj_cli.run(
+        "run", smoke, "--pid", vm.pid, "--log", vm.log_path, "--junit", report, timeout=120
+    )
+    assert proc.rc == 0, proc
     lines = proc.stdout.splitlines()
     assert lines[0] == f"Campaign x86-smoke ({smoke})"
     assert lines[1].split() == ["#", "step", "outcome", "time", "detail"]
@@ -856,7 +855,7 @@ def test_a_campaign_holds_the_vm_for_its_whole_run(vm: LoggedVm, tmp_path: Any) 
         "first.toml",
     )
     second = write(tmp_path, "[[steps]]\ninject = 'nmi'\nvcpus = [0]\nwait = 5\n", "second.toml")
-    serrinj = [sys.executable, "-m", "serrinj"]
+    serrinj = serrinj_cli.SERRINJ
     target = ["--pid", str(vm.pid), "--json"]
     first_out = os.path.join(str(tmp_path), "first.out")
     with open(first_out, "w") as out:
@@ -872,11 +871,8 @@ def test_a_campaign_holds_the_vm_for_its_whole_run(vm: LoggedVm, tmp_path: Any) 
             time.sleep(0.05)
         assert [e["vcpu"] for e in vm.events() if e["event"] == "nmi"] == [0]
 
-        refused = subprocess.run(
-            [*serrinj, "--lock-wait", "0.3", "run", second, *target],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert refused.returncode == ExitCode.CONFLICT == 8, refused.stderr
+        refused = serrinj_cli.run("--lock-wait", "0.3", "run", second, *target)
+        assert refused.rc == ExitCode.CONFLICT == 8, refused
         err = json.loads(refused.stdout)["error"]
         assert err["kind"] == "conflict"
         assert err["message"].startswith(f"VM pid {vm.pid} is in use by serrinj process {a.pid} (")
@@ -922,21 +918,14 @@ def test_a_missing_vm_is_an_error_before_anything_runs(tmp_path: Any) -> None:
     with pytest.raises(TargetNotFound, match=r"pid file .*gone\.pid does not exist"):
         campaign.run(c)
     report = os.path.join(str(tmp_path), "r.xml")
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", "run", os.path.join(str(tmp_path), "c.toml"),
-         "--junit", report],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == ExitCode.NOT_FOUND
+    proc = serrinj_cli.run("run", os.path.join(str(tmp_path), "c.toml"), "--junit", report)
+    assert proc.rc == ExitCode.NOT_FOUND
     assert "error: pid file" in proc.stderr and "hint: is the VM running?" in proc.stderr
     case = ET.parse(report).getroot().find("testsuite/testcase")
     assert case is not None and case.get("name") == "step 00: find the VM"
     bad = write(tmp_path, "[[steps]]\ninject = 'nmi'\nbogus = 1\n", "bad.toml")
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", "run", bad, "--junit", report],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == ExitCode.USAGE
+    proc = serrinj_cli.run("run", bad, "--junit", report)
+    assert proc.rc == ExitCode.USAGE
     assert f"error: {bad}:3: key 'steps[1].bogus': unknown key" in proc.stderr
     error = ET.parse(report).getroot().find("testsuite/testcase/error")
     assert error is not None and "bogus" in (error.get("message") or "")
@@ -971,11 +960,8 @@ def test_an_interrupt_ends_the_campaign_with_a_report(vm: LoggedVm, tmp_path: An
 def test_check_only_loads_and_checks_without_a_vm() -> None:
     for name in EXAMPLE_FILES:
         path = os.path.join(EXAMPLES, name)
-        proc = subprocess.run(
-            [sys.executable, "-m", "serrinj", "run", path, "--check-only", "--json"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        data = json.loads(proc.stdout)  # one object (docs/json-schema.md, run --check-only)
+        proc = serrinj_cli.run("run", path, "--check-only", "--json")
+        assert proc.rc == 0, proc
+        data = proc.data  # one object (docs/json-schema.md, run --check-only)
         assert (data["schema"], data["command"], data["ok"]) == ("serrinj/1", "run", True)
         assert data["campaign"]["source"] == path and data["campaign"]["steps"][0]["number"] == 1

@@ -21,91 +21,31 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
-from tests.conftest import debugfs_kvm, no_such_pid, without_debugfs
+from tests.conftest import debugfs_kvm, no_such_pid
+from tests.helpers import serrinj_cli
+from tests.helpers.serrinj_cli import SERRINJ, Result
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 
-_VENV_SCRIPT = Path(sys.executable).with_name("serrinj")
-SERRINJ: List[str] = (
-    [str(_VENV_SCRIPT)] if _VENV_SCRIPT.exists() else [sys.executable, "-m", "serrinj"]
-)
 TIMEOUT = 60.0
 Event = Dict[str, Any]
 
 
-@dataclass
-class Result:
-    argv: List[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def data(self) -> Dict[str, Any]:
-        try:
-            obj = json.loads(self.stdout)
-        except ValueError as err:
-            raise AssertionError(f"stdout is not one JSON object: {self}") from err
-        assert isinstance(obj, dict)
-        return obj
-
-    def __str__(self) -> str:
-        return (
-            f"serrinj {' '.join(self.argv)} -> {self.rc}\n"
-            f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-        )
-
-
 def serrinj(*args: object, env: Optional[Dict[str, str]] = None) -> Result:
     """Run the real command line; stdout is a pipe (so plain text or JSON)."""
-    argv = [str(a) for a in args]
-    proc = subprocess.run(
-        [*SERRINJ, *argv],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env={**os.environ, **(env or {})},
-    )
-    return Result(argv, proc.returncode, proc.stdout, proc.stderr)
+    return serrinj_cli.run(*args, env=env, timeout=TIMEOUT)
 
 
 def serrinj_without_debugfs(*args: object) -> Result:
     """:func:`serrinj` where debugfs is not mounted (see ``conftest.without_debugfs``)."""
-    argv = [str(a) for a in args]
-    proc = subprocess.run(
-        without_debugfs([*SERRINJ, *argv]), capture_output=True, text=True, timeout=TIMEOUT
-    )
-    return Result(argv, proc.returncode, proc.stdout, proc.stderr)
-
-
-@pytest.fixture
-def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
-    """Start test VMs; every one is stopped by its pid when the test ends."""
-    vms: List[TestVmProcess] = []
-
-    def start(vcpus: int = 2, mode: str = "halt", extra: Sequence[str] = ()) -> TestVmProcess:
-        vm = TestVmProcess.start(vcpus=vcpus, mode=mode, extra_args=list(extra))
-        vms.append(vm)
-        if "--start-paused" not in extra:
-            for info in vm.vcpus:
-                vm.wait_event(
-                    lambda e, v=info.vcpu_id: e.get("event") == "guest-ready" and e.get("vcpu") == v
-                )
-        return vm
-
-    try:
-        yield start
-    finally:
-        for vm in vms:
-            vm.stop()
+    return serrinj_cli.run(*args, without_debugfs=True, timeout=TIMEOUT)
 
 
 def heartbeat(vm: TestVmProcess, vcpu: int) -> Event:

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 import xmlschema
 
 from serrinj.testvm.process import TestVmProcess
+from tests.helpers import serrinj_cli
+from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,20 +23,14 @@ X86 = os.uname().machine == "x86_64"
 
 
 def serrinj(*args: str) -> Tuple[int, str, str]:
-    p = subprocess.run(
-        [sys.executable, "-m", "serrinj", *args], capture_output=True, text=True, timeout=120
-    )
-    return p.returncode, p.stdout, p.stderr
+    r = serrinj_cli.run(*args, timeout=120)
+    return r.rc, r.stdout, r.stderr
 
 
 @pytest.fixture
-def pair() -> Iterator[Tuple[TestVmProcess, TestVmProcess]]:
+def pair(start_vm: VmFactory) -> Tuple[TestVmProcess, TestVmProcess]:
     paused = ["--start-paused"]
-    with (
-        TestVmProcess.start(vcpus=2, extra_args=paused) as a,
-        TestVmProcess.start(vcpus=2, extra_args=paused) as b,
-    ):
-        yield a, b
+    return start_vm(vcpus=2, extra=paused), start_vm(vcpus=2, extra=paused)
 
 
 @pytest.mark.skipif(not X86, reason="the arm64 scenario runs in the arm64 lab")

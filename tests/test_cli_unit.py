@@ -195,7 +195,7 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> Any:
             "attached": 0,
         }
         monkeypatch.setattr(discover, "find", lambda pid=None, name=None: vm)
-        monkeypatch.setattr(discover, "scan", lambda arch=None: [vm])
+        monkeypatch.setattr(discover, "scan", lambda arch=None, host=None: [vm])
         monkeypatch.setattr(host, "probe", lambda: fake_caps(arch, ras, ext_dabt))
 
         @contextlib.contextmanager
@@ -637,8 +637,8 @@ def test_target_choice_with_several_vms(
     run: Any, monkeypatch: pytest.MonkeyPatch, captured: Any
 ) -> None:
     a, b = fake_vm("x86_64", pid=100, name="a"), fake_vm("x86_64", pid=200, name="b")
-    monkeypatch.setattr(discover, "scan", lambda arch=None: [a, b])
-    monkeypatch.setattr(discover, "hidden", lambda: ())  # no process hidden from serrinj
+    monkeypatch.setattr(discover, "scan", lambda arch=None, host=None: [a, b])
+    monkeypatch.setattr(discover, "hidden", lambda host=None: ())  # no process hidden from serrinj
     r = run("nmi")
     assert r.rc == ExitCode.USAGE
     assert "2 VMs are running" in r.stderr and "'a' (pid 100)" in r.stderr
@@ -647,7 +647,7 @@ def test_target_choice_with_several_vms(
     assert captured["inject_nmi"][0].vm.pid == 200
     r = run("nmi", "--name", "c")
     assert r.rc == ExitCode.NOT_FOUND and "no VM named 'c'" in r.stderr
-    monkeypatch.setattr(discover, "scan", lambda arch=None: [b])
+    monkeypatch.setattr(discover, "scan", lambda arch=None, host=None: [b])
     assert run("nmi").rc == 0  # the only VM on the host is the target
     assert captured["inject_nmi"][0].vm.pid == 200
 
@@ -661,8 +661,8 @@ def test_list_warns_about_hidden_processes_and_fails_when_nothing_is_seen(
     run: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a = fake_vm("x86_64", pid=100, name="a")
-    monkeypatch.setattr(discover, "scan", lambda arch=None: [a])
-    monkeypatch.setattr(discover, "hidden", lambda: (7, 8))
+    monkeypatch.setattr(discover, "scan", lambda arch=None, host=None: [a])
+    monkeypatch.setattr(discover, "hidden", lambda host=None: (7, 8))
     r = run("list", "--json")
     assert r.rc == 0, r
     assert [vm["pid"] for vm in r.data["vms"]] == [100]
@@ -670,17 +670,19 @@ def test_list_warns_about_hidden_processes_and_fails_when_nothing_is_seen(
         "warning: serrinj may not read the fds of 2 processes; a VM among them is not listed"
         " (run as root to see every VM)\n"
     )
-    monkeypatch.setattr(discover, "scan", lambda arch=None: [])
+    monkeypatch.setattr(discover, "scan", lambda arch=None, host=None: [])
     monkeypatch.setattr(
         discover, "hidden_error", lambda denied: PermissionDenied(f"hidden: {list(denied)}")
     )
     r = run("list")
     assert r.rc == ExitCode.PERMISSION and r.stderr == "error: hidden: [7, 8]\n"
-    monkeypatch.setattr(discover, "hidden", lambda: ())
+    monkeypatch.setattr(discover, "hidden", lambda host=None: ())
     r = run("list")
     assert r.rc == 0 and r.stderr == "no KVM VMs are running on this host\n"
     # --pid/--name ask discover.find, and never look for hidden processes
-    monkeypatch.setattr(discover, "hidden", lambda: pytest.fail("scanned for hidden processes"))
+    monkeypatch.setattr(
+        discover, "hidden", lambda host=None: pytest.fail("scanned for hidden processes")
+    )
     monkeypatch.setattr(discover, "find", lambda pid=None, name=None: a)
     assert run("list", "--json", "--name", "a").data["vms"][0]["name"] == "a"
 
@@ -701,8 +703,8 @@ def test_list_probe_maps_unmapped_vcpus_and_warns_for_one_vm_of_several(
             raise Conflict("thread 301 is traced by another process")
         return fake_vm("x86_64", pid=vm.pid, name=vm.name)
 
-    monkeypatch.setattr(discover, "scan", lambda arch=None: [a, b, c])
-    monkeypatch.setattr(discover, "hidden", lambda: ())
+    monkeypatch.setattr(discover, "scan", lambda arch=None, host=None: [a, b, c])
+    monkeypatch.setattr(discover, "hidden", lambda host=None: ())
     monkeypatch.setattr(discover, "probe", probe)
     r = run("list", "--json")
     assert r.rc == 0 and probed == []  # no --probe: nothing is stopped
@@ -841,7 +843,7 @@ def test_hard_coded_choices_match_the_codecs() -> None:
 
 def test_completion_offers_live_values(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = fake_vm("x86_64", vcpus=2, pid=100, name="alpha"), fake_vm("x86_64", pid=200, name="b")
-    monkeypatch.setattr(discover, "scan", lambda arch=None: [a, b])
+    monkeypatch.setattr(discover, "scan", lambda arch=None, host=None: [a, b])
     ctx = cli.cli.make_context("serrinj", ["nmi"], resilient_parsing=True)
     assert [i.value for i in cli._complete_pid(ctx, None, "1")] == ["100"]  # type: ignore[arg-type]
     assert [i.value for i in cli._complete_name(ctx, None, "a")] == ["alpha"]  # type: ignore[arg-type]

@@ -5,8 +5,9 @@ KVM's ``kvm-nx-lpage-recovery`` worker lives in the VMM's task list (a kernel
 thread, PF_KTHREAD, before Linux 6.13; a user worker, PF_USER_WORKER, since),
 and its ``syscall`` file even shows the vCPU's ``ioctl(fd, KVM_RUN)`` line
 (BRIEF section 6). It cannot run a syscall for serrinj, so discovery must never
-map a vCPU to it. ``serrinj.host.procfs.PROC`` is pointed at a tree built here, so
-the flags are exactly those of such a worker on any host.
+map a vCPU to it. Discovery reads a /proc tree built here
+(``tests.helpers.fakeproc``, passed as its ``HostPaths``), so the flags are exactly
+those of such a worker on any host.
 """
 
 from __future__ import annotations
@@ -20,63 +21,33 @@ from serrinj.host import procfs
 from serrinj.kvm.api import KVM_RUN
 from serrinj.remote.arch import host_arch
 from serrinj.target import discover
+from tests.helpers.fakeproc import OTHER_FLAGS, FakeProc, Task, kvm_run_line
 
 VMM = 4194999  # above any pid_max: never this test's own pid
 MAIN, VCPU_THREAD, WORKER = VMM, VMM + 1, VMM + 7
 VCPU_FD, VM_FD = 11, 10
-#: PF_FORKNOEXEC | PF_NOFREEZE, which a kernel thread also has
-OTHER_FLAGS = 0x00000040 | 0x00008000
 ARCH = host_arch()
-#: comm, stat flags, syscall file
-Task = Tuple[str, int, str]
-
-
-def _stat(tid: int, comm: str, flags: int) -> str:
-    # fields 3..22: state, ppid, pgrp, session, tty, tpgid, flags, 12 counters, starttime
-    return f"{tid} ({comm}) S 1 {VMM} {VMM} 0 -1 {flags} {' '.join(['0'] * 12)} 12345 0 0\n"
-
-
-def _status(comm: str) -> str:
-    return (
-        f"Name:\t{comm}\nTracerPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n"
-        "CapPrm:\t000001ffffffffff\nSeccomp:\t0\nSeccomp_filters:\t0\n"
-    )
 
 
 def _kvm_run_line(fd: int) -> str:
-    return f"{ARCH.nr['ioctl']} {fd:#x} {KVM_RUN:#x} 0x0 0x0 0x0 0x0 0x7ffc1000 0x7f001000\n"
+    return kvm_run_line(ARCH.nr["ioctl"], fd, KVM_RUN)
 
 
-def build_vmm(root: Path, tasks: Dict[int, Task]) -> None:
+def build_vmm(fake: FakeProc, tasks: Dict[int, Task]) -> None:
     """/proc/VMM with a VM fd, one vCPU fd (vCPU 0) and ``tasks``:
     tid -> (comm, flags, syscall line)."""
-    base = root / str(VMM)
-    (base / "fd").mkdir(parents=True)
-    (base / "fd" / str(VM_FD)).symlink_to("anon_inode:kvm-vm")
-    (base / "fd" / str(VCPU_FD)).symlink_to("anon_inode:kvm-vcpu:0")
-    (base / "fd" / "3").symlink_to("/dev/kvm")
-    (base / "comm").write_text("qemu-system-x86\n")
-    (base / "cmdline").write_text("qemu-system-x86_64\0-accel\0kvm\0")
-    (base / "stat").write_text(_stat(VMM, "qemu-system-x86", OTHER_FLAGS))
-    (base / "status").write_text(_status("qemu-system-x86"))
+    fake.process(VMM, "qemu-system-x86", ["qemu-system-x86_64", "-accel", "kvm"])
+    fake.fd(VMM, VM_FD, "anon_inode:kvm-vm")
+    fake.fd(VMM, VCPU_FD, "anon_inode:kvm-vcpu:0")
+    fake.fd(VMM, 3, "/dev/kvm")
     for tid, (comm, flags, syscall) in tasks.items():
-        task = base / "task" / str(tid)
-        task.mkdir(parents=True)
-        (task / "comm").write_text(comm + "\n")
-        (task / "stat").write_text(_stat(tid, comm, flags))
-        (task / "status").write_text(_status(comm))
-        (task / "syscall").write_text(syscall)
+        fake.task(VMM, tid, comm, flags, syscall)
 
 
 @pytest.fixture
-def fake_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "proc"
-    root.mkdir()
-    monkeypatch.setattr(procfs, "PROC", str(root))
-    # nothing of the real host may leak in: no debugfs, no libvirt names
-    monkeypatch.setattr(discover, "_DEBUGFS_KVM", str(tmp_path / "debugfs-kvm"))
-    monkeypatch.setattr(discover, "_libvirt_names", lambda: {})
-    return root
+def fake_proc(tmp_path: Path) -> FakeProc:
+    """An empty /proc; nothing of the real host leaks in: no debugfs, no libvirt names."""
+    return FakeProc(tmp_path)
 
 
 def _worker_tasks(vcpu_name: str, worker_flags: int) -> Dict[int, Task]:
@@ -91,8 +62,8 @@ def _worker_tasks(vcpu_name: str, worker_flags: int) -> Dict[int, Task]:
     }
 
 
-def _only_vm() -> discover.Vm:
-    vms = discover.scan(ARCH)
+def _only_vm(fake: FakeProc) -> discover.Vm:
+    vms = discover.scan(ARCH, fake.host)
     assert [vm.pid for vm in vms] == [VMM]
     return vms[0]
 
@@ -106,12 +77,12 @@ WORKER_FLAGS = {
 @pytest.mark.parametrize("flags", WORKER_FLAGS.values(), ids=WORKER_FLAGS.keys())
 @pytest.mark.parametrize("vcpu_name", ["CPU 0/KVM", "worker-of-some-vmm"])
 def test_a_kernel_worker_showing_the_vcpus_kvm_run_is_never_its_thread(
-    fake_proc: Path, flags: int, vcpu_name: str
+    fake_proc: FakeProc, flags: int, vcpu_name: str
 ) -> None:
     """The worker's syscall file names the vCPU fd, but discovery maps vCPU 0 to its
     real thread: by the VMM's thread name, or as the one candidate left."""
     build_vmm(fake_proc, _worker_tasks(vcpu_name, flags))
-    vm = _only_vm()
+    vm = _only_vm(fake_proc)
     assert WORKER not in {t.tid for t in vm.threads}
     assert {t.tid for t in vm.threads} == {MAIN, VCPU_THREAD}
     (vcpu,) = vm.vcpus
@@ -122,7 +93,7 @@ def test_a_kernel_worker_showing_the_vcpus_kvm_run_is_never_its_thread(
 
 @pytest.mark.parametrize("flags", WORKER_FLAGS.values(), ids=WORKER_FLAGS.keys())
 def test_a_vcpu_with_only_a_kernel_worker_to_map_stays_unmapped(
-    fake_proc: Path, flags: int
+    fake_proc: FakeProc, flags: int
 ) -> None:
     """The vCPU's own thread is blocked elsewhere and has no telling name: the vCPU
     stays unmapped (a probe or the paused fallback decides later), never the worker."""
@@ -133,24 +104,24 @@ def test_a_vcpu_with_only_a_kernel_worker_to_map_stays_unmapped(
         "202 0x7f00 0x80 0x0 0x0 0x0 0x0 0x1 0x2\n",
     )
     build_vmm(fake_proc, tasks)
-    (vcpu,) = _only_vm().vcpus
+    (vcpu,) = _only_vm(fake_proc).vcpus
     assert vcpu.thread is None and vcpu.mapped_by == ""
 
 
-def test_the_same_task_without_the_worker_flags_is_mapped(fake_proc: Path) -> None:
+def test_the_same_task_without_the_worker_flags_is_mapped(fake_proc: FakeProc) -> None:
     """The control: the tree is read as intended, and only the flags exclude the
     worker (a user thread blocked in that KVM_RUN is the vCPU's thread)."""
     build_vmm(fake_proc, _worker_tasks("worker-of-some-vmm", OTHER_FLAGS))
-    (vcpu,) = _only_vm().vcpus
+    (vcpu,) = _only_vm(fake_proc).vcpus
     assert vcpu.thread is not None and vcpu.thread.tid == WORKER
     assert vcpu.thread.state == "in-kvm-run" and vcpu.mapped_by == "syscall"
 
 
-def test_the_fake_stat_is_parsed_as_the_kernel_writes_it(fake_proc: Path) -> None:
+def test_the_fake_stat_is_parsed_as_the_kernel_writes_it(fake_proc: FakeProc) -> None:
     build_vmm(fake_proc, _worker_tasks("CPU 0/KVM", WORKER_FLAGS["kthread"]))
-    st = procfs.stat(VMM, WORKER)
+    st = procfs.stat(VMM, WORKER, fake_proc.proc)
     assert st == procfs.Stat(state="S", flags=WORKER_FLAGS["kthread"], starttime=12345)
-    assert st.kernel_thread and not procfs.stat(VMM, VCPU_THREAD).kernel_thread
+    assert st.kernel_thread and not procfs.stat(VMM, VCPU_THREAD, fake_proc.proc).kernel_thread
 
 
 # ====================================================================== several fds, every source
@@ -163,20 +134,16 @@ def _blocked_in(fd: int) -> str:
     return _kvm_run_line(fd)
 
 
-def _two_vcpu_vmm(fake_proc: Path, tasks: Dict[int, Task]) -> None:
+def _two_vcpu_vmm(fake_proc: FakeProc, tasks: Dict[int, Task]) -> None:
     """:func:`build_vmm` plus vCPU 1 (fd 12) and a dup of vCPU 0 (fd 14)."""
     build_vmm(fake_proc, tasks)
-    fds = fake_proc / str(VMM) / "fd"
-    (fds / str(VCPU1_FD)).symlink_to("anon_inode:kvm-vcpu:1")
-    (fds / str(DUP_FD)).symlink_to("anon_inode:kvm-vcpu:0")
+    fake_proc.fd(VMM, VCPU1_FD, "anon_inode:kvm-vcpu:1")
+    fake_proc.fd(VMM, DUP_FD, "anon_inode:kvm-vcpu:0")
 
 
-def _debugfs(fake_proc: Path, creator: int, vm_fd: int, pids: Dict[int, int]) -> None:
+def _debugfs(fake_proc: FakeProc, creator: int, vm_fd: int, pids: Dict[int, int]) -> None:
     """KVM's debugfs: ``<creator tid>-<vm fd>/vcpuN/pid`` (the last thread in KVM_RUN)."""
-    base = fake_proc.parent / "debugfs-kvm" / f"{creator}-{vm_fd}"
-    for vid, tid in pids.items():
-        (base / f"vcpu{vid}").mkdir(parents=True)
-        (base / f"vcpu{vid}" / "pid").write_text(f"{tid}\n")
+    fake_proc.debugfs_vcpus(creator, vm_fd, pids)
 
 
 def _tasks(**syscalls: str) -> Dict[int, Task]:
@@ -189,12 +156,12 @@ def _tasks(**syscalls: str) -> Dict[int, Task]:
 
 
 def test_two_fds_on_one_vcpu_are_one_vcpu_run_on_the_fd_its_thread_uses(
-    fake_proc: Path,
+    fake_proc: FakeProc,
 ) -> None:
     """The thread runs KVM_RUN on the dup: vCPU 0 is listed once, with both fds, and
     the ioctls go to the dup, the fd the thread itself uses."""
     _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
-    vm = _only_vm()
+    vm = _only_vm(fake_proc)
     assert [(v.vcpu_id, v.fds, v.fd) for v in vm.vcpus] == [
         (0, (VCPU_FD, DUP_FD), DUP_FD),
         (1, (VCPU1_FD,), VCPU1_FD),
@@ -205,7 +172,7 @@ def test_two_fds_on_one_vcpu_are_one_vcpu_run_on_the_fd_its_thread_uses(
 
 
 def test_debugfs_maps_busy_vcpus_on_unnamed_threads_and_any_fd_serves(
-    fake_proc: Path,
+    fake_proc: FakeProc,
 ) -> None:
     """Both vCPUs in the guest (``running``), threads with no telling name: only
     KVM's debugfs knows them. The VM was created by a thread other than the main
@@ -213,7 +180,7 @@ def test_debugfs_maps_busy_vcpus_on_unnamed_threads_and_any_fd_serves(
     _two_vcpu_vmm(fake_proc, _tasks(name0="worker", name1="worker"))
     _debugfs(fake_proc, T1, VM_FD, {0: T0, 1: T1})
     _debugfs(fake_proc, 1, VM_FD, {0: 1, 1: 1})  # another process's VM: not this one's
-    vm = _only_vm()
+    vm = _only_vm(fake_proc)
     assert [(v.vcpu_id, v.thread.tid if v.thread else None, v.sources) for v in vm.vcpus] == [
         (0, T0, ("debugfs",)),
         (1, T1, ("debugfs",)),
@@ -221,12 +188,12 @@ def test_debugfs_maps_busy_vcpus_on_unnamed_threads_and_any_fd_serves(
     assert vm.vcpu(0).fd == VCPU_FD  # the lowest: nothing says which one the thread uses
 
 
-def test_the_most_direct_evidence_wins_and_the_disagreement_is_kept(fake_proc: Path) -> None:
+def test_the_most_direct_evidence_wins_and_the_disagreement_is_kept(fake_proc: FakeProc) -> None:
     """debugfs says T1 last ran vCPU 0 (the VMM moved its vCPUs since), while T0 is
     blocked in KVM_RUN on vCPU 0's dup and T1 on vCPU 1: the syscall files win."""
     _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
     _debugfs(fake_proc, VMM, VM_FD, {0: T1, 1: T0})
-    vm = _only_vm()
+    vm = _only_vm(fake_proc)
     v0, v1 = vm.vcpus
     assert v0.thread is not None and v0.thread.tid == T0 and v0.mapped_by == "syscall"
     assert v1.thread is not None and v1.thread.tid == T1 and v1.mapped_by == "syscall"
@@ -235,24 +202,24 @@ def test_the_most_direct_evidence_wins_and_the_disagreement_is_kept(fake_proc: P
     assert v0.sources == ("syscall", "name")
 
 
-def test_names_that_disagree_with_the_kernel_map_nothing(fake_proc: Path) -> None:
+def test_names_that_disagree_with_the_kernel_map_nothing(fake_proc: FakeProc) -> None:
     """Thread ``fc_vcpu 0`` is blocked in vCPU 1's KVM_RUN (indices are not the ids
     here): the names are ignored, so the busy thread named ``fc_vcpu 1`` is not taken
     for vCPU 1, and vCPU 0 stays unmapped (a probe decides); the names are shown."""
     _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(VCPU1_FD)))
-    vm = _only_vm()
+    vm = _only_vm(fake_proc)
     v0, v1 = vm.vcpus
     assert v1.thread is not None and v1.thread.tid == T0 and v1.mapped_by == "syscall"
     assert v1.disagreements == (discover.Evidence("name", T1),)
     assert v0.thread is None and v0.evidence == (discover.Evidence("name", T0),)
 
 
-def test_debugfs_naming_a_thread_of_no_process_here_is_ignored(fake_proc: Path) -> None:
+def test_debugfs_naming_a_thread_of_no_process_here_is_ignored(fake_proc: FakeProc) -> None:
     """A tid that is none of the VMM's threads (another pid namespace, an exited
     thread) maps nothing."""
     _two_vcpu_vmm(fake_proc, _tasks(name0="worker", name1="worker"))
     _debugfs(fake_proc, VMM, VM_FD, {0: VMM + 99, 1: T1})
-    vm = _only_vm()
+    vm = _only_vm(fake_proc)
     assert vm.vcpu(0).thread is None and vm.vcpu(0).evidence == ()
     assert vm.vcpu(1).mapped_by == "debugfs"
 
@@ -268,7 +235,7 @@ def test_map_vcpus_takes_each_thread_once() -> None:
 
 
 def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
-    fake_proc: Path,
+    fake_proc: FakeProc,
 ) -> None:
     """The text of ``list`` and ``status`` from the JSON of the disagreement above."""
     from serrinj.cli import render
@@ -276,7 +243,7 @@ def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
 
     _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
     _debugfs(fake_proc, VMM, VM_FD, {0: T1, 1: T0})
-    data = vm_dict(_only_vm())
+    data = vm_dict(_only_vm(fake_proc))
     text = render.to_plain(render.view_list({"vms": [data]}))
     assert "vcpus=2" in text
     assert f"  0     {DUP_FD},{VCPU_FD}  {T0}" in text
@@ -307,28 +274,21 @@ def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
     assert f"vCPU 1: debugfs said thread {T0}; thread {T1} (syscall) is used" in text
 
 
-def test_a_libvirt_domain_is_named_from_its_pid_file(
-    fake_proc: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_libvirt_domain_is_named_from_its_pid_file(fake_proc: FakeProc) -> None:
     """libvirt starts QEMU with ``-name guest=DOMAIN``, and writes /run/libvirt/qemu/
     DOMAIN.pid; a VMM whose command line has no name is named from that file, and
-    ``find(name=...)`` finds it. Unreadable or foreign files are ignored."""
-    monkeypatch.undo()  # drop the fixture's stub of _libvirt_names, keep a fake tree
-    monkeypatch.setattr(procfs, "PROC", str(fake_proc))
-    monkeypatch.setattr(discover, "_DEBUGFS_KVM", str(fake_proc.parent / "debugfs-kvm"))
-    run = fake_proc.parent / "run-libvirt-qemu"
-    run.mkdir()
-    (run / "web1.pid").write_text(f"{VMM}\n")
-    (run / "other.pid").write_text("not a pid\n")
-    (run / "web1.xml").write_text("<domstatus/>")
-    monkeypatch.setattr(discover, "LIBVIRT_RUN_DIRS", (str(run), str(run / "missing")))
+    ``find(name=...)`` finds it. Unreadable or foreign files are ignored (the fake
+    host's second libvirt dir does not exist)."""
+    fake_proc.libvirt_pid_file("web1.pid", f"{VMM}\n")
+    fake_proc.libvirt_pid_file("other.pid", "not a pid\n")
+    fake_proc.libvirt_pid_file("web1.xml", "<domstatus/>")
     build_vmm(fake_proc, _worker_tasks("CPU 0/KVM", OTHER_FLAGS))
-    assert _only_vm().name == "web1"
-    assert discover.find(name="web1").pid == VMM
+    assert _only_vm(fake_proc).name == "web1"
+    assert discover.find(name="web1", host=fake_proc.host).pid == VMM
 
 
 def test_a_syscall_file_denied_by_yama_leaves_the_state_unknown(
-    fake_proc: Path, monkeypatch: pytest.MonkeyPatch
+    fake_proc: FakeProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Yama's ptrace_scope 1 and 2 refuse /proc/PID/task/TID/syscall (it needs ptrace
     *attach* access) where the fds may be read: discovery goes on without it (names
@@ -336,11 +296,13 @@ def test_a_syscall_file_denied_by_yama_leaves_the_state_unknown(
     error (a raw PermissionError)."""
     _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
 
-    def denied(pid: int, tid: int) -> procfs.SyscallState:
+    def denied(pid: int, tid: int, root: str = procfs.PROC) -> procfs.SyscallState:
         raise PermissionError(1, "Operation not permitted")
 
+    # the one reader still replaced: a file read by root (CAP_DAC_OVERRIDE) cannot be
+    # made to fail with EPERM in a tree of plain files, as Yama makes this one fail
     monkeypatch.setattr(procfs, "syscall", denied)
-    vm = _only_vm()
+    vm = _only_vm(fake_proc)
     assert {t.state for t in vm.threads} == {"unknown"}
     assert [(v.vcpu_id, v.thread.tid if v.thread else None, v.mapped_by) for v in vm.vcpus] == [
         (0, T0, "name"),

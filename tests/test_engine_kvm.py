@@ -7,13 +7,9 @@ reports what it observed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from typing import Iterator
 
 import pytest
 
@@ -30,7 +26,9 @@ from serrinj.target import discover
 from serrinj.testvm.process import TestVmProcess
 from serrinj.vcpu import open_vcpu
 from tests.conftest import debugfs_kvm
+from tests.helpers import serrinj_cli
 from tests.helpers.procs import wait_stopped
+from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
@@ -43,11 +41,9 @@ ESR_SERROR = 0xBE000000  # EC 0x2F and IL, which the CPU adds to the injected IS
 
 
 @pytest.fixture
-def vm(request: pytest.FixtureRequest) -> Iterator[TestVmProcess]:
+def vm(request: pytest.FixtureRequest, start_vm: VmFactory) -> TestVmProcess:
     mode, vcpus = request.param
-    with TestVmProcess.start(vcpus=vcpus, mode=mode) as proc:
-        proc.wait_event(lambda e: e["event"] == "guest-ready", timeout=20)
-        yield proc
+    return start_vm(vcpus=vcpus, mode=mode)
 
 
 def _heartbeat(vm: TestVmProcess, vcpu: int) -> dict:  # type: ignore[type-arg]
@@ -265,14 +261,9 @@ def test_status_of_a_paused_vm_is_userspace(vm: TestVmProcess) -> None:
     # the names agree with KVM's debugfs where it is mounted, which then wins
     assert all(s.registers_restored and "name" in s.sources for s in rep.vcpus)
     assert {s.mapped_by for s in rep.vcpus} == {"debugfs" if debugfs_kvm() else "name"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", "status", "--pid", str(vm.pid), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    proc = serrinj_cli.run("status", "--pid", vm.pid, "--json")
+    assert proc.rc == 0, proc
+    out = proc.data
     assert [(v["vcpu_id"], v["thread"]["tid"], v["state"]) for v in out["vcpus"]] == [
         (0, tids[0], "userspace"),
         (1, tids[1], "userspace"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import pytest
 
@@ -21,6 +21,7 @@ from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import events, inject
 from serrinj.target import attach as target
 from serrinj.testvm.process import TestVmProcess
+from tests.helpers.testvm import VmFactory
 
 X86 = os.uname().machine == "x86_64"
 ARM64 = os.uname().machine == "aarch64"
@@ -28,13 +29,9 @@ ISS_KSELFTEST = 0x101D1ED  # IDS | 0x1d1ed: a syndrome KVM would not make up its
 
 
 @pytest.fixture
-def pair() -> Iterator[Tuple[TestVmProcess, TestVmProcess]]:
+def pair(start_vm: VmFactory) -> Tuple[TestVmProcess, TestVmProcess]:
     paused = ["--start-paused"]
-    with (
-        TestVmProcess.start(vcpus=2, mode="halt", extra_args=paused) as a,
-        TestVmProcess.start(vcpus=2, mode="halt", extra_args=paused) as b,
-    ):
-        yield a, b
+    return start_vm(vcpus=2, extra=paused), start_vm(vcpus=2, extra=paused)
 
 
 @pytest.mark.kvm

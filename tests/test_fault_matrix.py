@@ -28,9 +28,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import pytest
 
@@ -41,7 +40,10 @@ from serrinj.remote import RemoteThread
 from serrinj.remote.arch import Registers
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import need_tool, no_such_pid
+from tests.helpers import serrinj_cli
+from tests.helpers.paused import Paused, env_with_tests
 from tests.helpers.procs import task_states, wait_stopped
+from tests.helpers.serrinj_cli import Result
 
 X86 = os.uname().machine == "x86_64"
 pytestmark = [
@@ -55,146 +57,8 @@ Event = Dict[str, Any]
 
 
 # ====================================================================== helpers
-@dataclass
-class Run:
-    """A finished ``python -m serrinj`` process."""
-
-    argv: List[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def data(self) -> Dict[str, Any]:
-        obj = json.loads(self.stdout)
-        assert isinstance(obj, dict)
-        return obj
-
-    def __str__(self) -> str:
-        head = f"serrinj {' '.join(self.argv)} -> {self.rc}"
-        return f"{head}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-
-def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), **(extra or {})}
-
-
-def serrinj(*args: object, env: Optional[Dict[str, str]] = None, timeout: float = 60) -> Run:
-    argv = [str(a) for a in args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(env),
-    )
-    return Run(argv, proc.returncode, proc.stdout, proc.stderr)
-
-
-class Paused:
-    """``serrinj ARGS`` held at an engine phase (``tests.helpers.paused_serrinj``).
-
-    The engine pauses at that phase of *every* remote syscall after the first
-    ``skip``; :meth:`release` lets it go on and keeps releasing later pauses until
-    the command ends.
-    """
-
-    def __init__(self, tmp: Path, phase: str, *args: object, skip: int = 0, **popen: Any) -> None:
-        self.marker = tmp / f"pause-{phase}-{time.monotonic_ns()}"
-        self.argv = [str(a) for a in args]
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.helpers.paused_serrinj",
-                "--pause-at",
-                phase,
-                "--marker",
-                str(self.marker),
-                "--skip",
-                str(skip),
-                "--",
-                *self.argv,
-            ],
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            **popen,
-        )
-
-    def wait_paused(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.marker.exists():
-            if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
-                raise AssertionError(
-                    f"serrinj ended before pausing: {self.proc.returncode}\n{out}\n{err}"
-                )
-            assert time.monotonic() < deadline, "serrinj never reached the pause point"
-            time.sleep(0.005)
-
-    def release(self, timeout: float = 60.0) -> Run:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            with contextlib.suppress(FileNotFoundError):
-                self.marker.unlink()
-            assert time.monotonic() < deadline, "serrinj did not finish"
-            time.sleep(0.005)
-        out, err = self.proc.communicate()
-        return Run(self.argv, self.proc.returncode, out, err)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
-
-
-@pytest.fixture
-def paused_runs() -> Iterator[List[Paused]]:
-    runs: List[Paused] = []
-    try:
-        yield runs
-    finally:
-        for run in runs:
-            run.kill()
-
-
-@pytest.fixture
-def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
-    """Start test VMs; each is ended by its pid (and continued first) when the test ends."""
-    vms: List[TestVmProcess] = []
-
-    def start(
-        vcpus: int = 2,
-        mode: str = "halt",
-        extra: Sequence[str] = (),
-        ready: bool = True,
-        own_process_group: bool = False,
-    ) -> TestVmProcess:
-        vm = TestVmProcess.start(
-            vcpus=vcpus, mode=mode, extra_args=list(extra), own_process_group=own_process_group
-        )
-        vms.append(vm)
-        if ready:
-            for info in vm.vcpus:
-                vm.wait_event(
-                    lambda e, v=info.vcpu_id: (
-                        e.get("event") == "guest-ready" and e.get("vcpu") == v
-                    ),
-                    20,
-                )
-        return vm
-
-    try:
-        yield start
-    finally:
-        for vm in vms:
-            if vm.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(vm.pid, signal.SIGCONT)
-            vm.stop()
+def serrinj(*args: object, env: Optional[Dict[str, str]] = None, timeout: float = 60) -> Result:
+    return serrinj_cli.run(*args, env=env, timeout=timeout)
 
 
 def heartbeat(vm: TestVmProcess, vcpu: int, timeout: float = 10.0) -> Event:
@@ -220,7 +84,7 @@ def assert_healthy(vm: TestVmProcess) -> Dict[int, Event]:
     return second
 
 
-def assert_clean_error(r: Run, code: int, *words: str) -> None:
+def assert_clean_error(r: Result, code: int, *words: str) -> None:
     assert r.rc == code, r
     # (click echoes one blank line on Ctrl-C, to end the terminal's ^C echo)
     stderr = r.stderr[1:] if code == ExitCode.INTERRUPTED and r.stderr[:1] == "\n" else r.stderr
@@ -624,6 +488,8 @@ def pid_reuse_scenario() -> None:
     from serrinj.host import procfs
     from serrinj.ops import lock
 
+    # not the start_vm fixture: this runs as a pid namespace's init, outside pytest, and
+    # A must be gone (stopped here) before B is started with its pid
     def start() -> TestVmProcess:
         vm = TestVmProcess.start(vcpus=1, mode="halt")
         vm.wait_event(lambda e: e.get("event") == "guest-ready", 20)
@@ -669,7 +535,7 @@ def test_pid_reuse_between_discovery_and_attach_is_caught(tmp_path: Path) -> Non
     proc = subprocess.Popen(
         [exe, "--pid", "--mount-proc", "--kill-child", sys.executable, "-c", code],
         cwd=ROOT,
-        env=_env(),
+        env=env_with_tests(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -685,7 +551,7 @@ def test_pid_reuse_between_discovery_and_attach_is_caught(tmp_path: Path) -> Non
     rep = json.loads(line[len("REPORT ") :])
     # the namespace really reused the pid, and even the vCPU thread's tid
     assert rep["b_pid"] == rep["a_pid"] and rep["b_tid"] == rep["a_tid"], rep
-    r = Run(["nmi"], rep["rc"], rep["stdout"], rep["stderr"])
+    r = Result(["nmi"], rep["rc"], rep["stdout"], rep["stderr"])
     assert_clean_error(r, ExitCode.NOT_FOUND, "pid was reused")
     assert rep["b_nmi_count"] == 0 and rep["b_alive"], rep
     (rec,) = audit_since(n)
@@ -892,7 +758,7 @@ def test_list_while_vmms_come_and_go() -> None:
     from serrinj.target import discover
 
     churn = subprocess.Popen(
-        [sys.executable, "-c", CHURN, "12"], env=_env(), stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHURN, "12"], env=env_with_tests(), stdout=subprocess.PIPE, text=True
     )
     try:
         seen = scans = 0
@@ -1068,10 +934,7 @@ def test_serrinj_sigkilled_before_changing_anything_leaves_the_vmm_running(
         before = observe(vm.pid, tid)
         run = Paused(tmp_path, "seized", "nmi", "--pid", vm.pid, "--vcpu", 0)
         paused_runs.append(run)
-        run.wait_paused()
-        run.proc.kill()
-        run.proc.wait(10)
-        run.marker.unlink()
+        run.sigkill_when_paused()
         with open(f"/proc/{vm.pid}/task/{tid}/status") as f:
             assert "TracerPid:\t0\n" in f.read()
         after = observe(vm.pid, tid)

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set
 
 import pytest
 
 from serrinj.testvm.process import TestVmProcess
 from tests import test_cli_unit
+from tests.helpers import serrinj_cli
+from tests.helpers.testvm import VmFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "json-schema.md"
@@ -128,19 +128,11 @@ def documented_error() -> Dict[str, Any]:
 
 # ====================================================================== running serrinj
 def serrinj(*args: object, check: bool = True) -> List[Dict[str, Any]]:
-    """Run ``python -m serrinj ARGS`` and return its JSON: one object, or JSON lines."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """Run ``serrinj ARGS`` and return its JSON: one object, or JSON lines."""
+    r = serrinj_cli.run(*args, timeout=120)
     if check:
-        assert proc.returncode == 0, (args, proc.stderr)
-    try:
-        return [json.loads(proc.stdout)]
-    except json.JSONDecodeError:
-        return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        assert r.rc == 0, r
+    return r.lines
 
 
 def check(command: str, outputs: Sequence[Dict[str, Any]]) -> Set[int]:
@@ -211,10 +203,8 @@ def test_inject_on_a_fake_arm64_host(arm64_fakes: Any, capsys: pytest.CaptureFix
 
 
 @pytest.fixture
-def vm() -> Iterator[TestVmProcess]:
-    with TestVmProcess.start(vcpus=2, mode="halt") as proc:
-        proc.wait_event(lambda e: e["event"] == "guest-ready", timeout=20)
-        yield proc
+def vm(start_vm: VmFactory) -> TestVmProcess:
+    return start_vm(vcpus=2, mode="halt")
 
 
 @pytest.mark.kvm

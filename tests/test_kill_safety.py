@@ -32,14 +32,10 @@ import pytest
 from serrinj.remote import sigframe
 from serrinj.remote.arch import Registers, to_signed
 from serrinj.testvm.process import TestVmProcess
-from tests import test_fault_matrix as matrix
 from tests.helpers import postkill
+from tests.helpers.paused import Paused
 from tests.helpers.procs import wait_stopped
-from tests.test_fault_matrix import Paused, assert_healthy
-
-# the fault matrix's fixtures: test VMs and paused serrinj runs, ended by pid
-start_vm = matrix.start_vm
-paused_runs = matrix.paused_runs
+from tests.test_fault_matrix import assert_healthy
 
 X86 = os.uname().machine == "x86_64"
 pytestmark = [
@@ -78,10 +74,7 @@ def _nmi_expected(phase: str, skip: int) -> set[int]:
 def _kill_at(tmp: Path, paused_runs: List[Paused], phase: str, skip: int, *args: object) -> Paused:
     run = Paused(tmp, phase, *args, skip=skip)
     paused_runs.append(run)
-    run.wait_paused()
-    run.proc.kill()
-    run.proc.wait(10)
-    run.marker.unlink()
+    run.sigkill_when_paused()
     return run
 
 

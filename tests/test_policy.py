@@ -14,32 +14,18 @@ from serrinj.errors import InvalidInput, PermissionDenied
 from serrinj.ops import policy
 from serrinj.ops.policy import Request, Subject
 
-EXAMPLE = """\
-# the README's example
-[[rule]]
-name = "no-fatal-into-others"
-effect = "deny"
-users = ["*"]
-owner = "other"
-severity = "fatal"
-
-[[rule]]
-name = "ras-lab"
-groups = ["ras"]
-vms = ["ras-*"]
-do = ["*"]
-
-[[rule]]
-name = "ras-look-elsewhere"
-groups = ["ras"]
-do = ["status"]
-
+#: the example of the README and the man page, and a rule of the tests' own
+EXAMPLE = (
+    "# the README's example\n"
+    + (Path(__file__).resolve().parent.parent / "docs" / "policy-example.toml").read_text()
+    + """
 [[rule]]
 name = "bob-own-vms"
 users = ["bob", 4242]
 vmm_users = ["caller"]
 do = ["read", "nmi"]
 """
+)
 
 ALICE = Subject(
     uid=1001, name="alice", gids=frozenset({100, 2000}), group_names=frozenset({"users", "ras"})

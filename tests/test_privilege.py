@@ -20,7 +20,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -29,6 +28,9 @@ import pytest
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import need_tool
+from tests.helpers import serrinj_cli
+from tests.helpers.rootpaths import bind_prefix, private_state, world_writable_dir
+from tests.helpers.serrinj_cli import Result
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
@@ -37,26 +39,11 @@ AS_NOBODY = ["--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 NO_CAPS = ["--bounding-set=-all", "--inh-caps=-all"]
 
 
-@dataclass
-class Run:
-    argv: List[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:
-        return f"{self.argv} -> {self.rc}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
-
-
 @pytest.fixture(scope="module")
 def shared_dir() -> Iterator[Path]:
     """A directory every uid may write: the audit log and the locks of these runs."""
-    d = Path(tempfile.mkdtemp(prefix="serrinj-priv-"))
-    try:
-        d.chmod(0o777)
+    with world_writable_dir() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 #: the packages an unprivileged serrinj imports
@@ -76,7 +63,6 @@ def _world_readable_packages() -> Iterator[None]:
     fail to *import* there, or these tests would test nothing.
     """
     import importlib.util
-    import tempfile
 
     base = tempfile.mkdtemp(prefix="serrinj-priv-")
     try:
@@ -108,29 +94,24 @@ def run_as(
     shared: Path,
     strace_to: Optional[Path] = None,
     prefix: Sequence[str] = (),
-) -> Run:
+) -> Result:
     """``[PREFIX] setpriv ARGS python -m serrinj ARGS``, optionally under a real strace."""
-    argv = [str(a) for a in args]
-    cmd = [
-        need_tool("setpriv", "util-linux"),
-        *setpriv_args,
-        sys.executable,
-        "-m",
-        "serrinj",
-        *argv,
-    ]
+    strace: List[str] = []
     if strace_to is not None:
-        cmd = [need_tool("strace", "strace"), "-f", "-qq", "-o", str(strace_to), *cmd]
-    cmd = [*prefix, *cmd]
+        strace = [need_tool("strace", "strace"), "-f", "-qq", "-o", str(strace_to)]
     env = {
-        **os.environ,
         "PYTHONPATH": os.pathsep.join(_readable),
         "SERRINJ_AUDIT_LOG": str(shared / "audit.jsonl"),
         "SERRINJ_LOCK_DIR": str(shared / "locks"),
         "HOME": str(shared),
     }
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd="/")
-    return Run(argv, proc.returncode, proc.stdout, proc.stderr)
+    return serrinj_cli.run(
+        *args,
+        prefix=[*prefix, *strace, need_tool("setpriv", "util-linux"), *setpriv_args],
+        serrinj=[sys.executable, "-m", "serrinj"],
+        env=env,
+        cwd="/",
+    )
 
 
 def audit_records(shared: Path) -> List[Dict[str, Any]]:
@@ -139,30 +120,6 @@ def audit_records(shared: Path) -> List[Dict[str, Any]]:
             return [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
-
-
-@pytest.fixture
-def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
-    vms: List[TestVmProcess] = []
-
-    def start(
-        python: str = sys.executable,
-        extra: Sequence[str] = (),
-        env: Optional[Dict[str, str]] = None,
-    ) -> TestVmProcess:
-        vm = TestVmProcess.start(
-            vcpus=2, mode="halt", python=python, extra_args=list(extra), env=env
-        )
-        vms.append(vm)
-        for v in (0, 1):
-            vm.wait_event(lambda e, v=v: e.get("event") == "guest-ready" and e.get("vcpu") == v, 20)
-        return vm
-
-    try:
-        yield start
-    finally:
-        for vm in vms:
-            vm.stop()
 
 
 @pytest.fixture
@@ -187,7 +144,7 @@ def guest_counts(vm: TestVmProcess) -> List[tuple]:  # type: ignore[type-arg]
     return out
 
 
-def assert_refused(r: Run, *words: str) -> None:
+def assert_refused(r: Result, *words: str) -> None:
     assert r.rc == ExitCode.PERMISSION, r
     assert r.stderr.startswith("error: "), r
     assert "Traceback" not in r.stderr + r.stdout, r
@@ -345,10 +302,15 @@ def test_real_uid_that_differs_is_named_as_the_ptrace_problem(
     read the fds (file-system ids match) but PTRACE_SEIZE checks the real ids."""
     vm = start_vm(python=nocap_python)
     setuid_like = ["--ruid", str(NOBODY), "--euid", "0", "--clear-groups", *NO_CAPS]
-    for args in (["nmi", "--pid", vm.pid, "--vcpu", 0], ["status", "--pid", vm.pid]):
-        r = run_as(setuid_like, *args, shared=shared_dir)
-        assert_refused(r, "ptrace of process", f"serrinj as uid {NOBODY}", "real ids",
-                       "CAP_SYS_PTRACE")  # fmt: skip
+    # root acting for another uid ignores SERRINJ_AUDIT_LOG: its audit log (and locks)
+    # are this test's own, bind-mounted in a private mount namespace
+    with private_state("serrinj-priv-") as state:
+        private = bind_prefix(need_tool("unshare", "util-linux"), state)
+        for args in (["nmi", "--pid", vm.pid, "--vcpu", 0], ["status", "--pid", vm.pid]):
+            r = run_as(setuid_like, *args, shared=shared_dir, prefix=private)
+            assert_refused(r, "ptrace of process", f"serrinj as uid {NOBODY}", "real ids",
+                           "CAP_SYS_PTRACE")  # fmt: skip
+        assert [rec["action"] for rec in audit_records(state / "log")] == ["inject-nmi"]
     assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
 
@@ -390,12 +352,8 @@ def kvm_prefix(tmp_path: Path) -> List[str]:
 def nobody_dir() -> Iterator[Path]:
     """The audit log and locks of uid 65534's runs (the module's shared directory may
     hold a lock directory that an earlier root run made)."""
-    d = Path(tempfile.mkdtemp(prefix="serrinj-priv-"))
-    try:
-        d.chmod(0o777)
+    with world_writable_dir() as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -437,7 +395,7 @@ def test_a_user_with_only_cap_sys_ptrace_injects_into_a_vmm_with_more_capabiliti
     assert_refused(r, "capabilities serrinj lacks")
     assert guest_counts(vm) == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
-    def run(*args: object) -> Run:
+    def run(*args: object) -> Result:
         return run_as(ONLY_PTRACE, *args, shared=nobody_dir, prefix=kvm_prefix)
 
     r = run("list", "--json", "--pid", vm.pid)

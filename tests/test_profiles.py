@@ -33,6 +33,7 @@ from serrinj.remote.arch import host_arch
 from serrinj.testvm import profiles
 from serrinj.testvm.process import TestVmProcess
 from tests.helpers import serrinj_cli
+from tests.helpers.testvm import VmFactory, wait_guest_ready
 from tests.test_seccomp import Child
 
 ARCH = host_arch()
@@ -143,23 +144,15 @@ TOPOLOGY_ARGS = ("--vcpus", "4", "--topology", "2,3,1")
 LIST_LOOKS = 3
 
 
-def _start(profile: str, mode: str) -> TestVmProcess:
+def _profile_vm(profile: str) -> Tuple[int, List[str]]:
+    """(vcpus, testvm options) of a test VM laid out like ``profile``."""
     p = profiles.PROFILES[profile]
     extra = ["--profile", profile]
     vcpus = 2
     if p.apic_ids:
         extra += TOPOLOGY_ARGS[2:]
         vcpus = 4
-    vm = TestVmProcess.start(vcpus=vcpus, mode=mode, extra_args=extra)
-    try:
-        for info in vm.vcpus:
-            vm.wait_event(
-                lambda e, v=info.vcpu_id: e["event"] == "guest-ready" and e.get("vcpu") == v, 30
-            )
-    except BaseException:
-        vm.stop()
-        raise
-    return vm
+    return vcpus, extra
 
 
 def _comm(pid: int, tid: int) -> str:
@@ -199,33 +192,31 @@ def _kvm_fds(pid: int) -> Dict[str, List[int]]:
 @pytest.mark.root
 @pytest.mark.skipif(not X86, reason="the profiles model the VMMs' x86_64 layouts")
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
-def test_profile_layout_seen_from_proc(profile: str) -> None:
+def test_profile_layout_seen_from_proc(profile: str, start_vm: VmFactory) -> None:
     """What /proc shows of each profile: names, fds, ids, filters."""
     p = profiles.PROFILES[profile]
-    vm = _start(profile, "halt")
-    try:
-        pid = vm.pid
-        assert _comm(pid, pid) == p.main_name[:15]
-        ids = [v.vcpu_id for v in vm.vcpus]
-        assert ids == ([0, 1, 2, 4] if p.apic_ids else [0, 1])
-        fds = _kvm_fds(pid)
-        for index, v in enumerate(vm.vcpus):
-            assert _comm(pid, v.tid) == p.vcpu_name(index)[:15]
-            assert sorted(fds[f"anon_inode:kvm-vcpu:{v.vcpu_id}"]) == sorted(v.fds)
-            assert len(v.fds) == (2 if p.dup_vcpu_fds else 1)
-            assert _fd_flags(pid, v.fd) & O_CLOEXEC  # KVM_CREATE_VCPU: always close-on-exec
-            for dup in v.fds[1:]:
-                assert not _fd_flags(pid, dup) & O_CLOEXEC  # Firecracker's plain dup(2)
-            stats = fds.get(f"anon_inode:kvm-vcpu-stats:{v.vcpu_id}", [])
-            assert stats == ([v.stats_fd] if p.stats_fd else []), stats
-            assert _seccomp_filters(pid, v.tid) == len(p.vcpu_filters)
-        assert _seccomp_filters(pid, pid) == len(p.main_filters)
-        assert sorted(t["name"] for t in vm.threads) == sorted(t.name for t in p.threads)
-        for t in vm.threads:
-            assert _comm(pid, t["tid"]) == t["name"][:15]
-            assert _seccomp_filters(pid, t["tid"]) == len(t["filters"])
-    finally:
-        vm.stop()
+    vcpus, extra = _profile_vm(profile)
+    vm = start_vm(vcpus, "halt", extra, ready_timeout=30)
+    pid = vm.pid
+    assert _comm(pid, pid) == p.main_name[:15]
+    ids = [v.vcpu_id for v in vm.vcpus]
+    assert ids == ([0, 1, 2, 4] if p.apic_ids else [0, 1])
+    fds = _kvm_fds(pid)
+    for index, v in enumerate(vm.vcpus):
+        assert _comm(pid, v.tid) == p.vcpu_name(index)[:15]
+        assert sorted(fds[f"anon_inode:kvm-vcpu:{v.vcpu_id}"]) == sorted(v.fds)
+        assert len(v.fds) == (2 if p.dup_vcpu_fds else 1)
+        assert _fd_flags(pid, v.fd) & O_CLOEXEC  # KVM_CREATE_VCPU: always close-on-exec
+        for dup in v.fds[1:]:
+            assert not _fd_flags(pid, dup) & O_CLOEXEC  # Firecracker's plain dup(2)
+        stats = fds.get(f"anon_inode:kvm-vcpu-stats:{v.vcpu_id}", [])
+        assert stats == ([v.stats_fd] if p.stats_fd else []), stats
+        assert _seccomp_filters(pid, v.tid) == len(p.vcpu_filters)
+    assert _seccomp_filters(pid, pid) == len(p.main_filters)
+    assert sorted(t["name"] for t in vm.threads) == sorted(t.name for t in p.threads)
+    for t in vm.threads:
+        assert _comm(pid, t["tid"]) == t["name"][:15]
+        assert _seccomp_filters(pid, t["tid"]) == len(t["filters"])
 
 
 @dataclass
@@ -251,8 +242,12 @@ def _vm_for(current: _Current, profile: str, mode: str) -> TestVmProcess:
         if current.vm is not None:
             current.vm.stop()
             current.vm = None
-        current.vm = _start(profile, mode)
+        # not the start_vm fixture: one VM serves every cell of a (profile, mode),
+        # across tests, and the module fixture _vms stops the last one
+        vcpus, extra = _profile_vm(profile)
+        current.vm = TestVmProcess.start(vcpus=vcpus, mode=mode, extra_args=extra)
         current.key = (profile, mode)
+        wait_guest_ready(current.vm, 30)
     return current.vm
 
 
@@ -400,38 +395,30 @@ def test_matrix(_vms: _Current, profile: str, mode: str, debugfs: bool) -> None:
     ids=["firecracker-exit-148", "cloud-hypervisor-killed-by-sigsys"],
 )
 def test_a_trapped_call_kills_the_vmm_as_the_real_one(
-    profile: str, command: Dict[str, Any], status: int
+    profile: str, command: Dict[str, Any], status: int, start_vm: VmFactory
 ) -> None:
     """The VMM's own forbidden ioctl (on its vCPU thread) is trapped, reported and fatal:
     what the matrix's "the filter never trapped" would see."""
-    vm = _start(profile, "halt")
-    try:
-        mark = vm.mark()
-        vm.command(command)
-        event = vm.wait_event(lambda e: e["event"] == "sigsys", 10, mark)
-        assert event["count"] == 1
-        assert vm.wait_exit(10) == status
-    finally:
-        vm.stop()
+    vcpus, extra = _profile_vm(profile)
+    vm = start_vm(vcpus, "halt", extra, ready_timeout=30)
+    mark = vm.mark()
+    vm.command(command)
+    event = vm.wait_event(lambda e: e["event"] == "sigsys", 10, mark)
+    assert event["count"] == 1
+    assert vm.wait_exit(10) == status
 
 
 @pytest.mark.kvm
 @pytest.mark.skipif(not X86, reason="the profiles model the VMMs' x86_64 layouts")
-def test_on_sigsys_count_keeps_the_vmm_running_and_counts() -> None:
-    vm = TestVmProcess.start(
-        vcpus=2, mode="halt", extra_args=["--profile", "firecracker", "--on-sigsys", "count"]
-    )
-    try:
-        vm.wait_event(lambda e: e["event"] == "guest-ready" and e["vcpu"] == 1, 30)
-        assert vm.sigsys_count() == 0
-        for _ in range(2):
-            mark = vm.mark()
-            vm.command({"cmd": "nmi", "vcpu": 1})
-            vm.wait_event(lambda e: e["event"] == "sigsys", 10, mark)
-        assert vm.sigsys_count() == 2
-        assert vm.alive()
-    finally:
-        vm.stop()
+def test_on_sigsys_count_keeps_the_vmm_running_and_counts(start_vm: VmFactory) -> None:
+    vm = start_vm(2, "halt", ["--profile", "firecracker", "--on-sigsys", "count"], ready_timeout=30)
+    assert vm.sigsys_count() == 0
+    for _ in range(2):
+        mark = vm.mark()
+        vm.command({"cmd": "nmi", "vcpu": 1})
+        vm.wait_event(lambda e: e["event"] == "sigsys", 10, mark)
+    assert vm.sigsys_count() == 2
+    assert vm.alive()
 
 
 # ---------------------------------------------------------------------- probing
@@ -439,27 +426,26 @@ def test_on_sigsys_count_keeps_the_vmm_running_and_counts() -> None:
 @pytest.mark.root
 @pytest.mark.skipif(not X86, reason="the profiles model the VMMs' x86_64 layouts")
 @pytest.mark.parametrize("debugfs", [False, True], ids=["no-debugfs", "debugfs"])
-def test_a_yielding_vcpu_whose_name_is_not_its_id_is_found(debugfs: bool) -> None:
+def test_a_yielding_vcpu_whose_name_is_not_its_id_is_found(
+    debugfs: bool, start_vm: VmFactory
+) -> None:
     """QEMU's 4th CPU of -smp 4,sockets=2,cores=3 is vCPU 4 in thread "CPU 3/KVM". A
     vCPU whose guest exits to the VMM a lot keeps its thread waiting outside KVM_RUN
     (here a futex, 200 ms at a time) while the others compute: neither KVM_RUN's
     arguments nor the name tell its vCPU, so without debugfs serrinj has to find it by
     probing, and must."""
-    vm = TestVmProcess.start(
+    vm = start_vm(
         vcpus=4,
         mode="spin",
-        extra_args=[
+        extra=[
             "--profile", "qemu", "--topology", "2,3,1", "--vcpu-mode", "4=futex",
             "--yield-ms", "200",
         ],
+        ready_timeout=30,
     )  # fmt: skip
-    try:
-        vm.wait_event(lambda e: e["event"] == "guest-ready" and e["vcpu"] == 4, 30)
-        assert vm.vcpu(4).thread_name == "CPU 3/KVM"
-        mark = vm.mark()
-        res = serrinj_cli.run("nmi", "--pid", vm.pid, "--vcpu", "4", debugfs=debugfs)
-        assert res.rc == 0, res
-        vm.wait_event(lambda e: e["event"] == "nmi" and e["vcpu"] == 4, 10, mark)
-        assert vm.alive()
-    finally:
-        vm.stop()
+    assert vm.vcpu(4).thread_name == "CPU 3/KVM"
+    mark = vm.mark()
+    res = serrinj_cli.run("nmi", "--pid", vm.pid, "--vcpu", "4", debugfs=debugfs)
+    assert res.rc == 0, res
+    vm.wait_event(lambda e: e["event"] == "nmi" and e["vcpu"] == 4, 10, mark)
+    assert vm.alive()

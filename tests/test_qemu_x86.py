@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 
 from serrinj.codec import mce
+from tests.helpers import serrinj_cli
 from tests.helpers.qemu import Qemu, build_firmware, show_observations
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kvm, pytest.mark.root]
@@ -61,18 +62,12 @@ def qemu(request: pytest.FixtureRequest, tmp_path: Path, firmware: Path) -> Iter
 
 
 def serrinj(*args: str, env: Dict[str, str] | None = None) -> Tuple[int, Any, str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "serrinj", "--json", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    r = serrinj_cli.run("--json", *args, env=env, inherit_env=env is None)
     try:
-        data = json.loads(proc.stdout) if proc.stdout.strip() else None
+        data = json.loads(r.stdout) if r.stdout.strip() else None
     except json.JSONDecodeError:
-        data = proc.stdout
-    return proc.returncode, data, proc.stderr
+        data = r.stdout
+    return r.rc, data, r.stderr
 
 
 def _vcpus(doc: Any) -> List[Dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Iterator, List, Optional
+from typing import Any, List, Optional
 
 import pytest
 
@@ -19,6 +19,7 @@ from serrinj.errors import SeccompBlocked
 from serrinj.ops import inject, status
 from serrinj.target import attach as target
 from serrinj.testvm.process import TestVmProcess
+from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
@@ -34,19 +35,9 @@ def _inject(vm: TestVmProcess, vcpu: int, wait: Optional[float] = None) -> List[
     return inject.inject_serror(tgt, inject.SErrorRequest(None), wait=wait)
 
 
-def _start(args: List[str]) -> TestVmProcess:
-    proc = TestVmProcess.start(vcpus=2, mode="halt", extra_args=args)
-    proc.wait_event(lambda e: e["event"] == "guest-ready", timeout=20)
-    return proc
-
-
 @pytest.fixture
-def sandboxed(request: pytest.FixtureRequest) -> Iterator[TestVmProcess]:
-    proc = _start(request.param)
-    try:
-        yield proc
-    finally:
-        proc.stop()
+def sandboxed(request: pytest.FixtureRequest, start_vm: VmFactory) -> TestVmProcess:
+    return start_vm(vcpus=2, mode="halt", extra=request.param)
 
 
 def _seccomp_of(pid: int, tid: int) -> int:
@@ -97,12 +88,8 @@ def test_filter_on_every_thread_is_refused_before_anything_is_sent(
 
 
 @pytest.fixture
-def plain() -> Iterator[TestVmProcess]:
-    proc = _start([])
-    try:
-        yield proc
-    finally:
-        proc.stop()
+def plain(start_vm: VmFactory) -> TestVmProcess:
+    return start_vm(vcpus=2, mode="halt")
 
 
 def test_inherited_fd_owner_found_with_kcmp(plain: TestVmProcess) -> None:

@@ -31,34 +31,22 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
 
 from serrinj.errors import ExitCode
 from serrinj.testvm.process import TestVmProcess
 from tests.conftest import missing, need_tool
+from tests.helpers import serrinj_cli
+from tests.helpers.rootpaths import bind_prefix, private_state
+from tests.helpers.serrinj_cli import Result
+from tests.helpers.testvm import VmFactory
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root]
 X86 = os.uname().machine == "x86_64"
+ROOT = Path(__file__).resolve().parent.parent
 SERRINJ = Path(sys.executable).parent / "serrinj"
-#: the root-owned paths serrinj uses, each replaced by a directory of the test's own
-PRIVATE = ("/etc/serrinj", "/var/log/serrinj", "/run/serrinj")
-_BIND = (
-    'mount --bind "$1" /etc/serrinj && mount --bind "$2" /var/log/serrinj'
-    ' && mount --bind "$3" /run/serrinj && shift 3 && exec "$@"'
-)
-
-
-@dataclass
-class Run:
-    argv: List[str]
-    rc: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:
-        return f"{self.argv} -> {self.rc}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
 @dataclass
@@ -80,30 +68,27 @@ class SudoUser:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def run(self, *args: object, env: Mapping[str, str] = {}, root: bool = False) -> Run:
+    def run(self, *args: object, env: Mapping[str, str] = {}, root: bool = False) -> Result:
         """``sudo -n [VAR=value...] serrinj ARGS`` as the test user (``root``: serrinj
         run by root itself, with ``env`` in its environment), in the private namespace."""
         argv = [str(a) for a in args]
-        dirs = [str(self.state / d) for d in ("etc", "log", "run")]
         if root:
-            inner = [str(SERRINJ), *argv]
+            inner = [str(SERRINJ)]
         else:
             setpriv = need_tool("setpriv", "util-linux")
             inner = [setpriv, "--reuid", str(self.uid), "--regid", str(self.gid),
                      "--init-groups", "--", need_tool("sudo", "sudo"), "-n",
-                     *(f"{k}={v}" for k, v in env.items()), str(SERRINJ), *argv]  # fmt: skip
-        cmd = [need_tool("unshare", "util-linux"), "-m", "--propagation", "private", "--",
-               "sh", "-c", _BIND, "sh", *dirs, *inner]  # fmt: skip
+                     *(f"{k}={v}" for k, v in env.items()), str(SERRINJ)]  # fmt: skip
+        cmd = bind_prefix(need_tool("unshare", "util-linux"), self.state)
         base = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "NO_COLOR": "1"}
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/",
+        return serrinj_cli.run(
+            *argv,
+            prefix=cmd,
+            serrinj=inner,
             env={**base, **env} if root else base,
+            inherit_env=False,
+            cwd="/",
         )
-        return Run(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
 def _must(*cmd: str) -> None:
@@ -125,16 +110,9 @@ def sudo_user() -> Iterator[SudoUser]:
     name = f"sjt{secrets.token_hex(4)}"
     group = f"{name}ras"
     rule = Path(f"/etc/sudoers.d/serrinj-test-{name}")  # no dot: sudo would skip it
-    created: List[str] = []
-    state = Path(tempfile.mkdtemp(prefix="serrinj-sudo-"))
-    try:
-        for d in ("etc", "log", "run"):
-            (state / d).mkdir(mode=0o755)
-            (state / d).chmod(0o755)
-        for mount_point in PRIVATE:
-            if not os.path.isdir(mount_point):
-                os.makedirs(mount_point, mode=0o755)
-                created.append(mount_point)
+    with contextlib.ExitStack() as stack:
+        state = stack.enter_context(private_state("serrinj-sudo-"))
+        stack.callback(_remove_user, name, group, rule)
         _must("groupadd", group)
         _must("useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group",
               "--groups", group, name)  # fmt: skip
@@ -143,15 +121,13 @@ def sudo_user() -> Iterator[SudoUser]:
         _must("visudo", "-c", "-q", "-f", str(rule))
         pw = pwd.getpwnam(name)
         yield SudoUser(name, pw.pw_uid, pw.pw_gid, group, state)
-    finally:
-        rule.unlink(missing_ok=True)
-        subprocess.run(["userdel", name], capture_output=True)
-        subprocess.run(["groupdel", group], capture_output=True)
-        subprocess.run(["groupdel", name], capture_output=True)  # the user's own, if left
-        shutil.rmtree(state, ignore_errors=True)
-        for mount_point in reversed(created):
-            with contextlib.suppress(OSError):
-                os.rmdir(mount_point)
+
+
+def _remove_user(name: str, group: str, rule: Path) -> None:
+    rule.unlink(missing_ok=True)
+    subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["groupdel", group], capture_output=True)
+    subprocess.run(["groupdel", name], capture_output=True)  # the user's own, if left
 
 
 @pytest.fixture
@@ -172,22 +148,15 @@ def dirs(sudo_user: SudoUser) -> Iterator[Tuple[Path, Path, Path]]:
 
 
 @pytest.fixture
-def start_vm(sudo_user: SudoUser) -> Iterator[Any]:
-    vms: List[TestVmProcess] = []
+def named_vm(sudo_user: SudoUser, start_vm: VmFactory) -> Callable[..., TestVmProcess]:
+    """Start a test VM named ``name`` (after ``sudo_user``: each VM is stopped first)."""
 
     def start(
         name: str, mode: str = "halt", extra: Tuple[str, ...] = (), vcpus: int = 1
     ) -> TestVmProcess:
-        vm = TestVmProcess.start(vcpus=vcpus, mode=mode, extra_args=["--name", name, *extra])
-        vms.append(vm)
-        vm.wait_event(lambda e: e.get("event") == "guest-ready" and e.get("vcpu") == 0, 20)
-        return vm
+        return start_vm(vcpus, mode, ["--name", name, *extra])
 
-    try:
-        yield start
-    finally:
-        for vm in vms:
-            vm.stop()
+    return start
 
 
 def observed(vm: TestVmProcess) -> Tuple[int, int]:
@@ -198,7 +167,7 @@ def observed(vm: TestVmProcess) -> Tuple[int, int]:
     return hb["nmi_count"], hb["mce_count"]
 
 
-def refused(r: Run, *words: str) -> None:
+def refused(r: Result, *words: str) -> None:
     assert r.rc == ExitCode.PERMISSION, r
     assert "error: " in r.stderr and "Traceback" not in r.stderr + r.stdout, r
     for w in words:
@@ -222,10 +191,10 @@ PROBE = '[[steps]]\nexpect = "log"\nmatch = "^root:"\nsince = "beginning"\ntimeo
 # ====================================================================== files as the caller
 @pytest.mark.skipif(not X86, reason="the test VM's NMI is x86_64")
 def test_a_caller_cannot_learn_whether_a_pattern_matches_a_file_it_cannot_read(
-    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], named_vm: Callable[..., TestVmProcess]
 ) -> None:
     base, _mine, closed = dirs
-    vm = start_vm(f"ras-{sudo_user.name}")
+    vm = named_vm(f"ras-{sudo_user.name}")
     probe = write(base / "probe.toml", campaign(vm.pid, "/etc/shadow", PROBE))
     r = sudo_user.run("run", probe)
     refused(r, "guest log /etc/shadow", f"uid {sudo_user.uid} ({sudo_user.name})",
@@ -263,10 +232,10 @@ def test_a_caller_cannot_learn_whether_a_pattern_matches_a_file_it_cannot_read(
 
 @pytest.mark.skipif(not X86, reason="the test VM's NMI is x86_64")
 def test_a_caller_cannot_write_a_junit_or_events_file_where_it_may_not(
-    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], named_vm: Callable[..., TestVmProcess]
 ) -> None:
     base, mine, closed = dirs
-    vm = start_vm(f"ras-{sudo_user.name}")
+    vm = named_vm(f"ras-{sudo_user.name}")
     c = write(base / "c.toml", campaign(vm.pid, None))
     report = closed / "report.xml"
     refused(sudo_user.run("run", c, "--junit", report), f"JUnit report {report}")
@@ -293,10 +262,10 @@ def test_a_caller_cannot_write_a_junit_or_events_file_where_it_may_not(
 
 @pytest.mark.skipif(not X86, reason="the test VM's NMI is x86_64")
 def test_a_caller_cannot_redirect_the_audit_log_or_the_lock_directory(
-    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser, dirs: Tuple[Path, Path, Path], named_vm: Callable[..., TestVmProcess]
 ) -> None:
     _base, mine, _closed = dirs
-    vm = start_vm(f"ras-{sudo_user.name}")
+    vm = named_vm(f"ras-{sudo_user.name}")
     env = {"SERRINJ_AUDIT_LOG": str(mine / "audit.jsonl"), "SERRINJ_LOCK_DIR": str(mine / "locks")}
     before = len(sudo_user.audit())
     r = sudo_user.run("nmi", "--pid", vm.pid, "--vcpu", 0, "--wait", env=env)
@@ -328,28 +297,9 @@ def test_a_caller_cannot_redirect_the_audit_log_or_the_lock_directory(
 @pytest.fixture
 def policy(sudo_user: SudoUser) -> Iterator[Path]:
     """/etc/serrinj/policy.toml (in the private namespace) for the test user's group."""
-    path = write(
-        sudo_user.policy_file,
-        f"""\
-[[rule]]
-name = "no-fatal-into-others"
-effect = "deny"
-users = ["*"]
-owner = "other"
-severity = "fatal"
-
-[[rule]]
-name = "ras-lab"
-groups = ["{sudo_user.group}"]
-vms = ["ras-*"]
-do = ["*"]
-
-[[rule]]
-name = "ras-look-elsewhere"
-groups = ["{sudo_user.group}"]
-do = ["status"]
-""",
-    )
+    example = (ROOT / "docs" / "policy-example.toml").read_text()  # the README's
+    # the example's "ras" group is the test user's own
+    path = write(sudo_user.policy_file, example.replace('"ras"', f'"{sudo_user.group}"'))
     try:
         yield path
     finally:
@@ -358,11 +308,14 @@ do = ["status"]
 
 @pytest.mark.skipif(not X86, reason="the test VM's NMI and machine checks are x86_64")
 def test_the_policy_allows_the_ras_vm_and_refuses_the_rest(
-    sudo_user: SudoUser, policy: Path, dirs: Tuple[Path, Path, Path], start_vm: Any
+    sudo_user: SudoUser,
+    policy: Path,
+    dirs: Tuple[Path, Path, Path],
+    named_vm: Callable[..., TestVmProcess],
 ) -> None:
     base, _mine, _closed = dirs
-    ras = start_vm(f"ras-{sudo_user.name}")
-    prod = start_vm(f"prod-{sudo_user.name}")
+    ras = named_vm(f"ras-{sudo_user.name}")
+    prod = named_vm(f"prod-{sudo_user.name}")
     before = len(sudo_user.audit())
 
     # allowed: an NMI into the ras VM, and the guest takes it
@@ -418,12 +371,12 @@ def test_the_policy_allows_the_ras_vm_and_refuses_the_rest(
 
 
 def test_list_probe_stops_the_threads_of_a_vm_only_where_status_is_allowed(
-    sudo_user: SudoUser, policy: Path, start_vm: Any
+    sudo_user: SudoUser, policy: Path, named_vm: Callable[..., TestVmProcess]
 ) -> None:
     """``list --probe`` briefly stops a VM's threads to map its vCPUs: a read of the VM."""
     spinning = ("--thread-names", "none")
-    ras = start_vm(f"ras-{sudo_user.name}", "spin", spinning, 2)
-    prod = start_vm(f"prod-{sudo_user.name}", "spin", spinning, 2)
+    ras = named_vm(f"ras-{sudo_user.name}", "spin", spinning, 2)
+    prod = named_vm(f"prod-{sudo_user.name}", "spin", spinning, 2)
     # only the ras-lab rule: nothing at all is allowed on the prod VM
     text = policy.read_text()
     write(policy, text[: text.index('[[rule]]\nname = "ras-look-elsewhere"')])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
@@ -82,22 +82,6 @@ def _command(vm: TestVmProcess, cmd: Dict[str, Any], expect: Callable[[Event], b
     return vm.wait_event(expect, timeout=10, since=mark)
 
 
-@pytest.fixture
-def start_vm() -> Iterator[Callable[..., TestVmProcess]]:
-    started: List[TestVmProcess] = []
-
-    def start(**kwargs: Any) -> TestVmProcess:
-        vm = TestVmProcess.start(arch="x86_64", **kwargs)
-        started.append(vm)
-        return vm
-
-    try:
-        yield start
-    finally:
-        for vm in started:
-            vm.stop()
-
-
 def _ready_guest(vm: TestVmProcess) -> None:
     for info in vm.vcpus:
         ev = vm.wait_event(_is("guest-ready", info.vcpu_id), timeout=10)
@@ -110,7 +94,7 @@ def _ready_guest(vm: TestVmProcess) -> None:
 def test_guest_observes_nmi_and_machine_checks(
     start_vm: Callable[..., TestVmProcess], mode: str
 ) -> None:
-    vm = start_vm(vcpus=2, mode=mode)
+    vm = start_vm(vcpus=2, mode=mode, ready=False, arch="x86_64")
     ready = vm.ready
     assert ready["pid"] == vm.pid and ready["arch"] == "x86_64" and ready["mode"] == mode
     assert [v.vcpu_id for v in vm.vcpus] == [0, 1]
@@ -169,7 +153,7 @@ def test_guest_observes_nmi_and_machine_checks(
 
 
 def test_heartbeat_counts_progress(start_vm: Callable[..., TestVmProcess]) -> None:
-    vm = start_vm(mode="spin")
+    vm = start_vm(vcpus=1, mode="spin", ready=False, arch="x86_64")
     _ready_guest(vm)
     first = _command(vm, {"cmd": "heartbeat", "vcpu": 0}, _is("heartbeat", 0, seq=1))
     time.sleep(0.2)
@@ -180,7 +164,7 @@ def test_heartbeat_counts_progress(start_vm: Callable[..., TestVmProcess]) -> No
 
 @pytest.mark.parametrize("style", sorted(THREAD_NAMES))
 def test_thread_names(start_vm: Callable[..., TestVmProcess], style: str) -> None:
-    vm = start_vm(vcpus=2, extra_args=["--thread-names", style])
+    vm = start_vm(vcpus=2, extra=["--thread-names", style], ready=False, arch="x86_64")
     namer = THREAD_NAMES[style]
     with open(f"/proc/{vm.pid}/comm") as f:
         process_comm = f.read().strip()
@@ -194,7 +178,7 @@ def test_thread_names(start_vm: Callable[..., TestVmProcess], style: str) -> Non
 
 
 def test_pending_nmi_is_visible_while_paused(start_vm: Callable[..., TestVmProcess]) -> None:
-    vm = start_vm(vcpus=2, extra_args=["--start-paused"])
+    vm = start_vm(vcpus=2, extra=["--start-paused"], ready=False, arch="x86_64")
     assert vm.ready["paused"] is True
     for info in vm.vcpus:
         # out of KVM_RUN, parked in a futex
@@ -219,7 +203,7 @@ def test_pending_nmi_is_visible_while_paused(start_vm: Callable[..., TestVmProce
 
 
 def test_pause_parks_the_vcpus_out_of_kvm_run(start_vm: Callable[..., TestVmProcess]) -> None:
-    vm = start_vm(vcpus=2, mode="spin")
+    vm = start_vm(vcpus=2, mode="spin", ready=False, arch="x86_64")
     _ready_guest(vm)
     _command(vm, {"cmd": "pause"}, lambda e: e["event"] == "ack" and e["cmd"] == "pause")
     for info in vm.vcpus:
@@ -236,7 +220,7 @@ def test_pause_parks_the_vcpus_out_of_kvm_run(start_vm: Callable[..., TestVmProc
 def test_self_check_detects_register_and_memory_changes(
     start_vm: Callable[..., TestVmProcess],
 ) -> None:
-    vm = start_vm(mode="spin")
+    vm = start_vm(vcpus=1, mode="spin", ready=False, arch="x86_64")
     _ready_guest(vm)
     # a heartbeat comes from the main loop: the checked registers are live from now on
     _command(vm, {"cmd": "heartbeat", "vcpu": 0}, _is("heartbeat", 0))
@@ -272,7 +256,7 @@ def test_uc_machine_check_before_cr4_mce_is_a_triple_fault(
 ) -> None:
     # KVM turns a UC error into a triple fault while CR4.MCE is clear (BRIEF
     # section 4); a paused guest has not set it yet.
-    vm = start_vm(extra_args=["--start-paused"])
+    vm = start_vm(vcpus=1, extra=["--start-paused"], ready=False, arch="x86_64")
     cmd = {"cmd": "mce", "vcpu": 0, "bank": 1, "status": UC_STATUS, "mcg_status": UC_MCG_STATUS}
     _command(vm, cmd, _is("ack", 0, cmd="mce"))
     vm.command({"cmd": "run"})
@@ -284,7 +268,7 @@ def test_uc_machine_check_before_cr4_mce_is_a_triple_fault(
 
 
 def test_errors_are_reported(start_vm: Callable[..., TestVmProcess]) -> None:
-    vm = start_vm()
+    vm = start_vm(vcpus=1, ready=False, arch="x86_64")
     cases = [
         ({"cmd": "bogus", "vcpu": 0}, "unknown command"),
         ({"cmd": "nmi", "vcpu": 7}, "no vCPU 7"),
@@ -311,7 +295,7 @@ def test_errors_are_reported(start_vm: Callable[..., TestVmProcess]) -> None:
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "eof"])
 def test_clean_exit(start_vm: Callable[..., TestVmProcess], how: str) -> None:
-    vm = start_vm(vcpus=2, mode="spin")
+    vm = start_vm(vcpus=2, mode="spin", ready=False, arch="x86_64")
     _ready_guest(vm)
     if how == "eof":
         stdin = vm._popen.stdin

@@ -4,6 +4,9 @@ Every reader raises ``ProcessLookupError`` when the process or thread is gone
 (the entry vanished between listing and reading, which is normal on a live
 host), and ``PermissionError`` when it may not be read. Callers decide what
 that means.
+
+Every reader takes the root of the procfs tree it reads (``root``, ``/proc`` by
+default): the unit tests pass a tree of their own.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
-#: where procfs is mounted; every reader here builds its paths from it (the unit
-#: tests point it at a fake tree)
+#: where procfs is mounted: the default ``root`` of every reader here (the unit tests
+#: pass the root of a fake tree instead)
 PROC = "/proc"
 
 #: task_struct->flags bits (include/linux/sched.h) of tasks that never run
@@ -42,34 +45,34 @@ def _read(path: str) -> str:
         raise
 
 
-def _task(pid: int, tid: Optional[int]) -> str:
-    return f"{PROC}/{pid}" if tid is None else f"{PROC}/{pid}/task/{tid}"
+def _task(pid: int, tid: Optional[int], root: str) -> str:
+    return f"{root}/{pid}" if tid is None else f"{root}/{pid}/task/{tid}"
 
 
-def pids() -> List[int]:
+def pids(root: str = PROC) -> List[int]:
     """Every pid currently listed in /proc."""
-    return sorted(int(n) for n in os.listdir(PROC) if n.isdigit())
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit())
 
 
-def tids(pid: int) -> List[int]:
+def tids(pid: int, root: str = PROC) -> List[int]:
     try:
-        return sorted(int(n) for n in os.listdir(f"{PROC}/{pid}/task"))
+        return sorted(int(n) for n in os.listdir(f"{root}/{pid}/task"))
     except FileNotFoundError as err:
         raise ProcessLookupError(errno.ESRCH, f"process {pid} vanished") from err
 
 
-def comm(pid: int, tid: Optional[int] = None) -> str:
-    return _read(f"{_task(pid, tid)}/comm").rstrip("\n")
+def comm(pid: int, tid: Optional[int] = None, root: str = PROC) -> str:
+    return _read(f"{_task(pid, tid, root)}/comm").rstrip("\n")
 
 
-def cmdline(pid: int) -> List[str]:
-    raw = _read(f"{PROC}/{pid}/cmdline")
+def cmdline(pid: int, root: str = PROC) -> List[str]:
+    raw = _read(f"{root}/{pid}/cmdline")
     return [a for a in raw.split("\0") if a] if raw else []
 
 
-def exe(pid: int) -> Optional[str]:
+def exe(pid: int, root: str = PROC) -> Optional[str]:
     try:
-        return os.readlink(f"{PROC}/{pid}/exe")
+        return os.readlink(f"{root}/{pid}/exe")
     except OSError:
         return None
 
@@ -93,18 +96,18 @@ class Stat:
         return bool(self.flags & _NO_USER_CODE)
 
 
-def stat(pid: int, tid: Optional[int] = None) -> Stat:
-    raw = _read(f"{_task(pid, tid)}/stat")
+def stat(pid: int, tid: Optional[int] = None, root: str = PROC) -> Stat:
+    raw = _read(f"{_task(pid, tid, root)}/stat")
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     rest = raw[raw.rindex(")") + 2 :].split()
     # rest[0] is field 3 (state); flags is field 9, starttime field 22.
     return Stat(state=rest[0], flags=int(rest[6]), starttime=int(rest[19]))
 
 
-def status(pid: int, tid: Optional[int] = None) -> Dict[str, str]:
+def status(pid: int, tid: Optional[int] = None, root: str = PROC) -> Dict[str, str]:
     """/proc/.../status as a key -> value dict."""
     out: Dict[str, str] = {}
-    for line in _read(f"{_task(pid, tid)}/status").splitlines():
+    for line in _read(f"{_task(pid, tid, root)}/status").splitlines():
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
@@ -124,8 +127,8 @@ class TaskSecurity:
     cap_permitted: int = 0
 
 
-def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
-    st = status(pid, tid)
+def task_security(pid: int, tid: Optional[int] = None, root: str = PROC) -> TaskSecurity:
+    st = status(pid, tid, root)
     uids = st.get("Uid", "0 0 0 0").split()
     gids = st.get("Gid", "0 0 0 0").split()
     return TaskSecurity(
@@ -138,17 +141,17 @@ def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
     )
 
 
-def owner_uid(pid: int) -> int:
+def owner_uid(pid: int, root: str = PROC) -> int:
     """The owner of ``/proc/PID``: the process's euid, or root when it is not dumpable."""
     try:
-        return os.stat(f"{PROC}/{pid}").st_uid
+        return os.stat(f"{root}/{pid}").st_uid
     except FileNotFoundError as err:
         raise ProcessLookupError(errno.ESRCH, f"process {pid} vanished") from err
 
 
-def sigkill_pending(pid: int, tid: Optional[int] = None) -> bool:
+def sigkill_pending(pid: int, tid: Optional[int] = None, root: str = PROC) -> bool:
     """Whether SIGKILL is pending for the thread or its process (it is about to die)."""
-    st = status(pid, tid)
+    st = status(pid, tid, root)
     bit = 1 << (9 - 1)
     return any(int(st.get(key, "0"), 16) & bit for key in ("SigPnd", "ShdPnd"))
 
@@ -162,8 +165,8 @@ class SyscallState:
     args: Tuple[int, ...] = ()
 
 
-def syscall(pid: int, tid: int) -> SyscallState:
-    raw = _read(f"{PROC}/{pid}/task/{tid}/syscall").split()
+def syscall(pid: int, tid: int, root: str = PROC) -> SyscallState:
+    raw = _read(f"{root}/{pid}/task/{tid}/syscall").split()
     if not raw or raw[0] == "running":
         return SyscallState(running=True)
     nr = int(raw[0])
@@ -198,9 +201,9 @@ class Mapping:
         return self.start <= addr and addr + size <= self.end
 
 
-def maps(pid: int) -> List[Mapping]:
+def maps(pid: int, root: str = PROC) -> List[Mapping]:
     out = []
-    for line in _read(f"{PROC}/{pid}/maps").splitlines():
+    for line in _read(f"{root}/{pid}/maps").splitlines():
         parts = line.split(None, 5)
         lo, hi = parts[0].split("-")
         out.append(
@@ -215,9 +218,9 @@ def maps(pid: int) -> List[Mapping]:
     return out
 
 
-def fd_targets(pid: int) -> Iterator[Tuple[int, str]]:
+def fd_targets(pid: int, root: str = PROC) -> Iterator[Tuple[int, str]]:
     """``(fd, readlink target)`` for each open fd; fds that vanish are skipped."""
-    base = f"{PROC}/{pid}/fd"
+    base = f"{root}/{pid}/fd"
     try:
         names = os.listdir(base)
     except FileNotFoundError as err:
@@ -229,17 +232,17 @@ def fd_targets(pid: int) -> Iterator[Tuple[int, str]]:
             continue
 
 
-def ptrace_scope() -> Optional[int]:
+def ptrace_scope(root: str = PROC) -> Optional[int]:
     """Yama's ptrace_scope, or ``None`` when Yama is not enabled."""
     try:
-        return int(_read(f"{PROC}/sys/kernel/yama/ptrace_scope").strip())
+        return int(_read(f"{root}/sys/kernel/yama/ptrace_scope").strip())
     except (ProcessLookupError, OSError, ValueError):
         return None
 
 
-def has_capability(cap: int, pid: str = "self") -> bool:
+def has_capability(cap: int, pid: str = "self", root: str = PROC) -> bool:
     """Whether ``pid`` has capability ``cap`` in its effective set."""
-    st = _read(f"{PROC}/{pid}/status")
+    st = _read(f"{root}/{pid}/status")
     for line in st.splitlines():
         if line.startswith("CapEff:"):
             return bool(int(line.split()[1], 16) >> cap & 1)

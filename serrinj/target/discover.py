@@ -52,7 +52,6 @@ from serrinj.remote.arch import Arch, host_arch
 
 _VM_LINK = "anon_inode:kvm-vm"
 _VCPU_LINK = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
-_DEBUGFS_KVM = "/sys/kernel/debug/kvm"
 #: capability(7) numbers
 _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
 
@@ -197,18 +196,37 @@ def qemu_name(argv: Sequence[str]) -> Optional[str]:
 LIBVIRT_RUN_DIRS: Tuple[str, ...] = ("/run/libvirt/qemu", "/var/run/libvirt/qemu")
 
 
-def libvirt_pid(domain: str) -> Optional[int]:
+@dataclass(frozen=True)
+class HostPaths:
+    """Where discovery reads this machine: procfs, KVM's debugfs, libvirt's pid files.
+
+    Every reader of discovery takes one (``host``, this machine by default); the
+    unit tests pass the roots of a fake tree.
+    """
+
+    proc: str = procfs.PROC
+    debugfs_kvm: str = "/sys/kernel/debug/kvm"
+    #: ``None``: :data:`LIBVIRT_RUN_DIRS`
+    libvirt_run_dirs: Optional[Tuple[str, ...]] = None
+
+
+#: this machine
+HOST = HostPaths()
+
+
+def libvirt_pid(domain: str, host: HostPaths = HOST) -> Optional[int]:
     """The QEMU pid libvirt recorded for the running ``domain`` (``None``: no such record)."""
-    for pid, name in _libvirt_names().items():
+    for pid, name in _libvirt_names(host).items():
         if name == domain:
             return pid
     return None
 
 
-def _libvirt_names() -> Dict[int, str]:
+def _libvirt_names(host: HostPaths = HOST) -> Dict[int, str]:
     """pid -> libvirt domain name, from the QEMU driver's pid files."""
     names: Dict[int, str] = {}
-    for base in LIBVIRT_RUN_DIRS:
+    dirs = LIBVIRT_RUN_DIRS if host.libvirt_run_dirs is None else host.libvirt_run_dirs
+    for base in dirs:
         try:
             entries = os.listdir(base)
         except OSError:
@@ -244,10 +262,10 @@ def vmm_kind(comm: str, argv: Sequence[str], thread_names: Iterable[str]) -> str
 
 
 # ---------------------------------------------------------------------- scanning
-def _kvm_fds(pid: int) -> Tuple[List[int], Dict[int, int]]:
+def _kvm_fds(pid: int, host: HostPaths = HOST) -> Tuple[List[int], Dict[int, int]]:
     vm_fds: List[int] = []
     vcpu_fds: Dict[int, int] = {}  # fd -> vcpu_id
-    for fd, target in procfs.fd_targets(pid):
+    for fd, target in procfs.fd_targets(pid, host.proc):
         if target == _VM_LINK:
             vm_fds.append(fd)
             continue
@@ -257,16 +275,16 @@ def _kvm_fds(pid: int) -> Tuple[List[int], Dict[int, int]]:
     return sorted(vm_fds), vcpu_fds
 
 
-def _threads(pid: int, arch: Arch) -> List[Thread]:
+def _threads(pid: int, arch: Arch, host: HostPaths = HOST) -> List[Thread]:
     out = []
-    for tid in procfs.tids(pid):
+    for tid in procfs.tids(pid, host.proc):
         try:
-            if procfs.stat(pid, tid).kernel_thread:
+            if procfs.stat(pid, tid, host.proc).kernel_thread:
                 continue
-            sec = procfs.task_security(pid, tid)
-            name = procfs.comm(pid, tid)
+            sec = procfs.task_security(pid, tid, host.proc)
+            name = procfs.comm(pid, tid, host.proc)
             try:
-                sc: Optional[procfs.SyscallState] = procfs.syscall(pid, tid)
+                sc: Optional[procfs.SyscallState] = procfs.syscall(pid, tid, host.proc)
             except PermissionError:
                 # the syscall file needs ptrace *attach* access (Yama's ptrace_scope 1
                 # or 2 refuses it where the fds could be read): the state is unknown,
@@ -317,7 +335,9 @@ def _same_file(pid: int, fd1: int, fd2: int) -> bool:
         return True  # kcmp unavailable (or the process is gone): by the id alone
 
 
-def _debugfs_evidence(pid: int, tids: Iterable[int]) -> List[Tuple[int, int]]:
+def _debugfs_evidence(
+    pid: int, tids: Iterable[int], host: HostPaths = HOST
+) -> List[Tuple[int, int]]:
     """(vcpu_id, tid) from KVM's debugfs, when mounted and readable.
 
     KVM names a VM's directory ``<tid>-<fd>`` after the thread that created it
@@ -326,14 +346,14 @@ def _debugfs_evidence(pid: int, tids: Iterable[int]) -> List[Tuple[int, int]]:
     owners = {pid, *tids}
     out: List[Tuple[int, int]] = []
     try:
-        dirs = sorted(os.listdir(_DEBUGFS_KVM))
+        dirs = sorted(os.listdir(host.debugfs_kvm))
     except OSError:
         return out
     for d in dirs:
         creator, sep, vm_fd = d.partition("-")
         if not sep or not creator.isdigit() or not vm_fd.isdigit() or int(creator) not in owners:
             continue
-        base = f"{_DEBUGFS_KVM}/{d}"
+        base = f"{host.debugfs_kvm}/{d}"
         try:
             entries = sorted(os.listdir(base))
         except OSError:
@@ -351,9 +371,9 @@ def _debugfs_evidence(pid: int, tids: Iterable[int]) -> List[Tuple[int, int]]:
     return out
 
 
-def debugfs_available() -> bool:
+def debugfs_available(host: HostPaths = HOST) -> bool:
     """Whether KVM's debugfs directory is mounted and readable here."""
-    return os.access(_DEBUGFS_KVM, os.R_OK | os.X_OK)
+    return os.access(host.debugfs_kvm, os.R_OK | os.X_OK)
 
 
 def _name_evidence(threads: Sequence[Thread]) -> List[Tuple[int, int]]:
@@ -439,25 +459,24 @@ def map_vcpus(
     return sorted(out, key=lambda v: (v.vcpu_id, v.fds))
 
 
-def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
+def inspect(pid: int, arch: Optional[Arch] = None, host: HostPaths = HOST) -> Optional[Vm]:
     """The VM held by process ``pid``, or ``None`` when it holds no KVM fds (or
     serrinj may not read them: :func:`hidden` names those processes)."""
     arch = arch or host_arch()
     try:
-        vm_fds, vcpu_fds = _kvm_fds(pid)
+        vm_fds, vcpu_fds = _kvm_fds(pid, host)
     except PermissionError:
         return None
     if not vm_fds and not vcpu_fds:
         return None
-    starttime = procfs.stat(pid).starttime
-    comm = procfs.comm(pid)
-    argv = procfs.cmdline(pid)
-    threads = _threads(pid, arch)
-    vcpus = map_vcpus(
-        _group_vcpu_fds(pid, vcpu_fds), threads, _debugfs_evidence(pid, (t.tid for t in threads))
-    )
-    name = qemu_name(argv) or _libvirt_names().get(pid)
-    uid = procfs.task_security(pid).uid[1]
+    starttime = procfs.stat(pid, root=host.proc).starttime
+    comm = procfs.comm(pid, root=host.proc)
+    argv = procfs.cmdline(pid, host.proc)
+    threads = _threads(pid, arch, host)
+    debugfs = _debugfs_evidence(pid, (t.tid for t in threads), host)
+    vcpus = map_vcpus(_group_vcpu_fds(pid, vcpu_fds), threads, debugfs)
+    name = qemu_name(argv) or _libvirt_names(host).get(pid)
+    uid = procfs.task_security(pid, root=host.proc).uid[1]
     return Vm(
         pid=pid,
         starttime=starttime,
@@ -472,16 +491,16 @@ def inspect(pid: int, arch: Optional[Arch] = None) -> Optional[Vm]:
     )
 
 
-def scan(arch: Optional[Arch] = None) -> List[Vm]:
+def scan(arch: Optional[Arch] = None, host: HostPaths = HOST) -> List[Vm]:
     """Every process on the host that holds KVM fds (those serrinj may inspect;
     :func:`hidden` names the others)."""
     out = []
     me = os.getpid()
-    for pid in procfs.pids():
+    for pid in procfs.pids(host.proc):
         if pid == me:
             continue
         try:
-            vm = inspect(pid, arch)
+            vm = inspect(pid, arch, host)
         except ProcessLookupError:
             continue  # exited while we looked: it is simply not listed
         if vm is not None:
@@ -489,7 +508,7 @@ def scan(arch: Optional[Arch] = None) -> List[Vm]:
     return out
 
 
-def hidden() -> Tuple[int, ...]:
+def hidden(host: HostPaths = HOST) -> Tuple[int, ...]:
     """User processes whose fds serrinj may not read and that may be VMMs it misses.
 
     Without CAP_SYS_PTRACE any other user's process may be a VMM. With it, a
@@ -498,27 +517,29 @@ def hidden() -> Tuple[int, ...]:
     like a VMM (its name, command line or thread names), so that root on a
     host with such a process still gets "no VM" (exit 3), not a permission error.
     """
-    privileged = procfs.has_capability(procfs.CAP_SYS_PTRACE)
+    privileged = procfs.has_capability(procfs.CAP_SYS_PTRACE, root=host.proc)
     out = []
-    for pid in procfs.pids():
-        if pid == os.getpid() or not _fds_denied(pid):
+    for pid in procfs.pids(host.proc):
+        if pid == os.getpid() or not _fds_denied(pid, host):
             continue
         try:
-            if procfs.stat(pid).kernel_thread:  # kernel threads are no VMMs
+            if procfs.stat(pid, root=host.proc).kernel_thread:  # kernel threads are no VMMs
                 continue
         except ProcessLookupError:
             continue
-        if privileged and not _looks_like_vmm(pid):
+        if privileged and not _looks_like_vmm(pid, host):
             continue
         out.append(pid)
     return tuple(out)
 
 
-def hidden_error(denied: Sequence[int], what: str = "no KVM VM was found") -> PermissionDenied:
+def hidden_error(
+    denied: Sequence[int], what: str = "no KVM VM was found", host: HostPaths = HOST
+) -> PermissionDenied:
     """The error for a search that found nothing while ``denied`` processes were hidden."""
     n = len(denied)
-    vmms = [p for p in denied if _looks_like_vmm(p)]
-    shown = ", ".join(f"{p} ({_comm(p)})" for p in (vmms or list(denied))[:4])
+    vmms = [p for p in denied if _looks_like_vmm(p, host)]
+    shown = ", ".join(f"{p} ({_comm(p, host)})" for p in (vmms or list(denied))[:4])
     among = "likely VMMs among them" if vmms else "e.g."
     return PermissionDenied(
         f"{what}, and serrinj may not read the fds of {n} process{'es' if n > 1 else ''}"
@@ -528,14 +549,14 @@ def hidden_error(denied: Sequence[int], what: str = "no KVM VM was found") -> Pe
     )
 
 
-def _fds_denied(pid: int) -> bool:
+def _fds_denied(pid: int, host: HostPaths = HOST) -> bool:
     """Whether ``pid``'s fds are unreadable to serrinj. os.access() checks only the
     mode bits, and a root caller may list /proc/PID/fd yet not read its links:
     both also need ptrace read access to the process."""
     try:
-        names = os.listdir(f"/proc/{pid}/fd")
+        names = os.listdir(f"{host.proc}/{pid}/fd")
         for name in names[:1]:
-            os.readlink(f"/proc/{pid}/fd/{name}")
+            os.readlink(f"{host.proc}/{pid}/fd/{name}")
     except PermissionError:
         return True
     except OSError:
@@ -543,20 +564,20 @@ def _fds_denied(pid: int) -> bool:
     return False
 
 
-def _fd_denial(pid: int) -> PermissionDenied:
+def _fd_denial(pid: int, host: HostPaths = HOST) -> PermissionDenied:
     """Why this process may not read ``pid``'s fds (ptrace read access, file-system ids)."""
     reason = ""
     try:
-        sec = procfs.task_security(pid)
-        caps = int(procfs.status(os.getpid()).get("CapEff", "0"), 16)
-        fsuid, fsgid = procfs.task_security(os.getpid()).uid[3], os.getegid()
-        if not procfs.has_capability(procfs.CAP_SYS_PTRACE):
+        sec = procfs.task_security(pid, root=host.proc)
+        caps = int(procfs.status(os.getpid(), root=host.proc).get("CapEff", "0"), 16)
+        fsuid, fsgid = procfs.task_security(os.getpid(), root=host.proc).uid[3], os.getegid()
+        if not procfs.has_capability(procfs.CAP_SYS_PTRACE, root=host.proc):
             if any(u != fsuid for u in sec.uid[:3]) or any(g != fsgid for g in sec.gid[:3]):
                 reason = f": it runs as uid {sec.uid[0]} gid {sec.gid[0]}, serrinj as uid {fsuid}"
             elif sec.cap_permitted & ~caps:
                 reason = ": it holds capabilities serrinj lacks, and serrinj has no CAP_SYS_PTRACE"
         elif not caps & (1 << _CAP_DAC_READ_SEARCH | 1 << _CAP_DAC_OVERRIDE):
-            owner = procfs.owner_uid(pid)
+            owner = procfs.owner_uid(pid, host.proc)
             if owner != fsuid:
                 # /proc/PID/fd (0500) and .../syscall (0400) belong to the VMM's uid: the
                 # file-mode check comes before the ptrace check that CAP_SYS_PTRACE passes
@@ -567,16 +588,17 @@ def _fd_denial(pid: int) -> PermissionDenied:
     except ProcessLookupError:
         raise TargetGone(f"process {pid} exited") from None
     return PermissionDenied(
-        f"cannot read the fds of process {pid} ({_comm(pid)}){reason}",
+        f"cannot read the fds of process {pid} ({_comm(pid, host)}){reason}",
         hint="reading /proc/PID/fd needs ptrace access: run serrinj as the VMM's user (with"
         " at least its capabilities), or as root with CAP_SYS_PTRACE",
     )
 
 
-def _looks_like_vmm(pid: int) -> bool:
+def _looks_like_vmm(pid: int, host: HostPaths = HOST) -> bool:
+    root = host.proc
     try:
-        names = [procfs.comm(pid, t) for t in procfs.tids(pid)]
-        return vmm_kind(procfs.comm(pid), procfs.cmdline(pid), names) != "unknown"
+        names = [procfs.comm(pid, t, root) for t in procfs.tids(pid, root)]
+        return vmm_kind(procfs.comm(pid, root=root), procfs.cmdline(pid, root), names) != "unknown"
     except (ProcessLookupError, PermissionError):
         return False
 
@@ -588,7 +610,7 @@ def _candidates_hint(vms: Sequence[Vm]) -> str:
     return f"candidates: {lines}; choose one with --pid or --name"
 
 
-def find(pid: Optional[int] = None, name: Optional[str] = None) -> Vm:
+def find(pid: Optional[int] = None, name: Optional[str] = None, host: HostPaths = HOST) -> Vm:
     """The one VM the user means: by pid, by name, or the only one on the host."""
     if pid is not None:
         try:
@@ -598,43 +620,44 @@ def find(pid: Optional[int] = None, name: Optional[str] = None) -> Vm:
         except PermissionError:
             pass
         try:
-            vm = inspect(pid)
+            vm = inspect(pid, host=host)
         except ProcessLookupError:
             raise TargetGone(f"process {pid} exited") from None
         if vm is None:
-            if _fds_denied(pid):
-                raise _fd_denial(pid)
+            if _fds_denied(pid, host):
+                raise _fd_denial(pid, host)
             raise TargetNotFound(
-                f"process {pid} ({_comm(pid)}) is not a KVM VMM: it holds no KVM VM or vCPU fds",
-                hint=_candidates_hint(scan()),
+                f"process {pid} ({_comm(pid, host)}) is not a KVM VMM: it holds no KVM VM or"
+                " vCPU fds",
+                hint=_candidates_hint(scan(host=host)),
             )
         if name is not None and vm.name != name:
             raise TargetNotFound(f"process {pid} is VM {vm.name!r}, not {name!r}")
         return vm
-    vms = scan()
+    vms = scan(host=host)
     if name is not None:
         named = [v for v in vms if v.name == name]
         if len(named) == 1:
             return named[0]
         if not named:
-            denied = hidden()
+            denied = hidden(host)
             if denied:
-                raise hidden_error(denied, f"no VM named {name!r} was found")
+                raise hidden_error(denied, f"no VM named {name!r} was found", host)
             raise TargetNotFound(f"no VM named {name!r}", hint=_candidates_hint(vms))
         raise InvalidInput(f"{len(named)} VMs are named {name!r}", hint=_candidates_hint(named))
     if len(vms) == 1:
         return vms[0]
     if not vms:
-        denied = hidden()
+        denied = hidden(host)
         if denied:
-            raise hidden_error(denied)
+            raise hidden_error(denied, host=host)
         raise TargetNotFound("no KVM VM is running on this host", hint=_candidates_hint(vms))
     raise InvalidInput(f"{len(vms)} VMs are running; say which one", hint=_candidates_hint(vms))
 
 
-def _comm(pid: int) -> str:
+def _comm(pid: int, host: HostPaths = HOST) -> str:
     try:
-        return procfs.comm(pid)
+        return procfs.comm(pid, root=host.proc)
     except (ProcessLookupError, OSError):
         return "?"
 
@@ -654,15 +677,15 @@ def vcpu_id_of_link(target: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def find_file_holders(pid: int, fd: int) -> List[FdOwner]:
+def find_file_holders(pid: int, fd: int, host: HostPaths = HOST) -> List[FdOwner]:
     """Every other process whose vCPU fd is the very same open file as ``pid``'s ``fd``
     (``kcmp(KCMP_FILE)``), e.g. the VMM that created a vCPU fd inherited by ``pid``."""
     owners = []
-    for other in procfs.pids():
+    for other in procfs.pids(host.proc):
         if other == pid:
             continue
         try:
-            _vm, vcpu_fds = _kvm_fds(other)
+            _vm, vcpu_fds = _kvm_fds(other, host)
         except (ProcessLookupError, PermissionError):
             continue
         for ofd, vid in vcpu_fds.items():
