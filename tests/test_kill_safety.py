@@ -339,7 +339,7 @@ def test_a_shadow_stack_thread_falls_back_with_a_warning_in_output_and_audit(
     vm = start_vm(vcpus=2, mode="spin")
     audit_log = tmp_path / "audit.jsonl"
     monkeypatch.setenv("SERRINJ_AUDIT_LOG", str(audit_log))
-    monkeypatch.setattr(session, "procfs_thread_features", lambda pid, tid: "shstk wrss")
+    monkeypatch.setattr(session, "thread_features", lambda sec: "shstk wrss")
     assert run(["nmi", "--pid", str(vm.pid), "--vcpu", "1"]) == 0
     out = capsys.readouterr().out
     assert "kill-safe" in out and "shadow stack" in out, out

@@ -122,6 +122,8 @@ class TaskSecurity:
     gid: Tuple[int, int, int, int] = (0, 0, 0, 0)
     #: the permitted capability set (a tracer needs all of them, or CAP_SYS_PTRACE)
     cap_permitted: int = 0
+    #: the ``x86_Thread_features`` line ('' without one): ``shstk`` = a user shadow stack
+    thread_features: str = ""
 
 
 def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
@@ -135,6 +137,7 @@ def task_security(pid: int, tid: Optional[int] = None) -> TaskSecurity:
         seccomp_filters=int(st.get("Seccomp_filters", "0")),
         gid=(int(gids[0]), int(gids[1]), int(gids[2]), int(gids[3])),
         cap_permitted=int(st.get("CapPrm", "0"), 16),
+        thread_features=st.get("x86_Thread_features", ""),
     )
 
 
@@ -181,6 +184,9 @@ class Mapping:
     perms: str
     offset: int
     path: str
+    #: the mapped file's device ("fe:01") and inode; inode 0 for anonymous memory
+    dev: str = ""
+    inode: int = 0
 
     @property
     def readable(self) -> bool:
@@ -210,6 +216,8 @@ def maps(pid: int) -> List[Mapping]:
                 perms=parts[1],
                 offset=int(parts[2], 16),
                 path=parts[5] if len(parts) > 5 else "",
+                dev=parts[3],
+                inode=int(parts[4]),
             )
         )
     return out

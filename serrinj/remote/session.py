@@ -111,16 +111,10 @@ def _phase(name: str) -> None:
         observer(name)
 
 
-def procfs_thread_features(pid: int, tid: int) -> str:
-    """The ``x86_Thread_features`` line of the thread's status ('' without one)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("x86_Thread_features:"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+def thread_features(sec: procfs.TaskSecurity) -> str:
+    """The thread's ``x86_Thread_features`` ('' without one), from the status read
+    the seize makes anyway (one read of /proc/PID/task/TID/status, not two)."""
+    return sec.thread_features
 
 
 def _on_tstp(signum: int, _frame: object) -> None:
@@ -380,8 +374,13 @@ class RemoteThread:
         if wants_stack and self._stack_key() not in _stack_cache:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
-        self._prefetch_gadget()
-        self._prepare_kill_safety()
+        self._prepare_kill_safety(sec)
+        if self._ret_gadget is not None:
+            # `syscall; ret` begins with a syscall instruction: the path without a
+            # frame (decided after the stop) runs at the same, validated address
+            self._gadget_hint = self._ret_gadget
+        else:
+            self._prefetch_gadget()
         self._warm_up()
         try:
             ptrace.seize(tid)
@@ -435,11 +434,11 @@ class RemoteThread:
                 self.pid, self.arch, starttime=self._starttime, maps=self._maps
             )
 
-    def _prepare_kill_safety(self) -> None:
+    def _prepare_kill_safety(self, sec: procfs.TaskSecurity) -> None:
         """Decide, before the stop, whether the thread can be kill-safe, and find the
         machine code the kill-safe path runs (serrinj.remote.sigframe)."""
         self.kill_safe, self.kill_safe_reason = False, ""
-        features = procfs_thread_features(self.pid, self.tid)
+        features = thread_features(sec)
         if "shstk" in features:
             self.kill_safe_reason = (
                 "the thread runs with an x86 user shadow stack, which would reject"
