@@ -358,7 +358,7 @@ def test_a_crowd_of_sleepers_is_gone_after_stop() -> None:
 
 @pytest.mark.kvm
 def test_a_crowd_of_vms_is_listed_by_serrinj_and_gone_after_stop() -> None:
-    from serrinj import discover
+    from serrinj.target import discover
 
     c = crowd.Crowd("kvm", 2)
     try:

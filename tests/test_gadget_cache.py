@@ -15,7 +15,8 @@ from typing import Iterator, List
 
 import pytest
 
-from serrinj import _native, procfs
+from serrinj import _native
+from serrinj.host import procfs
 from serrinj.remote import gadget
 from serrinj.remote.arch import host_arch
 
