@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
 
 from serrinj import _native
 from serrinj.errors import (
@@ -67,9 +67,13 @@ from serrinj.errors import (
     TargetGone,
 )
 from serrinj.host import procfs
-from serrinj.remote import ptrace, seccomp, sigframe
+from serrinj.remote import ptrace, sigframe
 from serrinj.remote.arch import Arch, Registers, host_arch, to_signed
 from serrinj.remote.gadget import find_sequence, find_syscall_gadget
+
+if TYPE_CHECKING:
+    # imported when a thread has seccomp filters (few do): not on every start-up
+    from serrinj.remote import seccomp
 
 _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 #: held for the life of a session too, but not an interruption: Ctrl-Z lets the
@@ -596,6 +600,8 @@ class RemoteThread:
                 f"thread {self.tid} of process {self.pid} runs in strict seccomp mode",
                 hint="only read/write/exit are allowed there; pick another thread",
             )
+        from serrinj.remote import seccomp
+
         if self._filters is None:
             self._filters = self._read_filters()
         ip = self._syscall_gadget() + len(self.arch.syscall_insn)
@@ -610,6 +616,8 @@ class RemoteThread:
             )
 
     def _read_filters(self) -> List[List[seccomp.Insn]]:
+        from serrinj.remote import seccomp
+
         filters = []
         for index in range(64):
             try:
