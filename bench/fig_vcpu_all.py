@@ -56,7 +56,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
     progress(f"figure 7: nmi --vcpu all on a {VCPUS}-vCPU test VM")
     cpus = sorted(os.sched_getaffinity(0))
     pinned = len(cpus) >= 2
-    rounds = ctx.rounds(6)
+    rounds = ctx.rounds(10)
     wall: Dict[str, List[float]] = {"sweep": [], "one": []}
     stall: Dict[str, List[float]] = {"sweep": [], "one": [], "baseline": []}
     max_held: List[float] = []  # per sweep, the longest hold of any vCPU
