@@ -46,6 +46,7 @@ serve (a shadow stack, live SVE state, no gadget) takes the old path, and
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
@@ -305,6 +306,7 @@ class RemoteThread:
         #: will pass buffers say so; the read then costs the VMM nothing)
         self.prefetch_maps = prefetch_maps
         self._maps: Optional[List[procfs.Mapping]] = None
+        self._map_starts: List[int] = []  # of _maps (sorted, as the kernel lists them)
         self._running = False  # resumed by us and not yet seen stopped
         #: whether the thread can put itself back if serrinj dies while it holds
         #: it (a resume frame, serrinj.remote.sigframe); ``None`` before attach
@@ -378,6 +380,7 @@ class RemoteThread:
         if wants_stack and self._stack_key() not in _stack_cache:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
+                self._map_starts = [m.start for m in self._maps]
         self._prepare_kill_safety(sec)
         if self._ret_gadget is not None:
             # `syscall; ret` begins with a syscall instruction: the path without a
@@ -714,7 +717,13 @@ class RemoteThread:
         if known is None or not known[0] <= base < top <= known[1]:
             # A stack read before the stop still holds the stack: the thread has
             # been running on it since. Anything else is checked against a fresh read.
-            mapping = next((m for m in self._maps or () if m.contains(base, top - base)), None)
+            mapping = None
+            if self._maps:
+                # /proc/PID/maps lists disjoint ranges in address order: a bisection,
+                # not a walk of hundreds of mappings while the thread is held
+                i = bisect.bisect_right(self._map_starts, base) - 1
+                if i >= 0 and self._maps[i].contains(base, top - base):
+                    mapping = self._maps[i]
             if mapping is None or not mapping.writable:
                 try:
                     maps = procfs.maps(self.pid)
