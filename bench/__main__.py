@@ -32,6 +32,8 @@ FIGURES: Mapping[str, str] = {
     "throughput": "bench.fig_throughput",
     "startup": "bench.fig_startup",
     "memory": "bench.fig_memory",
+    "list": "bench.fig_list",
+    "vcpu_all": "bench.fig_vcpu_all",
 }
 
 

@@ -168,9 +168,11 @@ class Context:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
-    def test_vm(self, vcpus: int = 2, mode: str = "halt") -> Iterator[TestVmProcess]:
+    def test_vm(
+        self, vcpus: int = 2, mode: str = "halt", extra_args: Sequence[str] = ()
+    ) -> Iterator[TestVmProcess]:
         """The built-in test VM in its own process, its guest ready; ended by pid."""
-        vm = TestVmProcess.start(vcpus=vcpus, mode=mode, env=self.env)
+        vm = TestVmProcess.start(vcpus=vcpus, mode=mode, env=self.env, extra_args=extra_args)
         try:
             vm.wait_event(lambda e: e.get("event") == "guest-ready", timeout=30)
             yield vm

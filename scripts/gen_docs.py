@@ -61,6 +61,11 @@ ENVIRONMENT: Tuple[Tuple[str, str], ...] = (
         " (default ~/.local/state/serrinj/).",
     ),
     (
+        "XDG_CACHE_HOME",
+        "Where serrinj keeps the machine code it found in VMMs' libraries:"
+        " $XDG_CACHE_HOME/serrinj/gadgets.json (default ~/.cache/serrinj/; see FILES).",
+    ),
+    (
         "SERRINJ_LOCK_DIR",
         "The directory of the per-VM lock files (see FILES). Ignored, with a warning, for a"
         " caller who is not root (sudo), as SERRINJ_AUDIT_LOG.",
@@ -305,6 +310,17 @@ def man_page() -> str:
             " probe sets an SError on a throwaway one-vCPU VM in serrinj's own process; the"
             " answer is kept for the boot it was made in"
             " (/proc/sys/kernel/random/boot_id) and probed again after a reboot."
+        ),
+        ".TP",
+        "\\fI~/.cache/serrinj/gadgets.json\\fR",
+        roff_text(
+            "Where in a mapped library (by device, inode and file offset) serrinj found the"
+            " machine code it borrows (a syscall instruction, `syscall; ret`, `rt_sigreturn`),"
+            " so that a new serrinj process does not search the VMM's libc again. Only a hint:"
+            " an entry is used when the VMM's bytes at that place, read afresh, are that code"
+            " in an executable mapping of the same file; anything else is searched as if the"
+            " file did not exist. Deleting it is always safe. The directory is"
+            " $XDG_CACHE_HOME/serrinj when XDG_CACHE_HOME is set."
         ),
         ".SH ENVIRONMENT",
     ]

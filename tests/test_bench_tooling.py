@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
 from typing import Any, Dict, List
 
@@ -10,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench import report, stats
+from bench import crowd, fig_list, fig_vcpu_all, report, stats
 from bench.fig_cli import gdb_call_argv, gdb_call_result
 from bench.fig_startup import import_groups, parse_importtime
 from bench.machine import kvm_kind
@@ -304,3 +306,71 @@ def test_render_markdown() -> None:
     out = report.render_markdown(_doc())
     assert "| a | b\\|c |" in out
     assert "- met: fast (5.25)" in out and "- **missed**: small (None)" in out
+
+
+# ---------------------------------------------------------------------- scale figures
+def test_list_goal_ratio_compares_the_biggest_cells() -> None:
+    seconds = {
+        fig_list.cell_key(2000, 1): [0.10, 0.12, 0.11],
+        fig_list.cell_key(2000, 50): [0.16, 0.15, 0.17],
+        fig_list.cell_key(500, 50): [9.0],
+    }
+    assert fig_list.goal_ratio(seconds) == pytest.approx(0.16 / 0.11)
+    assert fig_list.goal_ratio({fig_list.cell_key(2000, 1): [0.1]}) is None
+
+
+def test_list_profile_top_keeps_the_table_after_the_output() -> None:
+    out = (
+        '{"vms": []}\n   123 function calls\n\n'
+        "   ncalls  tottime  percall\n  10  0.5  0.05 x.py:1(f)\n"
+    )
+    assert fig_list.profile_top(out) == ["   ncalls  tottime  percall", "  10  0.5  0.05 x.py:1(f)"]
+    assert fig_list.profile_top('{"vms": []}\n') == []
+
+
+def test_sweep_holds_by_vcpu() -> None:
+    doc = {
+        "injections": [
+            {"vcpu_id": 0, "timings_us": {"held": 500.5, "seize": 10}},
+            {"vcpu_id": 63, "timings_us": {"held": 700}},
+        ]
+    }
+    assert fig_vcpu_all.sweep_holds(json.dumps(doc)) == {
+        0: {"held": 500.5, "seize": 10.0},
+        63: {"held": 700.0},
+    }
+
+
+def test_in_kvm_run_reads_the_syscall_file() -> None:
+    assert not crowd.in_kvm_run(os.getpid())  # this thread is running, not in KVM_RUN
+    assert not crowd.in_kvm_run(2**22 + 1)  # no such process
+
+
+def test_a_crowd_of_sleepers_is_gone_after_stop() -> None:
+    c = crowd.Crowd("sleep", 5)
+    try:
+        assert len(c.pids) == 5
+        assert all(os.path.exists(f"/proc/{p}") for p in c.pids)
+    finally:
+        c.stop()
+    assert c.gone()
+
+
+@pytest.mark.kvm
+def test_a_crowd_of_vms_is_listed_by_serrinj_and_gone_after_stop() -> None:
+    from serrinj.target import discover
+
+    c = crowd.Crowd("kvm", 2)
+    try:
+        for pid in c.pids:
+            vm = discover.find(pid=pid)
+            assert [v.vcpu_id for v in vm.vcpus] == [0]
+            assert vm.vcpus[0].thread is not None and vm.vcpus[0].thread.tid == pid
+    finally:
+        c.stop()
+    assert c.gone()
+
+
+def test_crowd_kind_is_checked() -> None:
+    with pytest.raises(ValueError):
+        crowd.Crowd("busy", 1)

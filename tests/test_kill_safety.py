@@ -332,7 +332,7 @@ def test_a_shadow_stack_thread_falls_back_with_a_warning_in_output_and_audit(
     vm = start_vm(vcpus=2, mode="spin")
     audit_log = tmp_path / "audit.jsonl"
     monkeypatch.setenv("SERRINJ_AUDIT_LOG", str(audit_log))
-    monkeypatch.setattr(session, "procfs_thread_features", lambda pid, tid: "shstk wrss")
+    monkeypatch.setattr(session, "thread_features", lambda sec: "shstk wrss")
     assert run(["nmi", "--pid", str(vm.pid), "--vcpu", "1"]) == 0
     out = capsys.readouterr().out
     assert "kill-safe" in out and "shadow stack" in out, out
@@ -365,4 +365,29 @@ def test_a_vmm_without_the_gadgets_falls_back_and_is_restored(
     with RemoteThread(vm.pid, vm.vcpu(1).tid) as t:
         assert t.syscall(t.arch.nr["getpid"]) == vm.pid
         assert t.kill_safe is True and t.kill_safe_reason == ""
+    assert_healthy(vm)
+
+
+def test_a_frame_refused_after_the_stop_runs_the_syscall_at_the_same_gadget(
+    start_vm: Callable[..., TestVmProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kill safety decided before the stop can still be refused at it (here: the FP
+    state); the old path then runs at the `syscall; ret` found before the stop,
+    whose first instruction is a syscall, instead of searching while the thread
+    is held. The thread is restored all the same."""
+    from serrinj.remote import RemoteThread
+    from serrinj.remote.arch import host_arch
+
+    vm = start_vm(vcpus=2, mode="spin")
+    frames = sigframe.FRAMES[host_arch().name]
+    monkeypatch.setattr(type(frames), "fp_problem", lambda self, fp: "refused by the test")
+    with RemoteThread(vm.pid, vm.vcpu(1).tid) as t:
+        ret_gadget = t._ret_gadget
+        assert ret_gadget is not None
+        assert t.syscall(t.arch.nr["getpid"]) == vm.pid
+        assert t.kill_safe is False and t.kill_safe_reason == "refused by the test"
+        assert t.gadget == ret_gadget
+    assert t.verified
+    monkeypatch.undo()
     assert_healthy(vm)

@@ -41,14 +41,20 @@ def path() -> str:
     return os.path.join(state, "serrinj", "audit.jsonl")
 
 
+_names: Dict[int, str] = {}
+
+
 def _user() -> Dict[str, object]:
     from serrinj.host import privilege
 
     uid = os.getuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
+    name = _names.get(uid)
+    if name is None:  # the user database is read once per uid, not per record
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        _names[uid] = name
     caller = privilege.current()
     return {
         "uid": uid,
@@ -93,9 +99,13 @@ def record(
 
     line = json.dumps(entry, default=str)
     target = path()
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fd = os.open(target, flags, 0o640)
+        except FileNotFoundError:  # the first record: make the directory
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fd = os.open(target, flags, 0o640)
         try:
             os.write(fd, (line + "\n").encode())
         finally:

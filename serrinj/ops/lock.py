@@ -59,9 +59,13 @@ def vm_lock(pid: int, starttime: int, label: str, wait: float = 10.0) -> Iterato
         return
     directory = lock_dir()
     path = _path(pid, starttime)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
     try:
-        os.makedirs(directory, mode=0o1777, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileNotFoundError:  # the first lock: make the directory
+            os.makedirs(directory, mode=0o1777, exist_ok=True)
+            fd = os.open(path, flags, 0o666)
     except OSError as err:
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise

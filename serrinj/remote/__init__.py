@@ -11,6 +11,19 @@ serrinj runs them as syscalls of a thread of the VMM:
 - :mod:`serrinj.remote.seccomp`  evaluating the thread's seccomp filters first
 """
 
-from serrinj.remote.session import EngineError, RemoteThread
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serrinj.remote.session import EngineError, RemoteThread
 
 __all__ = ["EngineError", "RemoteThread"]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine is loaded on first use: importing serrinj.remote.arch (discovery,
+    # `serrinj list`) must not import the session, its frames and gadgets.
+    if name in __all__:
+        from serrinj.remote import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

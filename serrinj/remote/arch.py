@@ -8,6 +8,7 @@ aarch64 (``tests/test_remote_abi.py`` checks both against the system headers).
 
 from __future__ import annotations
 
+import functools
 import platform
 import struct
 from types import MappingProxyType
@@ -24,6 +25,11 @@ def to_signed(value: int) -> int:
     return value - (1 << 64) if value >> 63 else value
 
 
+@functools.cache
+def _u64s(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}Q")
+
+
 class Registers:
     """An immutable snapshot of a thread's general-purpose registers."""
 
@@ -37,10 +43,15 @@ class Registers:
 
     @classmethod
     def unpack(cls, arch: Arch, raw: bytes) -> Registers:
-        return cls(arch, struct.unpack(f"<{len(arch.reg_names)}Q", raw))
+        # unsigned 64-bit fields are in range already: no masking (this runs
+        # several times while a vCPU thread is held)
+        regs = cls.__new__(cls)
+        regs._arch = arch
+        regs._values = arch.regs_struct.unpack(raw)
+        return regs
 
     def pack(self) -> bytes:
-        return struct.pack(f"<{len(self._values)}Q", *self._values)
+        return self._arch.regs_struct.pack(*self._values)
 
     def __getitem__(self, name: str) -> int:
         return self._values[self._arch.reg_index[name]]
@@ -48,8 +59,11 @@ class Registers:
     def replace(self, **changes: int) -> Registers:
         values = list(self._values)
         for name, value in changes.items():
-            values[self._arch.reg_index[name]] = value
-        return Registers(self._arch, values)
+            values[self._arch.reg_index[name]] = value & _U64
+        regs = Registers.__new__(Registers)
+        regs._arch = self._arch
+        regs._values = tuple(values)
+        return regs
 
     def as_dict(self) -> Dict[str, int]:
         return dict(zip(self._arch.reg_names, self._values))
@@ -101,6 +115,11 @@ class Arch:
     @property
     def regs_size(self) -> int:
         return 8 * len(self.reg_names)
+
+    @property
+    def regs_struct(self) -> struct.Struct:
+        """The NT_PRSTATUS layout: one unsigned 64-bit field per register."""
+        return _u64s(len(self.reg_names))
 
     def prepare_syscall(
         self, base: Registers, gadget: int, nr: int, args: Sequence[int]

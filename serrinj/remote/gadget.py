@@ -5,10 +5,22 @@ could execute a half-written instruction. Instead the thread's pc is pointed
 at a syscall instruction that is already there, in libc (or, for a static
 VMM, in its own text). Results are cached per process and re-validated with a
 2-byte (4-byte) read before each use.
+
+A fresh serrinj process (each CLI run) would otherwise scan the VMM's libc
+again for every sequence (milliseconds: ``__restore_rt`` lies deep in it), so
+hits in a mapped file are also kept on disk, as the file offset keyed by the
+file's identity (device and inode, as /proc/PID/maps shows them) and the
+pattern: ``$XDG_CACHE_HOME/serrinj/gadgets.json`` (``~/.cache/...``). A disk
+entry is only a hint: it is used when it falls inside a readable executable
+mapping of that file in the target, aligned, not avoided, and the target's
+bytes there are the pattern (read afresh), which is what a scan would accept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from serrinj import _native
@@ -75,6 +87,85 @@ def _scan(
     return 0
 
 
+def _disk_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "serrinj", "gadgets.json")
+
+
+_disk: Optional[Dict[str, int]] = None
+
+
+def _disk_entries() -> Dict[str, int]:
+    global _disk
+    if _disk is None:
+        try:
+            with open(_disk_path(), encoding="utf-8") as f:
+                raw = json.load(f)
+            _disk = {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        except (OSError, ValueError, TypeError):
+            _disk = {}
+    return _disk
+
+
+def _disk_key(m: procfs.Mapping, patterns: Sequence[bytes]) -> Optional[str]:
+    if not m.inode or not m.path.startswith("/"):
+        return None  # anonymous memory, [vdso]...: nothing stable to key on
+    return f"{m.dev}:{m.inode}:{'/'.join(p.hex() for p in patterns)}"
+
+
+def _remember(m: procfs.Mapping, patterns: Sequence[bytes], hit: int) -> None:
+    """Keep a scan's hit in a mapped file on disk (best effort: never an error)."""
+    key = _disk_key(m, patterns)
+    if key is None:
+        return
+    entries = _disk_entries()
+    offset = hit - m.start + m.offset
+    if entries.get(key) == offset:
+        return
+    if len(entries) >= 256:
+        entries.clear()
+    entries[key] = offset
+    target = _disk_path()
+    tmp = f"{target}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(entries, f)
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _from_disk(
+    pid: int,
+    candidates: Sequence[procfs.Mapping],
+    patterns: Sequence[bytes],
+    align: int,
+    avoid: Iterable[int],
+) -> int:
+    """A remembered hit that holds in this process now (see the module docstring), or 0."""
+    entries = _disk_entries()
+    if not entries:
+        return 0
+    avoid = set(avoid)
+    size = max(len(p) for p in patterns)
+    for m in candidates:
+        key = _disk_key(m, patterns)
+        offset = entries.get(key) if key else None
+        if offset is None:
+            continue
+        addr = m.start + offset - m.offset
+        if (
+            m.contains(addr, size)
+            and addr % align == 0
+            and addr not in avoid
+            and _still_valid(pid, addr, patterns)
+        ):
+            return addr
+    return 0
+
+
 def _still_valid(pid: int, addr: int, patterns: Sequence[bytes]) -> bool:
     try:
         data = _native.process_vm_read(pid, addr, max(len(p) for p in patterns))
@@ -125,13 +216,18 @@ def find_sequence(
     cached = _cache.get(key)
     if cached and cached not in avoid and _still_valid(pid, cached, patterns):
         return cached
-    for m in _candidates(pid, maps):
+    candidates = _candidates(pid, maps)
+    hit = _from_disk(pid, candidates, patterns, arch.insn_align, avoid)
+    for m in [] if hit else candidates:
         hit = _scan(pid, m, patterns, arch.insn_align, avoid)
         if hit:
-            if len(_cache) >= 4096:
-                _cache.clear()
-            _cache[key] = hit
-            return hit
+            _remember(m, patterns, hit)
+            break
+    if hit:
+        if len(_cache) >= 4096:
+            _cache.clear()
+        _cache[key] = hit
+        return hit
     raise SerrinjError(
         f"process {pid} has no readable executable mapping with {what}",
         hint="serrinj borrows existing machine code and never writes code",

@@ -49,6 +49,7 @@ old path, and :attr:`RemoteThread.kill_safe` says so.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import os
@@ -58,7 +59,7 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
 
 from serrinj import _native
 from serrinj.errors import (
@@ -70,9 +71,13 @@ from serrinj.errors import (
     TargetGone,
 )
 from serrinj.host import procfs
-from serrinj.remote import ptrace, seccomp, sigframe
+from serrinj.remote import ptrace, sigframe
 from serrinj.remote.arch import Arch, Registers, host_arch, to_signed
 from serrinj.remote.gadget import find_sequence, find_syscall_gadget
+
+if TYPE_CHECKING:
+    # imported when a thread has seccomp filters (few do): not on every start-up
+    from serrinj.remote import seccomp
 
 _GUARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 #: held for the life of a session too, but not an interruption: Ctrl-Z lets the
@@ -115,16 +120,10 @@ def _phase(name: str) -> None:
         observer(name)
 
 
-def procfs_thread_features(pid: int, tid: int) -> str:
-    """The ``x86_Thread_features`` line of the thread's status ('' without one)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("x86_Thread_features:"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+def thread_features(sec: procfs.TaskSecurity) -> str:
+    """The thread's ``x86_Thread_features`` ('' without one), from the status read
+    the seize makes anyway (one read of /proc/PID/task/TID/status, not two)."""
+    return sec.thread_features
 
 
 def _on_tstp(signum: int, _frame: object) -> None:
@@ -311,6 +310,7 @@ class RemoteThread:
         #: will pass buffers say so; the read then costs the VMM nothing)
         self.prefetch_maps = prefetch_maps
         self._maps: Optional[List[procfs.Mapping]] = None
+        self._map_starts: List[int] = []  # of _maps (sorted, as the kernel lists them)
         self._running = False  # resumed by us and not yet seen stopped
         #: whether the thread can put itself back if serrinj dies while it holds
         #: it (a resume frame, serrinj.remote.sigframe); ``None`` before attach
@@ -388,8 +388,14 @@ class RemoteThread:
         if wants_stack and self._stack_key() not in _stack_cache:
             with contextlib.suppress(OSError):
                 self._maps = procfs.maps(pid)
-        self._prefetch_gadget()
-        self._prepare_kill_safety()
+                self._map_starts = [m.start for m in self._maps]
+        self._prepare_kill_safety(sec)
+        if self._ret_gadget is not None:
+            # `syscall; ret` begins with a syscall instruction: the path without a
+            # frame (decided after the stop) runs at the same, validated address
+            self._gadget_hint = self._ret_gadget
+        else:
+            self._prefetch_gadget()
         self._warm_up()
         try:
             ptrace.seize(tid)
@@ -443,11 +449,11 @@ class RemoteThread:
                 self.pid, self.arch, starttime=self._starttime, maps=self._maps
             )
 
-    def _prepare_kill_safety(self) -> None:
+    def _prepare_kill_safety(self, sec: procfs.TaskSecurity) -> None:
         """Decide, before the stop, whether the thread can be kill-safe, and find the
         machine code the kill-safe path runs (serrinj.remote.sigframe)."""
         self.kill_safe, self.kill_safe_reason = False, ""
-        features = procfs_thread_features(self.pid, self.tid)
+        features = thread_features(sec)
         if "shstk" in features:
             self.kill_safe_reason = (
                 "the thread runs with an x86 user shadow stack, which would reject"
@@ -634,6 +640,8 @@ class RemoteThread:
                 f"thread {self.tid} of process {self.pid} runs in strict seccomp mode",
                 hint="only read/write/exit are allowed there; pick another thread",
             )
+        from serrinj.remote import seccomp
+
         if self._filters is None:
             self._filters = self._read_filters()
         ip = self._syscall_gadget() + len(self.arch.syscall_insn)
@@ -648,6 +656,8 @@ class RemoteThread:
             )
 
     def _read_filters(self) -> List[List[seccomp.Insn]]:
+        from serrinj.remote import seccomp
+
         filters = []
         for index in range(64):
             try:
@@ -744,7 +754,13 @@ class RemoteThread:
         if known is None or not known[0] <= base < top <= known[1]:
             # A stack read before the stop still holds the stack: the thread has
             # been running on it since. Anything else is checked against a fresh read.
-            mapping = next((m for m in self._maps or () if m.contains(base, top - base)), None)
+            mapping = None
+            if self._maps:
+                # /proc/PID/maps lists disjoint ranges in address order: a bisection,
+                # not a walk of hundreds of mappings while the thread is held
+                i = bisect.bisect_right(self._map_starts, base) - 1
+                if i >= 0 and self._maps[i].contains(base, top - base):
+                    mapping = self._maps[i]
             if mapping is None or not mapping.writable:
                 try:
                     maps = procfs.maps(self.pid)

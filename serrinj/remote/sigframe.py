@@ -148,16 +148,22 @@ def x86_frame(top: int, resume: Registers, xstate: bytes, sigmask: int, restorer
     fp_len = len(xstate) + FP_XSTATE_MAGIC2_SIZE
     fp = (top - fp_len) & ~(XSAVE_ALIGN - 1)
     base = (fp - X86_RT_SIGFRAME_SIZE) & ~15
-    (xcr0,) = struct.unpack_from("<Q", xstate, SW_RESERVED)
-    area = bytearray(xstate)
+    (xcr0,) = _XCR0.unpack_from(xstate, SW_RESERVED)
+    # One buffer, filled in place: this runs while the vCPU thread is held.
+    # Zero where nothing is written: uc_link, siginfo, the padding before the
+    # XSAVE area, gs/fs, err, trapno, cr2 and the sigcontext's reserved words.
+    data = bytearray(fp - base + fp_len)
+    off = fp - base
+    data[off : off + len(xstate)] = xstate
     # struct _fpx_sw_bytes: magic1, extended_size, xfeatures, xstate_size, padding[7]
-    struct.pack_into("<IIQI28x", area, SW_RESERVED, FP_XSTATE_MAGIC1, fp_len, xcr0, len(xstate))
-    area += struct.pack("<I", FP_XSTATE_MAGIC2)
-
-    regs = [resume[name] for name in X86_SIGCONTEXT_REGS]
-    mcontext = struct.pack(
-        "<18QHHHH5Q64x",
-        *regs,
+    _SW_BYTES.pack_into(data, off + SW_RESERVED, FP_XSTATE_MAGIC1, fp_len, xcr0, len(xstate))
+    _U32.pack_into(data, off + len(xstate), FP_XSTATE_MAGIC2)
+    uc_flags = UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
+    _PRETCODE_UC_HEAD.pack_into(data, 0, restorer, uc_flags, 0, 0, SS_INVALID, 0)
+    _MCONTEXT.pack_into(
+        data,
+        X86_OFF_MCONTEXT,
+        *[resume[name] for name in X86_SIGCONTEXT_REGS],
         resume["cs"] & 0xFFFF,
         0,  # gs, fs: not restored by rt_sigreturn
         0,
@@ -168,17 +174,19 @@ def x86_frame(top: int, resume: Registers, xstate: bytes, sigmask: int, restorer
         0,  # cr2
         fp,  # fpstate
     )
-    assert len(mcontext) == X86_SIGCONTEXT_SIZE
-    uc_flags = UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
-    ucontext = (
-        struct.pack("<QQQi4xQ", uc_flags, 0, 0, SS_INVALID, 0)
-        + mcontext
-        + struct.pack("<Q", sigmask & _U64)
-    )
-    assert len(ucontext) == X86_UCONTEXT_SIZE
-    head = struct.pack("<Q", restorer) + ucontext + bytes(X86_SIGINFO_SIZE)
-    data = head + bytes(fp - base - len(head)) + bytes(area)
-    return Frame(base=base, sp=base, data=data)
+    _U64S.pack_into(data, X86_OFF_SIGMASK, sigmask & _U64)
+    return Frame(base=base, sp=base, data=bytes(data))
+
+
+_XCR0 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_U64S = struct.Struct("<Q")
+_SW_BYTES = struct.Struct("<IIQI28x")
+#: pretcode, then ucontext's uc_flags, uc_link and uc_stack {ss_sp, ss_flags, ss_size}
+_PRETCODE_UC_HEAD = struct.Struct("<QQQQi4xQ")
+_MCONTEXT = struct.Struct("<18QHHHH5Q64x")
+assert _MCONTEXT.size == X86_SIGCONTEXT_SIZE
+assert _PRETCODE_UC_HEAD.size == X86_OFF_MCONTEXT
 
 
 # ---------------------------------------------------------------- aarch64 facts

@@ -1042,8 +1042,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
             ids = profiles.vcpu_ids(profile, ns.vcpus, topology)
     except ValueError as err:
         parser.error(str(err))
-    if not 1 <= ns.vcpus <= 32:
-        parser.error("--vcpus must be between 1 and 32")
+    if not 1 <= ns.vcpus <= 64:
+        parser.error("--vcpus must be between 1 and 64")
     vcpu_modes: Dict[int, str] = {}
     for item in ns.vcpu_mode:
         vid, _, mode = item.partition("=")
