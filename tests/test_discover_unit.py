@@ -13,7 +13,7 @@ those of such a worker on any host.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -21,7 +21,7 @@ from serrinj.host import procfs
 from serrinj.kvm.api import KVM_RUN
 from serrinj.remote.arch import host_arch
 from serrinj.target import discover
-from tests.helpers.fakeproc import OTHER_FLAGS, FakeProc, Task, kvm_run_line
+from tests.helpers.fakeproc import OTHER_FLAGS, RUNNING, FakeProc, Task, kvm_run_line
 
 VMM = 4194999  # above any pid_max: never this test's own pid
 MAIN, VCPU_THREAD, WORKER = VMM, VMM + 1, VMM + 7
@@ -399,12 +399,42 @@ def test_probe_order_unmapped_before_name_mapped_busy_before_blocked_main_last()
     ]  # fmt: skip
 
 
-def test_a_paused_vm_has_no_thread_to_step(fake_seize: type) -> None:
-    """Every thread blocked outside KVM_RUN: no step could end in KVM_RUN, so none is
-    stopped (ensure_mapped's paused-VM path serves it)."""
+def _qemu_proc(fake: FakeProc, running: Sequence[int]) -> None:
+    """/proc of :func:`_qemu_vm`'s VMM: its VM and vCPU fds, and threads that are on a
+    CPU (``running``) or blocked in another syscall (every other one: an ioctl on a tty)."""
     vm = _qemu_vm({})
+    fake.process(QEMU_MAIN, "qemu-system-x86", ["qemu-system-x86_64"])
+    fake.fd(QEMU_MAIN, 19, "anon_inode:kvm-vm")
+    for vid, fd in ((0, 20), (1, 21), (2, 22), (4, 23)):
+        fake.fd(QEMU_MAIN, fd, f"anon_inode:kvm-vcpu:{vid}")
+    other = f"{ARCH.nr['ioctl']} 0x5 0x5401 0x0 0x0 0x0 0x0 0x7ffc2000 0x7f002000\n"
+    for t in vm.threads:
+        fake.task(QEMU_MAIN, t.tid, t.name, OTHER_FLAGS, RUNNING if t.tid in running else other)
+
+
+def test_a_paused_vm_has_no_thread_to_step(fake_seize: type, fake_proc: FakeProc) -> None:
+    """Every thread blocked outside KVM_RUN, at every look: no step could end in KVM_RUN,
+    so none is stopped (ensure_mapped's paused-VM path serves it)."""
+    vm = _qemu_vm({})
+    _qemu_proc(fake_proc, running=())
     assert discover.probe_order(vm, vm.vcpus) == []
-    assert discover.probe(vm).vcpu(4).thread is None and _FakeSeized.log == []
+    out = discover.probe(vm, host=fake_proc.host)
+    assert out.vcpu(4).thread is None and _FakeSeized.log == []
+
+
+def test_one_sample_with_every_thread_blocked_is_not_a_paused_vm(
+    fake_seize: type, fake_proc: FakeProc
+) -> None:
+    """vCPUs that yield to the VMM can all be caught outside KVM_RUN in one /proc sample
+    of a running VM (seen in CI with four yielding vCPUs on two CPUs). The probe looks
+    again, sees the VM run, and maps vCPU 4 instead of giving up."""
+    vm = _qemu_vm({})  # the first sample: everything blocked
+    _qemu_proc(fake_proc, running=(CPU0, CPU1))  # the next one: two vCPUs on a CPU
+    _FakeSeized.enters = {CPU3: 23}
+    out = discover.probe(vm, host=fake_proc.host)
+    v4 = out.vcpu(4)
+    assert v4.thread is not None and v4.thread.tid == CPU3 and v4.mapped_by == "probe"
+    assert _FakeSeized.log[0] == ("stop", CPU3, 0.0)
 
 
 def test_a_probe_overrules_names_that_are_not_the_ids(fake_seize: type) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -706,6 +707,15 @@ def find_file_holders(pid: int, fd: int, host: HostPaths = HOST) -> List[FdOwner
 #: (a vCPU whose guest exits to the VMM waits there for the VMM's work, e.g. an
 #: I/O hand-off); the step's own timeout counts from the wake-up
 PROBE_WAKE_WITHIN = 1.0
+#: how many /proc samples :func:`probe` takes before it believes that no thread of
+#: the VM runs (then nothing is probed: a paused VM's steps would never end in KVM_RUN)
+PROBE_LOOKS = 5
+PROBE_LOOK_GAP = 0.02
+
+
+def _runs(vm: Vm) -> bool:
+    """Whether the sample of ``vm`` caught some thread on a CPU or inside KVM_RUN."""
+    return any(t.state in ("running", "in-kvm-run") for t in vm.threads)
 
 
 def _vcpu_named(t: Thread) -> bool:
@@ -731,7 +741,7 @@ def probe_order(vm: Vm, vcpus: Sequence[Vcpu], tried: Iterable[int] = ()) -> Lis
     for v in vcpus:
         if v.thread is not None:
             (by_name if v.mapped_by == "name" else skip).add(v.thread.tid)
-    runs = any(t.state in ("running", "in-kvm-run") for t in vm.threads)
+    runs = _runs(vm)
 
     def rank(t: Thread) -> int:
         blocked = t.state == "blocked"
@@ -751,7 +761,9 @@ def probe_order(vm: Vm, vcpus: Sequence[Vcpu], tried: Iterable[int] = ()) -> Lis
     return sorted(out, key=rank)
 
 
-def probe(vm: Vm, timeout: float = 0.5, wake_within: float = PROBE_WAKE_WITHIN) -> Vm:
+def probe(
+    vm: Vm, timeout: float = 0.5, wake_within: float = PROBE_WAKE_WITHIN, host: HostPaths = HOST
+) -> Vm:
     """Map the still-unmapped vCPUs by briefly stopping candidate threads.
 
     A candidate (:func:`probe_order`) is stopped with PTRACE_INTERRUPT (a vCPU
@@ -762,6 +774,8 @@ def probe(vm: Vm, timeout: float = 0.5, wake_within: float = PROBE_WAKE_WITHIN) 
     to wake). Nothing of the thread is changed and it is detached at once;
     only that thread is stopped. Whatever vCPU a probe finds is evidence, and
     it overrules the names (then the threads they mapped are probed too).
+    When no thread of the VM was seen running, /proc is sampled again, up to
+    :data:`PROBE_LOOKS` times in all, before the VM is taken for paused.
     """
     from serrinj.remote.session import RemoteThread
 
@@ -774,8 +788,19 @@ def probe(vm: Vm, timeout: float = 0.5, wake_within: float = PROBE_WAKE_WITHIN) 
     probed: List[Evidence] = []
     tried: List[int] = []
     vcpus: Sequence[Vcpu] = vm.vcpus
+    looks = 1
     while any(v.thread is None for v in vcpus):
         order = probe_order(vm, vcpus, tried)
+        if not order and looks < PROBE_LOOKS and not _runs(vm):
+            # One /proc sample is a moment: every thread of a running VM can be
+            # caught outside KVM_RUN at once (vCPUs that yield to the VMM, a busy
+            # host). Look again before taking the VM for paused.
+            time.sleep(PROBE_LOOK_GAP)
+            fresh = inspect(vm.pid, host=host)
+            if fresh is None:
+                break
+            vm, looks = replace(vm, threads=fresh.threads), looks + 1
+            continue
         if not order:
             break
         t = order[0]
