@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import ast
 import builtins
+import errno
+import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "serrinj"
@@ -176,3 +180,85 @@ def test_every_boundary_is_still_there() -> None:
 
 def test_every_boundary_has_a_reason() -> None:
     assert all(reason.strip() for reason in BOUNDARIES.values())
+
+
+# ------------------------------------------------- the boundary for users' files
+# Each front door that reads or writes a file a user named gets the FileError of
+# host/privilege.py and says what it always said, with the path and the exit code.
+
+
+def test_privilege_turns_an_os_error_into_a_file_error(tmp_path: Path) -> None:
+    from serrinj.errors import ExitCode, FileError
+    from serrinj.host import privilege
+
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(FileError) as info:
+        privilege.open_file(str(missing), "r", "campaign file")
+    err = info.value
+    assert (err.errno, err.path, err.what) == (errno.ENOENT, str(missing), "campaign file")
+    assert err.exit_code == ExitCode.USAGE
+    assert str(err) == f"cannot use the campaign file {missing}: No such file or directory"
+    assert isinstance(err.__cause__, FileNotFoundError)
+    with pytest.raises(FileError) as info:
+        privilege.replace(str(missing), str(tmp_path / "x"), "events file")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_campaign_file_errors_keep_their_words(tmp_path: Path) -> None:
+    from serrinj.campaign import schema
+    from serrinj.errors import FileError, InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"campaign file .*missing\.toml does not exist$"):
+        schema.load(str(tmp_path / "missing.toml"))
+    with pytest.raises(InvalidInput, match=r"campaign file .* is a directory$"):
+        schema.load(str(tmp_path))
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    # an errno without its own words keeps the kernel's (it was a raw OSError before)
+    with pytest.raises(FileError, match=r"campaign file .*plain/c\.toml: Not a directory$"):
+        schema.load(str(plain / "c.toml"))
+
+
+def test_pid_file_errors_are_target_not_found(tmp_path: Path) -> None:
+    from serrinj.campaign import runner
+    from serrinj.errors import TargetNotFound
+
+    with pytest.raises(TargetNotFound, match=r"pid file .*gone\.pid does not exist") as info:
+        runner._read_pid_file(str(tmp_path / "gone.pid"))
+    assert info.value.hint == "is the VM running?"
+    with pytest.raises(TargetNotFound, match=r"cannot read pid file .*: Is a directory$"):
+        runner._read_pid_file(str(tmp_path))
+
+
+def test_events_file_errors_are_invalid_input(tmp_path: Path) -> None:
+    import serrinj
+    from serrinj.errors import InvalidInput
+    from serrinj.ops import events
+
+    missing = tmp_path / "missing.json"
+    with pytest.raises(InvalidInput, match=rf"^cannot read {missing}: No such file or directory$"):
+        serrinj.read_events(str(missing))
+    with pytest.raises(InvalidInput, match=rf"^cannot read {missing}: No such file or directory$"):
+        events.read_file(str(missing))
+    out = tmp_path / "no-dir" / "e.json"
+    with pytest.raises(InvalidInput, match=rf"^cannot write {out}: No such file or directory$"):
+        events.OutputFile(str(out))
+    into_dir = tmp_path / "d"
+    into_dir.mkdir()
+    f = events.OutputFile(str(tmp_path / "e.json"))
+    f.path = str(into_dir)  # the final rename fails: a directory is in the way
+    with pytest.raises(InvalidInput, match=rf"^cannot write {into_dir}: Is a directory$"):
+        f.commit("{}")
+    assert not os.path.exists(f.tmp)  # the temporary is gone
+
+
+def test_junit_and_log_file_errors_are_quiet(tmp_path: Path) -> None:
+    from serrinj.campaign.junit import JunitReport
+    from serrinj.campaign.logwatch import _LogReader
+
+    warnings: List[str] = []
+    JunitReport(str(tmp_path / "no-dir" / "r.xml"), warnings.append)
+    assert warnings == [
+        f"cannot write the JUnit report {tmp_path}/no-dir/r.xml: No such file or directory"
+    ]
+    assert _LogReader(str(tmp_path / "later.log"), 0).lines() == []
