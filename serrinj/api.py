@@ -197,12 +197,7 @@ def capability_missing(name: str) -> Optional[str]:
 
 def read_events(path: str) -> EventsSnapshot:
     """Read and check an events file (from :meth:`Vm.save_events` or ``serrinj events save``)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise InvalidInput(f"cannot read {path}: {err.strerror}") from None
-    return _events.parse(text, path)
+    return _events.parse(_events.read_file(path), path)
 
 
 # ====================================================================== observers

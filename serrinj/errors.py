@@ -7,6 +7,7 @@ maps each class to one exit code::
 
     SerrinjError                      1  generic failure
      +-- InvalidInput                 2  bad argument or file; nothing was sent
+     |    +-- FileError               2  a file the user named could not be opened or written
      +-- TargetNotFound               3  no such VM, vCPU or thread
      |    +-- TargetGone              3  the target exited while we worked on it
      +-- PermissionDenied             4  ptrace, /dev/kvm, a caller's file or the policy refused
@@ -73,6 +74,20 @@ class InvalidInput(SerrinjError):
     """The user's input is malformed or out of range; nothing was sent."""
 
     exit_code = ExitCode.USAGE
+
+
+class FileError(InvalidInput):
+    """A file the user named (campaign, events, pid file, guest log, report) could not
+    be opened or written; raised by :mod:`serrinj.host.privilege`, the boundary for
+    the caller's files. ``errno`` and ``strerror`` are the kernel's, so that a caller
+    can tell "does not exist" from the rest without catching ``OSError``."""
+
+    def __init__(self, what: str, path: str, err: OSError, hint: Optional[str] = None) -> None:
+        self.what = what
+        self.path = path
+        self.errno = err.errno
+        self.strerror = str(err.strerror or err)
+        super().__init__(f"cannot use the {what} {path}: {self.strerror}", hint)
 
 
 class TargetNotFound(SerrinjError):

@@ -15,6 +15,7 @@ from typing import (
 )
 
 from serrinj import __version__
+from serrinj.errors import FileError
 
 if TYPE_CHECKING:
     from serrinj.campaign.results import CampaignResult, Execution
@@ -119,7 +120,7 @@ class JunitReport:
         self.f: Optional[IO[str]] = None
         try:
             self.f = privilege.open_file(path, "w", "JUnit report", encoding="utf-8")
-        except OSError as err:
+        except FileError as err:
             warn(f"cannot write the JUnit report {path}: {err.strerror}")
 
     def write(self, result: CampaignResult) -> None:

@@ -10,6 +10,8 @@ from typing import (
     Tuple,
 )
 
+from serrinj.errors import FileError
+
 
 class _LogReader:
     """Follows a growing text file from a byte offset, yielding whole new lines."""
@@ -28,7 +30,7 @@ class _LogReader:
         try:
             # with the caller's rights: a refusal (PermissionDenied) ends the step
             f = privilege.open_file(self.path, "rb", "guest log")
-        except OSError:
+        except FileError:
             return []  # a missing file is not an error here
         self.exists = True
         with f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from dataclasses import dataclass, replace
 from typing import (
@@ -35,6 +36,7 @@ from serrinj.campaign.schema import _arch_problems
 from serrinj.errors import (
     Conflict,
     ExpectationFailed,
+    FileError,
     InvalidInput,
     KvmRejected,
     NotDelivered,
@@ -218,7 +220,7 @@ class _Runner:
                 path = self.log_file(step)
                 assert path is not None
                 # missing (it may appear later) or unreadable for another reason: not here
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(FileError):
                     privilege.open_file(path, "rb", "guest log").close()
             elif isinstance(step, PauseStep) and step.until_file is not None:
                 privilege.stat(step.until_file, "pause file")
@@ -600,9 +602,11 @@ def _read_pid_file(path: str) -> int:
     try:
         with privilege.open_file(path, "r", "pid file", encoding="utf-8") as f:
             text = f.read().strip()
-    except FileNotFoundError:
-        raise TargetNotFound(f"pid file {path} does not exist", hint="is the VM running?") from None
-    except OSError as err:
+    except FileError as err:
+        if err.errno == errno.ENOENT:
+            raise TargetNotFound(
+                f"pid file {path} does not exist", hint="is the VM running?"
+            ) from None
         raise TargetNotFound(f"cannot read pid file {path}: {err.strerror}") from None
     if not text.isdigit() or int(text) <= 0:
         raise TargetNotFound(f"pid file {path} does not hold a process id ({text[:20]!r})")

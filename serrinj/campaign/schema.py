@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -43,9 +44,18 @@ from serrinj.campaign.model import (
 from serrinj.codec import tomlsubset
 from serrinj.codec.tomlsubset import Path
 from serrinj.errors import (
+    FileError,
     InvalidInput,
 )
 from serrinj.faults import KINDS, fields
+
+# why a campaign file cannot be read, by errno (others keep the kernel's words)
+_FILE_WHY = {
+    errno.ENOENT: "does not exist",
+    errno.EISDIR: "is a directory",
+    errno.EACCES: "is not readable",
+    errno.EPERM: "is not readable",
+}
 
 # ====================================================================== validation
 _TOP_KEYS = ("campaign", "target", "steps")
@@ -198,12 +208,11 @@ def load(path: str, *, arch: Optional[str] = None) -> Campaign:
         with privilege.open_file(path, "rb", "campaign file") as f:
             raw = f.read()
         doc = tomlsubset.loadb(raw, path)
-    except FileNotFoundError:
-        raise InvalidInput(f"campaign file {path} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"campaign file {path} is a directory") from None
-    except PermissionError:
-        raise InvalidInput(f"campaign file {path} is not readable") from None
+    except FileError as err:
+        why = _FILE_WHY.get(err.errno or 0)
+        if why is None:
+            raise
+        raise InvalidInput(f"campaign file {path} {why}") from None
     return _build(doc, path, arch)
 
 

@@ -52,7 +52,7 @@ import stat as stat_mod
 import threading
 from typing import IO, Any, Iterator, List, Optional, Tuple
 
-from serrinj.errors import PermissionDenied
+from serrinj.errors import FileError, PermissionDenied
 
 __all__ = [
     "Caller",
@@ -252,8 +252,8 @@ def open_file(
     """``open(path, mode)`` with the caller's credentials.
 
     A permission refusal raises :class:`PermissionDenied` (exit 4) naming
-    ``what`` (e.g. "campaign file"), the file and the uid; other errors
-    (``FileNotFoundError``...) propagate as they are.
+    ``what`` (e.g. "campaign file"), the file and the uid; any other error
+    raises :class:`FileError` (exit 2) with the path and the kernel's errno.
     """
     who = current()
     try:
@@ -262,7 +262,7 @@ def open_file(
     except OSError as err:
         if who.elevated and _is_denied(err):
             raise refusal(what, path, err) from None
-        raise
+        raise FileError(what, path, err) from err
     if who.elevated and _on_proc(f.fileno()):
         f.close()
         raise refusal(what, path, OSError(errno.EACCES, "files on /proc are refused"))
@@ -294,7 +294,7 @@ def replace(src: str, dst: str, what: str) -> None:
     except OSError as err:
         if who.elevated and _is_denied(err):
             raise refusal(what, dst, err) from None
-        raise
+        raise FileError(what, dst, err) from err
 
 
 def unlink_quietly(path: str) -> None:

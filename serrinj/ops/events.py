@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, cast
 
 from serrinj.codec.events import decode_events
-from serrinj.errors import Conflict, InvalidInput, Unsupported
+from serrinj.errors import Conflict, FileError, InvalidInput, Unsupported
 from serrinj.host import kvmcaps as host
 from serrinj.host import privilege
 from serrinj.kvm import api
@@ -153,7 +153,7 @@ class OutputFile:
             self._f: Optional[IO[str]] = privilege.open_file(
                 self.tmp, "w", "events file", encoding="utf-8"
             )
-        except OSError as err:
+        except FileError as err:
             raise InvalidInput(f"cannot write {path}: {err.strerror}") from None
 
     def commit(self, text: str) -> None:
@@ -161,9 +161,13 @@ class OutputFile:
         try:
             with self._f:
                 self._f.write(text)
-            self._f = None
+        except OSError as err:  # the boundary for this file's writes (ENOSPC, EIO)
+            self.discard()
+            raise InvalidInput(f"cannot write {self.path}: {err.strerror}") from None
+        self._f = None
+        try:
             privilege.replace(self.tmp, self.path, "events file")
-        except OSError as err:
+        except FileError as err:
             self.discard()
             raise InvalidInput(f"cannot write {self.path}: {err.strerror}") from None
 
@@ -182,11 +186,15 @@ def read_file(path: str) -> str:
         except OSError as err:
             raise InvalidInput(f"cannot read the standard input: {err}") from None
     try:
-        with privilege.open_file(path, "r", "events file", encoding="utf-8") as f:
-            text: str = f.read()
-            return text
-    except OSError as err:
+        f = privilege.open_file(path, "r", "events file", encoding="utf-8")
+    except FileError as err:
         raise InvalidInput(f"cannot read {path}: {err.strerror}") from None
+    with f:
+        try:
+            text: str = f.read()
+        except OSError as err:  # the boundary for this file's reads (EIO)
+            raise InvalidInput(f"cannot read {path}: {err.strerror}") from None
+    return text
 
 
 # ---------------------------------------------------------------------- parse
