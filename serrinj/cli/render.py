@@ -428,6 +428,16 @@ X86_VECTORS: Mapping[int, str] = {
 }
 
 
+#: (group, flag, words, style) of the x86 event flags worth a line, in the order shown
+_X86_EVENT_FLAGS: Tuple[Tuple[str, str, str, str], ...] = (
+    ("nmi", "pending", "NMI pending", WARN),
+    ("nmi", "injected", "NMI injected", WARN),
+    ("nmi", "masked", "NMIs blocked (in an NMI handler)", DIM),
+    ("smi", "smm", "in SMM", DIM),
+    ("smi", "pending", "SMI pending", WARN),
+)
+
+
 def x86_events_summary(ev: Mapping[str, Any]) -> List[Styled]:
     """The notable parts of an x86 ``kvm_vcpu_events`` dict, in words."""
     out: List[Styled] = []
@@ -441,18 +451,9 @@ def x86_events_summary(ev: Mapping[str, Any]) -> List[Styled]:
     intr = ev.get("interrupt", {})
     if intr.get("injected"):
         out.append(Styled(f"interrupt {intr.get('nr')} injected", WARN))
-    nmi = ev.get("nmi", {})
-    if nmi.get("pending"):
-        out.append(Styled("NMI pending", WARN))
-    if nmi.get("injected"):
-        out.append(Styled("NMI injected", WARN))
-    if nmi.get("masked"):
-        out.append(Styled("NMIs blocked (in an NMI handler)", DIM))
-    smi = ev.get("smi", {})
-    if smi.get("smm"):
-        out.append(Styled("in SMM", DIM))
-    if smi.get("pending"):
-        out.append(Styled("SMI pending", WARN))
+    for group, flag, text, style in _X86_EVENT_FLAGS:
+        if ev.get(group, {}).get(flag):
+            out.append(Styled(text, style))
     if ev.get("triple_fault_pending"):
         out.append(Styled("triple fault pending", BAD))
     return out
