@@ -291,18 +291,7 @@ class _Runner:
             try:
                 if item.repetition > 1 and item.starts_repetition and not self.dry_run:
                     time.sleep(step.interval)
-                self.emit(
-                    Progress(
-                        "step-started",
-                        index,
-                        total,
-                        step=step.number,
-                        name=ex.name,
-                        kind=step.kind,
-                        vcpu=item.vcpu,
-                        repetition=item.repetition,
-                    )
-                )
+                self.emit(_step_progress("step-started", ex, total))
                 ex = self._execute(ex, step, item, first_of_step)
             except KeyboardInterrupt as err:
                 ex = replace(ex, outcome="error", message="interrupted", error=_error_dict(err))
@@ -337,21 +326,8 @@ class _Runner:
         return result
 
     def _emit_finished(self, ex: Execution, total: int) -> None:
-        self.emit(
-            Progress(
-                "step-finished",
-                ex.index,
-                total,
-                step=ex.step,
-                name=ex.name,
-                kind=ex.kind,
-                vcpu=ex.vcpu,
-                repetition=ex.repetition,
-                outcome=ex.outcome,
-                duration_s=ex.duration_s,
-                message=ex.message,
-            )
-        )
+        done = _step_progress("step-finished", ex, total)
+        self.emit(replace(done, outcome=ex.outcome, duration_s=ex.duration_s, message=ex.message))
 
     def _refresh_vm(self) -> Any:
         """Re-read the VM (threads move, VMs exit) and make sure it is the same process."""
@@ -621,3 +597,17 @@ def _size(path: str) -> int:
 
     st = privilege.stat(path, "guest log")
     return 0 if st is None else st.st_size
+
+
+def _step_progress(event: str, ex: Execution, total: int) -> Progress:
+    """A step's progress event, naming the execution ``ex``."""
+    return Progress(
+        event,
+        ex.index,
+        total,
+        step=ex.step,
+        name=ex.name,
+        kind=ex.kind,
+        vcpu=ex.vcpu,
+        repetition=ex.repetition,
+    )
