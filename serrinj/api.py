@@ -29,8 +29,7 @@ Two ways to reach a VM:
 from __future__ import annotations
 
 import contextlib
-from types import TracebackType
-from typing import Callable, Iterator, List, Optional, Tuple, Type, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 from serrinj import faults as _faults
 from serrinj.errors import InvalidInput, TargetGone, TargetNotFound
@@ -494,13 +493,8 @@ class Session(_Injector):
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()  # the exception, if any, goes on
 
     def close(self) -> None:
         """Release the VM lock (leaving the ``with`` block does it)."""

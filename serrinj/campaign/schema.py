@@ -6,24 +6,12 @@ import math
 import os
 import re
 from types import MappingProxyType
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Pattern,
-    Sequence,
-    Tuple,
-)
+from typing import Any, Callable, Dict, List, Mapping, Optional, Pattern, Sequence, Tuple
 
 from serrinj.campaign import model
 from serrinj.codec import tomlsubset
 from serrinj.codec.tomlsubset import Path
-from serrinj.errors import (
-    InvalidInput,
-)
+from serrinj.errors import InvalidInput
 from serrinj.faults import KINDS, fields
 
 # ====================================================================== validation
