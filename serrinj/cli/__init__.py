@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence
 
 import click
 
@@ -283,10 +283,8 @@ def inject_cmd(
     the prediction (--dry-run too) says which applies.
     """
     from serrinj import faults
-    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
 
-    ui = _ui()
     if ext_dabt and (esr_text is not None or severity is not None or force):
         raise InvalidInput("--ext-dabt takes no syndrome (--esr/--severity) and no --force")
     if not ext_dabt and (mmio_addr is not None or mmio_timeout is not None):
@@ -297,14 +295,29 @@ def inject_cmd(
         dabt = faults.ExtDabt.from_fields({"mmio_addr": mmio_addr, "mmio_timeout": mmio_timeout})
         dabt.validate(wait)
         tgt = _resolve_injection_target(dabt.kind, pid, name, fd, vcpu)
-        with ui.progress("waiting for an MMIO exit"):
-            injs = inject.inject_ext_dabt(tgt, dabt, wait, dry_run=dry_run)
+        _inject(
+            lambda: inject.inject_ext_dabt(tgt, dabt, wait, dry_run=dry_run),
+            wait,
+            dry_run,
+            "waiting for an MMIO exit",
+        )
     else:
         req = faults.SError.from_fields({"esr": esr_text, "severity": severity, "force": force})
         tgt = _resolve_injection_target(req.kind, pid, name, fd, vcpu)
-        msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
-        with ui.progress(msg):
-            injs = inject.inject_serror(tgt, req, wait, dry_run=dry_run)
+        _inject(lambda: inject.inject_serror(tgt, req, wait, dry_run=dry_run), wait, dry_run)
+
+
+def _inject(
+    send: Callable[[], List[Any]], wait: Optional[float], dry_run: bool, doing: str = ""
+) -> None:
+    """Run the injection ``send`` under a progress line (``doing``) and show its results."""
+    from serrinj.cli.render import view_injections
+
+    ui = _ui()
+    if not doing:
+        doing = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
+    with ui.progress(doing):
+        injs = send()
     ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
 
 
@@ -366,10 +379,8 @@ def mce_cmd(
     silently (MCi_CTL not all ones) is refused unless --force.
     """
     from serrinj import faults
-    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
 
-    ui = _ui()
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
     fault = faults.MachineCheck.from_fields(
@@ -384,10 +395,7 @@ def mce_cmd(
         }
     )
     tgt = _resolve_injection_target("mce", pid, name, fd, vcpu)
-    msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
-    with ui.progress(msg):
-        injs = inject.inject_mce(tgt, fault, wait, dry_run=dry_run)
-    ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
+    _inject(lambda: inject.inject_mce(tgt, fault, wait, dry_run=dry_run), wait, dry_run)
 
 
 # ====================================================================== nmi (x86_64)
@@ -410,17 +418,12 @@ def nmi_cmd(
     A Linux guest with no NMI source logs "Uhhuh. NMI received for unknown
     reason". With --wait, serrinj polls until the NMI is no longer pending.
     """
-    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
 
-    ui = _ui()
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
     tgt = _resolve_injection_target("nmi", pid, name, fd, vcpu)
-    msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
-    with ui.progress(msg):
-        injs = inject.inject_nmi(tgt, wait, dry_run=dry_run)
-    ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
+    _inject(lambda: inject.inject_nmi(tgt, wait, dry_run=dry_run), wait, dry_run)
 
 
 # ====================================================================== esr (pure)
