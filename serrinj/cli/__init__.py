@@ -162,7 +162,7 @@ def cli() -> None:
 @_command("list")
 def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
     """List the KVM VMs on this host, their vCPUs and the threads that run them."""
-    from serrinj.cli.render import view_list
+    from serrinj.cli.views import view_list
     from serrinj.ops.listing import list_vms
     from serrinj.ops.status import vm_dict
 
@@ -196,7 +196,7 @@ def status_cmd(
     vector means the SError is in the guest's registers and its handler has not
     run yet (a paused VM runs it when it resumes).
     """
-    from serrinj.cli.render import view_status
+    from serrinj.cli.views import view_status
     from serrinj.ops import status
 
     pid, name, spec = _target_args(pid, name, fd, vcpu)
@@ -311,7 +311,7 @@ def _inject(
     send: Callable[[], List[Any]], wait: Optional[float], dry_run: bool, doing: str = ""
 ) -> None:
     """Run the injection ``send`` under a progress line (``doing``) and show its results."""
-    from serrinj.cli.render import view_injections
+    from serrinj.cli.views import view_injections
 
     ui = _ui()
     if not doing:
@@ -464,7 +464,7 @@ def esr_decode_cmd(value: str, form: str) -> None:
     injection rather than left pending (see `serrinj inject`), and without RAS
     such an SError reads IDS=1 (0xbf000000) rather than the CPU's own.
     """
-    from serrinj.cli.render import view_esr
+    from serrinj.cli.views import view_esr
     from serrinj.codec import esr
 
     number = esr.parse_int(value, what="ESR")
@@ -494,7 +494,7 @@ def esr_encode_cmd(
 
     With no option: 0x11, an asynchronous SError graded UC.
     """
-    from serrinj.cli.render import view_esr
+    from serrinj.cli.views import view_esr
     from serrinj.codec import esr
 
     iss = esr.encode(
@@ -531,7 +531,7 @@ def demo_cmd(arch: str) -> None:
     every injection was observed as injected (9 otherwise). The test VM is
     ended by pid on every path, Ctrl-C included.
     """
-    from serrinj.cli.render import view_demo
+    from serrinj.cli.views import view_demo
     from serrinj.ops import demo
 
     ui = _ui()
@@ -582,7 +582,7 @@ def events_save_cmd(
 
     Without -o the file itself goes to stdout (`serrinj events save > a.json`).
     """
-    from serrinj.cli.render import view_events_saved
+    from serrinj.cli.views import view_events_saved
     from serrinj.ops import events, select
 
     ui = _ui()
@@ -624,7 +624,7 @@ def events_load_cmd(
 
     vCPUs are matched by vcpu_id. Each vCPU's events are read before and after.
     """
-    from serrinj.cli.render import view_events_loaded
+    from serrinj.cli.views import view_events_loaded
     from serrinj.ops import events, select
     from serrinj.ops.status import vm_dict
 
@@ -679,7 +679,7 @@ def run_cmd(
     See examples/ and examples/README.md for the format.
     """
     from serrinj import campaign
-    from serrinj.cli.render import view_campaign
+    from serrinj.cli.views import view_campaign
 
     ui = _ui()
     if sum(x is not None for x in (pid, name, pid_file)) > 1:
