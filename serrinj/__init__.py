@@ -111,32 +111,16 @@ __all__ = [  # what `from serrinj import *` gives; every name is documented in d
     "vms",
 ]
 
-_ERRORS = frozenset(
-    (
-        "Conflict",
-        "ExitCode",
-        "ExpectationFailed",
-        "Interrupted",
-        "InvalidInput",
-        "KvmRejected",
-        "NotDelivered",
-        "PermissionDenied",
-        "SeccompBlocked",
-        "SerrinjError",
-        "TargetGone",
-        "TargetNotFound",
-        "Unsupported",
-    )
-)
-
 
 def __getattr__(name: str) -> "Any":
     if name not in __all__ or name == "__version__":
         raise AttributeError(f"module 'serrinj' has no attribute {name!r}")
     import importlib
 
-    home = "serrinj.errors" if name in _ERRORS else "serrinj.api"
-    value = getattr(importlib.import_module(home), name)
+    # the exceptions are serrinj.errors' (small: importing it costs nothing), the rest the API's
+    errors = importlib.import_module("serrinj.errors")
+    home = errors if hasattr(errors, name) else importlib.import_module("serrinj.api")
+    value = getattr(home, name)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -29,11 +29,10 @@ Two ways to reach a VM:
 from __future__ import annotations
 
 import contextlib
-from types import TracebackType
-from typing import Callable, Iterator, List, Optional, Tuple, Type, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 from serrinj import faults as _faults
-from serrinj.errors import InvalidInput, TargetGone, TargetNotFound, Unsupported
+from serrinj.errors import InvalidInput, TargetGone, TargetNotFound
 from serrinj.faults import ext_dabt as _ext_dabt
 from serrinj.host import kvmcaps as _host
 from serrinj.kvm.arch import Arch
@@ -108,14 +107,7 @@ def find(
             raise InvalidInput(f"libvirt domain {domain!r} is pid {found}, not {pid}")
         pid = found
     if fd is not None:
-        if fd < 0:
-            raise InvalidInput(f"fd {fd}: file descriptors are not negative")
-        res = _target.resolve_fd(fd, pid)
-        if res.local or res.owner_pid is None:
-            raise Unsupported(
-                f"fd {fd} belongs to a VM this process created; there is nothing to attach to"
-            )
-        pid, default_vcpu = res.owner_pid, res.vcpu_id
+        pid, default_vcpu = _target.vcpu_fd_owner(fd, pid)
     return Vm(discover.find(pid=pid, name=name), default_vcpu)
 
 
@@ -496,13 +488,8 @@ class Session(_Injector):
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.close()
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()  # the exception, if any, goes on
 
     def close(self) -> None:
         """Release the VM lock (leaving the ``with`` block does it)."""

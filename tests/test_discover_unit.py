@@ -238,13 +238,13 @@ def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
     fake_proc: FakeProc,
 ) -> None:
     """The text of ``list`` and ``status`` from the JSON of the disagreement above."""
-    from serrinj.cli import render
+    from serrinj.cli import render, views
     from serrinj.ops.status import vm_dict
 
     _two_vcpu_vmm(fake_proc, _tasks(t0=_blocked_in(DUP_FD), t1=_blocked_in(VCPU1_FD)))
     _debugfs(fake_proc, VMM, VM_FD, {0: T1, 1: T0})
     data = vm_dict(_only_vm(fake_proc))
-    text = render.to_plain(render.view_list({"vms": [data]}))
+    text = render.to_plain(views.view_list({"vms": [data]}))
     assert "vcpus=2" in text
     assert f"  0     {DUP_FD},{VCPU_FD}  {T0}" in text
     assert "syscall+name" in text
@@ -270,7 +270,7 @@ def test_list_and_status_views_show_every_fd_the_sources_and_the_disagreement(
             }
         ],
     }
-    text = render.to_plain(render.view_status(status))
+    text = render.to_plain(views.view_status(status))
     assert f"vCPU 1: debugfs said thread {T0}; thread {T1} (syscall) is used" in text
 
 

@@ -6,31 +6,10 @@ import contextlib
 import errno
 import time
 from dataclasses import dataclass, replace
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-)
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from serrinj.campaign import model
 from serrinj.campaign.logwatch import _LogReader
-from serrinj.campaign.model import (
-    FAULT_ARCH,
-    Campaign,
-    CampaignError,
-    ExpectStep,
-    InjectStep,
-    PauseStep,
-    Problem,
-    Step,
-    TargetOverride,
-    WaitStep,
-    _with_hint,
-)
 from serrinj.campaign.results import CampaignResult, Execution, Progress, _error_dict, _now
 from serrinj.campaign.schema import _arch_problems
 from serrinj.errors import (
@@ -54,7 +33,7 @@ EventCallback = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class _Plan:
-    step: Step
+    step: model.Step
     vcpu: Optional[int]
     repetition: int
     #: the first execution of its repetition (the step's interval goes before it)
@@ -82,9 +61,9 @@ _FAILURES = (NotDelivered, Conflict, KvmRejected, ExpectationFailed, InvalidInpu
 
 
 def run(
-    campaign: Campaign,
+    campaign: model.Campaign,
     *,
-    target_override: Optional[TargetOverride] = None,
+    target_override: Optional[model.TargetOverride] = None,
     dry_run: bool = False,
     on_event: Optional[EventCallback] = None,
 ) -> CampaignResult:
@@ -101,15 +80,15 @@ def run(
     skips waits, pauses and expectations. ``on_event`` receives
     :class:`Progress` events.
     """
-    runner = _Runner(campaign, target_override or TargetOverride(), dry_run, on_event)
+    runner = _Runner(campaign, target_override or model.TargetOverride(), dry_run, on_event)
     return runner.run()
 
 
 class _Runner:
     def __init__(
         self,
-        campaign: Campaign,
-        override: TargetOverride,
+        campaign: model.Campaign,
+        override: model.TargetOverride,
         dry_run: bool,
         on_event: Optional[EventCallback],
     ) -> None:
@@ -142,7 +121,7 @@ class _Runner:
             pid = _read_pid_file(pid_file)
         return discover.find(pid=pid, name=name)
 
-    def log_file(self, step: ExpectStep) -> Optional[str]:
+    def log_file(self, step: model.ExpectStep) -> Optional[str]:
         return step.file or self.log_default
 
     def preflight(self) -> Tuple[List[_Plan], Dict[int, Tuple[int, ...]]]:
@@ -158,14 +137,14 @@ class _Runner:
         vcpus_of: Dict[int, Tuple[int, ...]] = {}
         for step in self.c.steps:
             key = f"steps[{step.number}]"
-            if isinstance(step, InjectStep) and FAULT_ARCH[step.fault] == vm.arch:
+            if isinstance(step, model.InjectStep) and model.FAULT_ARCH[step.fault] == vm.arch:
                 sel = step.vcpus
                 if sel == "all":
                     vcpus_of[step.number] = ids
                 elif sel is None:
                     if len(ids) != 1:
                         problems.append(
-                            Problem(
+                            model.Problem(
                                 self.c.source,
                                 step.line,
                                 key,
@@ -179,7 +158,7 @@ class _Runner:
                     missing = [i for i in sel if i not in ids]
                     if missing:
                         problems.append(
-                            Problem(
+                            model.Problem(
                                 self.c.source,
                                 step.key_line("vcpus"),
                                 f"{key}.vcpus",
@@ -189,9 +168,13 @@ class _Runner:
                         )
                     vcpus_of[step.number] = sel
                 problems.extend(self._cap_problems(step, caps, key))
-            if isinstance(step, ExpectStep) and step.expect == "log" and not self.log_file(step):
+            if (
+                isinstance(step, model.ExpectStep)
+                and step.expect == "log"
+                and not self.log_file(step)
+            ):
                 problems.append(
-                    Problem(
+                    model.Problem(
                         self.c.source,
                         step.line,
                         key,
@@ -200,7 +183,7 @@ class _Runner:
                     )
                 )
         if problems:
-            raise CampaignError(sorted(problems, key=lambda p: p.line))
+            raise model.CampaignError(sorted(problems, key=lambda p: p.line))
         plan: List[_Plan] = []
         for step in self.c.steps:
             targets: Sequence[Optional[int]] = vcpus_of.get(step.number, (None,))
@@ -216,21 +199,23 @@ class _Runner:
         from serrinj.host import privilege
 
         for step in self.c.steps:
-            if isinstance(step, ExpectStep) and step.expect == "log":
+            if isinstance(step, model.ExpectStep) and step.expect == "log":
                 path = self.log_file(step)
                 assert path is not None
                 # missing (it may appear later) or unreadable for another reason: not here
                 with contextlib.suppress(FileError):
                     privilege.open_file(path, "rb", "guest log").close()
-            elif isinstance(step, PauseStep) and step.until_file is not None:
+            elif isinstance(step, model.PauseStep) and step.until_file is not None:
                 privilege.stat(step.until_file, "pause file")
 
-    def _cap_problems(self, step: InjectStep, caps: Any, key: str) -> List[Problem]:
+    def _cap_problems(self, step: model.InjectStep, caps: Any, key: str) -> List[model.Problem]:
         try:
             step.request.check(caps)
         except SerrinjError as err:
             return [
-                Problem(self.c.source, step.key_line("inject"), f"{key}.inject", _with_hint(err))
+                model.Problem(
+                    self.c.source, step.key_line("inject"), f"{key}.inject", model._with_hint(err)
+                )
             ]
         return []
 
@@ -243,7 +228,7 @@ class _Runner:
         self.check_files()
         # every inject step against the policy before the first runs
         for step in self.c.steps:
-            if isinstance(step, InjectStep):
+            if isinstance(step, model.InjectStep):
                 policy.enforce(
                     step.fault,
                     self.vm,
@@ -293,22 +278,11 @@ class _Runner:
             try:
                 if item.repetition > 1 and item.starts_repetition and not self.dry_run:
                     time.sleep(step.interval)
-                self.emit(
-                    Progress(
-                        "step-started",
-                        index,
-                        total,
-                        step=step.number,
-                        name=ex.name,
-                        kind=step.kind,
-                        vcpu=item.vcpu,
-                        repetition=item.repetition,
-                    )
-                )
+                self.emit(_step_progress("step-started", ex, total))
                 ex = self._execute(ex, step, item, first_of_step)
             except KeyboardInterrupt as err:
                 ex = replace(ex, outcome="error", message="interrupted", error=_error_dict(err))
-            if isinstance(step, InjectStep):
+            if isinstance(step, model.InjectStep):
                 self.inject_results.setdefault(step.number, []).append(ex)
             results.append(ex)
             self._emit_finished(ex, total)
@@ -339,21 +313,8 @@ class _Runner:
         return result
 
     def _emit_finished(self, ex: Execution, total: int) -> None:
-        self.emit(
-            Progress(
-                "step-finished",
-                ex.index,
-                total,
-                step=ex.step,
-                name=ex.name,
-                kind=ex.kind,
-                vcpu=ex.vcpu,
-                repetition=ex.repetition,
-                outcome=ex.outcome,
-                duration_s=ex.duration_s,
-                message=ex.message,
-            )
-        )
+        done = _step_progress("step-finished", ex, total)
+        self.emit(replace(done, outcome=ex.outcome, duration_s=ex.duration_s, message=ex.message))
 
     def _refresh_vm(self) -> Any:
         """Re-read the VM (threads move, VMs exit) and make sure it is the same process."""
@@ -368,26 +329,26 @@ class _Runner:
             raise TargetGone(f"VM {old.label} is gone: its pid now belongs to another process")
         return vm
 
-    def _execute(self, ex: Execution, step: Step, item: _Plan, first: bool) -> Execution:
+    def _execute(self, ex: Execution, step: model.Step, item: _Plan, first: bool) -> Execution:
         t0 = time.monotonic()
         injections: List[Mapping[str, object]] = []
         detail: Dict[str, object] = {}
         try:
-            if isinstance(step, InjectStep) and first:
+            if isinstance(step, model.InjectStep) and first:
                 self.inject_marks = self._marks()
                 self.inject_results[step.number] = []
                 self.vm = self._refresh_vm()
-            if isinstance(step, InjectStep):
+            if isinstance(step, model.InjectStep):
                 message = self._inject(step, item.vcpu, injections)
             elif self.dry_run:
                 raise _StepSkipped("dry run: not run")
-            elif isinstance(step, WaitStep):
+            elif isinstance(step, model.WaitStep):
                 time.sleep(step.seconds)
                 message = f"waited {step.seconds:g} s"
-            elif isinstance(step, PauseStep):
+            elif isinstance(step, model.PauseStep):
                 message = self._pause(step, detail)
             else:
-                assert isinstance(step, ExpectStep)
+                assert isinstance(step, model.ExpectStep)
                 if step.expect == "log":
                     message = self._expect_log(step, detail)
                 else:
@@ -400,9 +361,9 @@ class _Runner:
             outcome, message, error = "failed", f.message, None
             detail.update(f.detail)
         except _FAILURES as err:
-            outcome, message, error = "failed", _with_hint(err), _error_dict(err)
+            outcome, message, error = "failed", model._with_hint(err), _error_dict(err)
         except SerrinjError as err:
-            outcome, message, error = "error", _with_hint(err), _error_dict(err)
+            outcome, message, error = "error", model._with_hint(err), _error_dict(err)
         except KeyboardInterrupt:
             raise
         except Exception as err:  # a bug must not cost CI its report; it is in the traceback
@@ -419,7 +380,7 @@ class _Runner:
 
     # ------------------------------------------------------------ step kinds
     def _inject(
-        self, step: InjectStep, vcpu: Optional[int], out: List[Mapping[str, object]]
+        self, step: model.InjectStep, vcpu: Optional[int], out: List[Mapping[str, object]]
     ) -> str:
         from serrinj.ops import inject
         from serrinj.target import attach as target
@@ -443,7 +404,7 @@ class _Runner:
             )
         return text
 
-    def _pause(self, step: PauseStep, detail: Dict[str, object]) -> str:
+    def _pause(self, step: model.PauseStep, detail: Dict[str, object]) -> str:
         # Noted before the operator sees the message: they may act at once.
         before = None if step.until_file is None else _mtime(step.until_file)
         self.emit(Progress("message", 0, 0, step=step.number, kind="pause", message=step.message))
@@ -465,13 +426,13 @@ class _Runner:
     def _marks(self) -> Dict[str, int]:
         out = {}
         for step in self.c.steps:
-            if isinstance(step, ExpectStep) and step.expect == "log":
+            if isinstance(step, model.ExpectStep) and step.expect == "log":
                 path = self.log_file(step)
                 if path is not None and path not in out:
                     out[path] = _size(path)
         return out
 
-    def _expect_log(self, step: ExpectStep, detail: Dict[str, object]) -> str:
+    def _expect_log(self, step: model.ExpectStep, detail: Dict[str, object]) -> str:
         path = self.log_file(step)
         assert path is not None and step.match is not None
         if step.since == "beginning":
@@ -521,7 +482,7 @@ class _Runner:
             f" ({reader.count} new lines since {since})"
         )
 
-    def _expect_vcpus(self, step: ExpectStep, detail: Dict[str, object]) -> str:
+    def _expect_vcpus(self, step: model.ExpectStep, detail: Dict[str, object]) -> str:
         assert step.inject_step is not None
         checked = self.inject_results.get(step.inject_step, [])
         sent = [e for e in checked if e.outcome == "passed"]
@@ -545,7 +506,7 @@ class _Runner:
         fault = next(
             s.request
             for s in self.c.steps
-            if isinstance(s, InjectStep) and s.number == step.inject_step
+            if isinstance(s, model.InjectStep) and s.number == step.inject_step
         )
         t0 = time.monotonic()
         deadline = t0 + step.timeout
@@ -625,3 +586,17 @@ def _size(path: str) -> int:
 
     st = privilege.stat(path, "guest log")
     return 0 if st is None else st.st_size
+
+
+def _step_progress(event: str, ex: Execution, total: int) -> Progress:
+    """A step's progress event, naming the execution ``ex``."""
+    return Progress(
+        event,
+        ex.index,
+        total,
+        step=ex.step,
+        name=ex.name,
+        kind=ex.kind,
+        vcpu=ex.vcpu,
+        repetition=ex.repetition,
+    )

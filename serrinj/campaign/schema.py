@@ -7,46 +7,12 @@ import math
 import os
 import re
 from types import MappingProxyType
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Pattern,
-    Sequence,
-    Tuple,
-)
+from typing import Any, Callable, Dict, List, Mapping, Optional, Pattern, Sequence, Tuple
 
-from serrinj.campaign.model import (
-    _MAX_REPEAT,
-    ARCH_ALIASES,
-    DEFAULT_PAUSE_TIMEOUT_S,
-    DEFAULT_TIMEOUTS,
-    DEFAULT_WAIT_S,
-    EXPECT_KINDS,
-    FAULT_ARCH,
-    ON_FAILURE,
-    SINCE_CHOICES,
-    Campaign,
-    CampaignError,
-    ExpectStep,
-    InjectStep,
-    PauseStep,
-    Problem,
-    Step,
-    TargetSpec,
-    VcpuSel,
-    WaitStep,
-    _with_hint,
-)
+from serrinj.campaign import model
 from serrinj.codec import tomlsubset
 from serrinj.codec.tomlsubset import Path
-from serrinj.errors import (
-    FileError,
-    InvalidInput,
-)
+from serrinj.errors import FileError, InvalidInput
 from serrinj.faults import KINDS, fields
 
 # why a campaign file cannot be read, by errno (others keep the kernel's words)
@@ -100,12 +66,12 @@ class _Checker:
     def __init__(self, doc: tomlsubset.Document, source: str) -> None:
         self.doc = doc
         self.source = source
-        self.problems: List[Problem] = []
+        self.problems: List[model.Problem] = []
 
     def problem(self, path: Path, message: str, line: Optional[int] = None) -> None:
         where = self.doc.line(path) if line is None else line
         key = tomlsubset.format_path(path)
-        self.problems.append(Problem(self.source, where, key, message))
+        self.problems.append(model.Problem(self.source, where, key, message))
 
     def unknown_keys(
         self, path: Path, table: Mapping[str, Any], allowed: Sequence[str], what: str
@@ -190,13 +156,13 @@ class _Checker:
         return None if value is None else bool(value)
 
 
-def loads(text: str, source: str = "<campaign>", *, arch: Optional[str] = None) -> Campaign:
+def loads(text: str, source: str = "<campaign>", *, arch: Optional[str] = None) -> model.Campaign:
     """Parse and validate campaign text; ``arch`` also checks it against a VM arch."""
     doc = tomlsubset.loads(text, source)
     return _build(doc, source, arch)
 
 
-def load(path: str, *, arch: Optional[str] = None) -> Campaign:
+def load(path: str, *, arch: Optional[str] = None) -> model.Campaign:
     """Read, parse and validate a campaign file (:class:`CampaignError` lists every problem).
 
     ``arch`` (``"x86_64"`` or ``"aarch64"``) also checks the steps against a
@@ -216,29 +182,29 @@ def load(path: str, *, arch: Optional[str] = None) -> Campaign:
     return _build(doc, path, arch)
 
 
-def check_arch(campaign: Campaign, arch: str) -> None:
+def check_arch(campaign: model.Campaign, arch: str) -> None:
     """Raise :class:`CampaignError` if a step cannot run on a VM of ``arch``."""
     arch = _norm_arch(arch)
     problems = _arch_problems(campaign, arch, f"this is an {arch} VM")
     if problems:
-        raise CampaignError(problems)
+        raise model.CampaignError(problems)
 
 
 def _norm_arch(arch: str) -> str:
-    return ARCH_ALIASES.get(arch, arch)
+    return model.ARCH_ALIASES.get(arch, arch)
 
 
-def _arch_problems(campaign: Campaign, arch: str, what: str) -> List[Problem]:
+def _arch_problems(campaign: model.Campaign, arch: str, what: str) -> List[model.Problem]:
     out = []
     for step in campaign.steps:
-        if isinstance(step, InjectStep) and FAULT_ARCH[step.fault] != arch:
+        if isinstance(step, model.InjectStep) and model.FAULT_ARCH[step.fault] != arch:
             out.append(
-                Problem(
+                model.Problem(
                     campaign.source,
                     step.key_line("inject"),
                     f"steps[{step.number}].inject",
-                    f"{_fault_name(step.fault)} injection needs an {FAULT_ARCH[step.fault]} VM;"
-                    f" {what}",
+                    f"{_fault_name(step.fault)} injection needs an"
+                    f" {model.FAULT_ARCH[step.fault]} VM; {what}",
                 )
             )
     return out
@@ -248,7 +214,7 @@ def _fault_name(fault: str) -> str:
     return KINDS[fault].title
 
 
-def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campaign:
+def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> model.Campaign:
     ck = _Checker(doc, source)
     data = doc.data
     ck.unknown_keys((), data, _TOP_KEYS, "; the top level has [campaign], [target] and [[steps]]")
@@ -270,11 +236,11 @@ def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campai
         ck.unknown_keys(("campaign",), camp, _CAMPAIGN_KEYS, "")
         name = ck.string(("campaign",), camp, "name") or name
         description = ck.string(("campaign",), camp, "description", empty_ok=True) or ""
-        on_failure = ck.string(("campaign",), camp, "on_failure", ON_FAILURE) or on_failure
+        on_failure = ck.string(("campaign",), camp, "on_failure", model.ON_FAILURE) or on_failure
 
     # ---- [target]
     tgt_data = data.get("target", {})
-    spec = TargetSpec()
+    spec = model.TargetSpec()
     if not isinstance(tgt_data, dict):
         ck.problem(("target",), f"must be a table ([target]), not {_type_name(tgt_data)}")
     else:
@@ -286,8 +252,8 @@ def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campai
                 (*p, chosen[1]),
                 f"give one of pid, name and pid_file, not {' and '.join(chosen)}",
             )
-        arch_text = ck.string(p, tgt_data, "arch", tuple(ARCH_ALIASES))
-        spec = TargetSpec(
+        arch_text = ck.string(p, tgt_data, "arch", tuple(model.ARCH_ALIASES))
+        spec = model.TargetSpec(
             pid=ck.integer(p, tgt_data, "pid", lo=1),
             name=ck.string(p, tgt_data, "name"),
             pid_file=path_of(ck.string(p, tgt_data, "pid_file")),
@@ -296,33 +262,33 @@ def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campai
         )
 
     # ---- [[steps]]
-    steps: List[Step] = []
+    steps: List[model.Step] = []
     raw_steps = data.get("steps")
     if raw_steps is None:
         ck.problem((), "the campaign has no [[steps]]", line=1)
     elif not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
         ck.problem(("steps",), "must be an array of tables: write each step as [[steps]]")
     else:
-        last_inject: Optional[InjectStep] = None
+        last_inject: Optional[model.InjectStep] = None
         for i, raw in enumerate(raw_steps):
             step = _step(ck, i, raw, last_inject, path_of)
-            if "inject" in raw and not isinstance(step, InjectStep):
+            if "inject" in raw and not isinstance(step, model.InjectStep):
                 # A broken inject step: its own problems are reported; expectations
                 # after it must not also claim that there is no inject step.
                 last_inject = _BROKEN_INJECT
             if step is None:
                 continue
             steps.append(step)
-            if isinstance(step, InjectStep):
+            if isinstance(step, model.InjectStep):
                 last_inject = step
 
     # ---- one arch for the whole campaign
     campaign_arch = spec.arch
-    arch_source: Optional[InjectStep] = None
+    arch_source: Optional[model.InjectStep] = None
     for step in steps:
-        if not isinstance(step, InjectStep):
+        if not isinstance(step, model.InjectStep):
             continue
-        need = FAULT_ARCH[step.fault]
+        need = model.FAULT_ARCH[step.fault]
         if campaign_arch is None:
             campaign_arch, arch_source = need, step
         elif need != campaign_arch:
@@ -336,7 +302,7 @@ def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campai
                 ("steps", step.number - 1, "inject"),
                 f"{_fault_name(step.fault)} injection needs an {need} VM, but {why}",
             )
-    campaign = Campaign(
+    campaign = model.Campaign(
         name=name,
         description=description,
         source=source,
@@ -350,7 +316,7 @@ def _build(doc: tomlsubset.Document, source: str, arch: Optional[str]) -> Campai
         arch = _norm_arch(arch)
         ck.problems.extend(_arch_problems(campaign, arch, f"this is an {arch} VM"))
     if ck.problems:
-        raise CampaignError(sorted(ck.problems, key=lambda pr: pr.line))
+        raise model.CampaignError(sorted(ck.problems, key=lambda pr: pr.line))
     return campaign
 
 
@@ -358,9 +324,9 @@ def _step(
     ck: _Checker,
     index: int,
     raw: Mapping[str, Any],
-    last_inject: Optional[InjectStep],
+    last_inject: Optional[model.InjectStep],
     path_of: Callable[[Optional[str]], Optional[str]],
-) -> Optional[Step]:
+) -> Optional[model.Step]:
     path: Path = ("steps", index)
     kinds = [k for k in ("inject", "expect", "pause") if k in raw]
     if len(kinds) > 1:
@@ -382,18 +348,18 @@ def _step(
         number=index + 1,
         line=ck.doc.line(path),
         name=ck.string(path, raw, "name"),
-        repeat=ck.integer(path, raw, "repeat", lo=1, hi=_MAX_REPEAT) or 1,
+        repeat=ck.integer(path, raw, "repeat", lo=1, hi=model._MAX_REPEAT) or 1,
         interval=ck.seconds(path, raw, "interval", zero_ok=True) or 0.0,
-        on_failure=ck.string(path, raw, "on_failure", ON_FAILURE),
+        on_failure=ck.string(path, raw, "on_failure", model.ON_FAILURE),
         keys=MappingProxyType({k: ck.doc.line((*path, k)) for k in raw}),
     )
-    step: Optional[Step]
+    step: Optional[model.Step]
     if kind == "inject":
         step = _inject_step(ck, path, raw, common)
     elif kind == "wait":
         _unknown_step_keys(ck, path, raw, (*_COMMON_KEYS, "wait"), "a wait step")
         seconds = ck.seconds(path, raw, "wait", zero_ok=True)
-        step = None if seconds is None else WaitStep(**common, seconds=seconds)
+        step = None if seconds is None else model.WaitStep(**common, seconds=seconds)
     elif kind == "pause":
         step = _pause_step(ck, path, raw, common, path_of)
     else:
@@ -415,8 +381,8 @@ def _unknown_step_keys(
 
 def _inject_step(
     ck: _Checker, path: Path, raw: Mapping[str, Any], common: Dict[str, Any]
-) -> Optional[InjectStep]:
-    fault = ck.string(path, raw, "inject", tuple(FAULT_ARCH))
+) -> Optional[model.InjectStep]:
+    fault = ck.string(path, raw, "inject", tuple(model.FAULT_ARCH))
     if fault is None:
         return None
     allowed = (*_COMMON_KEYS, *_INJECT_KEYS, *_FAULT_KEYS[fault])
@@ -432,7 +398,7 @@ def _inject_step(
             " mmio_timeout bounds the wait for the MMIO exit",
         )
     elif "wait" in raw and type(raw["wait"]) is bool:
-        wait = DEFAULT_WAIT_S if raw["wait"] else None
+        wait = model.DEFAULT_WAIT_S if raw["wait"] else None
     else:
         wait = ck.seconds(path, raw, "wait", zero_ok=False)
     dry_run = bool(ck.boolean(path, raw, "dry_run"))
@@ -443,11 +409,12 @@ def _inject_step(
         for e in err.problems:
             text = e.render(cli=False)
             ck.problem(
-                (*path, e.field) if e.field else path, text if e.missing else _with_hint(e, text)
+                (*path, e.field) if e.field else path,
+                text if e.missing else model._with_hint(e, text),
             )
         return None
     raises_mc = request.raises_exception()
-    return InjectStep(
+    return model.InjectStep(
         **common,
         fault=fault,
         request=request,
@@ -458,7 +425,7 @@ def _inject_step(
     )
 
 
-def _vcpus(ck: _Checker, path: Path, raw: Mapping[str, Any]) -> VcpuSel:
+def _vcpus(ck: _Checker, path: Path, raw: Mapping[str, Any]) -> model.VcpuSel:
     if "vcpus" not in raw:
         return None
     value = raw["vcpus"]
@@ -496,7 +463,7 @@ def _pause_step(
     raw: Mapping[str, Any],
     common: Dict[str, Any],
     path_of: Callable[[Optional[str]], Optional[str]],
-) -> Optional[PauseStep]:
+) -> Optional[model.PauseStep]:
     _unknown_step_keys(ck, path, raw, (*_COMMON_KEYS, *_PAUSE_KEYS), "a pause step")
     message = ck.string(path, raw, "pause", empty_ok=True)
     seconds = ck.seconds(path, raw, "seconds", zero_ok=True)
@@ -510,17 +477,17 @@ def _pause_step(
         ck.problem((*path, "timeout"), "timeout goes with until_file")
     if message is None:
         return None
-    return PauseStep(
+    return model.PauseStep(
         **common,
         message=message,
         seconds=seconds,
         until_file=until,
-        timeout=DEFAULT_PAUSE_TIMEOUT_S if timeout is None else timeout,
+        timeout=model.DEFAULT_PAUSE_TIMEOUT_S if timeout is None else timeout,
     )
 
 
 #: stands for an inject step that had problems of its own
-_BROKEN_INJECT = InjectStep(
+_BROKEN_INJECT = model.InjectStep(
     number=0,
     line=0,
     name=None,
@@ -541,17 +508,17 @@ def _expect_step(
     path: Path,
     raw: Mapping[str, Any],
     common: Dict[str, Any],
-    last_inject: Optional[InjectStep],
+    last_inject: Optional[model.InjectStep],
     path_of: Callable[[Optional[str]], Optional[str]],
-) -> Optional[ExpectStep]:
-    what = ck.string(path, raw, "expect", EXPECT_KINDS)
+) -> Optional[model.ExpectStep]:
+    what = ck.string(path, raw, "expect", model.EXPECT_KINDS)
     if what is None:
         return None
     _unknown_step_keys(
         ck, path, raw, (*_COMMON_KEYS, *_EXPECT_KEYS[what]), f"an expect = {what!r} step"
     )
     timeout = ck.seconds(path, raw, "timeout", zero_ok=False)
-    timeout = DEFAULT_TIMEOUTS[what] if timeout is None else timeout
+    timeout = model.DEFAULT_TIMEOUTS[what] if timeout is None else timeout
     if what in ("delivered", "pending"):
         key = (*path, "expect")
         if last_inject is _BROKEN_INJECT:
@@ -575,7 +542,9 @@ def _expect_step(
                 " only logged in the bank), so nothing can stay pending",
             )
             return None
-        return ExpectStep(**common, expect=what, timeout=timeout, inject_step=last_inject.number)
+        return model.ExpectStep(
+            **common, expect=what, timeout=timeout, inject_step=last_inject.number
+        )
     pattern: Optional[Pattern[str]] = None
     text = ck.string(path, raw, "match")
     if "match" not in raw:
@@ -591,13 +560,13 @@ def _expect_step(
         ck.problem(
             (*path, "count"), "count goes with a line that must appear, not with absent = true"
         )
-    since = ck.string(path, raw, "since", SINCE_CHOICES) or "inject"
+    since = ck.string(path, raw, "since", model.SINCE_CHOICES) or "inject"
     file = path_of(ck.string(path, raw, "file"))
     if pattern is None:
         return None
     # Without file and [target] log, the log may still come from the command line:
     # run() checks that there is one.
-    return ExpectStep(
+    return model.ExpectStep(
         **common,
         expect="log",
         timeout=timeout,

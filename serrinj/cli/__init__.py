@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence
 
 import click
 
@@ -162,7 +162,7 @@ def cli() -> None:
 @_command("list")
 def list_cmd(probe: bool, pid: Optional[int], name: Optional[str]) -> None:
     """List the KVM VMs on this host, their vCPUs and the threads that run them."""
-    from serrinj.cli.render import view_list
+    from serrinj.cli.views import view_list
     from serrinj.ops.listing import list_vms
     from serrinj.ops.status import vm_dict
 
@@ -196,7 +196,7 @@ def status_cmd(
     vector means the SError is in the guest's registers and its handler has not
     run yet (a paused VM runs it when it resumes).
     """
-    from serrinj.cli.render import view_status
+    from serrinj.cli.views import view_status
     from serrinj.ops import status
 
     pid, name, spec = _target_args(pid, name, fd, vcpu)
@@ -283,10 +283,8 @@ def inject_cmd(
     the prediction (--dry-run too) says which applies.
     """
     from serrinj import faults
-    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
 
-    ui = _ui()
     if ext_dabt and (esr_text is not None or severity is not None or force):
         raise InvalidInput("--ext-dabt takes no syndrome (--esr/--severity) and no --force")
     if not ext_dabt and (mmio_addr is not None or mmio_timeout is not None):
@@ -297,14 +295,29 @@ def inject_cmd(
         dabt = faults.ExtDabt.from_fields({"mmio_addr": mmio_addr, "mmio_timeout": mmio_timeout})
         dabt.validate(wait)
         tgt = _resolve_injection_target(dabt.kind, pid, name, fd, vcpu)
-        with ui.progress("waiting for an MMIO exit"):
-            injs = inject.inject_ext_dabt(tgt, dabt, wait, dry_run=dry_run)
+        _inject(
+            lambda: inject.inject_ext_dabt(tgt, dabt, wait, dry_run=dry_run),
+            wait,
+            dry_run,
+            "waiting for an MMIO exit",
+        )
     else:
         req = faults.SError.from_fields({"esr": esr_text, "severity": severity, "force": force})
         tgt = _resolve_injection_target(req.kind, pid, name, fd, vcpu)
-        msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
-        with ui.progress(msg):
-            injs = inject.inject_serror(tgt, req, wait, dry_run=dry_run)
+        _inject(lambda: inject.inject_serror(tgt, req, wait, dry_run=dry_run), wait, dry_run)
+
+
+def _inject(
+    send: Callable[[], List[Any]], wait: Optional[float], dry_run: bool, doing: str = ""
+) -> None:
+    """Run the injection ``send`` under a progress line (``doing``) and show its results."""
+    from serrinj.cli.views import view_injections
+
+    ui = _ui()
+    if not doing:
+        doing = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
+    with ui.progress(doing):
+        injs = send()
     ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
 
 
@@ -366,10 +379,8 @@ def mce_cmd(
     silently (MCi_CTL not all ones) is refused unless --force.
     """
     from serrinj import faults
-    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
 
-    ui = _ui()
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
     fault = faults.MachineCheck.from_fields(
@@ -384,10 +395,7 @@ def mce_cmd(
         }
     )
     tgt = _resolve_injection_target("mce", pid, name, fd, vcpu)
-    msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
-    with ui.progress(msg):
-        injs = inject.inject_mce(tgt, fault, wait, dry_run=dry_run)
-    ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
+    _inject(lambda: inject.inject_mce(tgt, fault, wait, dry_run=dry_run), wait, dry_run)
 
 
 # ====================================================================== nmi (x86_64)
@@ -410,17 +418,12 @@ def nmi_cmd(
     A Linux guest with no NMI source logs "Uhhuh. NMI received for unknown
     reason". With --wait, serrinj polls until the NMI is no longer pending.
     """
-    from serrinj.cli.render import view_injections
     from serrinj.ops import inject
 
-    ui = _ui()
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
     tgt = _resolve_injection_target("nmi", pid, name, fd, vcpu)
-    msg = "injecting" if wait is None or dry_run else "waiting for the guest to take it"
-    with ui.progress(msg):
-        injs = inject.inject_nmi(tgt, wait, dry_run=dry_run)
-    ui.emit({"dry_run": dry_run, "injections": [i.as_dict() for i in injs]}, view_injections)
+    _inject(lambda: inject.inject_nmi(tgt, wait, dry_run=dry_run), wait, dry_run)
 
 
 # ====================================================================== esr (pure)
@@ -461,7 +464,7 @@ def esr_decode_cmd(value: str, form: str) -> None:
     injection rather than left pending (see `serrinj inject`), and without RAS
     such an SError reads IDS=1 (0xbf000000) rather than the CPU's own.
     """
-    from serrinj.cli.render import view_esr
+    from serrinj.cli.views import view_esr
     from serrinj.codec import esr
 
     number = esr.parse_int(value, what="ESR")
@@ -491,7 +494,7 @@ def esr_encode_cmd(
 
     With no option: 0x11, an asynchronous SError graded UC.
     """
-    from serrinj.cli.render import view_esr
+    from serrinj.cli.views import view_esr
     from serrinj.codec import esr
 
     iss = esr.encode(
@@ -528,7 +531,7 @@ def demo_cmd(arch: str) -> None:
     every injection was observed as injected (9 otherwise). The test VM is
     ended by pid on every path, Ctrl-C included.
     """
-    from serrinj.cli.render import view_demo
+    from serrinj.cli.views import view_demo
     from serrinj.ops import demo
 
     ui = _ui()
@@ -579,7 +582,7 @@ def events_save_cmd(
 
     Without -o the file itself goes to stdout (`serrinj events save > a.json`).
     """
-    from serrinj.cli.render import view_events_saved
+    from serrinj.cli.views import view_events_saved
     from serrinj.ops import events, select
 
     ui = _ui()
@@ -621,7 +624,7 @@ def events_load_cmd(
 
     vCPUs are matched by vcpu_id. Each vCPU's events are read before and after.
     """
-    from serrinj.cli.render import view_events_loaded
+    from serrinj.cli.views import view_events_loaded
     from serrinj.ops import events, select
     from serrinj.ops.status import vm_dict
 
@@ -676,7 +679,7 @@ def run_cmd(
     See examples/ and examples/README.md for the format.
     """
     from serrinj import campaign
-    from serrinj.cli.render import view_campaign
+    from serrinj.cli.views import view_campaign
 
     ui = _ui()
     if sum(x is not None for x in (pid, name, pid_file)) > 1:

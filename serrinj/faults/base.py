@@ -22,6 +22,17 @@ from serrinj.target import attach as target
 
 
 @dataclass(frozen=True)
+class Job:
+    """One call of :meth:`Fault.run`: where to inject, with what this host can do, whether to
+    wait for the guest to take it (seconds), and whether to stop after the checks."""
+
+    tgt: target.Target
+    caps: HostCaps
+    wait: Optional[float]
+    dry_run: bool
+
+
+@dataclass(frozen=True)
 class Delivery:
     """The outcome of ``--wait``."""
 
@@ -141,7 +152,6 @@ class Fault(abc.ABC):
         """The request in a few words, for progress lines: ``esr 0x1811``."""
         return ""
 
-    @abc.abstractmethod
     def run(
         self,
         tgt: target.Target,
@@ -151,6 +161,11 @@ class Fault(abc.ABC):
         out: List[Injection],
     ) -> List[Injection]:
         """Inject into each vCPU of ``tgt``, appending each result to ``out`` as it completes."""
+        return self.inject_each(Job(tgt, caps, wait, dry_run), out)
+
+    @abc.abstractmethod
+    def inject_each(self, job: Job, out: List[Injection]) -> List[Injection]:
+        """:meth:`run` for one kind: inject as ``job`` says, appending to ``out``."""
 
 
 def require_arch(vm_arch: str, kind: str, wanted: Arch) -> None:

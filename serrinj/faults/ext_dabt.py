@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, cast
 
 from serrinj.errors import InvalidInput, NotDelivered, Unsupported
-from serrinj.faults.base import Fault, Injection, timings
+from serrinj.faults.base import Fault, Injection, Job, timings
 from serrinj.faults.fields import Fields
 from serrinj.host import procfs
 from serrinj.host.kvmcaps import HostCaps
@@ -82,15 +82,9 @@ class ExtDabt(Fault):
     def severity(self) -> str:
         return "fatal"
 
-    def run(
-        self,
-        tgt: target.Target,
-        caps: HostCaps,
-        wait: Optional[float],
-        dry_run: bool,
-        out: List[Injection],
-    ) -> List[Injection]:
+    def inject_each(self, job: Job, out: List[Injection]) -> List[Injection]:
         """``dry_run`` stops after the checks: the thread is not traced at all."""
+        tgt, dry_run = job.tgt, job.dry_run
         if len(tgt.vcpu_ids) != 1:
             raise InvalidInput("--ext-dabt acts on one vCPU; choose it with --vcpu")
         vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)

@@ -164,14 +164,17 @@ class Fields:
             raise FieldErrors(self.problems)
 
     # ---- typed readers: None when absent or wrong (the problem is recorded)
-    def boolean(self, key: str) -> bool:
+    def _typed(self, key: str, types: Tuple[type, ...], expected: str) -> object:
+        """The value of ``key`` if its type is one of ``types`` (exactly: ``True`` is not an
+        int here), else None, with a wrong type recorded as ``expected``."""
         value = self.data.get(key)
-        if value is None:
-            return False
-        if type(value) is not bool:
-            self.wrong_type(key, value, "true or false")
-            return False
-        return value
+        if value is None or type(value) in types:
+            return value
+        self.wrong_type(key, value, expected)
+        return None
+
+    def boolean(self, key: str) -> bool:
+        return self._typed(key, (bool,), "true or false") is True
 
     def number(self, key: str, bits: int = 64) -> Optional[int]:
         """An integer, or text in decimal, hex, binary or octal
@@ -207,11 +210,8 @@ class Fields:
 
     def seconds(self, key: str) -> Optional[float]:
         """A positive number of seconds."""
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if type(value) not in (int, float):
-            self.wrong_type(key, value, "a number of seconds")
+        value = self._typed(key, (int, float), "a number of seconds")
+        if not isinstance(value, (int, float)):
             return None
         if not math.isfinite(value) or value <= 0:
             self.fail(key, f"{show(value)} seconds: it must be positive")
@@ -220,11 +220,8 @@ class Fields:
 
     def choice(self, key: str, choices: Sequence[str]) -> Optional[str]:
         """One of ``choices`` (case-insensitive)."""
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if type(value) is not str:
-            self.wrong_type(key, value, "a string")
+        value = self._typed(key, (str,), "a string")
+        if not isinstance(value, str):
             return None
         word = value.strip().lower()
         if word not in choices:

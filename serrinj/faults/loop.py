@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, Generic, List, Optional, TypeVar, cast
 
 from serrinj.errors import NotDelivered
-from serrinj.faults.base import Delivery, Fault, Injection, timings
+from serrinj.faults.base import Delivery, Fault, Injection, Job, timings
 from serrinj.host.kvmcaps import HostCaps
 from serrinj.remote.session import RemoteThread
 from serrinj.target import attach as target
@@ -97,17 +97,11 @@ class VcpuFault(Fault, Generic[V]):
             return "the vCPU thread is not running the guest (VM paused or the VMM is busy)"
         return "the vCPU has not entered the guest since (halted, or not scheduled)"
 
-    def run(
-        self,
-        tgt: target.Target,
-        caps: HostCaps,
-        wait: Optional[float],
-        dry_run: bool,
-        out: List[Injection],
-    ) -> List[Injection]:
-        vm = target.ensure_mapped(tgt.vm, tgt.vcpu_ids)
-        tgt = replace(tgt, vm=vm)
-        plan = self.plan(caps)
+    def inject_each(self, job: Job, out: List[Injection]) -> List[Injection]:
+        wait, dry_run = job.wait, job.dry_run
+        vm = target.ensure_mapped(job.tgt.vm, job.tgt.vcpu_ids)
+        tgt = replace(job.tgt, vm=vm)
+        plan = self.plan(job.caps)
         for vid in tgt.vcpu_ids:
             t0 = time.monotonic()
             with target.attach(vm, vid, self.requests) as (any_vc, rt):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from serrinj.errors import InvalidInput, Unsupported
+from serrinj.errors import InvalidInput
 from serrinj.ops import inject
 from serrinj.target import attach as target
 from serrinj.target import discover
@@ -22,19 +22,13 @@ def target_args(
     spec = target.parse_vcpu(vcpu)
     if fd is None:
         return pid, name, spec
-    if fd < 0:
-        raise InvalidInput(f"--fd {fd}: file descriptors are not negative")
-    res = target.resolve_fd(fd, pid)
-    if res.local or res.owner_pid is None:
-        raise Unsupported(
-            f"fd {fd} belongs to a VM this serrinj process created; there is nothing to attach to"
-        )
-    if spec not in (None, res.vcpu_id):
+    owner, vcpu_id = target.vcpu_fd_owner(fd, pid, "--fd")
+    if spec not in (None, vcpu_id):
         raise InvalidInput(
-            f"--fd {fd} is vCPU {res.vcpu_id}, but --vcpu says {vcpu}",
+            f"--fd {fd} is vCPU {vcpu_id}, but --vcpu says {vcpu}",
             hint="give one of --fd and --vcpu",
         )
-    return res.owner_pid, name, res.vcpu_id
+    return owner, name, vcpu_id
 
 
 def resolve(

@@ -461,28 +461,22 @@ class RemoteThread:
             )
             return
         try:
-            self._ret_gadget = find_sequence(
-                self.pid,
-                self.arch,
-                self.arch.syscall_ret_seqs,
-                starttime=self._starttime,
-                maps=self._maps,
-                what=f"a `{self.arch.syscall_ret_name}` sequence",
+            self._ret_gadget = self._find_code(
+                self.arch.syscall_ret_seqs, f"a `{self.arch.syscall_ret_name}` sequence"
             )
-            self._restorer = find_sequence(
-                self.pid,
-                self.arch,
-                self.arch.sigreturn_seqs,
-                starttime=self._starttime,
-                maps=self._maps,
-                what="an rt_sigreturn sequence",
-            )
+            self._restorer = self._find_code(self.arch.sigreturn_seqs, "an rt_sigreturn sequence")
         except (SerrinjError, OSError) as err:
             self.kill_safe_reason = (
                 err.message if isinstance(err, SerrinjError) else f"cannot read the VMM: {err}"
             )
             return
         self.kill_safe = True
+
+    def _find_code(self, patterns: Sequence[bytes], what: str) -> int:
+        """The address of one of ``patterns`` in the VMM's executable mappings."""
+        return find_sequence(
+            self.pid, self.arch, patterns, starttime=self._starttime, maps=self._maps, what=what
+        )
 
     def _not_kill_safe(self, reason: str) -> None:
         self.kill_safe, self.kill_safe_reason = False, reason

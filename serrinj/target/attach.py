@@ -35,6 +35,7 @@ from serrinj.errors import (
     SeccompBlocked,
     TargetGone,
     TargetNotFound,
+    Unsupported,
 )
 from serrinj.host import procfs
 from serrinj.kvm import api
@@ -398,6 +399,19 @@ def resolve_fd(fd: int, pid: Optional[int] = None) -> FdResolution:
     finally:
         if taken >= 0:
             os.close(taken)
+
+
+def vcpu_fd_owner(fd: int, pid: Optional[int], option: str = "fd") -> Tuple[int, int]:
+    """(VMM pid, vCPU id) of the vCPU fd ``fd`` (see :func:`resolve_fd`), called ``option``
+    in errors; a VM this process created is refused: there is no VMM to attach to."""
+    if fd < 0:
+        raise InvalidInput(f"{option} {fd}: file descriptors are not negative")
+    res = resolve_fd(fd, pid)
+    if res.local or res.owner_pid is None:
+        raise Unsupported(
+            f"fd {fd} belongs to a VM this process created; there is nothing to attach to"
+        )
+    return res.owner_pid, res.vcpu_id
 
 
 def _getfd_denied(pid: int, fd: int) -> Union[TargetGone, PermissionDenied]:
