@@ -10,10 +10,11 @@ explained from the vCPU's state. A refused request sends nothing.
 from __future__ import annotations
 
 import abc
+import functools
 import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Generic, List, Optional, TypeVar, cast
+from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar, cast
 
 from serrinj.errors import NotDelivered
 from serrinj.faults.base import Delivery, Fault, Injection, Job, timings
@@ -32,10 +33,18 @@ _POLL_MAX = 0.02
 
 @dataclass(frozen=True)
 class Reading:
-    """The vCPU read once: the raw structs (``raw``) and what a report shows (``shown``)."""
+    """The vCPU read once: the raw structs (``raw``) and what a report shows (``shown``).
+
+    ``show`` makes ``shown`` from ``raw`` alone, on first use: the loop reads the vCPU
+    while its thread is held, and decoding waits until the thread runs again.
+    """
 
     raw: Any
-    shown: Dict[str, object]
+    show: Callable[[], Dict[str, object]]
+
+    @functools.cached_property
+    def shown(self) -> Dict[str, object]:
+        return self.show()
 
 
 class VcpuFault(Fault, Generic[V]):
@@ -114,7 +123,8 @@ class VcpuFault(Fault, Generic[V]):
                 t_set = time.monotonic()
                 after = before if dry_run else self.read(vc)
                 taken = None if dry_run else self.landed(vc, after)
-                state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fds)
+            # from what the stop recorded: the thread already runs again
+            state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fds)
             shown_after = dict(after.shown)
             if taken is not None:
                 shown_after["last_exception"] = taken

@@ -127,7 +127,7 @@ class MachineCheck(VcpuFault[X86Vcpu]):
     # ---- the loop's steps
     def read(self, vc: X86Vcpu) -> Reading:
         ev = vc.get_events()
-        return Reading(ev, ev.as_dict())
+        return Reading(ev, ev.as_dict)
 
     def admit(self, vcpu_id: int, vc: X86Vcpu, before: Reading, plan: Any) -> Dict[str, object]:
         state, banks = _guest_state(vc, self.mce.bank)

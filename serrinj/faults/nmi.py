@@ -31,7 +31,7 @@ class Nmi(VcpuFault[X86Vcpu]):
 
     def read(self, vc: X86Vcpu) -> Reading:
         ev = vc.get_events()
-        return Reading(ev, ev.as_dict())
+        return Reading(ev, ev.as_dict)
 
     def send(self, vc: X86Vcpu) -> None:
         vc.inject_nmi()

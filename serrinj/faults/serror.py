@@ -91,7 +91,7 @@ class SError(VcpuFault[Arm64Vcpu]):
     def read(self, vc: Arm64Vcpu) -> Reading:
         ev = vc.get_events()
         pstate = vc.pstate()
-        return Reading((ev, pstate), decode_events(Arch.AARCH64, ev, pstate))
+        return Reading((ev, pstate), lambda: decode_events(Arch.AARCH64, ev, pstate))
 
     def admit(self, vcpu_id: int, vc: Arm64Vcpu, before: Reading, plan: Any) -> Dict[str, object]:
         ev, pstate = before.raw
