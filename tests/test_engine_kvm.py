@@ -25,6 +25,7 @@ from serrinj.target import attach as target
 from serrinj.target import discover
 from serrinj.testvm.process import TestVmProcess
 from serrinj.vcpu import open_vcpu
+from serrinj.vcpu.remote import RemoteExecutor
 from tests.conftest import debugfs_kvm
 from tests.helpers import serrinj_cli
 from tests.helpers.procs import wait_stopped
@@ -322,3 +323,28 @@ def test_a_local_ioctl_on_a_foreign_vcpu_fd_is_eio(vm: TestVmProcess) -> None:
         os.close(pidfd)
     res = target.resolve_fd(fd, pid=vm.pid)
     assert not res.local and res.owner_pid == vm.pid and res.vcpu_id == 0
+
+
+@pytest.mark.parametrize("vm", [("halt", 1)], indirect=True, ids=["halt"])
+def test_a_read_only_ioctl_needs_no_input_written(vm: TestVmProcess) -> None:
+    """An _IOR call (KVM_GET_VCPU_EVENTS) writes its whole struct: the executor skips
+    writing the input into the held thread's memory, and what it reads is the same as
+    with zeros written first, however the scratch bytes were left before."""
+    v = vm.vcpus[0]
+    request = api.KVM_GET_VCPU_EVENTS
+    size = (kvm_x86.VcpuEvents if X86 else kvm_arm64.VcpuEvents).SIZE
+    with RemoteThread(vm.pid, v.tid) as t:
+        ex = RemoteExecutor(t)
+        addr = t.scratch(size)
+        t.write_memory(addr, b"\xa5" * size)
+        writes = []
+        write = t.write_memory
+        t.write_memory = lambda a, data: (writes.append(a), write(a, data))[1]  # type: ignore[method-assign]
+        skipped = ex.ioctl_buf(v.fd, request, bytes(size))
+        t.write_memory = write  # type: ignore[method-assign]
+        assert writes == []
+        t.write_memory(addr, bytes(size))
+        ex.thread.syscall(t.arch.nr["ioctl"], v.fd, request, addr)
+        written = t.read_memory(addr, size)
+    assert skipped == written and b"\xa5" not in skipped
+    assert t.verified

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Optional
 
+from serrinj.kvm.ioctl import _IOC_DIR, _IOC_READ
 from serrinj.remote.session import RemoteThread
 from serrinj.vcpu.executor import BufferSpec, buffer_size, materialize
 
@@ -36,8 +37,11 @@ class RemoteExecutor:
     def ioctl_buf(self, fd: int, request: int, data: BufferSpec) -> bytes:
         size = buffer_size(data)
         addr = self.thread.scratch(size)
-        payload = materialize(data, addr)
-        self.thread.write_memory(addr, payload)
+        if _IOC_DIR(request) != _IOC_READ:
+            # the kernel reads the argument; an _IOR call (KVM_GET_VCPU_EVENTS,
+            # KVM_GET_SREGS) only writes its whole struct, so the held thread is
+            # spared one write into its memory
+            self.thread.write_memory(addr, materialize(data, addr))
         self._ioctl(fd, request, addr)
         return self.thread.read_memory(addr, size)
 
