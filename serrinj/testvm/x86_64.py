@@ -178,6 +178,22 @@ BLOCK_BYTES = 0x80
 CHECK_K1 = 0x5A5AA5A5
 CHECK_K2 = 0x13579BDF
 
+#: the machine-check MSRs and local-APIC registers this guest and the QEMU firmware both use
+MCE_APIC_EQUATES: Mapping[str, int] = MappingProxyType(
+    {
+        "CR4_MCE": kx.CR4_MCE,
+        "MSR_MCG_CAP": kx.MSR_IA32_MCG_CAP,
+        "MSR_MCG_STATUS": kx.MSR_IA32_MCG_STATUS,
+        "MSR_MC0_STATUS": kx.mci_msr(0, "status"),
+        "LAPIC_BASE": 0xFEE00000,
+        "APIC_SVR": 0xF0,
+        "APIC_EOI": 0xB0,
+        "APIC_LVTT": 0x320,
+        "APIC_TMICT": 0x380,
+        "APIC_TDCR": 0x3E0,
+    }
+)
+
 _CONSTANTS: Mapping[str, int] = MappingProxyType(
     {
         **LAYOUT,
@@ -193,16 +209,7 @@ _CONSTANTS: Mapping[str, int] = MappingProxyType(
         "EV_EXCEPTION": EV_EXCEPTION,
         "MODE_HALT": MODE_CODES["halt"],
         "MODE_FUTEX": MODE_CODES["futex"],
-        "CR4_MCE": kx.CR4_MCE,
-        "MSR_MCG_CAP": kx.MSR_IA32_MCG_CAP,
-        "MSR_MCG_STATUS": kx.MSR_IA32_MCG_STATUS,
-        "MSR_MC0_STATUS": kx.mci_msr(0, "status"),
-        "LAPIC_BASE": 0xFEE00000,
-        "APIC_SVR": 0xF0,
-        "APIC_EOI": 0xB0,
-        "APIC_LVTT": 0x320,
-        "APIC_TMICT": 0x380,
-        "APIC_TDCR": 0x3E0,
+        **MCE_APIC_EQUATES,
         "TIMER_VECTOR": TIMER_VECTOR,
         "SPURIOUS_VECTOR": SPURIOUS_VECTOR,
         "CHECK_K1": CHECK_K1,
@@ -257,19 +264,107 @@ banks_done:
 #: exception vectors with a handler of their own (the rest get a reporting stub)
 _OWN_HANDLERS = (kx.NMI_VECTOR, kx.MC_VECTOR)
 
+#: the local-APIC timer interrupt, shared with the QEMU firmware: count the tick and flag it for the
+#: main loop (needs PC_TICKS, PC_TICK_FLAG, LAPIC_BASE, APIC_EOI)
+TIMER_ISR = """\
+timer_isr:
+    push eax
+    push edi
+    inc dword ptr ss:[PC_TICKS]
+    mov dword ptr ss:[PC_TICK_FLAG], 1
+    mov edi, LAPIC_BASE
+    mov dword ptr es:[edi + APIC_EOI], 0
+    pop edi
+    pop eax
+    iret
+"""
 
-def guest_source() -> str:
-    """The guest's assembly text (GNU as Intel syntax; constants included as .equ)."""
-    equs = "\n".join(f".equ {name}, {value:#x}" for name, value in _CONSTANTS.items())
+#: where a vCPU parks after an unexpected exception
+PARKED = """\
+parked:
+    cli
+    hlt
+    jmp parked
+"""
+
+#: how this guest reports a polled corrected error and a machine check: an event on the report port
+_POLL_REPORT = """\
+    inc dword ptr [PC_POLL_COUNT]
+    mov al, EV_MCE_POLL
+    call report
+"""
+_MCE_REPORT = """\
+    mov al, EV_MCE
+    call report
+"""
+
+
+def equates(constants: Mapping[str, int]) -> str:
+    """``.equ`` lines for ``constants``."""
+    return "\n".join(f".equ {name}, {value:#x}" for name, value in constants.items())
+
+
+def poll_banks(report: str) -> str:
+    """The timer-tick bank poll: collect into PC_POLL and run ``report`` if a bank was valid."""
+    return f"""\
+poll_banks:
+    pushad
+    mov di, PC_POLL
+    call collect_banks
+    cmp dword ptr [PC_POLL + 8], 0
+    je poll_done
+{report}poll_done:
+    popad
+    ret
+"""
+
+
+def mc_isr(report: str) -> str:
+    """The #MC handler: count, collect and clear the banks, clear MCG_STATUS, then ``report``."""
+    return f"""\
+mc_isr:
+    pushad
+    push ds
+    push ss
+    pop ds
+    inc dword ptr [PC_MCE_COUNT]
+    mov di, PC_MCE
+    call collect_banks
+    xor eax, eax
+    xor edx, edx
+    mov ecx, MSR_MCG_STATUS
+    wrmsr
+{report}    pop ds
+    popad
+    iret
+"""
+
+
+def exception_stubs() -> str:
+    """``spurious_isr``, one stub per exception vector without a handler of its own, and the head of
+    ``exc_common`` (vector on the stack, DS = this CPU's page); the caller writes the rest."""
     stubs = "\n".join(
         f"exc_{v}:\n    push {v}\n    jmp exc_common" for v in range(32) if v not in _OWN_HANDLERS
     )
+    return f"""\
+spurious_isr:
+    iret
+
+{stubs}
+exc_common:
+    push ss
+    pop ds
+"""
+
+
+def guest_source() -> str:
+    """The guest's assembly text (GNU as Intel syntax; constants included as .equ)."""
     return f"""\
 # serrinj test VM guest (x86, real mode). Built by serrinj.testvm.asm_x86;
 # tests/test_asm_x86.py assembles this same text with GNU as and compares.
 .intel_syntax noprefix
 .code16
-{equs}
+{equates(_CONSTANTS)}
 
 # ---- entry: CS=0x0800, DS=SS=this vCPU's page, ES=flat 4 GiB, SP=top, IF=0
 entry:
@@ -410,19 +505,7 @@ sum_next:
     jb sum_next
     ret
 
-poll_banks:
-    pushad
-    mov di, PC_POLL
-    call collect_banks
-    cmp dword ptr [PC_POLL + 8], 0
-    je poll_done
-    inc dword ptr [PC_POLL_COUNT]
-    mov al, EV_MCE_POLL
-    call report
-poll_done:
-    popad
-    ret
-
+{poll_banks(_POLL_REPORT)}
 # ---- the stall probe: the largest gaps between consecutive TSC reads
 probe:
     pushad
@@ -475,17 +558,7 @@ probe_count:
 
 {COLLECT_BANKS}
 # ---- interrupt handlers (SS is always this vCPU's page)
-timer_isr:
-    push eax
-    push edi
-    inc dword ptr ss:[PC_TICKS]
-    mov dword ptr ss:[PC_TICK_FLAG], 1
-    mov edi, LAPIC_BASE
-    mov dword ptr es:[edi + APIC_EOI], 0
-    pop edi
-    pop eax
-    iret
-
+{TIMER_ISR}
 nmi_isr:
     push eax
     push edx
@@ -500,31 +573,8 @@ nmi_quiet:
     pop eax
     iret
 
-mc_isr:
-    pushad
-    push ds
-    push ss
-    pop ds
-    inc dword ptr [PC_MCE_COUNT]
-    mov di, PC_MCE
-    call collect_banks
-    xor eax, eax
-    xor edx, edx
-    mov ecx, MSR_MCG_STATUS
-    wrmsr
-    mov al, EV_MCE
-    call report
-    pop ds
-    popad
-    iret
-
-spurious_isr:
-    iret
-
-{stubs}
-exc_common:
-    push ss
-    pop ds
+{mc_isr(_MCE_REPORT)}
+{exception_stubs()}
     pop ax
     movzx eax, ax
     mov [PC_EXC], eax
@@ -535,11 +585,7 @@ exc_common:
     mov [PC_EXC + 8], eax
     mov al, EV_EXCEPTION
     call report
-parked:
-    cli
-    hlt
-    jmp parked
-"""
+{PARKED}"""
 
 
 @functools.lru_cache(maxsize=1)
