@@ -108,7 +108,6 @@ VM's KVM_CAP_ARM_INJECT_SERROR_ESR and KVM_CAP_ARM_INJECT_EXT_DABT).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import struct
 import threading
@@ -127,7 +126,18 @@ from serrinj.testvm.asm_arm64 import (
     restore_frame_and_eret,
     save_frame,
 )
-from serrinj.testvm.vmm import ExitAction, Vcpu, Vm
+from serrinj.testvm.vmm import (
+    ExitAction,
+    Vcpu,
+    Vm,
+    emit_exit,
+    emit_report,
+    events_reply,
+    exit_head,
+    int_field,
+    mem_u64,
+    stop_on_exit,
+)
 
 __all__ = ["LAYOUT", "Arm64Guest", "GuestImage", "build_guest"]
 
@@ -488,19 +498,8 @@ def _store_syndrome(a: Asm, area: int) -> None:
 # --- the VMM side
 
 
-def _u64(mem: _native.Memory, addr: int) -> int:
-    return int(struct.unpack_from("<Q", mem.view, addr)[0])
-
-
-def _put_u64(mem: _native.Memory, addr: int, value: int) -> None:
+def _putmem_u64(mem: _native.Memory, addr: int, value: int) -> None:
     struct.pack_into("<Q", mem.view, addr, value & 0xFFFFFFFFFFFFFFFF)
-
-
-def _int_field(cmd: Mapping[str, Any], name: str) -> int:
-    value = cmd.get(name)
-    if type(value) is not int or not 0 <= value < 1 << 64:
-        raise ValueError(f"{name!r} must be an unsigned 64-bit integer")
-    return value
 
 
 def _esr_fields(esr: int) -> Dict[str, int]:
@@ -587,7 +586,7 @@ class Arm64Guest:
             ("PC_FLAGS", flags),
             ("PC_TICK_MS", vm.options.tick_ms),
         ):
-            _put_u64(ram, off + LAYOUT[name], value)
+            _putmem_u64(ram, off + LAYOUT[name], value)
         for reg, value in (
             (ka.reg_x(0), page),
             (ka.REG_PC, self.image.entry),
@@ -622,12 +621,12 @@ class Arm64Guest:
     def _field(self, vcpu: Vcpu, name: str, offset: int = 0) -> int:
         ram = self.ram
         assert ram is not None
-        return _u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name] + offset)
+        return mem_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name] + offset)
 
     def _set_field(self, vcpu: Vcpu, name: str, value: int) -> None:
         ram = self.ram
         assert ram is not None
-        _put_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name], value)
+        _putmem_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name], value)
 
     def _get_reg(self, vm: Vm, vcpu: Vcpu, reg_id: int) -> int:
         def build(addr: int) -> bytes:
@@ -669,10 +668,7 @@ class Arm64Guest:
     # ----------------------------------------------------------------- exits
 
     def handle_exit(self, vm: Vm, vcpu: Vcpu) -> ExitAction:
-        page = vcpu.run_page
-        assert page is not None
-        head = bytes(page.view[: api.KVM_RUN_OFF_UNION + 256])
-        reason = api.exit_reason_of(head)
+        page, head, reason = exit_head(vcpu)
         if reason == api.KVM_EXIT_MMIO:
             mmio = api.ExitMmio.unpack_from(head)
             if mmio.phys_addr == REPORT_GPA and mmio.is_write and mmio.length == 8:
@@ -680,36 +676,21 @@ class Arm64Guest:
                 return self._report(vm, vcpu, code)
             if mmio.phys_addr == PROBE_GPA and not mmio.is_write and mmio.length == 8:
                 return self._probe(vm, vcpu, page)
-            self._exit(
+            emit_exit(
                 vm,
                 vcpu,
                 "UNEXPECTED_MMIO",
                 reason,
+                self._pc,
                 addr=mmio.phys_addr,
                 is_write=mmio.is_write,
                 len=mmio.length,
             )
             return ExitAction.STOP
-        extra: Dict[str, Any] = {}
-        if reason == api.KVM_EXIT_SYSTEM_EVENT:
-            kind, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
-            extra = {"type": kind, "ndata": ndata}
-        elif reason == api.KVM_EXIT_INTERNAL_ERROR:
-            suberror, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
-            extra = {"suberror": suberror, "ndata": ndata}
-        elif reason == api.KVM_EXIT_FAIL_ENTRY:
-            (failure,) = struct.unpack_from("<Q", head, api.KVM_RUN_OFF_UNION)
-            extra = {"hardware_entry_failure_reason": failure}
-        self._exit(vm, vcpu, api.EXIT_REASON_NAMES.get(reason, f"EXIT_{reason}"), reason, **extra)
-        return ExitAction.STOP
+        return stop_on_exit(vm, vcpu, head, reason, self._pc)
 
-    def _exit(self, vm: Vm, vcpu: Vcpu, name: str, reason: int, **extra: Any) -> None:
-        event: Dict[str, Any] = {"event": "exit", "vcpu": vcpu.vcpu_id, "reason": name}
-        event["exit_reason"] = reason
-        with contextlib.suppress(OSError):
-            event["pc"] = self._get_reg(vm, vcpu, ka.REG_PC)
-        event.update(extra)
-        vm.emit(event)
+    def _pc(self, vm: Vm, vcpu: Vcpu) -> Dict[str, int]:
+        return {"pc": self._get_reg(vm, vcpu, ka.REG_PC)}
 
     def _probe(self, vm: Vm, vcpu: Vcpu, page: _native.Memory) -> ExitAction:
         answer = self._field(vcpu, "PC_PROBES") + 1
@@ -796,12 +777,10 @@ class Arm64Guest:
                 x22=main(3),
             )
         else:
-            self._exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_MMIO, code=code)
+            emit_exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_MMIO, self._pc, code=code)
             return ExitAction.STOP
         self._maybe_lower(vm, vcpu)
-        name = event.pop("event")
-        vm.emit({"event": name, **event})
-        return ExitAction.CONTINUE
+        return emit_report(vm, event)
 
     # ----------------------------------------------------------------- commands
 
@@ -811,7 +790,7 @@ class Arm64Guest:
         if name == "serror":
             esr = cmd.get("esr")
             if esr is not None:
-                esr = _int_field(cmd, "esr")
+                esr = int_field(cmd, "esr")
             ex.ioctl_buf(vcpu.fd, api.KVM_SET_VCPU_EVENTS, ka.VcpuEvents.serror(esr).pack())
             return None
         if name == "ext_dabt":
@@ -830,14 +809,10 @@ class Arm64Guest:
             self._wake(vm, vcpu)
             return None
         if name == "events":
-            raw = ex.ioctl_buf(vcpu.fd, api.KVM_GET_VCPU_EVENTS, bytes(ka.VcpuEvents.SIZE))
-            mp = struct.unpack("<I", ex.ioctl_buf(vcpu.fd, api.KVM_GET_MP_STATE, bytes(4)))[0]
+            reply = events_reply(vm, vcpu, ka.VcpuEvents.SIZE, ka.VcpuEvents.unpack)
             pstate = self._get_reg(vm, vcpu, ka.REG_PSTATE)
             return {
-                "event": "events",
-                "vcpu": vcpu.vcpu_id,
-                "mp_state": api.MP_STATE_NAMES.get(mp, str(mp)),
-                "events": ka.VcpuEvents.unpack(raw).as_dict(),
+                **reply,
                 "pstate": pstate,
                 "pstate_a": bool(pstate & ka.PSTATE_A),
                 "pc": self._get_reg(vm, vcpu, ka.REG_PC),
@@ -853,7 +828,7 @@ class Arm64Guest:
             for reg in changes:
                 if reg not in REG_IDS:
                     raise ValueError(f"unknown register {reg!r}")
-                updates.append((REG_IDS[reg], _int_field(changes, reg)))
+                updates.append((REG_IDS[reg], int_field(changes, reg)))
             for rid, value in updates:
                 self._set_reg(vm, vcpu, rid, value)
             return None

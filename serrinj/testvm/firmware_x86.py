@@ -135,6 +135,12 @@ _UNREAL = """\
 
 def firmware_source() -> str:
     """The firmware's assembly text (GNU as Intel syntax; constants included as .equ)."""
+    # status, addr and misc of one bank entry (see COLLECT_BANKS), each as " name=0x<16 hex>"
+    bank_fields = "".join(
+        f"    mov si, offset s_{name}\n    call puts\n"
+        f"    mov eax, [bx + {offset}]\n    mov edx, [bx + {offset + 4}]\n    call put_hex64\n"
+        for name, offset in (("status", 8), ("addr", 16), ("misc", 24))
+    )
     ivt = "\n".join(
         f"    mov word ptr fs:[{v * 4}], offset exc_{v}"
         for v in range(32)
@@ -294,22 +300,7 @@ banks_line:
     call puts
     mov eax, [bx]
     call put_dec
-    mov si, offset s_status
-    call puts
-    mov eax, [bx + 8]
-    mov edx, [bx + 12]
-    call put_hex64
-    mov si, offset s_addr
-    call puts
-    mov eax, [bx + 16]
-    mov edx, [bx + 20]
-    call put_hex64
-    mov si, offset s_misc
-    call puts
-    mov eax, [bx + 24]
-    mov edx, [bx + 28]
-    call put_hex64
-    mov si, offset s_mcg
+{bank_fields}    mov si, offset s_mcg
     call puts
     mov eax, [di]
     mov edx, [di + 4]

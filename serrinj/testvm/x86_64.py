@@ -110,7 +110,18 @@ from serrinj import _native
 from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kx
 from serrinj.testvm.asm_x86 import Program, assemble
-from serrinj.testvm.vmm import ExitAction, Vcpu, Vm
+from serrinj.testvm.vmm import (
+    ExitAction,
+    Vcpu,
+    Vm,
+    emit_exit,
+    emit_report,
+    events_reply,
+    exit_head,
+    int_field,
+    mem_u64,
+    stop_on_exit,
+)
 
 __all__ = ["COLLECT_BANKS", "LAYOUT", "X86Guest", "build_guest", "guest_source"]
 
@@ -627,19 +638,6 @@ def _u32(mem: _native.Memory, addr: int) -> int:
     return int(struct.unpack_from("<I", mem.view, addr)[0])
 
 
-def _u64(mem: _native.Memory, addr: int) -> int:
-    return int(struct.unpack_from("<Q", mem.view, addr)[0])
-
-
-def _int_field(cmd: Mapping[str, Any], name: str, default: Optional[int] = None) -> int:
-    value = cmd.get(name, default)
-    if value is None:
-        raise ValueError(f"missing {name!r}")
-    if type(value) is not int or not 0 <= value < 1 << 64:
-        raise ValueError(f"{name!r} must be an unsigned 64-bit integer")
-    return value
-
-
 class X86Guest:
     """The x86_64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
@@ -770,47 +768,30 @@ class X86Guest:
         return PERCPU_BASE + PERCPU_SIZE * vm.vcpus.index(vcpu)
 
     def handle_exit(self, vm: Vm, vcpu: Vcpu) -> ExitAction:
-        page = vcpu.run_page
-        assert page is not None
-        head = bytes(page.view[: api.KVM_RUN_OFF_UNION + 256])
-        reason = api.exit_reason_of(head)
+        page, head, reason = exit_head(vcpu)
         if reason == api.KVM_EXIT_IO:
             io = api.ExitIo.unpack_from(head)
             if io.port == REPORT_PORT and io.direction == api.KVM_EXIT_IO_OUT and io.size == 1:
                 return self._report(vm, vcpu, page.view[io.data_offset])
-            self._exit(
+            emit_exit(
                 vm,
                 vcpu,
                 "UNEXPECTED_IO",
                 reason,
+                self._rip,
                 port=io.port,
                 direction="out" if io.direction == api.KVM_EXIT_IO_OUT else "in",
                 size=io.size,
             )
             return ExitAction.STOP
-        extra: Dict[str, Any] = {}
-        if reason == api.KVM_EXIT_INTERNAL_ERROR:
-            suberror, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
-            data = struct.unpack_from(f"<{min(ndata, 16)}Q", head, api.KVM_RUN_OFF_UNION + 8)
-            extra = {"suberror": suberror, "data": list(data)}
-        elif reason == api.KVM_EXIT_FAIL_ENTRY:
-            (failure,) = struct.unpack_from("<Q", head, api.KVM_RUN_OFF_UNION)
-            extra = {"hardware_entry_failure_reason": failure}
-        self._exit(vm, vcpu, api.EXIT_REASON_NAMES.get(reason, f"EXIT_{reason}"), reason, **extra)
-        return ExitAction.STOP
+        return stop_on_exit(vm, vcpu, head, reason, self._rip)
 
-    def _exit(self, vm: Vm, vcpu: Vcpu, name: str, reason: int, **extra: Any) -> None:
-        event: Dict[str, Any] = {"event": "exit", "vcpu": vcpu.vcpu_id, "reason": name}
-        event["exit_reason"] = reason
-        try:
-            regs = kx.unpack_regs(
-                vm.executor.ioctl_buf(vcpu.fd, kx.KVM_GET_REGS, bytes(kx.SIZEOF_KVM_REGS))
-            )
-            event["rip"] = regs["rip"]
-        except OSError:
-            pass
-        event.update(extra)
-        vm.emit(event)
+    @staticmethod
+    def _rip(vm: Vm, vcpu: Vcpu) -> Dict[str, int]:
+        regs = kx.unpack_regs(
+            vm.executor.ioctl_buf(vcpu.fd, kx.KVM_GET_REGS, bytes(kx.SIZEOF_KVM_REGS))
+        )
+        return {"rip": regs["rip"]}
 
     def _report(self, vm: Vm, vcpu: Vcpu, code: int) -> ExitAction:
         ram = self.ram
@@ -840,21 +821,21 @@ class X86Guest:
                 banks.append(
                     {
                         "bank": _u32(ram, entry),
-                        "status": _u64(ram, entry + 8),
-                        "addr": _u64(ram, entry + 16),
-                        "misc": _u64(ram, entry + 24),
+                        "status": mem_u64(ram, entry + 8),
+                        "addr": mem_u64(ram, entry + 16),
+                        "misc": mem_u64(ram, entry + 24),
                     }
                 )
             if code == EV_MCE:
                 event.update(event="mce", vector=kx.MC_VECTOR, count=field("PC_MCE_COUNT"))
             else:
                 event.update(event="mce-poll", count=field("PC_POLL_COUNT"))
-            event.update(mcg_status=_u64(ram, area), banks=banks)
+            event.update(mcg_status=mem_u64(ram, area), banks=banks)
         elif code == EV_HEARTBEAT:
             event.update(
                 event="heartbeat",
                 seq=field("PC_HB_ACK"),
-                iterations=_u64(ram, base + LAYOUT["PC_ITER"]),
+                iterations=mem_u64(ram, base + LAYOUT["PC_ITER"]),
                 ticks=field("PC_TICKS"),
                 nmi_count=field("PC_NMI_COUNT"),
                 mce_count=field("PC_MCE_COUNT"),
@@ -887,11 +868,9 @@ class X86Guest:
                 cs=field("PC_EXC", 8),
             )
         else:
-            self._exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_IO, code=code)
+            emit_exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_IO, self._rip, code=code)
             return ExitAction.STOP
-        name = event.pop("event")
-        vm.emit({"event": name, **event})
-        return ExitAction.CONTINUE
+        return emit_report(vm, event)
 
     # ----------------------------------------------------------------- commands
 
@@ -903,25 +882,18 @@ class X86Guest:
             return None
         if name == "mce":
             mce = kx.Mce(
-                status=_int_field(cmd, "status"),
-                bank=_int_field(cmd, "bank"),
-                addr=_int_field(cmd, "addr", 0),
-                misc=_int_field(cmd, "misc", 0),
-                mcg_status=_int_field(cmd, "mcg_status", 0),
+                status=int_field(cmd, "status"),
+                bank=int_field(cmd, "bank"),
+                addr=int_field(cmd, "addr", 0),
+                misc=int_field(cmd, "misc", 0),
+                mcg_status=int_field(cmd, "mcg_status", 0),
             )
             if mce.bank > 0xFF:
                 raise ValueError("'bank' must fit in a byte")
             ex.ioctl_buf(vcpu.fd, kx.KVM_X86_SET_MCE, mce.pack())
             return None
         if name == "events":
-            raw = ex.ioctl_buf(vcpu.fd, api.KVM_GET_VCPU_EVENTS, bytes(kx.VcpuEvents.SIZE))
-            mp = struct.unpack("<I", ex.ioctl_buf(vcpu.fd, api.KVM_GET_MP_STATE, bytes(4)))[0]
-            return {
-                "event": "events",
-                "vcpu": vcpu.vcpu_id,
-                "mp_state": api.MP_STATE_NAMES.get(mp, str(mp)),
-                "events": kx.VcpuEvents.unpack(raw).as_dict(),
-            }
+            return events_reply(vm, vcpu, kx.VcpuEvents.SIZE, kx.VcpuEvents.unpack)
         if name == "heartbeat":
             ram = self.ram
             assert ram is not None
@@ -940,7 +912,7 @@ class X86Guest:
             for reg in changes:
                 if reg not in kx.REGS_NAMES:
                     raise ValueError(f"unknown register {reg!r}")
-                regs[reg] = _int_field(changes, reg)
+                regs[reg] = int_field(changes, reg)
             ex.ioctl_buf(vcpu.fd, kx.KVM_SET_REGS, kx.pack_regs(regs))
             return None
         raise ValueError(f"unknown command {name!r}")
@@ -960,7 +932,7 @@ class X86Guest:
             "vcpu": vcpu.vcpu_id,
             "on": bool(_u32(ram, base + LAYOUT["PC_PROBE"])),
             "active": bool(_u32(ram, base + LAYOUT["PC_PR_ACTIVE"])),
-            "samples": _u64(ram, base + LAYOUT["PC_PR_SAMPLES"]),
+            "samples": mem_u64(ram, base + LAYOUT["PC_PR_SAMPLES"]),
             "max_gap": _u32(ram, base + LAYOUT["PC_PR_MAX"]),
             "window_max": _u32(ram, base + LAYOUT["PC_PR_WMAX"]),
             "hist": [_u32(ram, hist + 4 * i) for i in range(32)],
