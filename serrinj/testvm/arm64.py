@@ -291,21 +291,13 @@ def _emit(a: Asm) -> None:
     a.b("park")
 
     a.label("exc_serror")
-    _store_syndrome(a, L["PC_SERR"])
-    a.ldr("x1", "x9", L["PC_SERROR_COUNT"])
-    a.add("x1", "x1", 1)
-    a.str_("x1", "x9", L["PC_SERROR_COUNT"])
-    a.str_("x1", "x9", L["PC_SERR"] + 32)
+    _store_syndrome(a, L["PC_SERR"], L["PC_SERROR_COUNT"])
     a.mov("x0", EV_SERROR)
     a.bl("report")
     a.b("exc_return")
 
     a.label("exc_sync")
-    _store_syndrome(a, L["PC_SYNC"])
-    a.ldr("x1", "x9", L["PC_SYNC_COUNT"])
-    a.add("x1", "x1", 1)
-    a.str_("x1", "x9", L["PC_SYNC_COUNT"])
-    a.str_("x1", "x9", L["PC_SYNC"] + 32)
+    _store_syndrome(a, L["PC_SYNC"], L["PC_SYNC_COUNT"])
     a.str_("xzr", "x9", L["PC_SYNC"] + 40)  # probe
     a.str_("xzr", "x9", L["PC_SYNC"] + 48)  # resumed
     a.mrs("x1", "esr_el1")
@@ -488,17 +480,22 @@ def _emit(a: Asm) -> None:
     a.b("advance")
 
 
-def _store_syndrome(a: Asm, area: int) -> None:
-    """ESR, ELR, FAR, SPSR into the report area at ``area`` of the page in x9."""
+def _store_syndrome(a: Asm, area: int, counter: int) -> None:
+    """ESR, ELR, FAR, SPSR into the report area at ``area`` of the page in x9; count the exception
+    in the u64 at ``counter`` and store the new count at ``area + 32``."""
     for i, reg in enumerate(("esr_el1", "elr_el1", "far_el1", "spsr_el1")):
         a.mrs("x1", reg)
         a.str_("x1", "x9", area + 8 * i)
+    a.ldr("x1", "x9", counter)
+    a.add("x1", "x1", 1)
+    a.str_("x1", "x9", counter)
+    a.str_("x1", "x9", area + 32)
 
 
 # --- the VMM side
 
 
-def _putmem_u64(mem: _native.Memory, addr: int, value: int) -> None:
+def _put_u64(mem: _native.Memory, addr: int, value: int) -> None:
     struct.pack_into("<Q", mem.view, addr, value & 0xFFFFFFFFFFFFFFFF)
 
 
@@ -586,7 +583,7 @@ class Arm64Guest:
             ("PC_FLAGS", flags),
             ("PC_TICK_MS", vm.options.tick_ms),
         ):
-            _putmem_u64(ram, off + LAYOUT[name], value)
+            _put_u64(ram, off + LAYOUT[name], value)
         for reg, value in (
             (ka.reg_x(0), page),
             (ka.REG_PC, self.image.entry),
@@ -626,7 +623,7 @@ class Arm64Guest:
     def _set_field(self, vcpu: Vcpu, name: str, value: int) -> None:
         ram = self.ram
         assert ram is not None
-        _putmem_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name], value)
+        _put_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name], value)
 
     def _get_reg(self, vm: Vm, vcpu: Vcpu, reg_id: int) -> int:
         def build(addr: int) -> bytes:
