@@ -351,6 +351,13 @@ class _Guest:
 
     # --- boot
 
+    def _unmask_serror(self) -> None:
+        """Clear PSTATE.A and note it in x22."""
+        a = self.a
+        a.mov("x22", 1)
+        a.msr("daifclr", 4)
+        a.isb()
+
     def _syndrome_line(self, label: str, fmt: str) -> None:
         """At ``label``: push a frame, print ``fmt`` with ESR, ELR and FAR."""
         a = self.a
@@ -459,11 +466,8 @@ class _Guest:
         a.b("main_loop")
 
     def _ready(self) -> None:
-        a = self.a
         if not self.o.mask_serror:
-            a.mov("x22", 1)
-            a.msr("daifclr", 4)
-            a.isb()
+            self._unmask_serror()
         self._print("str_ready")
 
     def main_loop(self) -> None:
@@ -532,9 +536,7 @@ class _Guest:
         self._enter(16)
         self._print("str_unmasked")
         self._leave(16)
-        a.mov("x22", 1)
-        a.msr("daifclr", 4)
-        a.isb()
+        self._unmask_serror()
         a.label("check_unmask_ret")
         a.ret()
 
