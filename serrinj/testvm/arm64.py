@@ -113,7 +113,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from serrinj import _native
 from serrinj.kvm import api
@@ -131,9 +131,9 @@ from serrinj.testvm.vmm import (
     Vcpu,
     Vm,
     emit_exit,
-    emit_report,
     events_reply,
     exit_head,
+    guest_report,
     int_field,
     mem_u64,
     stop_on_exit,
@@ -702,82 +702,57 @@ class Arm64Guest:
         return ExitAction.CONTINUE
 
     def _report(self, vm: Vm, vcpu: Vcpu, code: int) -> ExitAction:
-        def main(i: int) -> int:
-            return self._field(vcpu, "PC_MAIN", 8 * i)
-
-        event: Dict[str, Any] = {"vcpu": vcpu.vcpu_id}
         if code == EV_YIELD:
             return ExitAction.YIELD
+        event = self._decode(vcpu, code)
+        if event is not None:
+            self._maybe_lower(vm, vcpu)
+        return guest_report(vm, vcpu, event, self._pc, reason=api.KVM_EXIT_MMIO, code=code)
+
+    def _fields(self, vcpu: Vcpu, area: str, names: Sequence[str]) -> Dict[str, int]:
+        """The u64s the guest stored at ``area`` of its page, one per name."""
+        return {name: self._field(vcpu, area, 8 * i) for i, name in enumerate(names)}
+
+    def _syndrome(self, vcpu: Vcpu, area: str) -> Dict[str, int]:
+        """ESR (with its EC and ISS), ELR, FAR, SPSR and the count, as the handler stored them."""
+        regs = self._fields(vcpu, area, ("esr", "elr", "far", "spsr", "count"))
+        return {"esr": regs["esr"], **_esr_fields(regs["esr"]), **regs}
+
+    def _decode(self, vcpu: Vcpu, code: int) -> Optional[Dict[str, Any]]:
+        """The event for report ``code`` (None: not a report this guest makes)."""
         if code == EV_READY:
-            event.update(
-                event="guest-ready",
-                currentel=main(0),
-                sctlr=main(1),
-                mpidr=main(2),
-                daif=main(3),
-                cntfrq=main(4),
-                pstate_a=bool(main(3) & ka.PSTATE_A),
-            )
-        elif code == EV_SERROR:
-            esr = self._field(vcpu, "PC_SERR")
-            event.update(event="serror", esr=esr, **_esr_fields(esr))
-            event.update(
-                elr=self._field(vcpu, "PC_SERR", 8),
-                far=self._field(vcpu, "PC_SERR", 16),
-                spsr=self._field(vcpu, "PC_SERR", 24),
-                count=self._field(vcpu, "PC_SERR", 32),
-            )
-        elif code == EV_SYNC:
-            esr = self._field(vcpu, "PC_SYNC")
-            event.update(event="sync", esr=esr, **_esr_fields(esr), dfsc=esr & 0x3F)
-            event.update(
-                elr=self._field(vcpu, "PC_SYNC", 8),
-                far=self._field(vcpu, "PC_SYNC", 16),
-                spsr=self._field(vcpu, "PC_SYNC", 24),
-                count=self._field(vcpu, "PC_SYNC", 32),
-                probe=bool(self._field(vcpu, "PC_SYNC", 40)),
-                resumed=bool(self._field(vcpu, "PC_SYNC", 48)),
-            )
-        elif code == EV_EXCEPTION:
-            vector = self._field(vcpu, "PC_EXC")
-            event.update(
-                event="exception",
-                vector=vector,
-                vector_name=VECTOR_NAMES[vector] if vector < 16 else str(vector),
-                esr=self._field(vcpu, "PC_EXC", 8),
-                elr=self._field(vcpu, "PC_EXC", 16),
-                far=self._field(vcpu, "PC_EXC", 24),
-                spsr=self._field(vcpu, "PC_EXC", 32),
-            )
-        elif code == EV_UNMASKED:
-            event.update(event="unmasked", daif_before=main(0))
-        elif code == EV_HEARTBEAT:
-            event.update(
-                event="heartbeat",
-                seq=main(0),
-                iterations=main(1),
-                serror_count=main(2),
-                sync_count=main(3),
-                ticks=main(4),
-                probes=main(5),
-                daif=main(6),
-                check_failures=main(7),
-                yields=vcpu.yields,
-            )
-        elif code == EV_CHECK_FAILED:
-            event.update(
-                event="guest-check-failed",
-                check="registers",
-                x19=main(0),
-                x20=main(1),
-                x21=main(2),
-                x22=main(3),
-            )
-        else:
-            emit_exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_MMIO, self._pc, code=code)
-            return ExitAction.STOP
-        self._maybe_lower(vm, vcpu)
-        return emit_report(vm, event)
+            main = self._fields(vcpu, "PC_MAIN", ("currentel", "sctlr", "mpidr", "daif", "cntfrq"))
+            return {"event": "guest-ready", **main, "pstate_a": bool(main["daif"] & ka.PSTATE_A)}
+        if code == EV_SERROR:
+            return {"event": "serror", **self._syndrome(vcpu, "PC_SERR")}
+        if code == EV_SYNC:
+            syndrome = self._syndrome(vcpu, "PC_SYNC")
+            return {
+                "event": "sync",
+                **syndrome,
+                "dfsc": syndrome["esr"] & 0x3F,
+                "probe": bool(self._field(vcpu, "PC_SYNC", 40)),
+                "resumed": bool(self._field(vcpu, "PC_SYNC", 48)),
+            }
+        if code == EV_EXCEPTION:
+            exc = self._fields(vcpu, "PC_EXC", ("vector", "esr", "elr", "far", "spsr"))
+            vector = exc["vector"]
+            name = VECTOR_NAMES[vector] if vector < 16 else str(vector)
+            return {"event": "exception", **exc, "vector_name": name}
+        if code == EV_UNMASKED:
+            return {"event": "unmasked", "daif_before": self._field(vcpu, "PC_MAIN")}
+        if code == EV_HEARTBEAT:
+            counts = self._fields(
+                vcpu,
+                "PC_MAIN",
+                ("seq", "iterations", "serror_count", "sync_count", "ticks", "probes", "daif",
+                 "check_failures"),
+            )  # fmt: skip
+            return {"event": "heartbeat", **counts, "yields": vcpu.yields}
+        if code == EV_CHECK_FAILED:
+            regs = self._fields(vcpu, "PC_MAIN", ("x19", "x20", "x21", "x22"))
+            return {"event": "guest-check-failed", "check": "registers", **regs}
+        return None
 
     # ----------------------------------------------------------------- commands
 

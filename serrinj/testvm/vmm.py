@@ -359,10 +359,21 @@ def emit_exit(
     vm.emit(event)
 
 
-def emit_report(vm: Vm, event: Dict[str, Any]) -> ExitAction:
-    """Emit a guest report (``event`` names it under "event") and let the vCPU run on."""
+def guest_report(
+    vm: Vm,
+    vcpu: Vcpu,
+    event: Optional[Dict[str, Any]],
+    where: Callable[[Vm, Vcpu], Dict[str, int]],
+    **exit_info: Any,
+) -> ExitAction:
+    """Emit a decoded guest report (``event`` names it under "event") and let the vCPU run on; a
+    report the arch did not know (``None``) is an ``UNKNOWN_REPORT`` exit (``exit_info`` holds its
+    exit reason and code) that stops the vCPU."""
+    if event is None:
+        emit_exit(vm, vcpu, "UNKNOWN_REPORT", where=where, **exit_info)
+        return ExitAction.STOP
     name = event.pop("event")
-    vm.emit({"event": name, **event})
+    vm.emit({"event": name, "vcpu": vcpu.vcpu_id, **event})
     return ExitAction.CONTINUE
 
 

@@ -115,9 +115,9 @@ from serrinj.testvm.vmm import (
     Vcpu,
     Vm,
     emit_exit,
-    emit_report,
     events_reply,
     exit_head,
+    guest_report,
     int_field,
     mem_u64,
     stop_on_exit,
@@ -794,6 +794,13 @@ class X86Guest:
         return {"rip": regs["rip"]}
 
     def _report(self, vm: Vm, vcpu: Vcpu, code: int) -> ExitAction:
+        if code == EV_YIELD:
+            return ExitAction.YIELD
+        event = self._decode(vm, vcpu, code)
+        return guest_report(vm, vcpu, event, self._rip, reason=api.KVM_EXIT_IO, code=code)
+
+    def _decode(self, vm: Vm, vcpu: Vcpu, code: int) -> Optional[Dict[str, Any]]:
+        """The event for report ``code`` (None: not a report this guest makes)."""
         ram = self.ram
         assert ram is not None
         base = self._page(vm, vcpu)
@@ -801,9 +808,7 @@ class X86Guest:
         def field(name: str, offset: int = 0) -> int:
             return _u32(ram, base + LAYOUT[name] + offset)
 
-        event: Dict[str, Any] = {"vcpu": vcpu.vcpu_id}
-        if code == EV_YIELD:
-            return ExitAction.YIELD
+        event: Dict[str, Any] = {}
         if code == EV_READY:
             event.update(
                 event="guest-ready",
@@ -868,9 +873,8 @@ class X86Guest:
                 cs=field("PC_EXC", 8),
             )
         else:
-            emit_exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_IO, self._rip, code=code)
-            return ExitAction.STOP
-        return emit_report(vm, event)
+            return None
+        return event
 
     # ----------------------------------------------------------------- commands
 
