@@ -113,12 +113,13 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
 
 from serrinj import _native
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as ka
 from serrinj.kvm.ioctl import _IOW
+from serrinj.testvm import vmm
 from serrinj.testvm.asm_arm64 import (
     FRAME_SIZE,
     Asm,
@@ -126,18 +127,7 @@ from serrinj.testvm.asm_arm64 import (
     restore_frame_and_eret,
     save_frame,
 )
-from serrinj.testvm.vmm import (
-    ExitAction,
-    Vcpu,
-    Vm,
-    emit_exit,
-    events_reply,
-    exit_head,
-    guest_report,
-    int_field,
-    mem_u64,
-    stop_on_exit,
-)
+from serrinj.testvm.vmm import ExitAction, GuestBase, Vcpu, Vm
 
 __all__ = ["LAYOUT", "Arm64Guest", "GuestImage", "build_guest"]
 
@@ -524,7 +514,7 @@ class _VcpuState:
     ext_dabt_armed: bool = False
 
 
-class Arm64Guest:
+class Arm64Guest(GuestBase):
     """The arm64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
     name = "arm64"
@@ -534,7 +524,6 @@ class Arm64Guest:
 
     def __init__(self) -> None:
         self.image = build_guest()
-        self.ram: Optional[_native.Memory] = None
         self.init: Optional[ka.VcpuInit] = None
         self.caps: Dict[str, int] = {}
         self._state: Dict[int, _VcpuState] = {}
@@ -565,8 +554,8 @@ class Arm64Guest:
     def setup_vcpu(self, vm: Vm, vcpu: Vcpu) -> None:
         ex = vm.executor
         init = self.init
-        ram = self.ram
-        assert init is not None and ram is not None
+        ram = self.memory()
+        assert init is not None
         index = vm.vcpus.index(vcpu)
         with self._lock:
             self._state[vcpu.vcpu_id] = _VcpuState(index)
@@ -591,12 +580,8 @@ class Arm64Guest:
         ):
             self._set_reg(vm, vcpu, reg, value)
 
-    def setup_done(self, vm: Vm) -> None:
-        return None
-
     def ready_info(self, vm: Vm) -> Dict[str, Any]:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         return {
             "ram_gpa": RAM_GPA,
             "ram_hva": ram.address,
@@ -616,13 +601,11 @@ class Arm64Guest:
         return PERCPU_GPA + PERCPU_SIZE * self._state[vcpu.vcpu_id].index
 
     def _field(self, vcpu: Vcpu, name: str, offset: int = 0) -> int:
-        ram = self.ram
-        assert ram is not None
-        return mem_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name] + offset)
+        ram = self.memory()
+        return vmm.mem_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name] + offset)
 
     def _set_field(self, vcpu: Vcpu, name: str, value: int) -> None:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         _put_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name], value)
 
     def _get_reg(self, vm: Vm, vcpu: Vcpu, reg_id: int) -> int:
@@ -665,7 +648,7 @@ class Arm64Guest:
     # ----------------------------------------------------------------- exits
 
     def handle_exit(self, vm: Vm, vcpu: Vcpu) -> ExitAction:
-        page, head, reason = exit_head(vcpu)
+        page, head, reason = vmm.exit_head(vcpu)
         if reason == api.KVM_EXIT_MMIO:
             mmio = api.ExitMmio.unpack_from(head)
             if mmio.phys_addr == REPORT_GPA and mmio.is_write and mmio.length == 8:
@@ -673,7 +656,7 @@ class Arm64Guest:
                 return self._report(vm, vcpu, code)
             if mmio.phys_addr == PROBE_GPA and not mmio.is_write and mmio.length == 8:
                 return self._probe(vm, vcpu, page)
-            emit_exit(
+            vmm.emit_exit(
                 vm,
                 vcpu,
                 "UNEXPECTED_MMIO",
@@ -684,7 +667,7 @@ class Arm64Guest:
                 len=mmio.length,
             )
             return ExitAction.STOP
-        return stop_on_exit(vm, vcpu, head, reason, self._pc)
+        return vmm.stop_on_exit(vm, vcpu, head, reason, self._pc)
 
     def _pc(self, vm: Vm, vcpu: Vcpu) -> Dict[str, int]:
         return {"pc": self._get_reg(vm, vcpu, ka.REG_PC)}
@@ -707,7 +690,7 @@ class Arm64Guest:
         event = self._decode(vcpu, code)
         if event is not None:
             self._maybe_lower(vm, vcpu)
-        return guest_report(vm, vcpu, event, self._pc, reason=api.KVM_EXIT_MMIO, code=code)
+        return vmm.guest_report(vm, vcpu, event, self._pc, reason=api.KVM_EXIT_MMIO, code=code)
 
     def _fields(self, vcpu: Vcpu, area: str, names: Sequence[str]) -> Dict[str, int]:
         """The u64s the guest stored at ``area`` of its page, one per name."""
@@ -762,7 +745,7 @@ class Arm64Guest:
         if name == "serror":
             esr = cmd.get("esr")
             if esr is not None:
-                esr = int_field(cmd, "esr")
+                esr = vmm.int_field(cmd, "esr")
             ex.ioctl_buf(vcpu.fd, api.KVM_SET_VCPU_EVENTS, ka.VcpuEvents.serror(esr).pack())
             return None
         if name == "ext_dabt":
@@ -781,7 +764,7 @@ class Arm64Guest:
             self._wake(vm, vcpu)
             return None
         if name == "events":
-            reply = events_reply(vm, vcpu, ka.VcpuEvents.SIZE, ka.VcpuEvents.unpack)
+            reply = vmm.events_reply(vm, vcpu, ka.VcpuEvents.SIZE, ka.VcpuEvents.unpack)
             pstate = self._get_reg(vm, vcpu, ka.REG_PSTATE)
             return {
                 **reply,
@@ -793,15 +776,7 @@ class Arm64Guest:
             regs = {reg: self._get_reg(vm, vcpu, rid) for reg, rid in REG_IDS.items()}
             return {"event": "regs", "vcpu": vcpu.vcpu_id, "regs": regs}
         if name == "set-regs":
-            changes = cmd.get("regs")
-            if not isinstance(changes, dict) or not changes:
-                raise ValueError("'regs' must be an object of register names and values")
-            updates: List[Tuple[int, int]] = []
-            for reg in changes:
-                if reg not in REG_IDS:
-                    raise ValueError(f"unknown register {reg!r}")
-                updates.append((REG_IDS[reg], int_field(changes, reg)))
-            for rid, value in updates:
-                self._set_reg(vm, vcpu, rid, value)
+            for reg, value in vmm.reg_changes(cmd, REG_IDS).items():
+                self._set_reg(vm, vcpu, REG_IDS[reg], value)
             return None
         raise ValueError(f"unknown command {name!r}")

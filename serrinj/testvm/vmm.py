@@ -157,6 +157,7 @@ from typing import (
     IO,
     Any,
     Callable,
+    Collection,
     Deque,
     Dict,
     FrozenSet,
@@ -299,6 +300,20 @@ def load_arch(name: str) -> GuestArch:
 # --- helpers shared by the arch halves
 
 
+class GuestBase:
+    """What both arch halves share: the guest RAM once :meth:`GuestArch.setup_vm` has mapped it."""
+
+    ram: Optional[_native.Memory] = None
+
+    def setup_done(self, vm: Vm) -> None:
+        return None
+
+    def memory(self) -> _native.Memory:
+        """The guest RAM (only after set-up)."""
+        assert self.ram is not None
+        return self.ram
+
+
 def mem_u64(mem: _native.Memory, addr: int) -> int:
     """The little-endian u64 at ``addr`` of ``mem``."""
     return int(struct.unpack_from("<Q", mem.view, addr)[0])
@@ -375,6 +390,17 @@ def guest_report(
     name = event.pop("event")
     vm.emit({"event": name, "vcpu": vcpu.vcpu_id, **event})
     return ExitAction.CONTINUE
+
+
+def reg_changes(cmd: Mapping[str, Any], known: Collection[str]) -> Dict[str, int]:
+    """The registers and values of a ``set-regs`` command, each checked before any is written."""
+    changes = cmd.get("regs")
+    if not isinstance(changes, dict) or not changes:
+        raise ValueError("'regs' must be an object of register names and values")
+    for reg in changes:
+        if reg not in known:
+            raise ValueError(f"unknown register {reg!r}")
+    return {reg: int_field(changes, reg) for reg in changes}
 
 
 def events_reply(vm: Vm, vcpu: Vcpu, size: int, decode: Callable[[bytes], Any]) -> Dict[str, Any]:

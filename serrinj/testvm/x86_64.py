@@ -109,19 +109,9 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 from serrinj import _native
 from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kx
+from serrinj.testvm import vmm
 from serrinj.testvm.asm_x86 import Program, assemble
-from serrinj.testvm.vmm import (
-    ExitAction,
-    Vcpu,
-    Vm,
-    emit_exit,
-    events_reply,
-    exit_head,
-    guest_report,
-    int_field,
-    mem_u64,
-    stop_on_exit,
-)
+from serrinj.testvm.vmm import ExitAction, GuestBase, Vcpu, Vm
 
 __all__ = ["COLLECT_BANKS", "LAYOUT", "X86Guest", "build_guest", "guest_source"]
 
@@ -638,7 +628,7 @@ def _u32(mem: _native.Memory, addr: int) -> int:
     return int(struct.unpack_from("<I", mem.view, addr)[0])
 
 
-class X86Guest:
+class X86Guest(GuestBase):
     """The x86_64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
     name = "x86_64"
@@ -648,7 +638,6 @@ class X86Guest:
 
     def __init__(self) -> None:
         self.program = build_guest()
-        self.ram: Optional[_native.Memory] = None
         self.cpuid: Tuple[kx.CpuidEntry, ...] = ()
         self.mcg_cap = 0
         self.tsc_khz: Optional[int] = None
@@ -716,8 +705,7 @@ class X86Guest:
         # as QEMU does at vCPU init: MCG_CTL and every MCi_CTL become all ones
         ex.ioctl_buf(vcpu.fd, kx.KVM_X86_SETUP_MCE, struct.pack("<Q", self.mcg_cap))
 
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         ram.view[page : page + PERCPU_SIZE] = bytes(PERCPU_SIZE)
         tick_count = max(1, vm.options.tick_ms * APIC_TIMER_HZ // 1000)
         for name, value in (
@@ -746,12 +734,8 @@ class X86Guest:
                 vcpu.fd, api.KVM_SET_MP_STATE, struct.pack("<I", api.KVM_MP_STATE_RUNNABLE)
             )
 
-    def setup_done(self, vm: Vm) -> None:
-        return None
-
     def ready_info(self, vm: Vm) -> Dict[str, Any]:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         return {
             "mcg_cap": self.mcg_cap,
             "mce_banks": self.mcg_cap & kx.MCG_CAP_COUNT_MASK,
@@ -768,12 +752,12 @@ class X86Guest:
         return PERCPU_BASE + PERCPU_SIZE * vm.vcpus.index(vcpu)
 
     def handle_exit(self, vm: Vm, vcpu: Vcpu) -> ExitAction:
-        page, head, reason = exit_head(vcpu)
+        page, head, reason = vmm.exit_head(vcpu)
         if reason == api.KVM_EXIT_IO:
             io = api.ExitIo.unpack_from(head)
             if io.port == REPORT_PORT and io.direction == api.KVM_EXIT_IO_OUT and io.size == 1:
                 return self._report(vm, vcpu, page.view[io.data_offset])
-            emit_exit(
+            vmm.emit_exit(
                 vm,
                 vcpu,
                 "UNEXPECTED_IO",
@@ -784,7 +768,7 @@ class X86Guest:
                 size=io.size,
             )
             return ExitAction.STOP
-        return stop_on_exit(vm, vcpu, head, reason, self._rip)
+        return vmm.stop_on_exit(vm, vcpu, head, reason, self._rip)
 
     @staticmethod
     def _rip(vm: Vm, vcpu: Vcpu) -> Dict[str, int]:
@@ -797,12 +781,11 @@ class X86Guest:
         if code == EV_YIELD:
             return ExitAction.YIELD
         event = self._decode(vm, vcpu, code)
-        return guest_report(vm, vcpu, event, self._rip, reason=api.KVM_EXIT_IO, code=code)
+        return vmm.guest_report(vm, vcpu, event, self._rip, reason=api.KVM_EXIT_IO, code=code)
 
     def _decode(self, vm: Vm, vcpu: Vcpu, code: int) -> Optional[Dict[str, Any]]:
         """The event for report ``code`` (None: not a report this guest makes)."""
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         base = self._page(vm, vcpu)
 
         def field(name: str, offset: int = 0) -> int:
@@ -826,21 +809,21 @@ class X86Guest:
                 banks.append(
                     {
                         "bank": _u32(ram, entry),
-                        "status": mem_u64(ram, entry + 8),
-                        "addr": mem_u64(ram, entry + 16),
-                        "misc": mem_u64(ram, entry + 24),
+                        "status": vmm.mem_u64(ram, entry + 8),
+                        "addr": vmm.mem_u64(ram, entry + 16),
+                        "misc": vmm.mem_u64(ram, entry + 24),
                     }
                 )
             if code == EV_MCE:
                 event.update(event="mce", vector=kx.MC_VECTOR, count=field("PC_MCE_COUNT"))
             else:
                 event.update(event="mce-poll", count=field("PC_POLL_COUNT"))
-            event.update(mcg_status=mem_u64(ram, area), banks=banks)
+            event.update(mcg_status=vmm.mem_u64(ram, area), banks=banks)
         elif code == EV_HEARTBEAT:
             event.update(
                 event="heartbeat",
                 seq=field("PC_HB_ACK"),
-                iterations=mem_u64(ram, base + LAYOUT["PC_ITER"]),
+                iterations=vmm.mem_u64(ram, base + LAYOUT["PC_ITER"]),
                 ticks=field("PC_TICKS"),
                 nmi_count=field("PC_NMI_COUNT"),
                 mce_count=field("PC_MCE_COUNT"),
@@ -886,21 +869,20 @@ class X86Guest:
             return None
         if name == "mce":
             mce = kx.Mce(
-                status=int_field(cmd, "status"),
-                bank=int_field(cmd, "bank"),
-                addr=int_field(cmd, "addr", 0),
-                misc=int_field(cmd, "misc", 0),
-                mcg_status=int_field(cmd, "mcg_status", 0),
+                status=vmm.int_field(cmd, "status"),
+                bank=vmm.int_field(cmd, "bank"),
+                addr=vmm.int_field(cmd, "addr", 0),
+                misc=vmm.int_field(cmd, "misc", 0),
+                mcg_status=vmm.int_field(cmd, "mcg_status", 0),
             )
             if mce.bank > 0xFF:
                 raise ValueError("'bank' must fit in a byte")
             ex.ioctl_buf(vcpu.fd, kx.KVM_X86_SET_MCE, mce.pack())
             return None
         if name == "events":
-            return events_reply(vm, vcpu, kx.VcpuEvents.SIZE, kx.VcpuEvents.unpack)
+            return vmm.events_reply(vm, vcpu, kx.VcpuEvents.SIZE, kx.VcpuEvents.unpack)
         if name == "heartbeat":
-            ram = self.ram
-            assert ram is not None
+            ram = self.memory()
             addr = self._page(vm, vcpu) + LAYOUT["PC_HB_REQ"]
             struct.pack_into("<I", ram.view, addr, (_u32(ram, addr) + 1) & 0xFFFFFFFF)
             return None
@@ -910,20 +892,13 @@ class X86Guest:
             regs = kx.unpack_regs(ex.ioctl_buf(vcpu.fd, kx.KVM_GET_REGS, bytes(kx.SIZEOF_KVM_REGS)))
             if name == "regs":
                 return {"event": "regs", "vcpu": vcpu.vcpu_id, "regs": regs}
-            changes = cmd.get("regs")
-            if not isinstance(changes, dict) or not changes:
-                raise ValueError("'regs' must be an object of register names and values")
-            for reg in changes:
-                if reg not in kx.REGS_NAMES:
-                    raise ValueError(f"unknown register {reg!r}")
-                regs[reg] = int_field(changes, reg)
+            regs.update(vmm.reg_changes(cmd, kx.REGS_NAMES))
             ex.ioctl_buf(vcpu.fd, kx.KVM_SET_REGS, kx.pack_regs(regs))
             return None
         raise ValueError(f"unknown command {name!r}")
 
     def _probe(self, vm: Vm, vcpu: Vcpu, cmd: Mapping[str, Any]) -> Dict[str, Any]:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         base = self._page(vm, vcpu)
         on = cmd.get("on")
         if on is not None:
@@ -936,7 +911,7 @@ class X86Guest:
             "vcpu": vcpu.vcpu_id,
             "on": bool(_u32(ram, base + LAYOUT["PC_PROBE"])),
             "active": bool(_u32(ram, base + LAYOUT["PC_PR_ACTIVE"])),
-            "samples": mem_u64(ram, base + LAYOUT["PC_PR_SAMPLES"]),
+            "samples": vmm.mem_u64(ram, base + LAYOUT["PC_PR_SAMPLES"]),
             "max_gap": _u32(ram, base + LAYOUT["PC_PR_MAX"]),
             "window_max": _u32(ram, base + LAYOUT["PC_PR_WMAX"]),
             "hist": [_u32(ram, hist + 4 * i) for i in range(32)],
