@@ -58,6 +58,7 @@ from serrinj.testvm.x86_64 import (
     exception_stubs,
     mc_isr,
     poll_banks,
+    tick_poll,
 )
 
 __all__ = ["IMAGE_SIZE", "build_firmware", "firmware_source", "main"]
@@ -265,11 +266,7 @@ ap_loop:
     jmp ap_loop
 
 tick_work:
-    cmp dword ptr [PC_TICK_FLAG], 0
-    je tick_done
-    mov dword ptr [PC_TICK_FLAG], 0
-    call poll_banks
-tick_done:
+{tick_poll("tick_done")}tick_done:
     ret
 
 wait_ticks:

@@ -305,6 +305,17 @@ def equates(constants: Mapping[str, int]) -> str:
     return "\n".join(f".equ {name}, {value:#x}" for name, value in constants.items())
 
 
+def tick_poll(otherwise: str) -> str:
+    """If a timer tick came (PC_TICK_FLAG), take the flag and poll the banks; else go to
+    ``otherwise``."""
+    return f"""\
+    cmp dword ptr [PC_TICK_FLAG], 0
+    je {otherwise}
+    mov dword ptr [PC_TICK_FLAG], 0
+    call poll_banks
+"""
+
+
 def poll_banks(report: str) -> str:
     """The timer-tick bank poll: collect into PC_POLL and run ``report`` if a bank was valid."""
     return f"""\
@@ -434,11 +445,7 @@ no_heartbeat:
     je no_probe
     call probe
 no_probe:
-    cmp dword ptr [PC_TICK_FLAG], 0
-    je main_loop
-    mov dword ptr [PC_TICK_FLAG], 0
-    call poll_banks
-    cmp dword ptr [PC_MODE], MODE_FUTEX
+{tick_poll("main_loop")}    cmp dword ptr [PC_MODE], MODE_FUTEX
     jne main_loop
     mov al, EV_YIELD
     call report
