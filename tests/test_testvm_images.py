@@ -1,9 +1,10 @@
 """The bytes the test-VM builders emit, pinned by hash.
 
-The guests and firmware are assembled from Python; refactoring the builders must not change what a guest does.
-These hashes were recorded from the builders as they were and pin the machine code (and the label values the
-VMMs read) of every image the tests use: the x86 firmware, both built-in guests, and each arm64 firmware variant.
-A deliberate change to a guest updates the hash here in the same commit.
+The guests and firmware are assembled from Python; refactoring the builders must not change
+what a guest does. These hashes were recorded from the builders as they were and pin the
+machine code (and the label values the VMMs read) of every image the tests use: the x86
+firmware, both built-in guests, and each arm64 firmware variant. A deliberate change to a
+guest updates the hash here in the same commit.
 """
 
 from __future__ import annotations
