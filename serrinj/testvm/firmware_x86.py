@@ -47,19 +47,8 @@ from types import MappingProxyType
 from typing import Mapping, Optional, Sequence
 
 from serrinj.kvm import x86_64 as kx
+from serrinj.testvm import x86_64 as guest
 from serrinj.testvm.asm_x86 import assemble
-from serrinj.testvm.x86_64 import (
-    APIC_TIMER_HZ,
-    COLLECT_BANKS,
-    MCE_APIC_EQUATES,
-    PARKED,
-    TIMER_ISR,
-    equates,
-    exception_stubs,
-    mc_isr,
-    poll_banks,
-    tick_poll,
-)
 
 __all__ = ["IMAGE_SIZE", "build_firmware", "firmware_source", "main"]
 
@@ -87,7 +76,7 @@ _CONSTANTS: Mapping[str, int] = MappingProxyType(
         "PC_MCE": 0x100,
         "PC_POLL": 0x600,
         "PC_STACK_TOP": 0x2000,
-        **MCE_APIC_EQUATES,
+        **guest.MCE_APIC_EQUATES,
         "APIC_ID": 0x20,
         "APIC_ICR_LO": 0x300,
         "APIC_ICR_HI": 0x310,
@@ -97,7 +86,7 @@ _CONSTANTS: Mapping[str, int] = MappingProxyType(
         "ICR_INIT_OTHERS": 0x000C4500,
         "ICR_SIPI_OTHERS": 0x000C4600 | AP_SIPI_VECTOR,
         "TIMER_VECTOR": 0x20,
-        "TICK_COUNT": TICK_MS * APIC_TIMER_HZ // 1000,
+        "TICK_COUNT": TICK_MS * guest.APIC_TIMER_HZ // 1000,
     }
 )
 _OWN_HANDLERS = (kx.NMI_VECTOR, kx.MC_VECTOR)
@@ -152,7 +141,7 @@ def firmware_source() -> str:
 # tests/test_asm_x86.py assembles this same text with GNU as and compares.
 .intel_syntax noprefix
 .code16
-{equates(_CONSTANTS)}
+{guest.equates(_CONSTANTS)}
 
 # ---- offset 0 = F000:0000: where the APs start (SIPI vector 0xF0)
 ap_start:
@@ -266,7 +255,7 @@ ap_loop:
     jmp ap_loop
 
 tick_work:
-{tick_poll("tick_done")}tick_done:
+{guest.tick_poll("tick_done")}tick_done:
     ret
 
 wait_ticks:
@@ -278,8 +267,8 @@ wait_more:
     jb wait_more
     ret
 
-{poll_banks(_POLL_PRINT)}
-{COLLECT_BANKS}
+{guest.poll_banks(_POLL_PRINT)}
+{guest.COLLECT_BANKS}
 
 # DI = a collect_banks area, SI = the line prefix
 print_banks:
@@ -421,7 +410,7 @@ dec_print:
     ret
 
 # ---- interrupt handlers (SS is always this CPU's page)
-{TIMER_ISR}
+{guest.TIMER_ISR}
 nmi_isr:
     pushad
     push ds
@@ -443,8 +432,8 @@ nmi_isr:
     popad
     iret
 
-{mc_isr(_MCE_PRINT)}
-{exception_stubs()}
+{guest.mc_isr(_MCE_PRINT)}
+{guest.exception_stubs()}
     call print_lock
     mov si, offset s_exception
     call puts
@@ -466,7 +455,7 @@ nmi_isr:
     call put_hex32
     call put_crlf
     call print_unlock
-{PARKED}
+{guest.PARKED}
 # ---- read-only data (the GDT's descriptor is marked accessed: the CPU never
 # has to write to this ROM)
 gdt:
