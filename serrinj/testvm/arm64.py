@@ -113,7 +113,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from serrinj import _native
 from serrinj.kvm import api
@@ -517,12 +517,9 @@ class _VcpuState:
 class Arm64Guest(GuestBase):
     """The arm64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
-    name = "arm64"
-    commands: FrozenSet[str] = frozenset(
-        {"serror", "ext_dabt", "unmask", "heartbeat", "events", "regs", "set-regs"}
-    )
-
     def __init__(self) -> None:
+        commands = ("serror", "ext_dabt", "unmask", "heartbeat", "events", "regs", "set-regs")
+        super().__init__("arm64", commands)
         self.image = build_guest()
         self.init: Optional[ka.VcpuInit] = None
         self.caps: Dict[str, int] = {}

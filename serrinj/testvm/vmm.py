@@ -161,6 +161,7 @@ from typing import (
     Deque,
     Dict,
     FrozenSet,
+    Iterable,
     List,
     Mapping,
     Optional,
@@ -303,7 +304,10 @@ def load_arch(name: str) -> GuestArch:
 class GuestBase:
     """What both arch halves share: the guest RAM once :meth:`GuestArch.setup_vm` has mapped it."""
 
-    ram: Optional[_native.Memory] = None
+    def __init__(self, name: str, commands: Iterable[str]) -> None:
+        self.name = name
+        self.commands: FrozenSet[str] = frozenset(commands)
+        self.ram: Optional[_native.Memory] = None
 
     def setup_done(self, vm: Vm) -> None:
         return None

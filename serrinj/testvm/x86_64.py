@@ -104,7 +104,7 @@ from __future__ import annotations
 import functools
 import struct
 from types import MappingProxyType
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from serrinj import _native
 from serrinj.kvm import api
@@ -638,12 +638,10 @@ def _u32(mem: _native.Memory, addr: int) -> int:
 class X86Guest(GuestBase):
     """The x86_64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
-    name = "x86_64"
-    commands: FrozenSet[str] = frozenset(
-        {"nmi", "mce", "events", "heartbeat", "regs", "set-regs", "probe"}
-    )
-
     def __init__(self) -> None:
+        super().__init__(
+            "x86_64", ("nmi", "mce", "events", "heartbeat", "regs", "set-regs", "probe")
+        )
         self.program = build_guest()
         self.cpuid: Tuple[kx.CpuidEntry, ...] = ()
         self.mcg_cap = 0
