@@ -156,14 +156,8 @@ KVM_ARM_IRQ_CPU_IRQ = 0
 REG_SP_EL1 = ka.core_reg_id(34 * 8)
 
 # --- the guest <-> VMM protocol
-EV_READY = 1
-EV_SERROR = 2
-EV_SYNC = 3
-EV_HEARTBEAT = 4
-EV_YIELD = 5
-EV_UNMASKED = 6
-EV_CHECK_FAILED = 7
-EV_EXCEPTION = 8
+EV_READY, EV_SERROR, EV_SYNC, EV_HEARTBEAT = 1, 2, 3, 4
+EV_YIELD, EV_UNMASKED, EV_CHECK_FAILED, EV_EXCEPTION = 5, 6, 7, 8
 MODE_CODES: Mapping[str, int] = MappingProxyType({"halt": 1, "spin": 2, "futex": 3})
 FLAG_MASK_SERROR = 1
 FLAG_MMIO_PROBE = 2

@@ -124,14 +124,8 @@ TSS_ADDR = 0xFFFBD000  # where QEMU puts it: three pages that must not overlap R
 
 # --- the guest <-> VMM protocol
 REPORT_PORT = 0x600
-EV_READY = 1
-EV_NMI = 2
-EV_MCE = 3
-EV_MCE_POLL = 4
-EV_HEARTBEAT = 5
-EV_YIELD = 6
-EV_CHECK_FAILED = 7
-EV_EXCEPTION = 8
+EV_READY, EV_NMI, EV_MCE, EV_MCE_POLL = 1, 2, 3, 4
+EV_HEARTBEAT, EV_YIELD, EV_CHECK_FAILED, EV_EXCEPTION = 5, 6, 7, 8
 MODE_CODES: Mapping[str, int] = MappingProxyType({"halt": 1, "spin": 2, "futex": 3})
 TIMER_VECTOR = 0x20
 SPURIOUS_VECTOR = 0xFF
