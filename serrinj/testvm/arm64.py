@@ -108,18 +108,18 @@ VM's KVM_CAP_ARM_INJECT_SERROR_ESR and KVM_CAP_ARM_INJECT_EXT_DABT).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import struct
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from serrinj import _native
 from serrinj.kvm import api
 from serrinj.kvm import arm64 as ka
 from serrinj.kvm.ioctl import _IOW
+from serrinj.testvm import vmm
 from serrinj.testvm.asm_arm64 import (
     FRAME_SIZE,
     Asm,
@@ -127,7 +127,7 @@ from serrinj.testvm.asm_arm64 import (
     restore_frame_and_eret,
     save_frame,
 )
-from serrinj.testvm.vmm import ExitAction, Vcpu, Vm
+from serrinj.testvm.vmm import ExitAction, GuestBase, Vcpu, Vm
 
 __all__ = ["LAYOUT", "Arm64Guest", "GuestImage", "build_guest"]
 
@@ -156,14 +156,8 @@ KVM_ARM_IRQ_CPU_IRQ = 0
 REG_SP_EL1 = ka.core_reg_id(34 * 8)
 
 # --- the guest <-> VMM protocol
-EV_READY = 1
-EV_SERROR = 2
-EV_SYNC = 3
-EV_HEARTBEAT = 4
-EV_YIELD = 5
-EV_UNMASKED = 6
-EV_CHECK_FAILED = 7
-EV_EXCEPTION = 8
+EV_READY, EV_SERROR, EV_SYNC, EV_HEARTBEAT = 1, 2, 3, 4
+EV_YIELD, EV_UNMASKED, EV_CHECK_FAILED, EV_EXCEPTION = 5, 6, 7, 8
 MODE_CODES: Mapping[str, int] = MappingProxyType({"halt": 1, "spin": 2, "futex": 3})
 FLAG_MASK_SERROR = 1
 FLAG_MMIO_PROBE = 2
@@ -281,21 +275,13 @@ def _emit(a: Asm) -> None:
     a.b("park")
 
     a.label("exc_serror")
-    _store_syndrome(a, L["PC_SERR"])
-    a.ldr("x1", "x9", L["PC_SERROR_COUNT"])
-    a.add("x1", "x1", 1)
-    a.str_("x1", "x9", L["PC_SERROR_COUNT"])
-    a.str_("x1", "x9", L["PC_SERR"] + 32)
+    _store_syndrome(a, L["PC_SERR"], L["PC_SERROR_COUNT"])
     a.mov("x0", EV_SERROR)
     a.bl("report")
     a.b("exc_return")
 
     a.label("exc_sync")
-    _store_syndrome(a, L["PC_SYNC"])
-    a.ldr("x1", "x9", L["PC_SYNC_COUNT"])
-    a.add("x1", "x1", 1)
-    a.str_("x1", "x9", L["PC_SYNC_COUNT"])
-    a.str_("x1", "x9", L["PC_SYNC"] + 32)
+    _store_syndrome(a, L["PC_SYNC"], L["PC_SYNC_COUNT"])
     a.str_("xzr", "x9", L["PC_SYNC"] + 40)  # probe
     a.str_("xzr", "x9", L["PC_SYNC"] + 48)  # resumed
     a.mrs("x1", "esr_el1")
@@ -478,29 +464,23 @@ def _emit(a: Asm) -> None:
     a.b("advance")
 
 
-def _store_syndrome(a: Asm, area: int) -> None:
-    """ESR, ELR, FAR, SPSR into the report area at ``area`` of the page in x9."""
+def _store_syndrome(a: Asm, area: int, counter: int) -> None:
+    """ESR, ELR, FAR, SPSR into the report area at ``area`` of the page in x9; count the exception
+    in the u64 at ``counter`` and store the new count at ``area + 32``."""
     for i, reg in enumerate(("esr_el1", "elr_el1", "far_el1", "spsr_el1")):
         a.mrs("x1", reg)
         a.str_("x1", "x9", area + 8 * i)
+    a.ldr("x1", "x9", counter)
+    a.add("x1", "x1", 1)
+    a.str_("x1", "x9", counter)
+    a.str_("x1", "x9", area + 32)
 
 
 # --- the VMM side
 
 
-def _u64(mem: _native.Memory, addr: int) -> int:
-    return int(struct.unpack_from("<Q", mem.view, addr)[0])
-
-
 def _put_u64(mem: _native.Memory, addr: int, value: int) -> None:
     struct.pack_into("<Q", mem.view, addr, value & 0xFFFFFFFFFFFFFFFF)
-
-
-def _int_field(cmd: Mapping[str, Any], name: str) -> int:
-    value = cmd.get(name)
-    if type(value) is not int or not 0 <= value < 1 << 64:
-        raise ValueError(f"{name!r} must be an unsigned 64-bit integer")
-    return value
 
 
 def _esr_fields(esr: int) -> Dict[str, int]:
@@ -528,17 +508,13 @@ class _VcpuState:
     ext_dabt_armed: bool = False
 
 
-class Arm64Guest:
+class Arm64Guest(GuestBase):
     """The arm64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
-    name = "arm64"
-    commands: FrozenSet[str] = frozenset(
-        {"serror", "ext_dabt", "unmask", "heartbeat", "events", "regs", "set-regs"}
-    )
-
     def __init__(self) -> None:
+        commands = ("serror", "ext_dabt", "unmask", "heartbeat", "events", "regs", "set-regs")
+        super().__init__("arm64", commands)
         self.image = build_guest()
-        self.ram: Optional[_native.Memory] = None
         self.init: Optional[ka.VcpuInit] = None
         self.caps: Dict[str, int] = {}
         self._state: Dict[int, _VcpuState] = {}
@@ -569,8 +545,8 @@ class Arm64Guest:
     def setup_vcpu(self, vm: Vm, vcpu: Vcpu) -> None:
         ex = vm.executor
         init = self.init
-        ram = self.ram
-        assert init is not None and ram is not None
+        ram = self.memory()
+        assert init is not None
         index = vm.vcpus.index(vcpu)
         with self._lock:
             self._state[vcpu.vcpu_id] = _VcpuState(index)
@@ -595,12 +571,8 @@ class Arm64Guest:
         ):
             self._set_reg(vm, vcpu, reg, value)
 
-    def setup_done(self, vm: Vm) -> None:
-        return None
-
     def ready_info(self, vm: Vm) -> Dict[str, Any]:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         return {
             "ram_gpa": RAM_GPA,
             "ram_hva": ram.address,
@@ -620,13 +592,11 @@ class Arm64Guest:
         return PERCPU_GPA + PERCPU_SIZE * self._state[vcpu.vcpu_id].index
 
     def _field(self, vcpu: Vcpu, name: str, offset: int = 0) -> int:
-        ram = self.ram
-        assert ram is not None
-        return _u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name] + offset)
+        ram = self.memory()
+        return vmm.mem_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name] + offset)
 
     def _set_field(self, vcpu: Vcpu, name: str, value: int) -> None:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         _put_u64(ram, self._page(vcpu) - RAM_GPA + LAYOUT[name], value)
 
     def _get_reg(self, vm: Vm, vcpu: Vcpu, reg_id: int) -> int:
@@ -669,10 +639,7 @@ class Arm64Guest:
     # ----------------------------------------------------------------- exits
 
     def handle_exit(self, vm: Vm, vcpu: Vcpu) -> ExitAction:
-        page = vcpu.run_page
-        assert page is not None
-        head = bytes(page.view[: api.KVM_RUN_OFF_UNION + 256])
-        reason = api.exit_reason_of(head)
+        page, head, reason = vmm.exit_head(vcpu)
         if reason == api.KVM_EXIT_MMIO:
             mmio = api.ExitMmio.unpack_from(head)
             if mmio.phys_addr == REPORT_GPA and mmio.is_write and mmio.length == 8:
@@ -680,36 +647,21 @@ class Arm64Guest:
                 return self._report(vm, vcpu, code)
             if mmio.phys_addr == PROBE_GPA and not mmio.is_write and mmio.length == 8:
                 return self._probe(vm, vcpu, page)
-            self._exit(
+            vmm.emit_exit(
                 vm,
                 vcpu,
                 "UNEXPECTED_MMIO",
                 reason,
+                self._pc,
                 addr=mmio.phys_addr,
                 is_write=mmio.is_write,
                 len=mmio.length,
             )
             return ExitAction.STOP
-        extra: Dict[str, Any] = {}
-        if reason == api.KVM_EXIT_SYSTEM_EVENT:
-            kind, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
-            extra = {"type": kind, "ndata": ndata}
-        elif reason == api.KVM_EXIT_INTERNAL_ERROR:
-            suberror, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
-            extra = {"suberror": suberror, "ndata": ndata}
-        elif reason == api.KVM_EXIT_FAIL_ENTRY:
-            (failure,) = struct.unpack_from("<Q", head, api.KVM_RUN_OFF_UNION)
-            extra = {"hardware_entry_failure_reason": failure}
-        self._exit(vm, vcpu, api.EXIT_REASON_NAMES.get(reason, f"EXIT_{reason}"), reason, **extra)
-        return ExitAction.STOP
+        return vmm.stop_on_exit(vm, vcpu, head, reason, self._pc)
 
-    def _exit(self, vm: Vm, vcpu: Vcpu, name: str, reason: int, **extra: Any) -> None:
-        event: Dict[str, Any] = {"event": "exit", "vcpu": vcpu.vcpu_id, "reason": name}
-        event["exit_reason"] = reason
-        with contextlib.suppress(OSError):
-            event["pc"] = self._get_reg(vm, vcpu, ka.REG_PC)
-        event.update(extra)
-        vm.emit(event)
+    def _pc(self, vm: Vm, vcpu: Vcpu) -> Dict[str, int]:
+        return {"pc": self._get_reg(vm, vcpu, ka.REG_PC)}
 
     def _probe(self, vm: Vm, vcpu: Vcpu, page: _native.Memory) -> ExitAction:
         answer = self._field(vcpu, "PC_PROBES") + 1
@@ -724,84 +676,57 @@ class Arm64Guest:
         return ExitAction.CONTINUE
 
     def _report(self, vm: Vm, vcpu: Vcpu, code: int) -> ExitAction:
-        def main(i: int) -> int:
-            return self._field(vcpu, "PC_MAIN", 8 * i)
-
-        event: Dict[str, Any] = {"vcpu": vcpu.vcpu_id}
         if code == EV_YIELD:
             return ExitAction.YIELD
+        event = self._decode(vcpu, code)
+        if event is not None:
+            self._maybe_lower(vm, vcpu)
+        return vmm.guest_report(vm, vcpu, event, self._pc, reason=api.KVM_EXIT_MMIO, code=code)
+
+    def _fields(self, vcpu: Vcpu, area: str, names: Sequence[str]) -> Dict[str, int]:
+        """The u64s the guest stored at ``area`` of its page, one per name."""
+        return {name: self._field(vcpu, area, 8 * i) for i, name in enumerate(names)}
+
+    def _syndrome(self, vcpu: Vcpu, area: str) -> Dict[str, int]:
+        """ESR (with its EC and ISS), ELR, FAR, SPSR and the count, as the handler stored them."""
+        regs = self._fields(vcpu, area, ("esr", "elr", "far", "spsr", "count"))
+        return {"esr": regs["esr"], **_esr_fields(regs["esr"]), **regs}
+
+    def _decode(self, vcpu: Vcpu, code: int) -> Optional[Dict[str, Any]]:
+        """The event for report ``code`` (None: not a report this guest makes)."""
         if code == EV_READY:
-            event.update(
-                event="guest-ready",
-                currentel=main(0),
-                sctlr=main(1),
-                mpidr=main(2),
-                daif=main(3),
-                cntfrq=main(4),
-                pstate_a=bool(main(3) & ka.PSTATE_A),
-            )
-        elif code == EV_SERROR:
-            esr = self._field(vcpu, "PC_SERR")
-            event.update(event="serror", esr=esr, **_esr_fields(esr))
-            event.update(
-                elr=self._field(vcpu, "PC_SERR", 8),
-                far=self._field(vcpu, "PC_SERR", 16),
-                spsr=self._field(vcpu, "PC_SERR", 24),
-                count=self._field(vcpu, "PC_SERR", 32),
-            )
-        elif code == EV_SYNC:
-            esr = self._field(vcpu, "PC_SYNC")
-            event.update(event="sync", esr=esr, **_esr_fields(esr), dfsc=esr & 0x3F)
-            event.update(
-                elr=self._field(vcpu, "PC_SYNC", 8),
-                far=self._field(vcpu, "PC_SYNC", 16),
-                spsr=self._field(vcpu, "PC_SYNC", 24),
-                count=self._field(vcpu, "PC_SYNC", 32),
-                probe=bool(self._field(vcpu, "PC_SYNC", 40)),
-                resumed=bool(self._field(vcpu, "PC_SYNC", 48)),
-            )
-        elif code == EV_EXCEPTION:
-            vector = self._field(vcpu, "PC_EXC")
-            event.update(
-                event="exception",
-                vector=vector,
-                vector_name=VECTOR_NAMES[vector] if vector < 16 else str(vector),
-                esr=self._field(vcpu, "PC_EXC", 8),
-                elr=self._field(vcpu, "PC_EXC", 16),
-                far=self._field(vcpu, "PC_EXC", 24),
-                spsr=self._field(vcpu, "PC_EXC", 32),
-            )
-        elif code == EV_UNMASKED:
-            event.update(event="unmasked", daif_before=main(0))
-        elif code == EV_HEARTBEAT:
-            event.update(
-                event="heartbeat",
-                seq=main(0),
-                iterations=main(1),
-                serror_count=main(2),
-                sync_count=main(3),
-                ticks=main(4),
-                probes=main(5),
-                daif=main(6),
-                check_failures=main(7),
-                yields=vcpu.yields,
-            )
-        elif code == EV_CHECK_FAILED:
-            event.update(
-                event="guest-check-failed",
-                check="registers",
-                x19=main(0),
-                x20=main(1),
-                x21=main(2),
-                x22=main(3),
-            )
-        else:
-            self._exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_MMIO, code=code)
-            return ExitAction.STOP
-        self._maybe_lower(vm, vcpu)
-        name = event.pop("event")
-        vm.emit({"event": name, **event})
-        return ExitAction.CONTINUE
+            main = self._fields(vcpu, "PC_MAIN", ("currentel", "sctlr", "mpidr", "daif", "cntfrq"))
+            return {"event": "guest-ready", **main, "pstate_a": bool(main["daif"] & ka.PSTATE_A)}
+        if code == EV_SERROR:
+            return {"event": "serror", **self._syndrome(vcpu, "PC_SERR")}
+        if code == EV_SYNC:
+            syndrome = self._syndrome(vcpu, "PC_SYNC")
+            return {
+                "event": "sync",
+                **syndrome,
+                "dfsc": syndrome["esr"] & 0x3F,
+                "probe": bool(self._field(vcpu, "PC_SYNC", 40)),
+                "resumed": bool(self._field(vcpu, "PC_SYNC", 48)),
+            }
+        if code == EV_EXCEPTION:
+            exc = self._fields(vcpu, "PC_EXC", ("vector", "esr", "elr", "far", "spsr"))
+            vector = exc["vector"]
+            name = VECTOR_NAMES[vector] if vector < 16 else str(vector)
+            return {"event": "exception", **exc, "vector_name": name}
+        if code == EV_UNMASKED:
+            return {"event": "unmasked", "daif_before": self._field(vcpu, "PC_MAIN")}
+        if code == EV_HEARTBEAT:
+            counts = self._fields(
+                vcpu,
+                "PC_MAIN",
+                ("seq", "iterations", "serror_count", "sync_count", "ticks", "probes", "daif",
+                 "check_failures"),
+            )  # fmt: skip
+            return {"event": "heartbeat", **counts, "yields": vcpu.yields}
+        if code == EV_CHECK_FAILED:
+            regs = self._fields(vcpu, "PC_MAIN", ("x19", "x20", "x21", "x22"))
+            return {"event": "guest-check-failed", "check": "registers", **regs}
+        return None
 
     # ----------------------------------------------------------------- commands
 
@@ -811,7 +736,7 @@ class Arm64Guest:
         if name == "serror":
             esr = cmd.get("esr")
             if esr is not None:
-                esr = _int_field(cmd, "esr")
+                esr = vmm.int_field(cmd, "esr")
             ex.ioctl_buf(vcpu.fd, api.KVM_SET_VCPU_EVENTS, ka.VcpuEvents.serror(esr).pack())
             return None
         if name == "ext_dabt":
@@ -830,14 +755,10 @@ class Arm64Guest:
             self._wake(vm, vcpu)
             return None
         if name == "events":
-            raw = ex.ioctl_buf(vcpu.fd, api.KVM_GET_VCPU_EVENTS, bytes(ka.VcpuEvents.SIZE))
-            mp = struct.unpack("<I", ex.ioctl_buf(vcpu.fd, api.KVM_GET_MP_STATE, bytes(4)))[0]
+            reply = vmm.events_reply(vm, vcpu, ka.VcpuEvents.SIZE, ka.VcpuEvents.unpack)
             pstate = self._get_reg(vm, vcpu, ka.REG_PSTATE)
             return {
-                "event": "events",
-                "vcpu": vcpu.vcpu_id,
-                "mp_state": api.MP_STATE_NAMES.get(mp, str(mp)),
-                "events": ka.VcpuEvents.unpack(raw).as_dict(),
+                **reply,
                 "pstate": pstate,
                 "pstate_a": bool(pstate & ka.PSTATE_A),
                 "pc": self._get_reg(vm, vcpu, ka.REG_PC),
@@ -846,15 +767,7 @@ class Arm64Guest:
             regs = {reg: self._get_reg(vm, vcpu, rid) for reg, rid in REG_IDS.items()}
             return {"event": "regs", "vcpu": vcpu.vcpu_id, "regs": regs}
         if name == "set-regs":
-            changes = cmd.get("regs")
-            if not isinstance(changes, dict) or not changes:
-                raise ValueError("'regs' must be an object of register names and values")
-            updates: List[Tuple[int, int]] = []
-            for reg in changes:
-                if reg not in REG_IDS:
-                    raise ValueError(f"unknown register {reg!r}")
-                updates.append((REG_IDS[reg], _int_field(changes, reg)))
-            for rid, value in updates:
-                self._set_reg(vm, vcpu, rid, value)
+            for reg, value in vmm.reg_changes(cmd, REG_IDS).items():
+                self._set_reg(vm, vcpu, REG_IDS[reg], value)
             return None
         raise ValueError(f"unknown command {name!r}")

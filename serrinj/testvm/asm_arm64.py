@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "CONDITIONS",
@@ -244,6 +244,30 @@ _FIXUP_RANGE: Mapping[str, Tuple[int, int]] = MappingProxyType(
 )
 
 Operand = Union[str, int]
+
+
+#: ``hint #0``: the hints are ``_HINT | n << 5``
+_HINT = 0xD503201F
+
+
+def _fixed(insn: int) -> Callable[[Asm], None]:
+    """An instruction without operands: always ``insn``."""
+
+    def emit(self: Asm) -> None:
+        self._emit(insn)
+
+    return emit
+
+
+def _exception(opc: int, ll: int) -> Callable[[Asm, int], None]:
+    """An exception-generating instruction (svc, hvc, smc, brk) with its ``#imm16``."""
+
+    def emit(self: Asm, imm16: int) -> None:
+        if not 0 <= imm16 <= 0xFFFF:
+            raise AsmError(f"{imm16:#x} does not fit in 16 bits")
+        self._emit(0xD4000000 | (opc << 21) | (imm16 << 5) | ll)
+
+    return emit
 
 
 class Asm:
@@ -902,36 +926,9 @@ class Asm:
             return
         self._emit(0xD5100000 | (_sysreg_field(sysreg) << 5) | _x(src))
 
-    def _hint(self, op: int) -> None:
-        self._emit(0xD503201F | (op << 5))
-
-    def nop(self) -> None:
-        """``nop``."""
-        self._hint(0)
-
-    def yield_(self) -> None:
-        """``yield``."""
-        self._hint(1)
-
-    def wfe(self) -> None:
-        """``wfe``."""
-        self._hint(2)
-
-    def wfi(self) -> None:
-        """``wfi``."""
-        self._hint(3)
-
-    def sev(self) -> None:
-        """``sev``."""
-        self._hint(4)
-
-    def sevl(self) -> None:
-        """``sevl``."""
-        self._hint(5)
-
-    def esb(self) -> None:
-        """``esb`` (error synchronization barrier; a nop without RAS)."""
-        self._hint(16)
+    # the hints: ``nop``, ``yield``, ``wfe``, ``wfi``, ``sev``, ``sevl`` and ``esb`` (the error
+    # synchronization barrier; a nop without RAS)
+    nop, yield_, wfe, wfi, sev, sevl, esb = (_fixed(_HINT | n << 5) for n in (0, 1, 2, 3, 4, 5, 16))
 
     def _barrier(self, op2: int, option: str) -> None:
         crm = _BARRIER_OPTIONS.get(option.lower())
@@ -947,42 +944,14 @@ class Asm:
         """``dmb <option>``."""
         self._barrier(0b101, option)
 
-    def isb(self) -> None:
-        """``isb``."""
-        self._emit(0xD5033FDF)
+    # ``isb``; ``tlbi vmalle1`` (this CPU's stage-1 EL1&0 TLB entries); ``ic iallu`` (this CPU's
+    # instruction cache, to the point of unification); ``eret``
+    isb, tlbi_vmalle1, ic_iallu, eret = map(
+        _fixed, (0xD5033FDF, 0xD508871F, 0xD508751F, 0xD69F03E0)
+    )
 
-    def tlbi_vmalle1(self) -> None:
-        """``tlbi vmalle1``: invalidate this CPU's stage-1 EL1&0 TLB entries."""
-        self._emit(0xD508871F)
-
-    def ic_iallu(self) -> None:
-        """``ic iallu``: invalidate this CPU's instruction cache to the point of unification."""
-        self._emit(0xD508751F)
-
-    def _exc(self, opc: int, ll: int, imm16: int) -> None:
-        if not 0 <= imm16 <= 0xFFFF:
-            raise AsmError(f"{imm16:#x} does not fit in 16 bits")
-        self._emit(0xD4000000 | (opc << 21) | (imm16 << 5) | ll)
-
-    def svc(self, imm16: int = 0) -> None:
-        """``svc #imm16``."""
-        self._exc(0b000, 0b01, imm16)
-
-    def hvc(self, imm16: int = 0) -> None:
-        """``hvc #imm16``."""
-        self._exc(0b000, 0b10, imm16)
-
-    def smc(self, imm16: int = 0) -> None:
-        """``smc #imm16``."""
-        self._exc(0b000, 0b11, imm16)
-
-    def brk(self, imm16: int = 0) -> None:
-        """``brk #imm16``."""
-        self._exc(0b001, 0b00, imm16)
-
-    def eret(self) -> None:
-        """``eret``."""
-        self._emit(0xD69F03E0)
+    # ``svc``, ``hvc``, ``smc`` and ``brk``, each ``#imm16``
+    svc, hvc, smc, brk = (_exception(opc, ll) for opc, ll in ((0, 1), (0, 2), (0, 3), (1, 0)))
 
     # --- output
 

@@ -651,6 +651,20 @@ def _imm_bytes(enc: _Enc, imm: Imm, size: int) -> bytes:
     return enc.imm(imm.expr, size)
 
 
+def _enc_reg_rm(enc: _Enc, ops: Sequence[Operand], to_rm: int, to_reg: int, mn: str) -> None:
+    """The register forms of a two-operand instruction: opcode ``to_rm`` for "r/m, reg" and
+    ``to_reg`` for "reg, memory", each followed by its ModRM byte."""
+    dst, src = ops
+    if _is_gpr(src) and _is_rm(dst):
+        assert isinstance(src, Reg)
+        enc.body += bytes([to_rm]) + enc.modrm(src.num, dst)
+    elif _is_gpr(dst) and isinstance(src, Mem):
+        assert isinstance(dst, Reg)
+        enc.body += bytes([to_reg]) + enc.modrm(dst.num, src)
+    else:
+        raise AsmError(f"unsupported operands for {mn}")
+
+
 def _enc_alu(enc: _Enc, mn: str, ops: Sequence[Operand]) -> None:
     code = _ALU[mn]
     dst, src = ops
@@ -667,14 +681,8 @@ def _enc_alu(enc: _Enc, mn: str, ops: Sequence[Operand]) -> None:
             enc.body += bytes([code << 3 | 4 | w]) + _imm_bytes(enc, src, size)
         else:
             enc.body += bytes([0x80 | w]) + enc.modrm(code, dst) + _imm_bytes(enc, src, size)
-    elif _is_gpr(src) and _is_rm(dst):
-        assert isinstance(src, Reg)
-        enc.body += bytes([code << 3 | w]) + enc.modrm(src.num, dst)
-    elif _is_gpr(dst) and isinstance(src, Mem):
-        assert isinstance(dst, Reg)
-        enc.body += bytes([code << 3 | 2 | w]) + enc.modrm(dst.num, src)
     else:
-        raise AsmError(f"unsupported operands for {mn}")
+        _enc_reg_rm(enc, ops, code << 3 | w, code << 3 | 2 | w, mn)
 
 
 def _enc_test(enc: _Enc, ops: Sequence[Operand]) -> None:
@@ -687,18 +695,21 @@ def _enc_test(enc: _Enc, ops: Sequence[Operand]) -> None:
             enc.body += bytes([0xA8 | w]) + _imm_bytes(enc, src, size)
         else:
             enc.body += bytes([0xF6 | w]) + enc.modrm(0, dst) + _imm_bytes(enc, src, size)
-    elif _is_gpr(src) and _is_rm(dst):
-        assert isinstance(src, Reg)
-        enc.body += bytes([0x84 | w]) + enc.modrm(src.num, dst)
-    elif _is_gpr(dst) and isinstance(src, Mem):
-        assert isinstance(dst, Reg)
-        enc.body += bytes([0x84 | w]) + enc.modrm(dst.num, src)
     else:
-        raise AsmError("unsupported operands for test")
+        _enc_reg_rm(enc, ops, 0x84 | w, 0x84 | w, "test")
 
 
 def _moffs(mem: Mem) -> bool:
     return mem.base is None and mem.index is None
+
+
+def _enc_moffs(enc: _Enc, mem: Mem, opcode: int) -> None:
+    """``opcode`` (mov between the accumulator and a bare address) and that address."""
+    enc._segment(mem, False)
+    asize = enc._address_size(mem)
+    enc.addr32 = asize == 32
+    enc.body += bytes([opcode])
+    enc.body += _pack_int(enc.ctx.value(mem.disp or Num(0)), asize // 8, "address")
 
 
 def _enc_mov(enc: _Enc, ops: Sequence[Operand]) -> None:
@@ -742,25 +753,11 @@ def _enc_mov(enc: _Enc, ops: Sequence[Operand]) -> None:
         else:
             raise AsmError("unsupported destination for mov")
     elif isinstance(dst, Reg) and dst.num == 0 and isinstance(src, Mem) and _moffs(src):
-        enc._segment(src, False)
-        asize = enc._address_size(src)
-        enc.addr32 = asize == 32
-        enc.body += bytes([0xA0 | w])
-        enc.body += _pack_int(enc.ctx.value(src.disp or Num(0)), asize // 8, "address")
+        _enc_moffs(enc, src, 0xA0 | w)
     elif isinstance(src, Reg) and src.num == 0 and isinstance(dst, Mem) and _moffs(dst):
-        enc._segment(dst, False)
-        asize = enc._address_size(dst)
-        enc.addr32 = asize == 32
-        enc.body += bytes([0xA2 | w])
-        enc.body += _pack_int(enc.ctx.value(dst.disp or Num(0)), asize // 8, "address")
-    elif _is_gpr(src) and _is_rm(dst):
-        assert isinstance(src, Reg)
-        enc.body += bytes([0x88 | w]) + enc.modrm(src.num, dst)
-    elif _is_gpr(dst) and isinstance(src, Mem):
-        assert isinstance(dst, Reg)
-        enc.body += bytes([0x8A | w]) + enc.modrm(dst.num, src)
+        _enc_moffs(enc, dst, 0xA2 | w)
     else:
-        raise AsmError("unsupported operands for mov")
+        _enc_reg_rm(enc, ops, 0x88 | w, 0x8A | w, "mov")
 
 
 def _enc_movzx(enc: _Enc, ops: Sequence[Operand]) -> None:

@@ -237,6 +237,35 @@ class _Guest:
         self.a = a
         self.o = opts
 
+    # --- idioms
+
+    def _print(self, fmt: str) -> None:
+        """printf(the string at label ``fmt``, x1..x5)."""
+        self.a.adr("x0", fmt)
+        self.a.bl("printf")
+
+    def _load(self, reg: str, var: str) -> None:
+        """``reg`` = the u64 at label ``var``."""
+        self.a.adr(reg, var)
+        self.a.ldr(reg, reg)
+
+    def _enter(self, frame: int) -> None:
+        """Push a ``frame``-byte stack frame holding x29 and x30 at its base."""
+        self.a.stp("x29", "x30", "sp", -frame, "pre")
+
+    def _leave(self, frame: int) -> None:
+        """Pop what :meth:`_enter` pushed."""
+        self.a.ldp("x29", "x30", "sp", frame, "post")
+
+    def _before(self, dst: str, since: str, ticks: str, again: str) -> None:
+        """Branch to ``again`` while fewer than ``ticks`` counter ticks have passed since ``since``
+        (x0 = the counter, ``dst`` = the ticks passed)."""
+        a = self.a
+        a.mrs("x0", "cntvct_el0")
+        a.sub(dst, "x0", since)
+        a.cmp(dst, ticks)
+        a.b_cond("lo", again)
+
     def emit(self) -> None:
         a = self.a
         a.label("_start")
@@ -280,23 +309,11 @@ class _Guest:
 
     def handlers(self) -> None:
         a = self.a
-        a.label("serror_handler")
-        a.stp("x29", "x30", "sp", -16, "pre")
-        a.mrs("x1", "esr_el1")
-        a.mrs("x2", "elr_el1")
-        a.mrs("x3", "far_el1")
-        a.adr("x0", "str_serror")
-        a.bl("printf")
-        a.ldp("x29", "x30", "sp", 16, "post")
+        self._syndrome_line("serror_handler", "str_serror")
+        self._leave(16)
         a.ret()
 
-        a.label("sync_handler")
-        a.stp("x29", "x30", "sp", -16, "pre")
-        a.mrs("x1", "esr_el1")
-        a.mrs("x2", "elr_el1")
-        a.mrs("x3", "far_el1")
-        a.adr("x0", "str_sync")
-        a.bl("printf")
+        self._syndrome_line("sync_handler", "str_sync")
         if self.o.mmio_probe:
             # an external abort on our own probe load: resume after it
             a.mrs("x1", "esr_el1")
@@ -315,7 +332,7 @@ class _Guest:
             a.add("x2", "x2", 4)
             a.msr("elr_el1", "x2")
             a.label("sync_done")
-            a.ldp("x29", "x30", "sp", 16, "post")
+            self._leave(16)
             a.ret()
         a.b("halt")
 
@@ -324,17 +341,31 @@ class _Guest:
         a.mrs("x2", "esr_el1")
         a.mrs("x3", "elr_el1")
         a.mrs("x4", "far_el1")
-        a.adr("x0", "str_exception")
-        a.bl("printf")
+        self._print("str_exception")
         a.label("halt")
-        a.adr("x0", "str_halted")
-        a.bl("printf")
+        self._print("str_halted")
         a.msr("daifset", 0xF)
         a.label("halt_loop")
         a.wfi()
         a.b("halt_loop")
 
     # --- boot
+
+    def _unmask_serror(self) -> None:
+        """Clear PSTATE.A and note it in x22."""
+        a = self.a
+        a.mov("x22", 1)
+        a.msr("daifclr", 4)
+        a.isb()
+
+    def _syndrome_line(self, label: str, fmt: str) -> None:
+        """At ``label``: push a frame, print ``fmt`` with ESR, ELR and FAR."""
+        a = self.a
+        a.label(label)
+        self._enter(16)
+        for reg, sysreg in (("x1", "esr_el1"), ("x2", "elr_el1"), ("x3", "far_el1")):
+            a.mrs(reg, sysreg)
+        self._print(fmt)
 
     def cpu_init(self) -> None:
         """x0 = cpu index: per-CPU id, stack, vectors."""
@@ -390,8 +421,7 @@ class _Guest:
         a.mov("w0", 1 << (UART_INTID % 32))
         a.str_("w0", "x1", _GICD_ISENABLER + 4 * (UART_INTID // 32))
         a.bl("gic_init_cpu")
-        a.adr("x0", "str_banner")
-        a.bl("printf")
+        self._print("str_banner")
         self._ready()
         # start the secondaries one by one, so that their ready lines come in order
         a.mov("x25", 1)
@@ -410,17 +440,12 @@ class _Guest:
         # secondary took more than one second to report ready
         a.lsl("x27", "x27", 3)
         a.label("wait_ready")
-        a.adr("x0", "last_ready")
-        a.ldr("x0", "x0")
+        self._load("x0", "last_ready")
         a.cmp("x0", "x25")
         a.b_cond("eq", "secondary_up")
-        a.mrs("x0", "cntvct_el0")
-        a.sub("x0", "x0", "x26")
-        a.cmp("x0", "x27")
-        a.b_cond("lo", "wait_ready")
+        self._before("x0", "x26", "x27", "wait_ready")
         a.mov("x1", "x25")
-        a.adr("x0", "str_timeout")
-        a.bl("printf")
+        self._print("str_timeout")
         a.label("secondary_up")
         a.add("x25", "x25", 1)
         a.b("start_next")
@@ -441,13 +466,9 @@ class _Guest:
         a.b("main_loop")
 
     def _ready(self) -> None:
-        a = self.a
         if not self.o.mask_serror:
-            a.mov("x22", 1)
-            a.msr("daifclr", 4)
-            a.isb()
-        a.adr("x0", "str_ready")
-        a.bl("printf")
+            self._unmask_serror()
+        self._print("str_ready")
 
     def main_loop(self) -> None:
         a = self.a
@@ -460,10 +481,7 @@ class _Guest:
             a.wfi()
         if o.mmio_probe or o.mode == "spin":
             # poll about 64 times a second; stay in the guest in between
-            a.mrs("x0", "cntvct_el0")
-            a.sub("x1", "x0", "x23")
-            a.cmp("x1", "x24")
-            a.b_cond("lo", "main_loop")
+            self._before("x1", "x23", "x24", "main_loop")
             a.mov("x23", "x0")
         a.cbnz("x19", "main_not_cpu0")
         a.bl("uart_poll")
@@ -478,7 +496,7 @@ class _Guest:
         """CPU 0: handle every byte waiting in the UART."""
         a = self.a
         a.label("uart_poll")
-        a.stp("x29", "x30", "sp", -16, "pre")
+        self._enter(16)
         a.label("uart_poll_next")
         a.ldr("w0", "x20", _UART_FR)
         a.tbnz("w0", _FR_RXFE, "uart_poll_done")
@@ -491,8 +509,7 @@ class _Guest:
         a.add("x2", "x2", 1)
         a.str_("x2", "x1")
         a.mov("x1", "x2")
-        a.adr("x0", "str_pong")
-        a.bl("printf")
+        self._print("str_pong")
         a.b("uart_poll_next")
         a.label("uart_not_p")
         a.cmp("w0", ord("u"))
@@ -507,23 +524,19 @@ class _Guest:
         a.isb()
         a.b("uart_poll_next")
         a.label("uart_poll_done")
-        a.ldp("x29", "x30", "sp", 16, "post")
+        self._leave(16)
         a.ret()
 
     def check_unmask(self) -> None:
         a = self.a
         a.label("check_unmask")
         a.cbnz("x22", "check_unmask_ret")
-        a.adr("x0", "unmask_flag")
-        a.ldr("x0", "x0")
+        self._load("x0", "unmask_flag")
         a.cbz("x0", "check_unmask_ret")
-        a.stp("x29", "x30", "sp", -16, "pre")
-        a.adr("x0", "str_unmasked")
-        a.bl("printf")
-        a.ldp("x29", "x30", "sp", 16, "post")
-        a.mov("x22", 1)
-        a.msr("daifclr", 4)
-        a.isb()
+        self._enter(16)
+        self._print("str_unmasked")
+        self._leave(16)
+        self._unmask_serror()
         a.label("check_unmask_ret")
         a.ret()
 
@@ -589,7 +602,7 @@ class _Guest:
         """printf(x0 = fmt, x1..x5): %x 16 hex digits, %d decimal, %c this CPU's index."""
         a = self.a
         a.label("printf")
-        a.stp("x29", "x30", "sp", -96, "pre")
+        self._enter(96)
         a.mov("x29", "sp")
         a.stp("x19", "x20", "sp", 16)
         a.stp("x21", "x22", "sp", 32)
@@ -607,24 +620,22 @@ class _Guest:
         a.cmp("w0", ord("%"))
         a.b_cond("ne", "printf_char")
         a.ldrb("w0", "x19", 1, "post")
-        a.cmp("w0", ord("x"))
-        a.b_cond("ne", "printf_not_x")
-        a.ldr("x0", "x20", 8, "post")
-        a.bl("put_hex")
-        a.b("printf_next")
-        a.label("printf_not_x")
-        a.cmp("w0", ord("d"))
-        a.b_cond("ne", "printf_not_d")
-        a.ldr("x0", "x20", 8, "post")
-        a.bl("put_dec")
-        a.b("printf_next")
-        a.label("printf_not_d")
-        a.cmp("w0", ord("c"))
-        a.b_cond("ne", "printf_char")
-        a.mrs("x0", "tpidr_el1")
-        a.bl("put_dec")
-        a.b("printf_next")
-        a.label("printf_char")
+        # each conversion: its letter, its printer, where to look on when the letter differs (the
+        # last one falls through to printing the character itself)
+        for letter, printer, other in (
+            ("x", "put_hex", "printf_not_x"),
+            ("d", "put_dec", "printf_not_d"),
+            ("c", "put_dec", "printf_char"),
+        ):
+            a.cmp("w0", ord(letter))
+            a.b_cond("ne", other)
+            if letter == "c":
+                a.mrs("x0", "tpidr_el1")
+            else:
+                a.ldr("x0", "x20", 8, "post")
+            a.bl(printer)
+            a.b("printf_next")
+            a.label(other)
         a.bl("putc")
         a.b("printf_next")
         a.label("printf_end")
@@ -632,7 +643,7 @@ class _Guest:
         a.msr("daif", "x21")
         a.ldp("x19", "x20", "sp", 16)
         a.ldp("x21", "x22", "sp", 32)
-        a.ldp("x29", "x30", "sp", 96, "post")
+        self._leave(96)
         a.ret()
 
     def put_hex(self) -> None:
@@ -658,7 +669,7 @@ class _Guest:
         """x0 in decimal (clobbers x0, x9-x15)."""
         a = self.a
         a.label("put_dec")
-        a.stp("x29", "x30", "sp", -48, "pre")
+        self._enter(48)
         a.add("x11", "sp", 48)
         a.mov("x12", 10)
         a.label("put_dec_div")
@@ -674,7 +685,7 @@ class _Guest:
         a.add("x15", "sp", 48)
         a.cmp("x11", "x15")
         a.b_cond("lo", "put_dec_out")
-        a.ldp("x29", "x30", "sp", 48, "post")
+        self._leave(48)
         a.ret()
 
     def putc(self) -> None:

@@ -47,8 +47,8 @@ from types import MappingProxyType
 from typing import Mapping, Optional, Sequence
 
 from serrinj.kvm import x86_64 as kx
+from serrinj.testvm import x86_64 as guest
 from serrinj.testvm.asm_x86 import assemble
-from serrinj.testvm.x86_64 import APIC_TIMER_HZ, COLLECT_BANKS
 
 __all__ = ["IMAGE_SIZE", "build_firmware", "firmware_source", "main"]
 
@@ -76,29 +76,34 @@ _CONSTANTS: Mapping[str, int] = MappingProxyType(
         "PC_MCE": 0x100,
         "PC_POLL": 0x600,
         "PC_STACK_TOP": 0x2000,
-        "CR4_MCE": kx.CR4_MCE,
-        "MSR_MCG_CAP": kx.MSR_IA32_MCG_CAP,
-        "MSR_MCG_STATUS": kx.MSR_IA32_MCG_STATUS,
-        "MSR_MC0_STATUS": kx.mci_msr(0, "status"),
-        "LAPIC_BASE": 0xFEE00000,
+        **guest.MCE_APIC_EQUATES,
         "APIC_ID": 0x20,
-        "APIC_EOI": 0xB0,
-        "APIC_SVR": 0xF0,
         "APIC_ICR_LO": 0x300,
         "APIC_ICR_HI": 0x310,
-        "APIC_LVTT": 0x320,
         "APIC_LVT1": 0x360,
         "LVT_DM_NMI": 0x400,
-        "APIC_TMICT": 0x380,
-        "APIC_TDCR": 0x3E0,
         # all-excluding-self shorthand, level assert: INIT, then STARTUP with the vector
         "ICR_INIT_OTHERS": 0x000C4500,
         "ICR_SIPI_OTHERS": 0x000C4600 | AP_SIPI_VECTOR,
         "TIMER_VECTOR": 0x20,
-        "TICK_COUNT": TICK_MS * APIC_TIMER_HZ // 1000,
+        "TICK_COUNT": TICK_MS * guest.APIC_TIMER_HZ // 1000,
     }
 )
 _OWN_HANDLERS = (kx.NMI_VECTOR, kx.MC_VECTOR)
+
+#: how the firmware reports a polled corrected error and a machine check: lines on COM1
+_POLL_PRINT = """\
+    call print_lock
+    mov si, offset s_mce_poll
+    call print_banks
+    call print_unlock
+"""
+_MCE_PRINT = """\
+    call print_lock
+    mov si, offset s_mce
+    call print_banks
+    call print_unlock
+"""
 
 # Entering unreal mode: protected mode just long enough to load ES from a flat
 # 4 GiB descriptor; back in real mode ES keeps that limit. No stack is needed,
@@ -120,9 +125,11 @@ _UNREAL = """\
 
 def firmware_source() -> str:
     """The firmware's assembly text (GNU as Intel syntax; constants included as .equ)."""
-    equs = "\n".join(f".equ {name}, {value:#x}" for name, value in _CONSTANTS.items())
-    stubs = "\n".join(
-        f"exc_{v}:\n    push {v}\n    jmp exc_common" for v in range(32) if v not in _OWN_HANDLERS
+    # status, addr and misc of one bank entry (see COLLECT_BANKS), each as " name=0x<16 hex>"
+    bank_fields = "".join(
+        f"    mov si, offset s_{name}\n    call puts\n"
+        f"    mov eax, [bx + {offset}]\n    mov edx, [bx + {offset + 4}]\n    call put_hex64\n"
+        for name, offset in (("status", 8), ("addr", 16), ("misc", 24))
     )
     ivt = "\n".join(
         f"    mov word ptr fs:[{v * 4}], offset exc_{v}"
@@ -134,7 +141,7 @@ def firmware_source() -> str:
 # tests/test_asm_x86.py assembles this same text with GNU as and compares.
 .intel_syntax noprefix
 .code16
-{equs}
+{guest.equates(_CONSTANTS)}
 
 # ---- offset 0 = F000:0000: where the APs start (SIPI vector 0xF0)
 ap_start:
@@ -248,11 +255,7 @@ ap_loop:
     jmp ap_loop
 
 tick_work:
-    cmp dword ptr [PC_TICK_FLAG], 0
-    je tick_done
-    mov dword ptr [PC_TICK_FLAG], 0
-    call poll_banks
-tick_done:
+{guest.tick_poll("tick_done")}tick_done:
     ret
 
 wait_ticks:
@@ -264,21 +267,8 @@ wait_more:
     jb wait_more
     ret
 
-poll_banks:
-    pushad
-    mov di, PC_POLL
-    call collect_banks
-    cmp dword ptr [PC_POLL + 8], 0
-    je poll_none
-    call print_lock
-    mov si, offset s_mce_poll
-    call print_banks
-    call print_unlock
-poll_none:
-    popad
-    ret
-
-{COLLECT_BANKS}
+{guest.poll_banks(_POLL_PRINT)}
+{guest.COLLECT_BANKS}
 
 # DI = a collect_banks area, SI = the line prefix
 print_banks:
@@ -296,22 +286,7 @@ banks_line:
     call puts
     mov eax, [bx]
     call put_dec
-    mov si, offset s_status
-    call puts
-    mov eax, [bx + 8]
-    mov edx, [bx + 12]
-    call put_hex64
-    mov si, offset s_addr
-    call puts
-    mov eax, [bx + 16]
-    mov edx, [bx + 20]
-    call put_hex64
-    mov si, offset s_misc
-    call puts
-    mov eax, [bx + 24]
-    mov edx, [bx + 28]
-    call put_hex64
-    mov si, offset s_mcg
+{bank_fields}    mov si, offset s_mcg
     call puts
     mov eax, [di]
     mov edx, [di + 4]
@@ -435,17 +410,7 @@ dec_print:
     ret
 
 # ---- interrupt handlers (SS is always this CPU's page)
-timer_isr:
-    push eax
-    push edi
-    inc dword ptr ss:[PC_TICKS]
-    mov dword ptr ss:[PC_TICK_FLAG], 1
-    mov edi, LAPIC_BASE
-    mov dword ptr es:[edi + APIC_EOI], 0
-    pop edi
-    pop eax
-    iret
-
+{guest.TIMER_ISR}
 nmi_isr:
     pushad
     push ds
@@ -467,33 +432,8 @@ nmi_isr:
     popad
     iret
 
-mc_isr:
-    pushad
-    push ds
-    push ss
-    pop ds
-    inc dword ptr [PC_MCE_COUNT]
-    mov di, PC_MCE
-    call collect_banks
-    xor eax, eax
-    xor edx, edx
-    mov ecx, MSR_MCG_STATUS
-    wrmsr
-    call print_lock
-    mov si, offset s_mce
-    call print_banks
-    call print_unlock
-    pop ds
-    popad
-    iret
-
-spurious_isr:
-    iret
-
-{stubs}
-exc_common:
-    push ss
-    pop ds
+{guest.mc_isr(_MCE_PRINT)}
+{guest.exception_stubs()}
     call print_lock
     mov si, offset s_exception
     call puts
@@ -515,11 +455,7 @@ exc_common:
     call put_hex32
     call put_crlf
     call print_unlock
-parked:
-    cli
-    hlt
-    jmp parked
-
+{guest.PARKED}
 # ---- read-only data (the GDT's descriptor is marked accessed: the CPU never
 # has to write to this ROM)
 gdt:

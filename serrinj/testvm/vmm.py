@@ -145,6 +145,7 @@ import os
 import platform
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -156,9 +157,11 @@ from typing import (
     IO,
     Any,
     Callable,
+    Collection,
     Deque,
     Dict,
     FrozenSet,
+    Iterable,
     List,
     Mapping,
     Optional,
@@ -293,6 +296,129 @@ def load_arch(name: str) -> GuestArch:
     module = importlib.import_module(module_name)
     arch: GuestArch = getattr(module, class_name)()
     return arch
+
+
+# --- helpers shared by the arch halves
+
+
+class GuestBase:
+    """What both arch halves share: the guest RAM once :meth:`GuestArch.setup_vm` has mapped it."""
+
+    def __init__(self, name: str, commands: Iterable[str]) -> None:
+        self.name = name
+        self.commands: FrozenSet[str] = frozenset(commands)
+        self.ram: Optional[_native.Memory] = None
+
+    def setup_done(self, vm: Vm) -> None:
+        return None
+
+    def memory(self) -> _native.Memory:
+        """The guest RAM (only after set-up)."""
+        assert self.ram is not None
+        return self.ram
+
+
+def mem_u64(mem: _native.Memory, addr: int) -> int:
+    """The little-endian u64 at ``addr`` of ``mem``."""
+    return int(struct.unpack_from("<Q", mem.view, addr)[0])
+
+
+def int_field(cmd: Mapping[str, Any], name: str, default: Optional[int] = None) -> int:
+    """A command's unsigned 64-bit field ``name`` (``default`` when absent; none: an error)."""
+    value = cmd.get(name, default)
+    if value is None:
+        raise ValueError(f"missing {name!r}")
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise ValueError(f"{name!r} must be an unsigned 64-bit integer")
+    return value
+
+
+def exit_head(vcpu: Vcpu) -> Tuple[_native.Memory, bytes, int]:
+    """``vcpu``'s kvm_run page, a copy of its head (through the exit union) and the exit reason."""
+    page = vcpu.run_page
+    assert page is not None
+    head = bytes(page.view[: api.KVM_RUN_OFF_UNION + 256])
+    return page, head, api.exit_reason_of(head)
+
+
+def stop_on_exit(
+    vm: Vm, vcpu: Vcpu, head: bytes, reason: int, where: Callable[[Vm, Vcpu], Dict[str, int]]
+) -> ExitAction:
+    """Report an exit the guest did not ask for (with what the exit union says of it) and stop."""
+    extra: Dict[str, Any] = {}
+    if reason == api.KVM_EXIT_SYSTEM_EVENT:
+        kind, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
+        extra = {"type": kind, "ndata": ndata}
+    elif reason == api.KVM_EXIT_INTERNAL_ERROR:
+        suberror, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
+        data = struct.unpack_from(f"<{min(ndata, 16)}Q", head, api.KVM_RUN_OFF_UNION + 8)
+        extra = {"suberror": suberror, "ndata": ndata, "data": list(data)}
+    elif reason == api.KVM_EXIT_FAIL_ENTRY:
+        (failure,) = struct.unpack_from("<Q", head, api.KVM_RUN_OFF_UNION)
+        extra = {"hardware_entry_failure_reason": failure}
+    name = api.EXIT_REASON_NAMES.get(reason, f"EXIT_{reason}")
+    emit_exit(vm, vcpu, name, reason, where, **extra)
+    return ExitAction.STOP
+
+
+def emit_exit(
+    vm: Vm,
+    vcpu: Vcpu,
+    name: str,
+    reason: int,
+    where: Callable[[Vm, Vcpu], Dict[str, int]],
+    **extra: Any,
+) -> None:
+    """Emit an ``exit`` event; ``where`` reads the instruction pointer (left out on error)."""
+    event: Dict[str, Any] = {"event": "exit", "vcpu": vcpu.vcpu_id, "reason": name}
+    event["exit_reason"] = reason
+    with contextlib.suppress(OSError):
+        event.update(where(vm, vcpu))
+    event.update(extra)
+    vm.emit(event)
+
+
+def guest_report(
+    vm: Vm,
+    vcpu: Vcpu,
+    event: Optional[Dict[str, Any]],
+    where: Callable[[Vm, Vcpu], Dict[str, int]],
+    **exit_info: Any,
+) -> ExitAction:
+    """Emit a decoded guest report (``event`` names it under "event") and let the vCPU run on; a
+    report the arch did not know (``None``) is an ``UNKNOWN_REPORT`` exit (``exit_info`` holds its
+    exit reason and code) that stops the vCPU."""
+    if event is None:
+        emit_exit(vm, vcpu, "UNKNOWN_REPORT", where=where, **exit_info)
+        return ExitAction.STOP
+    name = event.pop("event")
+    vm.emit({"event": name, "vcpu": vcpu.vcpu_id, **event})
+    return ExitAction.CONTINUE
+
+
+def reg_changes(cmd: Mapping[str, Any], known: Collection[str]) -> Dict[str, int]:
+    """The registers and values of a ``set-regs`` command, each checked before any is written."""
+    changes = cmd.get("regs")
+    if not isinstance(changes, dict) or not changes:
+        raise ValueError("'regs' must be an object of register names and values")
+    for reg in changes:
+        if reg not in known:
+            raise ValueError(f"unknown register {reg!r}")
+    return {reg: int_field(changes, reg) for reg in changes}
+
+
+def events_reply(vm: Vm, vcpu: Vcpu, size: int, decode: Callable[[bytes], Any]) -> Dict[str, Any]:
+    """The ``events`` command's answer: KVM_GET_VCPU_EVENTS (``size`` bytes, ``decode``d) and the MP
+    state."""
+    ex = vm.executor
+    raw = ex.ioctl_buf(vcpu.fd, api.KVM_GET_VCPU_EVENTS, bytes(size))
+    mp = struct.unpack("<I", ex.ioctl_buf(vcpu.fd, api.KVM_GET_MP_STATE, bytes(4)))[0]
+    return {
+        "event": "events",
+        "vcpu": vcpu.vcpu_id,
+        "mp_state": api.MP_STATE_NAMES.get(mp, str(mp)),
+        "events": decode(raw).as_dict(),
+    }
 
 
 def host_arch() -> str:

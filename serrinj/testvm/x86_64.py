@@ -104,13 +104,14 @@ from __future__ import annotations
 import functools
 import struct
 from types import MappingProxyType
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from serrinj import _native
 from serrinj.kvm import api
 from serrinj.kvm import x86_64 as kx
+from serrinj.testvm import vmm
 from serrinj.testvm.asm_x86 import Program, assemble
-from serrinj.testvm.vmm import ExitAction, Vcpu, Vm
+from serrinj.testvm.vmm import ExitAction, GuestBase, Vcpu, Vm
 
 __all__ = ["COLLECT_BANKS", "LAYOUT", "X86Guest", "build_guest", "guest_source"]
 
@@ -123,14 +124,8 @@ TSS_ADDR = 0xFFFBD000  # where QEMU puts it: three pages that must not overlap R
 
 # --- the guest <-> VMM protocol
 REPORT_PORT = 0x600
-EV_READY = 1
-EV_NMI = 2
-EV_MCE = 3
-EV_MCE_POLL = 4
-EV_HEARTBEAT = 5
-EV_YIELD = 6
-EV_CHECK_FAILED = 7
-EV_EXCEPTION = 8
+EV_READY, EV_NMI, EV_MCE, EV_MCE_POLL = 1, 2, 3, 4
+EV_HEARTBEAT, EV_YIELD, EV_CHECK_FAILED, EV_EXCEPTION = 5, 6, 7, 8
 MODE_CODES: Mapping[str, int] = MappingProxyType({"halt": 1, "spin": 2, "futex": 3})
 TIMER_VECTOR = 0x20
 SPURIOUS_VECTOR = 0xFF
@@ -178,6 +173,22 @@ BLOCK_BYTES = 0x80
 CHECK_K1 = 0x5A5AA5A5
 CHECK_K2 = 0x13579BDF
 
+#: the machine-check MSRs and local-APIC registers this guest and the QEMU firmware both use
+MCE_APIC_EQUATES: Mapping[str, int] = MappingProxyType(
+    {
+        "CR4_MCE": kx.CR4_MCE,
+        "MSR_MCG_CAP": kx.MSR_IA32_MCG_CAP,
+        "MSR_MCG_STATUS": kx.MSR_IA32_MCG_STATUS,
+        "MSR_MC0_STATUS": kx.mci_msr(0, "status"),
+        "LAPIC_BASE": 0xFEE00000,
+        "APIC_SVR": 0xF0,
+        "APIC_EOI": 0xB0,
+        "APIC_LVTT": 0x320,
+        "APIC_TMICT": 0x380,
+        "APIC_TDCR": 0x3E0,
+    }
+)
+
 _CONSTANTS: Mapping[str, int] = MappingProxyType(
     {
         **LAYOUT,
@@ -193,16 +204,7 @@ _CONSTANTS: Mapping[str, int] = MappingProxyType(
         "EV_EXCEPTION": EV_EXCEPTION,
         "MODE_HALT": MODE_CODES["halt"],
         "MODE_FUTEX": MODE_CODES["futex"],
-        "CR4_MCE": kx.CR4_MCE,
-        "MSR_MCG_CAP": kx.MSR_IA32_MCG_CAP,
-        "MSR_MCG_STATUS": kx.MSR_IA32_MCG_STATUS,
-        "MSR_MC0_STATUS": kx.mci_msr(0, "status"),
-        "LAPIC_BASE": 0xFEE00000,
-        "APIC_SVR": 0xF0,
-        "APIC_EOI": 0xB0,
-        "APIC_LVTT": 0x320,
-        "APIC_TMICT": 0x380,
-        "APIC_TDCR": 0x3E0,
+        **MCE_APIC_EQUATES,
         "TIMER_VECTOR": TIMER_VECTOR,
         "SPURIOUS_VECTOR": SPURIOUS_VECTOR,
         "CHECK_K1": CHECK_K1,
@@ -257,19 +259,118 @@ banks_done:
 #: exception vectors with a handler of their own (the rest get a reporting stub)
 _OWN_HANDLERS = (kx.NMI_VECTOR, kx.MC_VECTOR)
 
+#: the local-APIC timer interrupt, shared with the QEMU firmware: count the tick and flag it for the
+#: main loop (needs PC_TICKS, PC_TICK_FLAG, LAPIC_BASE, APIC_EOI)
+TIMER_ISR = """\
+timer_isr:
+    push eax
+    push edi
+    inc dword ptr ss:[PC_TICKS]
+    mov dword ptr ss:[PC_TICK_FLAG], 1
+    mov edi, LAPIC_BASE
+    mov dword ptr es:[edi + APIC_EOI], 0
+    pop edi
+    pop eax
+    iret
+"""
 
-def guest_source() -> str:
-    """The guest's assembly text (GNU as Intel syntax; constants included as .equ)."""
-    equs = "\n".join(f".equ {name}, {value:#x}" for name, value in _CONSTANTS.items())
+#: where a vCPU parks after an unexpected exception
+PARKED = """\
+parked:
+    cli
+    hlt
+    jmp parked
+"""
+
+#: how this guest reports a polled corrected error and a machine check: an event on the report port
+_POLL_REPORT = """\
+    inc dword ptr [PC_POLL_COUNT]
+    mov al, EV_MCE_POLL
+    call report
+"""
+_MCE_REPORT = """\
+    mov al, EV_MCE
+    call report
+"""
+
+
+def equates(constants: Mapping[str, int]) -> str:
+    """``.equ`` lines for ``constants``."""
+    return "\n".join(f".equ {name}, {value:#x}" for name, value in constants.items())
+
+
+def tick_poll(otherwise: str) -> str:
+    """If a timer tick came (PC_TICK_FLAG), take the flag and poll the banks; else go to
+    ``otherwise``."""
+    return f"""\
+    cmp dword ptr [PC_TICK_FLAG], 0
+    je {otherwise}
+    mov dword ptr [PC_TICK_FLAG], 0
+    call poll_banks
+"""
+
+
+def poll_banks(report: str) -> str:
+    """The timer-tick bank poll: collect into PC_POLL and run ``report`` if a bank was valid."""
+    return f"""\
+poll_banks:
+    pushad
+    mov di, PC_POLL
+    call collect_banks
+    cmp dword ptr [PC_POLL + 8], 0
+    je poll_done
+{report}poll_done:
+    popad
+    ret
+"""
+
+
+def mc_isr(report: str) -> str:
+    """The #MC handler: count, collect and clear the banks, clear MCG_STATUS, then ``report``."""
+    return f"""\
+mc_isr:
+    pushad
+    push ds
+    push ss
+    pop ds
+    inc dword ptr [PC_MCE_COUNT]
+    mov di, PC_MCE
+    call collect_banks
+    xor eax, eax
+    xor edx, edx
+    mov ecx, MSR_MCG_STATUS
+    wrmsr
+{report}    pop ds
+    popad
+    iret
+"""
+
+
+def exception_stubs() -> str:
+    """``spurious_isr``, one stub per exception vector without a handler of its own, and the head of
+    ``exc_common`` (vector on the stack, DS = this CPU's page); the caller writes the rest."""
     stubs = "\n".join(
         f"exc_{v}:\n    push {v}\n    jmp exc_common" for v in range(32) if v not in _OWN_HANDLERS
     )
+    return f"""\
+spurious_isr:
+    iret
+
+{stubs}
+exc_common:
+    push ss
+    pop ds
+"""
+
+
+def guest_source() -> str:
+    """The guest's assembly text (GNU as Intel syntax; constants included as .equ)."""
     return f"""\
 # serrinj test VM guest (x86, real mode). Built by serrinj.testvm.asm_x86;
 # tests/test_asm_x86.py assembles this same text with GNU as and compares.
 .intel_syntax noprefix
 .code16
-{equs}
+{equates(_CONSTANTS)}
 
 # ---- entry: CS=0x0800, DS=SS=this vCPU's page, ES=flat 4 GiB, SP=top, IF=0
 entry:
@@ -338,11 +439,7 @@ no_heartbeat:
     je no_probe
     call probe
 no_probe:
-    cmp dword ptr [PC_TICK_FLAG], 0
-    je main_loop
-    mov dword ptr [PC_TICK_FLAG], 0
-    call poll_banks
-    cmp dword ptr [PC_MODE], MODE_FUTEX
+{tick_poll("main_loop")}    cmp dword ptr [PC_MODE], MODE_FUTEX
     jne main_loop
     mov al, EV_YIELD
     call report
@@ -410,19 +507,7 @@ sum_next:
     jb sum_next
     ret
 
-poll_banks:
-    pushad
-    mov di, PC_POLL
-    call collect_banks
-    cmp dword ptr [PC_POLL + 8], 0
-    je poll_done
-    inc dword ptr [PC_POLL_COUNT]
-    mov al, EV_MCE_POLL
-    call report
-poll_done:
-    popad
-    ret
-
+{poll_banks(_POLL_REPORT)}
 # ---- the stall probe: the largest gaps between consecutive TSC reads
 probe:
     pushad
@@ -475,17 +560,7 @@ probe_count:
 
 {COLLECT_BANKS}
 # ---- interrupt handlers (SS is always this vCPU's page)
-timer_isr:
-    push eax
-    push edi
-    inc dword ptr ss:[PC_TICKS]
-    mov dword ptr ss:[PC_TICK_FLAG], 1
-    mov edi, LAPIC_BASE
-    mov dword ptr es:[edi + APIC_EOI], 0
-    pop edi
-    pop eax
-    iret
-
+{TIMER_ISR}
 nmi_isr:
     push eax
     push edx
@@ -500,31 +575,8 @@ nmi_quiet:
     pop eax
     iret
 
-mc_isr:
-    pushad
-    push ds
-    push ss
-    pop ds
-    inc dword ptr [PC_MCE_COUNT]
-    mov di, PC_MCE
-    call collect_banks
-    xor eax, eax
-    xor edx, edx
-    mov ecx, MSR_MCG_STATUS
-    wrmsr
-    mov al, EV_MCE
-    call report
-    pop ds
-    popad
-    iret
-
-spurious_isr:
-    iret
-
-{stubs}
-exc_common:
-    push ss
-    pop ds
+{mc_isr(_MCE_REPORT)}
+{exception_stubs()}
     pop ax
     movzx eax, ax
     mov [PC_EXC], eax
@@ -535,11 +587,7 @@ exc_common:
     mov [PC_EXC + 8], eax
     mov al, EV_EXCEPTION
     call report
-parked:
-    cli
-    hlt
-    jmp parked
-"""
+{PARKED}"""
 
 
 @functools.lru_cache(maxsize=1)
@@ -581,30 +629,14 @@ def _u32(mem: _native.Memory, addr: int) -> int:
     return int(struct.unpack_from("<I", mem.view, addr)[0])
 
 
-def _u64(mem: _native.Memory, addr: int) -> int:
-    return int(struct.unpack_from("<Q", mem.view, addr)[0])
-
-
-def _int_field(cmd: Mapping[str, Any], name: str, default: Optional[int] = None) -> int:
-    value = cmd.get(name, default)
-    if value is None:
-        raise ValueError(f"missing {name!r}")
-    if type(value) is not int or not 0 <= value < 1 << 64:
-        raise ValueError(f"{name!r} must be an unsigned 64-bit integer")
-    return value
-
-
-class X86Guest:
+class X86Guest(GuestBase):
     """The x86_64 :class:`serrinj.testvm.vmm.GuestArch`."""
 
-    name = "x86_64"
-    commands: FrozenSet[str] = frozenset(
-        {"nmi", "mce", "events", "heartbeat", "regs", "set-regs", "probe"}
-    )
-
     def __init__(self) -> None:
+        super().__init__(
+            "x86_64", ("nmi", "mce", "events", "heartbeat", "regs", "set-regs", "probe")
+        )
         self.program = build_guest()
-        self.ram: Optional[_native.Memory] = None
         self.cpuid: Tuple[kx.CpuidEntry, ...] = ()
         self.mcg_cap = 0
         self.tsc_khz: Optional[int] = None
@@ -672,8 +704,7 @@ class X86Guest:
         # as QEMU does at vCPU init: MCG_CTL and every MCi_CTL become all ones
         ex.ioctl_buf(vcpu.fd, kx.KVM_X86_SETUP_MCE, struct.pack("<Q", self.mcg_cap))
 
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         ram.view[page : page + PERCPU_SIZE] = bytes(PERCPU_SIZE)
         tick_count = max(1, vm.options.tick_ms * APIC_TIMER_HZ // 1000)
         for name, value in (
@@ -702,12 +733,8 @@ class X86Guest:
                 vcpu.fd, api.KVM_SET_MP_STATE, struct.pack("<I", api.KVM_MP_STATE_RUNNABLE)
             )
 
-    def setup_done(self, vm: Vm) -> None:
-        return None
-
     def ready_info(self, vm: Vm) -> Dict[str, Any]:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         return {
             "mcg_cap": self.mcg_cap,
             "mce_banks": self.mcg_cap & kx.MCG_CAP_COUNT_MASK,
@@ -724,59 +751,46 @@ class X86Guest:
         return PERCPU_BASE + PERCPU_SIZE * vm.vcpus.index(vcpu)
 
     def handle_exit(self, vm: Vm, vcpu: Vcpu) -> ExitAction:
-        page = vcpu.run_page
-        assert page is not None
-        head = bytes(page.view[: api.KVM_RUN_OFF_UNION + 256])
-        reason = api.exit_reason_of(head)
+        page, head, reason = vmm.exit_head(vcpu)
         if reason == api.KVM_EXIT_IO:
             io = api.ExitIo.unpack_from(head)
             if io.port == REPORT_PORT and io.direction == api.KVM_EXIT_IO_OUT and io.size == 1:
                 return self._report(vm, vcpu, page.view[io.data_offset])
-            self._exit(
+            vmm.emit_exit(
                 vm,
                 vcpu,
                 "UNEXPECTED_IO",
                 reason,
+                self._rip,
                 port=io.port,
                 direction="out" if io.direction == api.KVM_EXIT_IO_OUT else "in",
                 size=io.size,
             )
             return ExitAction.STOP
-        extra: Dict[str, Any] = {}
-        if reason == api.KVM_EXIT_INTERNAL_ERROR:
-            suberror, ndata = struct.unpack_from("<II", head, api.KVM_RUN_OFF_UNION)
-            data = struct.unpack_from(f"<{min(ndata, 16)}Q", head, api.KVM_RUN_OFF_UNION + 8)
-            extra = {"suberror": suberror, "data": list(data)}
-        elif reason == api.KVM_EXIT_FAIL_ENTRY:
-            (failure,) = struct.unpack_from("<Q", head, api.KVM_RUN_OFF_UNION)
-            extra = {"hardware_entry_failure_reason": failure}
-        self._exit(vm, vcpu, api.EXIT_REASON_NAMES.get(reason, f"EXIT_{reason}"), reason, **extra)
-        return ExitAction.STOP
+        return vmm.stop_on_exit(vm, vcpu, head, reason, self._rip)
 
-    def _exit(self, vm: Vm, vcpu: Vcpu, name: str, reason: int, **extra: Any) -> None:
-        event: Dict[str, Any] = {"event": "exit", "vcpu": vcpu.vcpu_id, "reason": name}
-        event["exit_reason"] = reason
-        try:
-            regs = kx.unpack_regs(
-                vm.executor.ioctl_buf(vcpu.fd, kx.KVM_GET_REGS, bytes(kx.SIZEOF_KVM_REGS))
-            )
-            event["rip"] = regs["rip"]
-        except OSError:
-            pass
-        event.update(extra)
-        vm.emit(event)
+    @staticmethod
+    def _rip(vm: Vm, vcpu: Vcpu) -> Dict[str, int]:
+        regs = kx.unpack_regs(
+            vm.executor.ioctl_buf(vcpu.fd, kx.KVM_GET_REGS, bytes(kx.SIZEOF_KVM_REGS))
+        )
+        return {"rip": regs["rip"]}
 
     def _report(self, vm: Vm, vcpu: Vcpu, code: int) -> ExitAction:
-        ram = self.ram
-        assert ram is not None
+        if code == EV_YIELD:
+            return ExitAction.YIELD
+        event = self._decode(vm, vcpu, code)
+        return vmm.guest_report(vm, vcpu, event, self._rip, reason=api.KVM_EXIT_IO, code=code)
+
+    def _decode(self, vm: Vm, vcpu: Vcpu, code: int) -> Optional[Dict[str, Any]]:
+        """The event for report ``code`` (None: not a report this guest makes)."""
+        ram = self.memory()
         base = self._page(vm, vcpu)
 
         def field(name: str, offset: int = 0) -> int:
             return _u32(ram, base + LAYOUT[name] + offset)
 
-        event: Dict[str, Any] = {"vcpu": vcpu.vcpu_id}
-        if code == EV_YIELD:
-            return ExitAction.YIELD
+        event: Dict[str, Any] = {}
         if code == EV_READY:
             event.update(
                 event="guest-ready",
@@ -794,21 +808,21 @@ class X86Guest:
                 banks.append(
                     {
                         "bank": _u32(ram, entry),
-                        "status": _u64(ram, entry + 8),
-                        "addr": _u64(ram, entry + 16),
-                        "misc": _u64(ram, entry + 24),
+                        "status": vmm.mem_u64(ram, entry + 8),
+                        "addr": vmm.mem_u64(ram, entry + 16),
+                        "misc": vmm.mem_u64(ram, entry + 24),
                     }
                 )
             if code == EV_MCE:
                 event.update(event="mce", vector=kx.MC_VECTOR, count=field("PC_MCE_COUNT"))
             else:
                 event.update(event="mce-poll", count=field("PC_POLL_COUNT"))
-            event.update(mcg_status=_u64(ram, area), banks=banks)
+            event.update(mcg_status=vmm.mem_u64(ram, area), banks=banks)
         elif code == EV_HEARTBEAT:
             event.update(
                 event="heartbeat",
                 seq=field("PC_HB_ACK"),
-                iterations=_u64(ram, base + LAYOUT["PC_ITER"]),
+                iterations=vmm.mem_u64(ram, base + LAYOUT["PC_ITER"]),
                 ticks=field("PC_TICKS"),
                 nmi_count=field("PC_NMI_COUNT"),
                 mce_count=field("PC_MCE_COUNT"),
@@ -841,11 +855,8 @@ class X86Guest:
                 cs=field("PC_EXC", 8),
             )
         else:
-            self._exit(vm, vcpu, "UNKNOWN_REPORT", api.KVM_EXIT_IO, code=code)
-            return ExitAction.STOP
-        name = event.pop("event")
-        vm.emit({"event": name, **event})
-        return ExitAction.CONTINUE
+            return None
+        return event
 
     # ----------------------------------------------------------------- commands
 
@@ -857,28 +868,20 @@ class X86Guest:
             return None
         if name == "mce":
             mce = kx.Mce(
-                status=_int_field(cmd, "status"),
-                bank=_int_field(cmd, "bank"),
-                addr=_int_field(cmd, "addr", 0),
-                misc=_int_field(cmd, "misc", 0),
-                mcg_status=_int_field(cmd, "mcg_status", 0),
+                status=vmm.int_field(cmd, "status"),
+                bank=vmm.int_field(cmd, "bank"),
+                addr=vmm.int_field(cmd, "addr", 0),
+                misc=vmm.int_field(cmd, "misc", 0),
+                mcg_status=vmm.int_field(cmd, "mcg_status", 0),
             )
             if mce.bank > 0xFF:
                 raise ValueError("'bank' must fit in a byte")
             ex.ioctl_buf(vcpu.fd, kx.KVM_X86_SET_MCE, mce.pack())
             return None
         if name == "events":
-            raw = ex.ioctl_buf(vcpu.fd, api.KVM_GET_VCPU_EVENTS, bytes(kx.VcpuEvents.SIZE))
-            mp = struct.unpack("<I", ex.ioctl_buf(vcpu.fd, api.KVM_GET_MP_STATE, bytes(4)))[0]
-            return {
-                "event": "events",
-                "vcpu": vcpu.vcpu_id,
-                "mp_state": api.MP_STATE_NAMES.get(mp, str(mp)),
-                "events": kx.VcpuEvents.unpack(raw).as_dict(),
-            }
+            return vmm.events_reply(vm, vcpu, kx.VcpuEvents.SIZE, kx.VcpuEvents.unpack)
         if name == "heartbeat":
-            ram = self.ram
-            assert ram is not None
+            ram = self.memory()
             addr = self._page(vm, vcpu) + LAYOUT["PC_HB_REQ"]
             struct.pack_into("<I", ram.view, addr, (_u32(ram, addr) + 1) & 0xFFFFFFFF)
             return None
@@ -888,20 +891,13 @@ class X86Guest:
             regs = kx.unpack_regs(ex.ioctl_buf(vcpu.fd, kx.KVM_GET_REGS, bytes(kx.SIZEOF_KVM_REGS)))
             if name == "regs":
                 return {"event": "regs", "vcpu": vcpu.vcpu_id, "regs": regs}
-            changes = cmd.get("regs")
-            if not isinstance(changes, dict) or not changes:
-                raise ValueError("'regs' must be an object of register names and values")
-            for reg in changes:
-                if reg not in kx.REGS_NAMES:
-                    raise ValueError(f"unknown register {reg!r}")
-                regs[reg] = _int_field(changes, reg)
+            regs.update(vmm.reg_changes(cmd, kx.REGS_NAMES))
             ex.ioctl_buf(vcpu.fd, kx.KVM_SET_REGS, kx.pack_regs(regs))
             return None
         raise ValueError(f"unknown command {name!r}")
 
     def _probe(self, vm: Vm, vcpu: Vcpu, cmd: Mapping[str, Any]) -> Dict[str, Any]:
-        ram = self.ram
-        assert ram is not None
+        ram = self.memory()
         base = self._page(vm, vcpu)
         on = cmd.get("on")
         if on is not None:
@@ -914,7 +910,7 @@ class X86Guest:
             "vcpu": vcpu.vcpu_id,
             "on": bool(_u32(ram, base + LAYOUT["PC_PROBE"])),
             "active": bool(_u32(ram, base + LAYOUT["PC_PR_ACTIVE"])),
-            "samples": _u64(ram, base + LAYOUT["PC_PR_SAMPLES"]),
+            "samples": vmm.mem_u64(ram, base + LAYOUT["PC_PR_SAMPLES"]),
             "max_gap": _u32(ram, base + LAYOUT["PC_PR_MAX"]),
             "window_max": _u32(ram, base + LAYOUT["PC_PR_WMAX"]),
             "hist": [_u32(ram, hist + 4 * i) for i in range(32)],
