@@ -63,7 +63,9 @@ ENVIRONMENT: Tuple[Tuple[str, str], ...] = (
     (
         "XDG_CACHE_HOME",
         "Where serrinj keeps the machine code it found in VMMs' libraries:"
-        " $XDG_CACHE_HOME/serrinj/gadgets.json (default ~/.cache/serrinj/; see FILES).",
+        " $XDG_CACHE_HOME/serrinj/gadgets.json (default ~/.cache/serrinj/; see FILES)."
+        " Ignored, like HOME, when serrinj runs as root for another user: root's own cache"
+        " is used.",
     ),
     (
         "SERRINJ_LOCK_DIR",
@@ -320,7 +322,9 @@ def man_page() -> str:
             " an entry is used when the VMM's bytes at that place, read afresh, are that code"
             " in an executable mapping of the same file; anything else is searched as if the"
             " file did not exist. Deleting it is always safe. The directory is"
-            " $XDG_CACHE_HOME/serrinj when XDG_CACHE_HOME is set."
+            " $XDG_CACHE_HOME/serrinj when XDG_CACHE_HOME is set; root's home when serrinj"
+            " runs as root for another user (sudo, set-uid). The file is written through a"
+            " new temporary file (no symlink followed) and read only as a regular file."
         ),
         ".SH ENVIRONMENT",
     ]

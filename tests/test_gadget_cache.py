@@ -116,3 +116,70 @@ def test_an_unwritable_cache_is_no_error(
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file: no directory under it
     _fresh_process(monkeypatch)
     assert gadget.find_syscall_gadget(sleeper, host_arch())
+
+
+# ---------------------------------------------------------------------- whose file
+@pytest.mark.root
+def test_root_acting_for_another_user_keeps_its_own_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through sudo the caller's XDG_CACHE_HOME and HOME must not choose where root
+    writes: the cache is root's, under root's home from the password database."""
+    import os
+    import pwd
+
+    from serrinj.host import privilege
+
+    if os.geteuid() != 0 or os.getuid() != 0:
+        pytest.skip("needs root: run the suite as root (CI does)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SUDO_UID", "65534")
+    monkeypatch.setenv("SUDO_GID", "65534")
+    privilege.reset()
+    try:
+        assert privilege.current().elevated
+        path = gadget._disk_path()
+    finally:
+        monkeypatch.undo()
+        privilege.reset()
+    assert path == os.path.join(pwd.getpwuid(0).pw_dir, ".cache", "serrinj", "gadgets.json")
+    # and without sudo's variables, root's own environment is honoured
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert gadget._disk_path() == str(tmp_path / "serrinj" / "gadgets.json")
+
+
+def test_a_symlink_or_fifo_in_the_cache_place_is_not_read(
+    sleeper: int, cache_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    arch = host_arch()
+    seqs = arch.sigreturn_seqs
+    good = gadget.find_sequence(sleeper, arch, seqs)
+    real = cache_home.with_name("elsewhere.json")
+    cache_home.rename(real)
+    cache_home.symlink_to(real)
+    _fresh_process(monkeypatch)
+    assert gadget._disk_entries() == {}  # not followed
+    cache_home.unlink()
+    os.mkfifo(cache_home)
+    _fresh_process(monkeypatch)
+    started = time.monotonic()
+    assert gadget._disk_entries() == {}  # no writer: a blocking open would hang here
+    assert time.monotonic() - started < 5
+    assert gadget.find_sequence(sleeper, arch, seqs) == good
+
+
+def test_the_write_follows_no_symlink_planted_at_the_temporary_name(
+    sleeper: int, cache_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    victim = cache_home.parent.parent / "victim"
+    victim.write_text("untouched")
+    cache_home.parent.mkdir(parents=True)
+    (cache_home.parent / f"gadgets.json.{os.getpid()}").symlink_to(victim)
+    arch = host_arch()
+    assert gadget.find_sequence(sleeper, arch, arch.sigreturn_seqs)  # a scan, then a write
+    assert victim.read_text() == "untouched"

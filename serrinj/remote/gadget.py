@@ -14,6 +14,12 @@ pattern: ``$XDG_CACHE_HOME/serrinj/gadgets.json`` (``~/.cache/...``). A disk
 entry is only a hint: it is used when it falls inside a readable executable
 mapping of that file in the target, aligned, not avoided, and the target's
 bytes there are the pattern (read afresh), which is what a scan would accept.
+
+When serrinj runs with root's rights for another user (sudo, set-uid), the
+cache is root's own (root's home from the password database): the caller's
+``$XDG_CACHE_HOME`` or ``$HOME`` must not choose where root writes. The file is
+written through a new temporary file (``O_EXCL | O_NOFOLLOW``, mode 0600) and
+read only when it is a regular file reached without a symlink.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+import stat
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from serrinj import _native
 from serrinj.errors import SerrinjError
-from serrinj.host import procfs
+from serrinj.host import privilege, procfs
 from serrinj.remote.arch import Arch
 
 _CHUNK = 1 << 20
@@ -88,8 +96,20 @@ def _scan(
 
 
 def _disk_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if privilege.current().elevated:
+        base = os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "serrinj", "gadgets.json")
+
+
+def _read_disk(path: str) -> object:
+    # O_NONBLOCK: a FIFO in its place must not hang the seize
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return json.load(f)
 
 
 _disk: Optional[Dict[str, int]] = None
@@ -99,8 +119,7 @@ def _disk_entries() -> Dict[str, int]:
     global _disk
     if _disk is None:
         try:
-            with open(_disk_path(), encoding="utf-8") as f:
-                raw = json.load(f)
+            raw = _read_disk(_disk_path())
             _disk = {str(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
         except (OSError, ValueError, TypeError):
             _disk = {}
@@ -128,8 +147,9 @@ def _remember(m: procfs.Mapping, patterns: Sequence[bytes], hit: int) -> None:
     target = _disk_path()
     tmp = f"{target}.{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(tmp, flags, 0o600), "w", encoding="utf-8") as f:
             json.dump(entries, f)
         os.replace(tmp, target)
     except OSError:
