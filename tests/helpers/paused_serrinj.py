@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import runpy
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -53,6 +54,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     opts = parser.parse_args(argv)
     args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
     session.phase_observer = _observer(opts.pause_at, opts.marker, opts.skip)
+    # A job a shell starts in the background inherits SIGINT ignored (and so would
+    # this process, under such a test run); the tests send SIGINT as a terminal's
+    # Ctrl-C reaches a serrinj in the foreground, which has Python's own handler.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if opts.script:
         sys.argv = [opts.script, *args]
         runpy.run_path(opts.script, run_name="__main__")
