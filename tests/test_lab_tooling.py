@@ -6,6 +6,7 @@ and the pytest plugin together with the host's parser on a real pytest run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -940,26 +941,18 @@ def _gone(pid: int, within: float = 10.0) -> bool:
         time.sleep(0.05)
 
 
-def _runner(tmp_path: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", _SPAWN_AND_WAIT],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
+@contextlib.contextmanager
+def _runner() -> Iterator[Tuple[subprocess.Popen[str], int]]:
+    """A stand-in for the lab runner (its signal handling, a child started as it starts
+    QEMU) and that child's pid; both are ended by pid whatever the test did."""
+    runner = subprocess.Popen(
+        [sys.executable, "-c", _SPAWN_AND_WAIT], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
-
-
-def test_a_sigkilled_runner_takes_its_qemu_with_it(tmp_path: Path) -> None:
-    """SIGKILL cannot be caught: PR_SET_PDEATHSIG (set by ``setpriv``) ends the child."""
-    need_tool("setpriv", "util-linux")
-    runner = _runner(tmp_path)
     child = None
     try:
         assert runner.stdout is not None
         child = int(runner.stdout.readline())
-        runner.kill()
-        runner.wait(timeout=10)
-        assert _gone(child), f"the child {child} outlived its SIGKILLed runner"
+        yield runner, child
     finally:
         if runner.poll() is None:
             runner.kill()
@@ -970,28 +963,25 @@ def test_a_sigkilled_runner_takes_its_qemu_with_it(tmp_path: Path) -> None:
             os.kill(child, 9)
 
 
+def test_a_sigkilled_runner_takes_its_qemu_with_it() -> None:
+    """SIGKILL cannot be caught: PR_SET_PDEATHSIG (set by ``setpriv``) ends the child."""
+    need_tool("setpriv", "util-linux")
+    with _runner() as (runner, child):
+        runner.kill()
+        runner.wait(timeout=10)
+        assert _gone(child), f"the child {child} outlived its SIGKILLed runner"
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
-def test_sigterm_and_sighup_unwind_the_runner(tmp_path: Path, signame: str) -> None:
+def test_sigterm_and_sighup_unwind_the_runner(signame: str) -> None:
     """The runner's handler turns SIGTERM/SIGHUP into an exception, so the boots'
     clean-up (kill each QEMU by pid) runs, as it does for Ctrl-C."""
     import signal
 
-    runner = _runner(tmp_path)
-    child = None
-    try:
-        assert runner.stdout is not None
-        child = int(runner.stdout.readline())
-        signo = int(getattr(signal, signame))
+    signo = int(getattr(signal, signame))
+    with _runner() as (runner, child):
         runner.send_signal(signo)
         out, _ = runner.communicate(timeout=10)
         assert out.strip() == f"unwound {signo}"
         assert runner.returncode == 128 + signo
         assert _gone(child)
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
-        if runner.stdout is not None:
-            runner.stdout.close()
-        if child is not None and not _gone(child, within=0):
-            os.kill(child, 9)
