@@ -365,6 +365,7 @@ class _Injector:
         wait: Optional[float] = None,
         force: bool = False,
         dry_run: bool = False,
+        readback: bool = True,
     ) -> Injection:
         """Raise a machine check in ``bank`` of an x86_64 vCPU (KVM_X86_SET_MCE).
 
@@ -373,7 +374,9 @@ class _Injector:
         its fields, ``addr`` is MCi_ADDR. An error KVM would turn into a triple
         fault or drop is refused (:class:`~serrinj.errors.Conflict`) unless
         ``force``. ``wait``: poll until the guest took the #MC (a corrected
-        error raises none and counts as delivered at once).
+        error raises none and counts as delivered at once). ``readback=False``
+        skips the event readings before and after the send (the report's
+        ``before``/``after`` stay empty): the vCPU is held a shorter time.
         """
         req = _faults.MachineCheck.from_fields(
             {
@@ -387,14 +390,20 @@ class _Injector:
             }
         )
         tgt = self._one("mce", vcpu)
-        return _made(_inject.inject(tgt, req, _wait(wait), dry_run=dry_run)[0])
+        return _made(_inject.inject(tgt, req, _wait(wait), dry_run=dry_run, readback=readback)[0])
 
     def nmi(
-        self, *, vcpu: Optional[int] = None, wait: Optional[float] = None, dry_run: bool = False
+        self,
+        *,
+        vcpu: Optional[int] = None,
+        wait: Optional[float] = None,
+        dry_run: bool = False,
+        readback: bool = True,
     ) -> Injection:
-        """Queue an NMI on an x86_64 vCPU (KVM_NMI); ``wait``: poll until the guest took it."""
+        """Queue an NMI on an x86_64 vCPU (KVM_NMI); ``wait``: poll until the guest took it;
+        ``readback=False``: hold the vCPU for KVM_NMI alone (no ``before``/``after``)."""
         tgt = self._one("nmi", vcpu)
-        return _made(_inject.inject_nmi(tgt, _wait(wait), dry_run=dry_run)[0])
+        return _made(_inject.inject_nmi(tgt, _wait(wait), dry_run=dry_run, readback=readback)[0])
 
     def load_events(
         self, snapshot: EventsSnapshot, *, vcpu: VcpuSelection = None, force: bool = False

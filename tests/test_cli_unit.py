@@ -551,7 +551,12 @@ def test_wait_takes_an_optional_timeout(run: Any, fake_host: Any, captured: Any)
     assert run("nmi", "--wait=0.25").rc == 0
     assert captured["inject_nmi"][1] == (0.25,)
     assert run("nmi", "--wait", "2", "--dry-run").rc == 0
-    assert captured["inject_nmi"][1] == (2.0,) and captured["inject_nmi"][2] == {"dry_run": True}
+    assert captured["inject_nmi"][1] == (2.0,)
+    assert captured["inject_nmi"][2] == {"dry_run": True, "readback": True}
+    assert run("nmi", "--no-readback").rc == 0
+    assert captured["inject_nmi"][2] == {"dry_run": False, "readback": False}
+    assert run("mce", "--bank", "1", "--preset", "ce", "--no-readback").rc == 0
+    assert captured["inject_mce"][2] == {"dry_run": False, "readback": False}
     assert run("nmi", "--wait=0").rc == ExitCode.USAGE
 
 

@@ -31,7 +31,9 @@ Steps (each ``[[steps]]`` table does exactly one thing, named by its key):
     ``vcpus`` (required when the VM has more than one vCPU), ``wait``
     (seconds, or ``true`` for 5 s: poll until the guest has taken the fault;
     still pending then is a failure), ``dry_run`` (check and read the vCPU,
-    send nothing), and per kind:
+    send nothing), ``readback`` (default ``true``; ``false`` skips the event
+    readings an ``nmi`` or ``mce`` report shows before and after, for the
+    shortest hold of the vCPU), and per kind:
 
     - ``serror`` (arm64): ``esr`` (the ISS, bits [24:0]: a number or a
       severity name) or ``severity`` (``ce``, ``ueo``, ``uer``, ``ueu``,

@@ -112,6 +112,9 @@ class InjectStep(Step):
     dry_run: bool
     #: for an MCE: whether it raises #MC on a healthy guest (else it is only logged)
     raises_mc: Optional[bool] = None
+    #: read the vCPU before and after for the report (``readback = false``: only what
+    #: the fault's checks need, the shortest hold)
+    readback: bool = True
 
     def label(self) -> str:
         detail = self.request.label() if self.request is not None else ""

@@ -388,7 +388,7 @@ class _Runner:
         assert vcpu is not None
         tgt = target.Target(self.vm, (vcpu,))
         dry = self.dry_run or step.dry_run
-        res = inject.inject(tgt, step.request, step.wait, dry_run=dry)
+        res = inject.inject(tgt, step.request, step.wait, dry_run=dry, readback=step.readback)
         out.extend(i.as_dict() for i in res)
         if dry:
             why = "campaign dry run" if self.dry_run else "dry_run = true"

@@ -28,7 +28,7 @@ _TOP_KEYS = ("campaign", "target", "steps")
 _CAMPAIGN_KEYS = ("name", "description", "on_failure")
 _TARGET_KEYS = ("pid", "name", "pid_file", "arch", "log")
 _COMMON_KEYS = ("name", "repeat", "interval", "on_failure")
-_INJECT_KEYS = ("inject", "vcpus", "wait", "dry_run")
+_INJECT_KEYS = ("inject", "vcpus", "wait", "dry_run", "readback")
 _FAULT_KEYS: Mapping[str, Tuple[str, ...]] = MappingProxyType(
     {k: f.fields for k, f in KINDS.items()}
 )
@@ -402,6 +402,7 @@ def _inject_step(
     else:
         wait = ck.seconds(path, raw, "wait", zero_ok=False)
     dry_run = bool(ck.boolean(path, raw, "dry_run"))
+    readback = "readback" not in raw or bool(ck.boolean(path, raw, "readback"))
     request: Any = None
     try:
         request = KINDS[fault].from_fields(raw)
@@ -421,6 +422,7 @@ def _inject_step(
         vcpus=vcpus,
         wait=wait,
         dry_run=dry_run,
+        readback=readback,
         raises_mc=raises_mc,
     )
 

@@ -98,6 +98,9 @@ from serrinj.cli.options import (
     json_option as json_option,
 )
 from serrinj.cli.options import (
+    readback_option as readback_option,
+)
+from serrinj.cli.options import (
     target_options as target_options,
 )
 from serrinj.cli.options import (
@@ -352,6 +355,7 @@ def _inject(
 )
 @wait_option
 @dry_run_option
+@readback_option
 @json_option
 @_command("mce")
 def mce_cmd(
@@ -368,6 +372,7 @@ def mce_cmd(
     force: bool,
     wait: Optional[float],
     dry_run: bool,
+    readback: bool,
 ) -> None:
     """Raise a machine check on an x86_64 vCPU (KVM_X86_SET_MCE).
 
@@ -395,7 +400,11 @@ def mce_cmd(
         }
     )
     tgt = _resolve_injection_target("mce", pid, name, fd, vcpu)
-    _inject(lambda: inject.inject_mce(tgt, fault, wait, dry_run=dry_run), wait, dry_run)
+    _inject(
+        lambda: inject.inject_mce(tgt, fault, wait, dry_run=dry_run, readback=readback),
+        wait,
+        dry_run,
+    )
 
 
 # ====================================================================== nmi (x86_64)
@@ -403,6 +412,7 @@ def mce_cmd(
 @target_options
 @wait_option
 @dry_run_option
+@readback_option
 @json_option
 @_command("nmi")
 def nmi_cmd(
@@ -412,6 +422,7 @@ def nmi_cmd(
     vcpu: Optional[str],
     wait: Optional[float],
     dry_run: bool,
+    readback: bool,
 ) -> None:
     """Queue an NMI on an x86_64 vCPU (KVM_NMI).
 
@@ -423,7 +434,7 @@ def nmi_cmd(
     if wait is not None and wait <= 0:
         raise InvalidInput(f"--wait {wait:g}: the timeout must be positive")
     tgt = _resolve_injection_target("nmi", pid, name, fd, vcpu)
-    _inject(lambda: inject.inject_nmi(tgt, wait, dry_run=dry_run), wait, dry_run)
+    _inject(lambda: inject.inject_nmi(tgt, wait, dry_run=dry_run, readback=readback), wait, dry_run)
 
 
 # ====================================================================== esr (pure)

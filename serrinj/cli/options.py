@@ -266,6 +266,17 @@ def wait_option(f: F) -> F:
     )(f)
 
 
+def readback_option(f: F) -> F:
+    return click.option(
+        "--readback/--no-readback",
+        default=True,
+        show_default=True,
+        help="Read the vCPU's events before and after the send for the report. --no-readback"
+        " holds the vCPU for the checks and the send alone (the shortest stall the guest"
+        " sees); the report then shows no before/after.",
+    )(f)
+
+
 def dry_run_option(f: F) -> F:
     return click.option(
         "--dry-run",

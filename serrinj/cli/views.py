@@ -433,6 +433,8 @@ def view_injections(data: Mapping[str, Any]) -> Doc:
             rows.append(("before", events_summary(arch, inj["before"])))
         if inj.get("after") and not dry:
             rows.append(("after", events_summary(arch, inj["after"])))
+        if inj.get("readback") is False:
+            rows.append(("events", "not read (--no-readback)"))
         delivery = _delivery(inj.get("delivery"))
         if delivery is not None:
             rows.append(("delivery", delivery))

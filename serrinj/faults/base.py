@@ -30,6 +30,9 @@ class Job:
     caps: HostCaps
     wait: Optional[float]
     dry_run: bool
+    #: read the vCPU before and after the send for the report even where the fault's
+    #: checks do not need it (``False``: the thread is held for the checks and the send)
+    readback: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class Injection:
     timings_us: Dict[str, float] = field(default_factory=dict)
     #: validated and planned, but nothing was sent (``--dry-run``)
     dry_run: bool = False
+    #: ``before`` and ``after`` were both read (``False`` with ``--no-readback``: what
+    #: the fault's checks did not need was not read, and shows as ``{}``)
+    readback: bool = True
 
     @property
     def delivered(self) -> Optional[bool]:
@@ -96,6 +102,7 @@ class Injection:
             "kill_safe_reason": self.kill_safe_reason,
             "timings_us": self.timings_us,
             "dry_run": self.dry_run,
+            "readback": self.readback,
         }
 
 
@@ -159,9 +166,11 @@ class Fault(abc.ABC):
         wait: Optional[float],
         dry_run: bool,
         out: List[Injection],
+        readback: bool = True,
     ) -> List[Injection]:
-        """Inject into each vCPU of ``tgt``, appending each result to ``out`` as it completes."""
-        return self.inject_each(Job(tgt, caps, wait, dry_run), out)
+        """Inject into each vCPU of ``tgt``, appending each result to ``out`` as it completes
+        (``readback``: see :attr:`Job.readback`)."""
+        return self.inject_each(Job(tgt, caps, wait, dry_run, readback), out)
 
     @abc.abstractmethod
     def inject_each(self, job: Job, out: List[Injection]) -> List[Injection]:

@@ -14,7 +14,7 @@ import functools
 import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar, cast
+from typing import Any, Callable, ClassVar, Dict, Generic, List, Optional, TypeVar, cast
 
 from serrinj.errors import NotDelivered
 from serrinj.faults.base import Delivery, Fault, Injection, Job, timings
@@ -47,9 +47,21 @@ class Reading:
         return self.show()
 
 
+def not_read() -> Reading:
+    """What a report shows of a reading that was not made (``readback=False``): ``{}``."""
+    return Reading(None, dict)
+
+
 class VcpuFault(Fault, Generic[V]):
     """A fault sent to each selected vCPU in turn and read back; ``V`` is the vCPU class
     of its arch (:class:`~serrinj.vcpu.arm64.Arm64Vcpu` for an arm64 fault)."""
+
+    #: whether :meth:`admit` looks at the reading before the send (else that reading
+    #: only feeds the report, and ``readback=False`` skips it)
+    admit_reads: ClassVar[bool] = True
+    #: whether :meth:`landed` or :meth:`settled` look at the reading after the send
+    #: (else ``readback=False`` skips it)
+    outcome_reads: ClassVar[bool] = True
 
     def plan(self, caps: HostCaps) -> Any:
         """What every vCPU of one injection shares (handed to :meth:`admit`)."""
@@ -111,18 +123,21 @@ class VcpuFault(Fault, Generic[V]):
         vm = target.ensure_mapped(job.tgt.vm, job.tgt.vcpu_ids)
         tgt = replace(job.tgt, vm=vm)
         plan = self.plan(job.caps)
+        # without readback, the thread is held only for what the checks need
+        read_before = job.readback or dry_run or self.admit_reads
+        read_after = not dry_run and (job.readback or self.outcome_reads)
         for vid in tgt.vcpu_ids:
             t0 = time.monotonic()
             with target.attach(vm, vid, self.requests) as (any_vc, rt):
                 # the VM's arch is the fault's (checked first), so attach made a V
                 vc = cast(V, any_vc)
-                before = self.read(vc)
+                before = self.read(vc) if read_before else not_read()
                 prediction = self.admit(vid, vc, before, plan)
                 if not dry_run:
                     self.send(vc)
                 t_set = time.monotonic()
-                after = before if dry_run else self.read(vc)
-                taken = None if dry_run else self.landed(vc, after)
+                after = self.read(vc) if read_after else before if dry_run else not_read()
+                taken = self.landed(vc, after) if read_after else None
             # from what the stop recorded: the thread already runs again
             state = thread_state(vm.vcpu(vid).thread, rt, vm.vcpu(vid).fds)
             shown_after = dict(after.shown)
@@ -144,6 +159,7 @@ class VcpuFault(Fault, Generic[V]):
                 kill_safe_reason=rt.kill_safe_reason,
                 timings_us=timings(rt),
                 dry_run=dry_run,
+                readback=read_before and (read_after or dry_run),
             )
             at_once = self.taken_at_once(taken, state)
             if at_once is not None:

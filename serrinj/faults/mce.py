@@ -46,6 +46,10 @@ class MachineCheck(VcpuFault[X86Vcpu]):
         "force",
     )
     title: ClassVar[str] = "a machine-check"
+    # the checks read the guest's own MCE state (_guest_state), and the outcome
+    # comes from the prediction: the event readings only feed the report
+    admit_reads: ClassVar[bool] = False
+    outcome_reads: ClassVar[bool] = False
 
     mce: kvm_x86.Mce
     force: bool = False

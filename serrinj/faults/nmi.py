@@ -23,6 +23,9 @@ class Nmi(VcpuFault[X86Vcpu]):
     requests: ClassVar[Tuple[int, ...]] = (api.KVM_GET_VCPU_EVENTS, kvm_x86.KVM_NMI)
     fields: ClassVar[Tuple[str, ...]] = ()
     title: ClassVar[str] = "an NMI"
+    # the NMI is sent whatever the vCPU holds: the readings only feed the report
+    admit_reads: ClassVar[bool] = False
+    outcome_reads: ClassVar[bool] = False
 
     @classmethod
     def from_fields(cls, data: Mapping[str, Any]) -> Nmi:

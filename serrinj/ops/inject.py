@@ -67,25 +67,39 @@ def require_arch(vm_arch: str, kind: str) -> None:
     },
 )
 def inject(
-    tgt: target.Target, fault: Fault, wait: Optional[float] = None, *, dry_run: bool = False
+    tgt: target.Target,
+    fault: Fault,
+    wait: Optional[float] = None,
+    *,
+    dry_run: bool = False,
+    readback: bool = True,
 ) -> List[Injection]:
     """Send ``fault`` to each selected vCPU; with ``wait``, poll until the guest took it.
 
     ``dry_run`` runs every check and reads the vCPU, but sends nothing.
+    ``readback=False`` skips the readings before and after the send that only feed the
+    report (an NMI's and a machine check's events): the vCPU is held for the checks and
+    the send alone, and the report shows ``{}`` for what was not read.
     """
     fault.validate(wait)
     require_arch(tgt.vm.arch, fault.kind)
     caps = kvmcaps.probe()
     fault.check(caps)
     out: List[Injection] = guard.results()
-    return fault.run(tgt, caps, wait, dry_run, out)
+    return fault.run(tgt, caps, wait, dry_run, out, readback)
 
 
 def inject_serror(
-    tgt: target.Target, req: SError, wait: Optional[float] = None, *, dry_run: bool = False
+    tgt: target.Target,
+    req: SError,
+    wait: Optional[float] = None,
+    *,
+    dry_run: bool = False,
+    readback: bool = True,
 ) -> List[Injection]:
-    """Make an SError pending on each selected vCPU."""
-    return inject(tgt, req, wait, dry_run=dry_run)
+    """Make an SError pending on each selected vCPU (its checks need both readings:
+    ``readback`` changes nothing)."""
+    return inject(tgt, req, wait, dry_run=dry_run, readback=readback)
 
 
 def inject_ext_dabt(
@@ -97,17 +111,27 @@ def inject_ext_dabt(
 
 
 def inject_mce(
-    tgt: target.Target, req: MachineCheck, wait: Optional[float] = None, *, dry_run: bool = False
+    tgt: target.Target,
+    req: MachineCheck,
+    wait: Optional[float] = None,
+    *,
+    dry_run: bool = False,
+    readback: bool = True,
 ) -> List[Injection]:
     """Raise a machine check on each selected vCPU (``dry_run``: predict, send nothing)."""
-    return inject(tgt, req, wait, dry_run=dry_run)
+    return inject(tgt, req, wait, dry_run=dry_run, readback=readback)
 
 
 def inject_nmi(
-    tgt: target.Target, wait: Optional[float] = None, *, dry_run: bool = False
+    tgt: target.Target,
+    wait: Optional[float] = None,
+    *,
+    dry_run: bool = False,
+    readback: bool = True,
 ) -> List[Injection]:
-    """Queue an NMI on each selected vCPU (``dry_run``: read the vCPU, send nothing)."""
-    return inject(tgt, Nmi(), wait, dry_run=dry_run)
+    """Queue an NMI on each selected vCPU (``dry_run``: read the vCPU, send nothing;
+    ``readback=False``: hold the vCPU for KVM_NMI alone)."""
+    return inject(tgt, Nmi(), wait, dry_run=dry_run, readback=readback)
 
 
 # ---------------------------------------------------------------------- requests
