@@ -33,7 +33,7 @@ PHASES = ("seize", "interrupt", "syscall_total", "restore", "detach", "held")
 PHASE_MEANING = {
     "seize": "checks, gadget lookup, PTRACE_SEIZE (the thread still runs)",
     "interrupt": "PTRACE_INTERRUPT until the thread is stopped",
-    "syscall_total": "the remote ioctl(s) (KVM_NMI; the CLI also reads the events)",
+    "syscall_total": "remote ioctls (KVM_NMI; the CLI reads events too, unless --no-readback)",
     "restore": "registers and memory back, second stop, verified",
     "detach": "PTRACE_DETACH",
     "held": "PTRACE_INTERRUPT to PTRACE_DETACH: the engine's view of the stall",
@@ -77,6 +77,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
     durations: Dict[str, List[float]] = {}
     engine: Dict[str, List[float]] = {}
     cli_engine: Dict[str, List[float]] = {}
+    cli_lean_engine: Dict[str, List[float]] = {}
     sent = {MEASURED: 0, BYSTANDER: 0}
     failures: List[str] = []
 
@@ -100,15 +101,19 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
                     vc.inject_nmi()
                 return dict(rt.timings)
 
-            def cli(vcpu: int) -> None:
+            def cli(vcpu: int, *extra: str) -> None:
                 argv = [*ctx.serrinj, "--json", "nmi", "--pid", str(vm.pid), "--vcpu", str(vcpu)]
-                res = run_cmd(argv, env=ctx.env)
+                res = run_cmd([*argv, *extra], env=ctx.env)
                 if res.returncode != 0:
-                    failures.append(f"serrinj nmi --vcpu {vcpu}: exit {res.returncode}")
+                    failures.append(f"serrinj nmi --vcpu {vcpu} {extra}: exit {res.returncode}")
                     return
                 inj = json.loads(res.stdout)["injections"][0]
+                into = cli_lean_engine if extra else cli_engine
                 for k, v in inj.get("timings_us", {}).items():
-                    cli_engine.setdefault(k, []).append(float(v))
+                    into.setdefault(k, []).append(float(v))
+
+            def cli_lean(vcpu: int) -> None:
+                cli(vcpu, "--no-readback")
 
             def gdb(vcpu: int) -> None:
                 res = run_cmd(gdb_call_argv(vm.pid, fds[vcpu], tid=tids[vcpu]), env=ctx.env)
@@ -134,11 +139,12 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
             plan = (
                 ("api", api, ctx.rounds(150, 20)),
                 ("cli", cli, ctx.rounds(20)),
+                ("cli-lean", cli_lean, ctx.rounds(20)),
                 ("gdb", gdb, ctx.rounds(8)),
             )
             for family, action, rounds in plan:
                 progress(f"figure 2: {family}: {rounds} rounds (target, other, baselines)")
-                if family == "cli":
+                if family.startswith("cli"):
                     for _ in range(2):  # warm-up (bytecode, page cache)
                         action(BYSTANDER)
                         sent[BYSTANDER] += 1
@@ -165,6 +171,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
     for family, label in (
         ("api", "serrinj library, one session"),
         ("cli", "serrinj nmi (CLI)"),
+        ("cli-lean", "serrinj nmi --no-readback (CLI)"),
         ("gdb", "gdb call ioctl"),
     ):
         rows.append(
@@ -180,6 +187,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
     for family, label, limit in (
         ("api", "serrinj library", GOAL_LIBRARY_US),
         ("cli", "serrinj nmi, the CLI", GOAL_CLI_US),
+        ("cli-lean", "serrinj nmi --no-readback, the CLI", GOAL_CLI_US),
     ):
         target_us = samples.get(f"{family}/target", [])
         median = stats.percentile(target_us, 50) if target_us else None
@@ -190,7 +198,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
                 "met": median is not None and median <= limit,
             }
         )
-    for family in ("api", "cli"):
+    for family in ("api", "cli", "cli-lean"):
         other = samples.get(f"{family}/other", [])
         base = samples.get(f"{family}/baseline", [])
         if other and base:
@@ -228,8 +236,9 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
     for phase in PHASES:
         lib = engine.get(phase, [])
         cli_ = cli_engine.get(phase, [])
-        if lib or cli_:
-            phase_rows.append([phase, PHASE_MEANING[phase], _cell(lib), _cell(cli_)])
+        lean = cli_lean_engine.get(phase, [])
+        if lib or cli_ or lean:
+            phase_rows.append([phase, PHASE_MEANING[phase], _cell(lib), _cell(cli_), _cell(lean)])
     return {
         "id": "stall",
         "title": "2. vCPU stall per NMI injection, as the guest sees it (median (p10-p90))",
@@ -240,7 +249,13 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         "extra_tables": [
             {
                 "title": "engine phases (RemoteThread.timings) per injection into the target vCPU",
-                "headers": ["phase", "what", "library", "CLI (a fresh process)"],
+                "headers": [
+                    "phase",
+                    "what",
+                    "library",
+                    "CLI (a fresh process)",
+                    "CLI --no-readback",
+                ],
                 "rows": phase_rows,
             }
         ],
@@ -251,6 +266,9 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
             "injector_wall_us": {k: _summary([d * 1e6 for d in v]) for k, v in durations.items()},
             "engine_timings_us_library": engine_rows,
             "engine_timings_us_cli": {k: _summary(v) for k, v in cli_engine.items()},
+            "engine_timings_us_cli_no_readback": {
+                k: _summary(v) for k, v in cli_lean_engine.items()
+            },
             "probe_histogram": stats.log2_histogram_us(hist, tsc_khz),
             "tsc_khz": tsc_khz,
             "pinned": pinned,
