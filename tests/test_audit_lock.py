@@ -58,6 +58,20 @@ def test_lock_excludes_another_process_and_names_it(tmp_path: Path) -> None:
         holder.stdout.close()
 
 
+def test_the_lock_file_names_its_holder_exactly_while_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a holder that did not release (killed) left behind, longer than this holder's
+    own line, is cut off; the file is emptied on release."""
+    monkeypatch.setenv("SERRINJ_LOCK_DIR", str(tmp_path))
+    path = tmp_path / "vm-1-2.lock"
+    path.write_text(json.dumps({"pid": 1, "argv": ["a-much-longer-command-line"] * 20}))
+    for _ in range(2):
+        with lock.vm_lock(1, 2, "pid 1", wait=0.1):
+            assert json.loads(path.read_text()) == {"pid": os.getpid(), "argv": sys.argv}
+        assert path.read_text() == ""
+
+
 def test_a_lock_directory_serrinj_may_not_write_is_a_permission_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
