@@ -20,13 +20,21 @@ so "delivered" is what the guest saw, not what was sent):
 A second set of the session-per-injection blocks runs with this process on
 one CPU and the vCPU thread on another, the layout of a host with spare
 cores (on 2 CPUs the injector otherwise competes with the vCPU it stops).
+
+Where the time of one operation goes comes from the engine's own clock of
+each session (``RemoteThread.timings``, which every injection reports): the
+checks before the stop and PTRACE_SEIZE (``seize``), the hold from
+PTRACE_INTERRUPT to PTRACE_DETACH (``held``, with its ioctls), and the rest of
+the operation's wall time, outside the session (the use case's lock, audit,
+capability and policy checks, the injection loop's Python, and a vCPU that
+takes the CPU back after the detach).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Mapping
 
 from bench import stats
 from bench.guest import GuestProbe
@@ -48,6 +56,10 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
     blocks = ctx.rounds(6, 2)
     per_block = {"use-case": 150, "session": 300, "session-pinned": 300, "one-session": 300}
     rates: Dict[str, List[float]] = {k: [] for k in per_block}
+    # per variant: the engine's timings (ns) of every session, summed; and the wall time
+    engine: Dict[str, Dict[str, float]] = {k: {} for k in per_block}
+    wall: Dict[str, float] = {k: 0.0 for k in per_block}
+    timed = {"use-case": 0, "session": 0}
     sent: Dict[str, int] = {k: 0 for k in per_block}
     taken: Dict[str, int] = {k: 0 for k in per_block}
     cpus = sorted(os.sched_getaffinity(0))
@@ -59,14 +71,20 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         def nmis() -> int:
             return counter._u32("PC_NMI_COUNT")
 
+        # the last block's sessions, for the profile (kept aside, summed after the clock)
+        last: List[Mapping[str, float]] = []
+
         def use_case(n: int) -> None:
+            last.clear()
             for _ in range(n):
-                inject.inject_nmi(tgt)
+                last.append(inject.inject_nmi(tgt)[0].timings_us)
 
         def session(n: int) -> None:
+            last.clear()
             for _ in range(n):
-                with target.attach(found, 0, NMI_ONLY) as (vc, _rt):
+                with target.attach(found, 0, NMI_ONLY) as (vc, rt):
                     vc.inject_nmi()
+                last.append(rt.timings)
 
         def one_session(n: int) -> None:
             with target.attach(found, 0, NMI_ONLY) as (vc, _rt):
@@ -94,6 +112,15 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
                 unpin(vm)
                 time.sleep(0.05)
                 rates[variant].append(n / elapsed)
+                if variant in timed:
+                    # the injections report microseconds, the engine nanoseconds
+                    unit = 1.0 if variant == "use-case" else 1e-3
+                    for t in last:
+                        for k, v in t.items():
+                            name = k[: -len("_ns")] if k.endswith("_ns") else k
+                            engine[variant][name] = engine[variant].get(name, 0.0) + v * unit
+                    timed[variant] += len(last)
+                    wall[variant] += elapsed * 1e6
                 sent[variant] += n
                 taken[variant] += nmis() - before
         finally:
@@ -108,6 +135,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         "session-pinned": "the same, injector and vCPU on different CPUs",
         "one-session": "one session, KVM_NMI repeated while the vCPU is held",
     }
+    labels_short = {"use-case": "use case", "session": "session per injection"}
     rows = []
     for variant, xs in rates.items():
         s = stats.summarize(xs)
@@ -135,8 +163,10 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
             "met": stats.percentile(rates["use-case"], 50) >= GOAL_PER_S,
         },
     ]
+    profile = {v: _profile(engine[v], wall[v], timed[v]) for v in timed}
     notes = [
         f"{blocks} interleaved blocks per variant; the test VM stayed healthy: {alive and not bad}",
+        *(_profile_note(labels_short[v], profile[v]) for v in timed),
         "delivered = NMIs the guest counted; the one-session variant shows why a held vCPU"
         " is not a live guest (its NMIs merge while it cannot run)",
     ]
@@ -155,6 +185,32 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
             },
             "sent": sent,
             "taken": taken,
+            "profile_us_per_op": profile,
             "vm_healthy": alive and not bad,
         },
     }
+
+
+def _profile(sums: Dict[str, float], wall_us: float, n: int) -> Dict[str, float]:
+    """Mean microseconds per operation: the engine's phases and the rest of the wall time."""
+    if not n:
+        return {}
+    per = {k: v / n for k, v in sums.items()}
+    seize, held = per.get("seize", 0.0), per.get("held", 0.0)
+    return {
+        "wall": wall_us / n,
+        "seize": seize,
+        "held": held,
+        "ioctls": per.get("syscall_total", 0.0),
+        "outside_session": wall_us / n - seize - held,
+    }
+
+
+def _profile_note(label: str, p: Dict[str, float]) -> str:
+    if not p:
+        return f"{label}: no profile"
+    return (
+        f"{label}, mean per op: {p['wall']:.0f} µs = checks and seize {p['seize']:.0f}"
+        f" + held {p['held']:.0f} (its ioctls {p['ioctls']:.0f})"
+        f" + outside the session {p['outside_session']:.0f}"
+    )

@@ -58,6 +58,20 @@ def test_lock_excludes_another_process_and_names_it(tmp_path: Path) -> None:
         holder.stdout.close()
 
 
+def test_the_lock_file_names_its_holder_exactly_while_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a holder that did not release (killed) left behind, longer than this holder's
+    own line, is cut off; the file is emptied on release."""
+    monkeypatch.setenv("SERRINJ_LOCK_DIR", str(tmp_path))
+    path = tmp_path / "vm-1-2.lock"
+    path.write_text(json.dumps({"pid": 1, "argv": ["a-much-longer-command-line"] * 20}))
+    for _ in range(2):
+        with lock.vm_lock(1, 2, "pid 1", wait=0.1):
+            assert json.loads(path.read_text()) == {"pid": os.getpid(), "argv": sys.argv}
+        assert path.read_text() == ""
+
+
 def test_a_lock_directory_serrinj_may_not_write_is_a_permission_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,3 +161,30 @@ def test_every_attempt_is_audited_with_its_outcome(vm: TestVmProcess) -> None:
     assert ok["user"]["uid"] == os.getuid()  # type: ignore[index]
     assert records[2]["error"]["kind"] == "unsupported"  # type: ignore[index]
     assert records[2]["request"]["esr"] == 0x1811  # type: ignore[index]
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.skipif(not X86, reason="x86_64 injections; arm64 is covered in the lab")
+def test_root_injects_without_importing_the_policy(vm: TestVmProcess, tmp_path: Path) -> None:
+    """The policy binds callers who are not root: root's injection, locked and audited as
+    always, never imports its module or the TOML reader it needs."""
+    log = tmp_path / "audit.jsonl"
+    code = (
+        "import sys\n"
+        "from serrinj.ops import inject\n"
+        "from serrinj.target import attach as target\n"
+        f"inject.inject_nmi(target.resolve(pid={vm.pid}), wait=5.0)\n"
+        "print(sorted(m for m in sys.modules"
+        " if m in ('serrinj.ops.policy', 'serrinj.codec.tomlsubset')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "SUDO_GID", "SUDO_USER")}
+    env.update(SERRINJ_AUDIT_LOG=str(log), SERRINJ_LOCK_DIR=str(tmp_path))
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout
+    records = audit.read(log=str(log))
+    assert [(r["action"], r["outcome"]) for r in records] == [("inject-nmi", "ok")]
+    assert records[0]["detail"]["delivery"]["delivered"] is True  # type: ignore[index]

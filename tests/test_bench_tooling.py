@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench import crowd, fig_list, fig_vcpu_all, report, stats
+from bench import crowd, fig_list, fig_throughput, fig_vcpu_all, report, stats
 from bench.fig_cli import gdb_call_argv, gdb_call_result
 from bench.fig_startup import import_groups, parse_importtime
 from bench.machine import kvm_kind
@@ -374,3 +374,22 @@ def test_a_crowd_of_vms_is_listed_by_serrinj_and_gone_after_stop() -> None:
 def test_crowd_kind_is_checked() -> None:
     with pytest.raises(ValueError):
         crowd.Crowd("busy", 1)
+
+
+def test_throughput_profile_splits_the_wall_time_of_one_operation() -> None:
+    # two operations: the engine's microseconds summed, and 2,000 µs of wall time
+    sums = {"seize": 400.0, "held": 1000.0, "syscall_total": 600.0, "restore": 50.0}
+    p = fig_throughput._profile(sums, 2000.0, 2)
+    assert p == {
+        "wall": 1000.0,
+        "seize": 200.0,
+        "held": 500.0,
+        "ioctls": 300.0,
+        "outside_session": 300.0,
+    }
+    assert fig_throughput._profile({}, 0.0, 0) == {}
+    note = fig_throughput._profile_note("use case", p)
+    assert note == (
+        "use case, mean per op: 1000 µs = checks and seize 200 + held 500 (its ioctls 300)"
+        " + outside the session 300"
+    )

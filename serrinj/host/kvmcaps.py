@@ -1,6 +1,9 @@
 """Host capabilities, probed with system ioctls on /dev/kvm from serrinj's own process.
 
-System ioctls have no ``mm`` check (BRIEF section 1), so no VMM is involved.
+System ioctls have no ``mm`` check (BRIEF section 1), so no VMM is involved. The
+answer is kept for the life of the process (per device path and architecture):
+an injection loop asks for it every time, and the host's KVM does not change
+under a running serrinj.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import errno
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from serrinj import _native
 from serrinj.errors import PermissionDenied, Unsupported
@@ -84,9 +87,28 @@ def open_kvm() -> int:
         ) from None
 
 
-def probe() -> HostCaps:
-    """Probe the host's KVM (API version, injection capabilities, MCE support)."""
+#: (device, arch) -> what probing it found, once per process
+_probed: Dict[Tuple[str, str], HostCaps] = {}
+
+
+def probe(*, fresh: bool = False) -> HostCaps:
+    """The host's KVM (API version, injection capabilities, MCE support).
+
+    Probed once per process; ``fresh`` asks /dev/kvm again. A failed probe (no KVM,
+    no access) is not kept: the next call tries again.
+    """
     arch = machine()
+    key = (KVM_DEV, arch)
+    if not fresh:
+        known = _probed.get(key)
+        if known is not None:
+            return known
+    caps = _probe(arch)
+    _probed[key] = caps
+    return caps
+
+
+def _probe(arch: str) -> HostCaps:
     fd = open_kvm()
     try:
         version = _native.ioctl_int(fd, api.KVM_GET_API_VERSION)

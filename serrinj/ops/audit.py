@@ -18,7 +18,7 @@ import json
 import os
 import pwd
 import sys
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 try:
     import syslog as _syslog
@@ -42,28 +42,42 @@ def path() -> str:
 
 
 _names: Dict[int, str] = {}
+#: the last "user" of a record, by what it is made of (the ids, SUDO_USER, the caller)
+_users: Dict[Tuple[int, int, Optional[str], object], Dict[str, object]] = {}
 
 
 def _user() -> Dict[str, object]:
     from serrinj.host import privilege
 
-    uid = os.getuid()
-    name = _names.get(uid)
-    if name is None:  # the user database is read once per uid, not per record
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = str(uid)
-        _names[uid] = name
+    uid, euid = os.getuid(), os.geteuid()
+    sudo_user = os.environ.get("SUDO_USER")
     caller = privilege.current()
-    return {
-        "uid": uid,
-        "euid": os.geteuid(),
-        "name": name,
-        "sudo_user": os.environ.get("SUDO_USER"),
-        # who serrinj acts for: the sudo caller's uid and name, or the user itself
-        "caller": caller.as_dict(),
-    }
+    key = (uid, euid, sudo_user, caller)
+    known = _users.get(key)
+    if known is None:
+        name = _names.get(uid)
+        if name is None:  # the user database is read once per uid, not per record
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            _names[uid] = name
+        known = {
+            "uid": uid,
+            "euid": euid,
+            "name": name,
+            "sudo_user": sudo_user,
+            # who serrinj acts for: the sudo caller's uid and name, or the user itself
+            "caller": caller.as_dict(),
+        }
+        _users.clear()
+        _users[key] = known
+    # each record gets its own copy: a caller may change the entry it is given
+    return {**known, "caller": dict(known["caller"])}  # type: ignore[call-overload]
+
+
+#: json.dumps(..., default=str), without making a new encoder for every record
+_encode = json.JSONEncoder(default=str).encode
 
 
 def record(
@@ -97,7 +111,7 @@ def record(
         entry["detail"] = dict(detail)
     from serrinj.host import privilege
 
-    line = json.dumps(entry, default=str)
+    line = _encode(entry)
     target = path()
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     try:
@@ -120,7 +134,7 @@ def record(
         _syslog.syslog(
             _syslog.LOG_NOTICE,
             f"{action} {outcome} user={entry['user']['name']}{caller_text}{vm_text}"  # type: ignore[index]
-            f" vcpu={vcpu_id} request={json.dumps(request, default=str) if request else '-'}"
+            f" vcpu={vcpu_id} request={_encode(request) if request else '-'}"
             + (f" error={error.get('message')}" if error else ""),
         )
     return entry

@@ -27,6 +27,7 @@ from serrinj.errors import (
     TargetNotFound,
     Unsupported,
 )
+from serrinj.host import privilege
 from serrinj.ops import audit, lock
 from serrinj.target.attach import Target
 
@@ -166,10 +167,12 @@ def guarded(
                     )
 
             # the policy for callers who are not root (sudo): audited and raised here,
-            # before the lock and before anything is read or sent
-            from serrinj.ops import policy
+            # before the lock and before anything is read or sent; root reads no policy,
+            # so its module (and its TOML reader) is imported only for those callers
+            if privilege.current().elevated:
+                from serrinj.ops import policy
 
-            policy.enforce_guarded(name, tgt.vm, args, request)
+                policy.enforce_guarded(name, tgt.vm, args, request)
             done: List[Any] = []
             token = _results.set(done)
             try:

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 from serrinj.errors import Conflict, PermissionDenied
 
@@ -31,8 +31,21 @@ def lock_dir() -> str:
     return privilege.runtime_dir()
 
 
-def _path(pid: int, starttime: int) -> str:
-    return os.path.join(lock_dir(), f"vm-{pid}-{starttime}.lock")
+def _path(pid: int, starttime: int, directory: Optional[str] = None) -> str:
+    return os.path.join(directory or lock_dir(), f"vm-{pid}-{starttime}.lock")
+
+
+#: what the holder writes into the lock file, kept while the pid and argv stay the same
+_me: Dict[Tuple[int, Tuple[str, ...]], bytes] = {}
+
+
+def _holder_info() -> bytes:
+    key = (os.getpid(), tuple(sys.argv))
+    info = _me.get(key)
+    if info is None:
+        _me.clear()
+        info = _me[key] = json.dumps({"pid": key[0], "argv": sys.argv}).encode()
+    return info
 
 
 def _holder(path: str) -> str:
@@ -58,7 +71,7 @@ def vm_lock(pid: int, starttime: int, label: str, wait: float = 10.0) -> Iterato
             _held[key] = (fd, depth - 1)
         return
     directory = lock_dir()
-    path = _path(pid, starttime)
+    path = _path(pid, starttime, directory)
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
     try:
         try:
@@ -90,8 +103,13 @@ def vm_lock(pid: int, starttime: int, label: str, wait: float = 10.0) -> Iterato
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "argv": sys.argv}).encode())
+        # who holds it, for the message of a process that waits: written in place, and
+        # whatever a holder that did not release it left beyond it cut off (the same
+        # content as emptying the file first, with fewer writes to the file system)
+        info = _holder_info()
+        os.pwrite(fd, info, 0)
+        if os.fstat(fd).st_size > len(info):
+            os.ftruncate(fd, len(info))
         _held[key] = (fd, 1)
         try:
             yield
