@@ -6,7 +6,8 @@ so "delivered" is what the guest saw, not what was sent):
 
 - *use case* ``inject.inject_nmi(target)``: what the CLI and campaigns run
   per injection: the per-VM lock, the audit record, the vCPU events read
-  before and after, one engine session;
+  before and after, one engine session; and the same with ``readback=False``
+  (``--no-readback``: the vCPU held for KVM_NMI alone, no event reads);
 - *session per injection*: ``target.attach(...)`` + ``Vcpu.inject_nmi()``: one
   engine session (seize, stop, ioctl, restore, detach) and nothing else;
 - *one session, many ioctls*: the vCPU thread stays stopped while KVM_NMI is
@@ -54,7 +55,13 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
 
     progress("figure 3: library API throughput into a live guest")
     blocks = ctx.rounds(6, 2)
-    per_block = {"use-case": 150, "session": 300, "session-pinned": 300, "one-session": 300}
+    per_block = {
+        "use-case": 150,
+        "use-case-lean": 150,
+        "session": 300,
+        "session-pinned": 300,
+        "one-session": 300,
+    }
     rates: Dict[str, List[float]] = {k: [] for k in per_block}
     # per variant: the engine's timings (ns) of every session, summed; and the wall time
     engine: Dict[str, Dict[str, float]] = {k: {} for k in per_block}
@@ -74,10 +81,13 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         # the last block's sessions, for the profile (kept aside, summed after the clock)
         last: List[Mapping[str, float]] = []
 
-        def use_case(n: int) -> None:
+        def use_case(n: int, readback: bool = True) -> None:
             last.clear()
             for _ in range(n):
-                last.append(inject.inject_nmi(tgt)[0].timings_us)
+                last.append(inject.inject_nmi(tgt, readback=readback)[0].timings_us)
+
+        def use_case_lean(n: int) -> None:
+            use_case(n, readback=False)
 
         def session(n: int) -> None:
             last.clear()
@@ -93,6 +103,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
 
         actions = {
             "use-case": use_case,
+            "use-case-lean": use_case_lean,
             "session": session,
             "session-pinned": session,
             "one-session": one_session,
@@ -131,6 +142,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
     labels = {
         "use-case": "inject.inject_nmi() per NMI (lock, audit, events before/after)"
         " - what the CLI and campaigns run",
+        "use-case-lean": "the same with readback=False (--no-readback: KVM_NMI alone held)",
         "session": "target.attach() + inject_nmi(), one session per NMI",
         "session-pinned": "the same, injector and vCPU on different CPUs",
         "one-session": "one session, KVM_NMI repeated while the vCPU is held",
