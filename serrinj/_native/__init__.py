@@ -85,13 +85,23 @@ def _raise(what: str) -> None:
     raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+# The C types of the calls made while a VMM thread is held, resolved once: a type
+# given as a string is looked up again on every call.
+_LONG = ffi.typeof("long")
+_ULONG = ffi.typeof("unsigned long")
+_VOID_P = ffi.typeof("void *")
+_UINTPTR = ffi.typeof("uintptr_t")
+_IOVEC_P = ffi.typeof("struct iovec *")
+_INT_P = ffi.typeof("int *")
+
+
 def _long(value: int) -> object:
-    return ffi.cast("long", value)
+    return ffi.cast(_LONG, value)
 
 
 def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
     """``ioctl(fd, request, arg)`` with an integer argument; returns the result."""
-    ret = libc.ioctl(fd, ffi.cast("unsigned long", request), _long(arg))
+    ret = libc.ioctl(fd, ffi.cast(_ULONG, request), _long(arg))
     if ret < 0:
         _raise(f"ioctl({fd}, {request:#x})")
     return int(ret)
@@ -100,15 +110,18 @@ def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
 def ioctl_buf(fd: int, request: int, buf: bytearray) -> int:
     """``ioctl(fd, request, &buf)``; ``buf`` is updated in place with what the kernel wrote."""
     cbuf = ffi.from_buffer(buf)
-    ret = libc.ioctl(fd, ffi.cast("unsigned long", request), ffi.cast("void *", cbuf))
+    ret = libc.ioctl(fd, ffi.cast(_ULONG, request), ffi.cast(_VOID_P, cbuf))
     if ret < 0:
         _raise(f"ioctl({fd}, {request:#x})")
     return int(ret)
 
 
+_PTRACE_NR = _long(_NR["ptrace"])
+
+
 def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     """The raw ptrace syscall (not glibc's PEEK-rewriting wrapper)."""
-    ret = libc.syscall(_long(_NR["ptrace"]), _long(request), _long(tid), _long(addr), _long(data))
+    ret = libc.syscall(_PTRACE_NR, _long(request), _long(tid), _long(addr), _long(data))
     if ret < 0:
         _raise(f"ptrace({request:#x}, {tid})")
     return int(ret)
@@ -117,7 +130,7 @@ def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
 def ptrace_buf(request: int, tid: int, addr: int, buf: bytearray) -> int:
     """ptrace with ``data`` pointing at ``buf`` (kept alive for the call)."""
     cbuf = ffi.from_buffer(buf)
-    return ptrace(request, tid, addr, int(ffi.cast("uintptr_t", cbuf)))
+    return ptrace(request, tid, addr, int(ffi.cast(_UINTPTR, cbuf)))
 
 
 def ptrace_iovec(request: int, tid: int, note: int, buf: bytearray) -> int:
@@ -126,16 +139,16 @@ def ptrace_iovec(request: int, tid: int, note: int, buf: bytearray) -> int:
     Returns the length the kernel left in ``iov_len`` (bytes transferred).
     """
     cbuf = ffi.from_buffer(buf)
-    iov = ffi.new("struct iovec *")
-    iov.iov_base = ffi.cast("void *", cbuf)
+    iov = ffi.new(_IOVEC_P)
+    iov.iov_base = ffi.cast(_VOID_P, cbuf)
     iov.iov_len = len(buf)
-    ptrace(request, tid, note, int(ffi.cast("uintptr_t", iov)))
+    ptrace(request, tid, note, int(ffi.cast(_UINTPTR, iov)))
     return int(iov.iov_len)
 
 
 def waitpid(pid: int, options: int) -> Tuple[int, int]:
     """``waitpid``; returns ``(pid, status)``. EINTR is retried."""
-    status = ffi.new("int *")
+    status = ffi.new(_INT_P)
     while True:
         ret = libc.waitpid(pid, status, options)
         if ret >= 0:
@@ -146,11 +159,11 @@ def waitpid(pid: int, options: int) -> Tuple[int, int]:
 
 def _vm_io(pid: int, addr: int, buf: bytearray, write: bool) -> int:
     cbuf = ffi.from_buffer(buf)
-    local = ffi.new("struct iovec *")
-    local.iov_base = ffi.cast("void *", cbuf)
+    local = ffi.new(_IOVEC_P)
+    local.iov_base = ffi.cast(_VOID_P, cbuf)
     local.iov_len = len(buf)
-    remote = ffi.new("struct iovec *")
-    remote.iov_base = ffi.cast("void *", addr)
+    remote = ffi.new(_IOVEC_P)
+    remote.iov_base = ffi.cast(_VOID_P, addr)
     remote.iov_len = len(buf)
     fn = libc.process_vm_writev if write else libc.process_vm_readv
     ret = fn(pid, local, 1, remote, 1, 0)
