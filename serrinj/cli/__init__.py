@@ -740,9 +740,10 @@ def run_cmd(
 
 # ====================================================================== entry points
 def _flag_in(args: Sequence[str], flag: str) -> bool:
-    from serrinj.ops.guard import flag_in
-
-    return flag_in(args, flag)
+    """Whether ``flag`` is among the options of ``args`` (before any ``--``); read before
+    click parses, without importing the use cases (``--help`` stays cheap)."""
+    end = args.index("--") if "--" in args else len(args)
+    return flag in args[:end]
 
 
 def _usage_error(ui: Ui, err: click.ClickException) -> int:

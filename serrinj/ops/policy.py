@@ -53,7 +53,6 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
-from serrinj.codec import tomlsubset
 from serrinj.errors import InvalidInput, PermissionDenied
 
 #: the policy's one place: no option or variable moves it
@@ -198,6 +197,8 @@ def _operations(source: str, line: int, value: Any) -> FrozenSet[str]:
 
 def parse(text: str, source: str = POLICY_PATH) -> Policy:
     """Parse and check policy text (:class:`InvalidInput` names the line)."""
+    from serrinj.codec import tomlsubset  # only when a policy file is read
+
     doc = tomlsubset.loads(text, source)
     extra = [k for k in doc.data if k != "rule"]
     if extra:
