@@ -95,6 +95,8 @@ def mci_msr(bank: int, reg: str) -> int:
 
 @dataclass(frozen=True)
 class Exception_:
+    """``struct kvm_vcpu_events.exception``."""
+
     injected: int = 0
     nr: int = 0
     has_error_code: int = 0
@@ -104,6 +106,8 @@ class Exception_:
 
 @dataclass(frozen=True)
 class Interrupt:
+    """``struct kvm_vcpu_events.interrupt``."""
+
     injected: int = 0
     nr: int = 0
     soft: int = 0
@@ -112,6 +116,8 @@ class Interrupt:
 
 @dataclass(frozen=True)
 class Nmi:
+    """``struct kvm_vcpu_events.nmi``."""
+
     injected: int = 0
     pending: int = 0
     masked: int = 0
@@ -120,6 +126,8 @@ class Nmi:
 
 @dataclass(frozen=True)
 class Smi:
+    """``struct kvm_vcpu_events.smi``."""
+
     smm: int = 0
     pending: int = 0
     smm_inside_nmi: int = 0

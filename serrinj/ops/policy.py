@@ -102,6 +102,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Policy:
+    """A parsed policy file: its rules, in order."""
+
     source: str
     rules: Tuple[Rule, ...]
 
@@ -135,6 +137,8 @@ class Request:
 
 @dataclass(frozen=True)
 class Decision:
+    """What the policy decided for one request, and the rule that decided it."""
+
     allowed: bool
     rule: Optional[Rule]
     message: str
@@ -467,6 +471,8 @@ def _bad_file(path: str, why: str) -> PermissionDenied:
 
 @dataclass
 class _Loaded:
+    """The system policy, read once per process."""
+
     done: bool = False
     policy: Optional[Policy] = None
     error: Optional[PermissionDenied] = None
