@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Mapping
 from serrinj.kvm.ioctl import _IO, _IOR, _IOW
 
 if TYPE_CHECKING:
-    from serrinj.kvm.vmm_structs import ExitIo, ExitMmio, UserspaceMemoryRegion
+    from serrinj.kvm.vmm_structs import ExitIo as ExitIo
+    from serrinj.kvm.vmm_structs import ExitMmio as ExitMmio
+    from serrinj.kvm.vmm_structs import UserspaceMemoryRegion as UserspaceMemoryRegion
 
 #: the structs only a VMM (the test VM) or the ext-dabt fault use, in
 #: :mod:`serrinj.kvm.vmm_structs`: imported on first use
@@ -30,6 +32,7 @@ def __getattr__(name: str) -> object:
     value: object = getattr(vmm_structs, name)
     globals()[name] = value
     return value
+
 
 KVMIO = 0xAE
 

@@ -1,7 +1,9 @@
 """The KVM structs only a VMM uses (the test VM, and the ext-dabt fault reading the
 MMIO exit): ``struct kvm_userspace_memory_region`` and the ``io``/``mmio`` members of
-``struct kvm_run``'s exit union. :mod:`serrinj.kvm.api` exports them under the same
-names and imports this module on first use, so an injection does not build them.
+``struct kvm_run``'s exit union; on x86_64 ``struct kvm_segment`` and
+``struct kvm_cpuid_entry2``. :mod:`serrinj.kvm.api` and :mod:`serrinj.kvm.x86_64` export
+them under the same names and import this module on first use, so an injection does not
+build them.
 """
 
 from __future__ import annotations
@@ -65,3 +67,38 @@ class ExitMmio:
 
     #: offset of ``mmio.data`` inside ``struct kvm_run``
     DATA_OFFSET = KVM_RUN_OFF_UNION + 8
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``struct kvm_segment`` (24 bytes)."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 3
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0  # noqa: E741 - the kernel's field name
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+    _FMT = struct.Struct("<QIH9Bx")
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """``struct kvm_cpuid_entry2`` (40 bytes; ``padding[3]`` is zero)."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+    _FMT = struct.Struct("<7I12x")

@@ -58,6 +58,7 @@ def __getattr__(name: str) -> object:
     globals()[name] = value
     return value
 
+
 __all__ = [
     "DEFAULT_MMIO_TIMEOUT_S",
     "Delivery",
