@@ -11,6 +11,7 @@ codec; ``status`` no fault kind at all; root never builds the policy's classes;
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from typing import Callable, FrozenSet, Sequence, Tuple
@@ -44,6 +45,10 @@ NOT_NEEDED = frozenset(
         "rich",
     }
 )
+
+#: the NMI and the arm64 checks are about an x86_64 host's test VM (the arm64 lab
+#: does not run this file; its arm64 status imports the arm64 modules by design)
+X86 = platform.machine() == "x86_64"
 
 _PROBE = """
 import json, sys
@@ -128,6 +133,7 @@ def test_fault_kinds_load_on_first_use() -> None:
     assert serror == "serror"
 
 
+@pytest.mark.skipif(not X86, reason="an x86_64 NMI needs an x86_64 test VM")
 @pytest.mark.kvm
 @pytest.mark.root
 def test_x86_nmi_imports_no_arm64_no_mce_no_policy(
@@ -151,8 +157,9 @@ def test_status_imports_no_fault_kind(
     out, mods = modules_of(["status", "--json", "--pid", str(vm.pid)])
     assert [v["vcpu_id"] for v in json.loads(out)["vcpus"]] == [0, 1]
     assert not loaded(mods, frozenset({"serrinj.faults", "serrinj.ops.inject"}))
-    assert not loaded(mods, ARM64)
     assert not loaded(mods, NOT_NEEDED)
+    if X86:
+        assert not loaded(mods, ARM64)
 
 
 def test_the_script_collects_young_objects_less_often() -> None:
