@@ -179,3 +179,25 @@ def test_the_script_collects_young_objects_less_often() -> None:
     )
     now, wanted = map(int, res.stdout.split()[-2:])
     assert now == wanted >= 5000
+
+
+def test_difflib_only_for_a_suggestion() -> None:
+    """Every fault kind and codec imports without ``difflib``; a misspelt flag still
+    gets its "did you mean"."""
+    probe = (
+        "import sys\n"
+        "from serrinj.faults import KINDS\n"
+        "from serrinj.codec import esr, mce, tomlsubset\n"
+        "dict(KINDS.items())\n"
+        "print('difflib' in sys.modules)\n"
+        "try:\n"
+        "    mce.parse_value('VAL,UCC', 'status', mce.STATUS_BITS)\n"
+        "except Exception as err:\n"
+        "    print(err)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    before, message = res.stdout.splitlines()[:2]
+    assert before == "False"
+    assert "did you mean 'uc'" in message
