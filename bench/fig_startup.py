@@ -2,9 +2,10 @@
 
 Fresh processes, interleaved: ``python -c pass``, ``python -c 'import click,
 rich, cffi'`` (the floor for any CLI on these dependencies), ``serrinj
---help``, ``serrinj --json esr decode`` (a command that touches no VM) and
-``serrinj status --json`` against the test VM. Then ``-X importtime`` of the
-status command shows what is imported and what it costs, and whether any
+--help``, ``serrinj --json esr decode`` (a command that touches no VM),
+``serrinj status --json`` against the test VM and ``serrinj --json nmi --dry-run``
+(an x86 NMI's start-up and vCPU read; nothing is sent). Then ``-X importtime`` of
+the status command shows what is imported and what it costs, and whether any
 ``rich`` module is loaded on a ``--json`` path (it must not be).
 """
 
@@ -18,6 +19,9 @@ from bench import stats
 from bench.harness import Context, peak_rss_kb, run_cmd
 
 GOAL_RATIO = 1.5
+#: an x86 NMI from the command line (read the vCPU, send nothing): the start-up that
+#: most of ``serrinj nmi``'s wall time is (figure 1 compares the NMI with gdb)
+NMI_ROW = "serrinj --json nmi --dry-run (test VM)"
 
 
 def parse_importtime(stderr: str) -> Dict[str, Tuple[int, int]]:
@@ -109,6 +113,9 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
             "serrinj status --json (test VM, 2 vCPUs)": [
                 *ctx.serrinj, "status", "--json", "--pid", str(vm.pid),
             ],
+            NMI_ROW: [
+                *ctx.serrinj, "--json", "nmi", "--dry-run", "--pid", str(vm.pid), "--vcpu", "1",
+            ],
         }  # fmt: skip
         for argv in commands.values():  # warm-up: bytecode and page cache
             run_cmd(argv, env=ctx.env)
@@ -124,6 +131,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         progress("figure 4: -X importtime of serrinj status --json and --help")
         status_imports = _importtime(ctx, commands["serrinj status --json (test VM, 2 vCPUs)"])
         help_imports = _importtime(ctx, commands["serrinj --help"])
+        nmi_imports = _importtime(ctx, commands[NMI_ROW])
         dataclass_cost = _dataclass_cost(ctx)
 
     base = "python -c 'import click, rich, cffi'"
@@ -168,6 +176,9 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         f" {status_imports['total_self_ms']:.0f} ms self time (min of 5 runs);"
         f" by package (ms): {top}",
         "cffi is imported without compiling or parsing anything (out-of-line ABI mode)",
+        f"nmi --dry-run imports {nmi_imports['modules']} modules,"
+        f" {nmi_imports['total_self_ms']:.0f} ms self time; --help {help_imports['modules']},"
+        f" {help_imports['total_self_ms']:.0f} ms (min of 5 runs)",
     ]
     if dataclass_cost:
         notes.append(
@@ -195,6 +206,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
             "ratio_status_over_imports": ratio.as_dict() if ratio else None,
             "importtime_status_json": status_imports,
             "importtime_help": help_imports,
+            "importtime_nmi_dry_run": nmi_imports,
             "dataclass_cost_status_path": dataclass_cost,
         },
     }

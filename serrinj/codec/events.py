@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, Optional, Union
 
-from serrinj.codec import esr
-from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 
-Events = Union[kvm_arm64.VcpuEvents, kvm_x86.VcpuEvents]
+if TYPE_CHECKING:
+    from serrinj.kvm import arm64 as kvm_arm64
+
+#: the vCPU events of either arch (the arm64 tables and the syndrome codec are imported
+#: only when arm64 events are decoded)
+Events = Union["kvm_arm64.VcpuEvents", kvm_x86.VcpuEvents]
 
 
 def decode_events(arch: str, events: Events, pstate: Optional[int] = None) -> Dict[str, object]:
     out = events.as_dict()
+    if isinstance(events, kvm_x86.VcpuEvents):
+        return out
+    from serrinj.codec import esr
+    from serrinj.kvm import arm64 as kvm_arm64
+
     if isinstance(events, kvm_arm64.VcpuEvents):
         out["serror_esr_decoded"] = (
             esr.decode(events.serror_esr, form="iss").as_dict() if events.serror_pending else None
@@ -32,6 +40,9 @@ def last_exception(regs: Dict[str, int]) -> Dict[str, object]:
     registers and the guest has not run its handler yet (Linux 6.17 and later do
     this inside KVM_SET_VCPU_EVENTS, even in a paused VM).
     """
+    from serrinj.codec import esr
+    from serrinj.kvm import arm64 as kvm_arm64
+
     esr_el1 = regs["esr_el1"]
     ec = (esr_el1 >> esr.ESR_EC_SHIFT) & 0x3F
     offset = regs["pc"] - regs["vbar_el1"]

@@ -26,7 +26,6 @@ How KVM_X86_SET_MCE treats an error (arch/x86/kvm/x86.c, BRIEF section 4), in or
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -125,6 +124,8 @@ def parse_value(text: Optional[str], what: str, names: Mapping[str, int]) -> Opt
         unknown = [w for w in words if w not in names]
         at = f"{what}: " if what else ""
         if len(unknown) == 1:
+            import difflib  # only for a suggestion: it is slow to import
+
             close = difflib.get_close_matches(unknown[0], list(names), n=1, cutoff=0.6)
             also = f" (did you mean {close[0]!r}?)" if close else ""
             message = f"{at}unknown flag {unknown[0]!r}{also}"

@@ -9,7 +9,8 @@ import re
 
 from serrinj.errors import InvalidInput
 
-_INT_RE = re.compile(r"0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[0-9][0-9_]*")
+#: compiled on first use (by ``re``'s cache), not when the module is imported
+_INT_PATTERN = r"0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|[0-9][0-9_]*"
 
 
 def parse_int(text: str, *, what: str = "value", bits: int = 64) -> int:
@@ -27,7 +28,7 @@ def parse_int(text: str, *, what: str = "value", bits: int = 64) -> int:
         raise InvalidInput(f"{at}empty number")
     if s.startswith("-"):
         raise InvalidInput(f"{at}{text!r} is negative", hint="give a value of 0 or more")
-    if not _INT_RE.fullmatch(s):
+    if not re.fullmatch(_INT_PATTERN, s):
         raise InvalidInput(
             f"{at}{text!r} is not a number",
             hint="write it in decimal (6161), hex (0x1811) or binary (0b1100000010001)",

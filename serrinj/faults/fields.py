@@ -14,14 +14,12 @@ fields as ``{field}``; :meth:`FieldError.render` spells them as the front end do
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
 from types import MappingProxyType
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from serrinj.codec import mce
 from serrinj.codec.numbers import parse_int
 from serrinj.errors import InvalidInput
 
@@ -58,6 +56,8 @@ def show(value: object) -> str:
 
 def suggest(word: str, choices: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for a close choice, else nothing."""
+    import difflib  # only when a suggestion is made: it is slow to import
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -206,6 +206,8 @@ class Fields:
             self.wrong_type(key, value, "a number or flag names")
             return None
         text = value
+        from serrinj.codec import mce  # the machine-check fields only
+
         return self.parse(key, lambda: mce.parse_value(text, "", names))
 
     def seconds(self, key: str) -> Optional[float]:

@@ -9,11 +9,30 @@ compares kernel versions.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from serrinj.kvm.ioctl import _IO, _IOR, _IOW
+
+if TYPE_CHECKING:
+    from serrinj.kvm.vmm_structs import ExitIo as ExitIo
+    from serrinj.kvm.vmm_structs import ExitMmio as ExitMmio
+    from serrinj.kvm.vmm_structs import UserspaceMemoryRegion as UserspaceMemoryRegion
+
+#: the structs only a VMM (the test VM) or the ext-dabt fault use, in
+#: :mod:`serrinj.kvm.vmm_structs`: imported on first use
+_VMM_STRUCTS = ("ExitIo", "ExitMmio", "UserspaceMemoryRegion")
+
+
+def __getattr__(name: str) -> object:
+    if name not in _VMM_STRUCTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from serrinj.kvm import vmm_structs
+
+    value: object = getattr(vmm_structs, name)
+    globals()[name] = value
+    return value
+
 
 KVMIO = 0xAE
 
@@ -137,61 +156,6 @@ MP_STATE_NAMES: Mapping[int, str] = MappingProxyType(
         10: "suspended",
     }
 )
-
-
-@dataclass(frozen=True)
-class UserspaceMemoryRegion:
-    """``struct kvm_userspace_memory_region``."""
-
-    slot: int
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    flags: int = 0
-
-    _FMT = struct.Struct("<IIQQQ")
-
-    def pack(self) -> bytes:
-        return self._FMT.pack(
-            self.slot, self.flags, self.guest_phys_addr, self.memory_size, self.userspace_addr
-        )
-
-
-@dataclass(frozen=True)
-class ExitIo:
-    """The ``io`` member of ``struct kvm_run``'s exit union."""
-
-    direction: int
-    size: int
-    port: int
-    count: int
-    data_offset: int
-
-    _FMT = struct.Struct("<BBHIQ")
-
-    @classmethod
-    def unpack_from(cls, run: bytes) -> ExitIo:
-        return cls(*cls._FMT.unpack_from(run, KVM_RUN_OFF_UNION))
-
-
-@dataclass(frozen=True)
-class ExitMmio:
-    """The ``mmio`` member of ``struct kvm_run``'s exit union."""
-
-    phys_addr: int
-    data: bytes
-    length: int
-    is_write: bool
-
-    _FMT = struct.Struct("<Q8sIB")
-
-    @classmethod
-    def unpack_from(cls, run: bytes) -> ExitMmio:
-        addr, data, length, is_write = cls._FMT.unpack_from(run, KVM_RUN_OFF_UNION)
-        return cls(addr, data, length, bool(is_write))
-
-    #: offset of ``mmio.data`` inside ``struct kvm_run``
-    DATA_OFFSET = KVM_RUN_OFF_UNION + 8
 
 
 def exit_reason_of(run: bytes) -> int:

@@ -21,10 +21,26 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 from serrinj.kvm.api import KVMIO
 from serrinj.kvm.ioctl import _IO, _IOR, _IOW, _IOWR
+
+if TYPE_CHECKING:
+    from serrinj.kvm.vmm_structs import CpuidEntry as CpuidEntry
+    from serrinj.kvm.vmm_structs import Segment as Segment
+
+
+def __getattr__(name: str) -> object:
+    """``Segment`` and ``CpuidEntry``, only the test VM's (:mod:`serrinj.kvm.vmm_structs`)."""
+    if name not in ("Segment", "CpuidEntry"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from serrinj.kvm import vmm_structs
+
+    value: object = getattr(vmm_structs, name)
+    globals()[name] = value
+    return value
+
 
 SIZEOF_KVM_REGS = 144
 SIZEOF_KVM_SREGS = 312
@@ -95,6 +111,8 @@ def mci_msr(bank: int, reg: str) -> int:
 
 @dataclass(frozen=True)
 class Exception_:
+    """``struct kvm_vcpu_events.exception``."""
+
     injected: int = 0
     nr: int = 0
     has_error_code: int = 0
@@ -104,6 +122,8 @@ class Exception_:
 
 @dataclass(frozen=True)
 class Interrupt:
+    """``struct kvm_vcpu_events.interrupt``."""
+
     injected: int = 0
     nr: int = 0
     soft: int = 0
@@ -112,6 +132,8 @@ class Interrupt:
 
 @dataclass(frozen=True)
 class Nmi:
+    """``struct kvm_vcpu_events.nmi``."""
+
     injected: int = 0
     pending: int = 0
     masked: int = 0
@@ -120,6 +142,8 @@ class Nmi:
 
 @dataclass(frozen=True)
 class Smi:
+    """``struct kvm_vcpu_events.smi``."""
+
     smm: int = 0
     pending: int = 0
     smm_inside_nmi: int = 0
@@ -254,26 +278,6 @@ def pack_regs(regs: dict[str, int]) -> bytes:
     return _REGS_FMT.pack(*(regs.get(n, 0) for n in REGS_NAMES))
 
 
-@dataclass(frozen=True)
-class Segment:
-    """``struct kvm_segment`` (24 bytes)."""
-
-    base: int = 0
-    limit: int = 0xFFFF
-    selector: int = 0
-    type: int = 3
-    present: int = 1
-    dpl: int = 0
-    db: int = 0
-    s: int = 1
-    l: int = 0  # noqa: E741 - the kernel's field name
-    g: int = 0
-    avl: int = 0
-    unusable: int = 0
-
-    _FMT = struct.Struct("<QIH9Bx")
-
-
 SREGS_SEGMENTS: Tuple[str, ...] = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 SREGS_CONTROL: Tuple[str, ...] = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 _SREGS_OFF_DTABLES = 8 * 24
@@ -281,11 +285,15 @@ _SREGS_OFF_CONTROL = _SREGS_OFF_DTABLES + 2 * 16
 
 
 def sregs_get_segment(raw: bytes, name: str) -> Segment:
+    from serrinj.kvm.vmm_structs import Segment
+
     off = SREGS_SEGMENTS.index(name) * 24
     return Segment(*Segment._FMT.unpack_from(raw, off))
 
 
 def sregs_set_segment(raw: bytearray, name: str, seg: Segment) -> None:
+    from serrinj.kvm.vmm_structs import Segment
+
     off = SREGS_SEGMENTS.index(name) * 24
     Segment._FMT.pack_into(
         raw,
@@ -339,21 +347,6 @@ def unpack_msrs(raw: bytes, count: int) -> dict[int, int]:
     return out
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
-    """``struct kvm_cpuid_entry2`` (40 bytes; ``padding[3]`` is zero)."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
-
-    _FMT = struct.Struct("<7I12x")
-
-
 def cpuid2_request(capacity: int) -> bytes:
     """An empty ``struct kvm_cpuid2`` with room for ``capacity`` entries (for GET ioctls)."""
     return struct.pack("<II", capacity, 0) + bytes(SIZEOF_KVM_CPUID_ENTRY2 * capacity)
@@ -361,6 +354,8 @@ def cpuid2_request(capacity: int) -> bytes:
 
 def pack_cpuid2(entries: Tuple[CpuidEntry, ...]) -> bytes:
     """``struct kvm_cpuid2`` holding ``entries`` (the KVM_SET_CPUID2 argument)."""
+    from serrinj.kvm.vmm_structs import CpuidEntry
+
     body = b"".join(
         CpuidEntry._FMT.pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
         for e in entries
@@ -370,6 +365,8 @@ def pack_cpuid2(entries: Tuple[CpuidEntry, ...]) -> bytes:
 
 def unpack_cpuid2(raw: bytes) -> Tuple[CpuidEntry, ...]:
     """The entries of a ``struct kvm_cpuid2`` that KVM filled in."""
+    from serrinj.kvm.vmm_structs import CpuidEntry
+
     (nent,) = struct.unpack_from("<I", raw)
     return tuple(
         CpuidEntry(

@@ -9,27 +9,55 @@ is checked first. The injection itself, per vCPU, is the fault's own
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Union
+import sys
+from typing import TYPE_CHECKING, Any, List, Optional, Union
 
 from serrinj.errors import InvalidInput
 from serrinj.faults import KINDS, base
 from serrinj.faults.base import Delivery, Fault, Injection
-from serrinj.faults.ext_dabt import DEFAULT_MMIO_TIMEOUT_S, ExtDabt
-from serrinj.faults.mce import MachineCheck
-from serrinj.faults.nmi import Nmi
-from serrinj.faults.serror import SError
 from serrinj.host import kvmcaps
-from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.ops import guard
 from serrinj.ops.guard import guarded
 from serrinj.target import attach as target
 from serrinj.target import discover
 
-#: the requests under the names this module has always had
-SErrorRequest = SError
-ExtDabtRequest = ExtDabt
-MceRequest = MachineCheck
-NmiRequest = Nmi
+if TYPE_CHECKING:
+    from serrinj.faults.ext_dabt import DEFAULT_MMIO_TIMEOUT_S, ExtDabt
+    from serrinj.faults.mce import MachineCheck
+    from serrinj.faults.nmi import Nmi
+    from serrinj.faults.serror import SError
+    from serrinj.kvm import x86_64 as kvm_x86
+
+    #: the requests under the names this module has always had
+    SErrorRequest = SError
+    ExtDabtRequest = ExtDabt
+    MceRequest = MachineCheck
+    NmiRequest = Nmi
+
+#: names imported on first use (a fault kind's module loads only when that kind is used)
+_LAZY = {
+    "SErrorRequest": ("serror", None),
+    "ExtDabtRequest": ("ext-dabt", None),
+    "MceRequest": ("mce", None),
+    "NmiRequest": ("nmi", None),
+    "SError": ("serror", None),
+    "ExtDabt": ("ext-dabt", None),
+    "MachineCheck": ("mce", None),
+    "Nmi": ("nmi", None),
+    "DEFAULT_MMIO_TIMEOUT_S": ("ext-dabt", "DEFAULT_MMIO_TIMEOUT_S"),
+}
+
+
+def __getattr__(name: str) -> object:
+    try:
+        kind, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    cls = KINDS[kind]
+    value: object = cls if attr is None else getattr(sys.modules[cls.__module__], attr)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_MMIO_TIMEOUT_S",
@@ -131,6 +159,8 @@ def inject_nmi(
 ) -> List[Injection]:
     """Queue an NMI on each selected vCPU (``dry_run``: read the vCPU, send nothing;
     ``readback=False``: hold the vCPU for KVM_NMI alone)."""
+    from serrinj.faults.nmi import Nmi
+
     return inject(tgt, Nmi(), wait, dry_run=dry_run, readback=readback)
 
 
@@ -144,12 +174,16 @@ def serror_esr(esr_value: Union[int, str, None], severity: Optional[str] = None)
     """The ISS an SError request carries: ``esr`` (a number, or a severity name as text),
     or the RAS syndrome of ``severity`` (``ce``, ``ueo``, ``uer``, ``ueu``, ``uc``), or
     ``None`` (KVM/the CPU choose it)."""
+    from serrinj.faults.serror import SError
+
     return SError.from_fields({"esr": esr_value, "severity": severity}).esr
 
 
 def build_mce(bank: Optional[int], **fields: Any) -> kvm_x86.Mce:
     """The ``struct kvm_x86_mce`` of a request: a preset, with any field given overriding it
     (``preset``, ``status``, ``addr``, ``misc``, ``mcg_status``)."""
+    from serrinj.faults.mce import MachineCheck
+
     return MachineCheck.from_fields({"bank": bank, **fields}).mce
 
 

@@ -50,11 +50,27 @@ import errno
 import fnmatch
 import os
 import stat as stat_mod
-from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    FrozenSet,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
-from serrinj.codec import tomlsubset
 from serrinj.errors import InvalidInput, PermissionDenied
+
+if TYPE_CHECKING:
+    from serrinj.ops.policy_model import Decision as Decision
+    from serrinj.ops.policy_model import Policy as Policy
+    from serrinj.ops.policy_model import Request as Request
+    from serrinj.ops.policy_model import Rule as Rule
+    from serrinj.ops.policy_model import Subject as Subject
 
 #: the policy's one place: no option or variable moves it
 POLICY_PATH = "/etc/serrinj/policy.toml"
@@ -79,77 +95,21 @@ _RULE_KEYS = (
 
 Ident = Union[str, int]
 
-
-@dataclass(frozen=True)
-class Rule:
-    """One ``[[rule]]`` of the policy file."""
-
-    name: str
-    line: int
-    allow: bool = True
-    users: Tuple[Ident, ...] = ()
-    groups: Tuple[Ident, ...] = ()
-    vms: Tuple[str, ...] = ()
-    domains: Tuple[str, ...] = ()
-    vmm_users: Tuple[Ident, ...] = ()
-    owner: Optional[str] = None
-    do: FrozenSet[str] = frozenset(OPERATIONS)
-    severity: Optional[str] = None
-
-    @property
-    def label(self) -> str:
-        return f'rule "{self.name}" (line {self.line})'
+#: the policy's data classes live in :mod:`serrinj.ops.policy_model`, imported when a
+#: policy applies (a caller acting with rights it does not have): root never builds them
+_MODEL = ("Decision", "Policy", "Request", "Rule", "Subject")
 
 
-@dataclass(frozen=True)
-class Policy:
-    source: str
-    rules: Tuple[Rule, ...]
+def __getattr__(name: str) -> object:
+    if name not in _MODEL:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from serrinj.ops import policy_model
+
+    value: object = getattr(policy_model, name)
+    globals()[name] = value
+    return value
 
 
-@dataclass(frozen=True)
-class Subject:
-    """The caller, as the policy sees it."""
-
-    uid: int
-    name: str
-    gids: FrozenSet[int] = frozenset()
-    group_names: FrozenSet[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Request:
-    """One operation on one VM."""
-
-    operation: str
-    vm_name: Optional[str] = None
-    domain: Optional[str] = None
-    vmm_uid: Optional[int] = None
-    #: fatal | survivable for an injection, None for a read
-    severity: Optional[str] = None
-
-    def describe(self) -> str:
-        what = self.operation if self.severity is None else f"{self.operation} ({self.severity})"
-        vm = repr(self.vm_name) if self.vm_name else "without a name"
-        return f"{what} on VM {vm}"
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    rule: Optional[Rule]
-    message: str
-
-    def as_dict(self) -> Dict[str, object]:
-        return {
-            "allowed": self.allowed,
-            "rule": self.rule.name if self.rule else None,
-            "line": self.rule.line if self.rule else None,
-            "message": self.message,
-        }
-
-
-# ---------------------------------------------------------------------- parse
 def _problem(source: str, line: int, message: str) -> InvalidInput:
     return InvalidInput(f"{source}:{line}: {message}")
 
@@ -198,6 +158,9 @@ def _operations(source: str, line: int, value: Any) -> FrozenSet[str]:
 
 def parse(text: str, source: str = POLICY_PATH) -> Policy:
     """Parse and check policy text (:class:`InvalidInput` names the line)."""
+    from serrinj.codec import tomlsubset  # only when a policy file is read
+    from serrinj.ops.policy_model import Policy, Rule
+
     doc = tomlsubset.loads(text, source)
     extra = [k for k in doc.data if k != "rule"]
     if extra:
@@ -324,6 +287,8 @@ def decide(
 
     ``vmm_names`` are the user names of ``req.vmm_uid`` (for ``vmm_users``).
     """
+    from serrinj.ops.policy_model import Decision
+
     for rule in policy.rules:
         if matches(rule, who, req, vmm_names):
             verb = "allows" if rule.allow else "refuses"
@@ -348,6 +313,8 @@ def allowed_operations(
     vmm_names: FrozenSet[str] = frozenset(),
 ) -> List[str]:
     """What ``who`` may do to this VM: reads, and injections with their severities."""
+    from serrinj.ops.policy_model import Request
+
     out: List[str] = []
     for op in OPERATIONS:
         sevs: Tuple[Optional[str], ...] = (None,) if op in READS else SEVERITIES
@@ -464,11 +431,20 @@ def _bad_file(path: str, why: str) -> PermissionDenied:
     )
 
 
-@dataclass
 class _Loaded:
-    done: bool = False
-    policy: Optional[Policy] = None
-    error: Optional[PermissionDenied] = None
+    """The system policy, read once per process."""
+
+    __slots__ = ("done", "error", "policy")
+
+    def __init__(
+        self,
+        done: bool = False,
+        policy: Optional[Policy] = None,
+        error: Optional[PermissionDenied] = None,
+    ) -> None:
+        self.done = done
+        self.policy = policy
+        self.error = error
 
 
 _loaded = _Loaded()
@@ -490,6 +466,7 @@ def system_policy() -> Optional[Policy]:
 def subject() -> Subject:
     """The caller as a :class:`Subject`."""
     from serrinj.host import privilege
+    from serrinj.ops.policy_model import Subject
 
     who = privilege.current()
     return Subject(
@@ -501,6 +478,7 @@ def subject() -> Subject:
 
 
 def _vm_request(vm: Any, operation: str, severity: Optional[str]) -> Tuple[Request, FrozenSet[str]]:
+    from serrinj.ops.policy_model import Request
     from serrinj.target import discover
 
     domain = discover._libvirt_names().get(vm.pid)

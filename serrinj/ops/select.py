@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from serrinj.errors import InvalidInput
-from serrinj.ops import inject
 from serrinj.target import attach as target
 from serrinj.target import discover
 
@@ -50,6 +49,8 @@ def injection_target(
     The VM's architecture is checked first: an SError for an x86_64 VM is
     pointed at ``mce``/``nmi`` (and the reverse) before anything else.
     """
+    from serrinj.ops import inject  # the fault kinds: not needed to read a VM
+
     pid, name, spec = target_args(pid, name, fd, vcpu)
     return inject.resolve_target(kind, pid, name, spec)
 

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, cast
 
-from serrinj.codec.events import decode_events, last_exception
+from serrinj.codec.events import decode_events
 from serrinj.host import kvmcaps as host
 from serrinj.kvm import api
-from serrinj.kvm import arm64 as kvm_arm64
-from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.kvm.arch import Arch
 from serrinj.remote.session import RemoteThread
 from serrinj.target import attach as target
 from serrinj.target import discover
 from serrinj.target.attach import thread_state
-from serrinj.vcpu.arm64 import Arm64Vcpu
 from serrinj.vcpu.base import Vcpu
+
+if TYPE_CHECKING:
+    from serrinj.kvm import x86_64 as kvm_x86
+    from serrinj.vcpu.arm64 import Arm64Vcpu
 
 STATUS_REQUESTS_ARM64 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_ONE_REG, api.KVM_GET_MP_STATE)
 STATUS_REQUESTS_X86 = (api.KVM_GET_VCPU_EVENTS, api.KVM_GET_MP_STATE)
@@ -133,15 +134,19 @@ def read_vcpu(vm: discover.Vm, vcpu: Vcpu, rt: RemoteThread) -> VcpuStatus:
     v = vm.vcpu(vcpu.vcpu_id)
     assert v.thread is not None
     events = vcpu.get_events()
-    pstate = cast(Arm64Vcpu, vcpu).pstate() if vm.arch == Arch.AARCH64 else None
+    pstate = cast("Arm64Vcpu", vcpu).pstate() if vm.arch == Arch.AARCH64 else None
     try:
         mp = api.MP_STATE_NAMES.get(vcpu.mp_state())
     except Exception:
         mp = None
     detail: Dict[str, object] = {}
     if vm.arch == Arch.AARCH64:
-        detail["last_exception"] = last_exception(cast(Arm64Vcpu, vcpu).exception_state())
+        from serrinj.codec.events import last_exception
+
+        detail["last_exception"] = last_exception(cast("Arm64Vcpu", vcpu).exception_state())
     if pstate is not None:
+        from serrinj.kvm import arm64 as kvm_arm64
+
         detail["pstate_decoded"] = {
             "A": bool(pstate & kvm_arm64.PSTATE_A),
             "I": bool(pstate & kvm_arm64.PSTATE_I),

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from serrinj.errors import KvmRejected, TargetNotFound
 from serrinj.kvm import api
-from serrinj.kvm import arm64 as kvm_arm64
 from serrinj.kvm import x86_64 as kvm_x86
 from serrinj.vcpu.executor import BufferSpec, Executor
 
-Events = Union[kvm_arm64.VcpuEvents, kvm_x86.VcpuEvents]
+if TYPE_CHECKING:
+    from serrinj.kvm import arm64 as kvm_arm64
+
+#: the vCPU events of either arch (the arm64 tables load with the arm64 vCPU class)
+Events = Union["kvm_arm64.VcpuEvents", kvm_x86.VcpuEvents]
 
 _IOCTL_NAMES = {
     api.KVM_GET_VCPU_EVENTS: "KVM_GET_VCPU_EVENTS",
