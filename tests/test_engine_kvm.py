@@ -332,7 +332,7 @@ def test_a_read_only_ioctl_needs_no_input_written(vm: TestVmProcess) -> None:
     with zeros written first, however the scratch bytes were left before."""
     v = vm.vcpus[0]
     request = api.KVM_GET_VCPU_EVENTS
-    size = (kvm_x86.VcpuEvents if X86 else kvm_arm64.VcpuEvents).SIZE
+    size = api.SIZEOF_KVM_VCPU_EVENTS
     with RemoteThread(vm.pid, v.tid) as t:
         ex = RemoteExecutor(t)
         addr = t.scratch(size)

@@ -215,7 +215,7 @@ X86_EVENTS_MEMBERS = [
 
 
 def x86_layout_probes() -> List[Probe]:
-    probes = layout_probes("kvm_vcpu_events", x86_64.VcpuEvents._FMT, X86_EVENTS_MEMBERS)
+    probes = layout_probes("kvm_vcpu_events", x86_64._EVENTS_FMT, X86_EVENTS_MEMBERS)
     probes += layout_probes(
         "kvm_x86_mce",
         x86_64.Mce._FMT,

@@ -43,14 +43,13 @@ the kernel always lets it open.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import grp
 import os
 import pwd
 import stat as stat_mod
 import threading
-from typing import IO, Any, Iterator, List, Optional, Tuple
+from typing import IO, Any, Iterator, List, NamedTuple, Optional, Tuple
 
 from serrinj.errors import FileError, PermissionDenied
 
@@ -74,8 +73,7 @@ ROOT_PATH_VARIABLES = ("SERRINJ_AUDIT_LOG", "SERRINJ_LOCK_DIR")
 _SECBIT_NO_SETUID_FIXUP = 1 << 2
 
 
-@dataclasses.dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """The user serrinj acts for."""
 
     uid: int

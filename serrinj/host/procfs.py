@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 #: where procfs is mounted: the default ``root`` of every reader here (the unit tests
@@ -77,8 +76,7 @@ def exe(pid: int, root: str = PROC) -> Optional[str]:
         return None
 
 
-@dataclass(frozen=True)
-class Stat:
+class Stat(NamedTuple):
     """The fields of /proc/PID[/task/TID]/stat serrinj needs."""
 
     state: str
@@ -113,8 +111,7 @@ def status(pid: int, tid: Optional[int] = None, root: str = PROC) -> Dict[str, s
     return out
 
 
-@dataclass(frozen=True)
-class TaskSecurity:
+class TaskSecurity(NamedTuple):
     """Ptrace- and seccomp-relevant facts of a thread."""
 
     tracer_pid: int
@@ -159,8 +156,7 @@ def sigkill_pending(pid: int, tid: Optional[int] = None, root: str = PROC) -> bo
     return any(int(st.get(key, "0"), 16) & bit for key in ("SigPnd", "ShdPnd"))
 
 
-@dataclass(frozen=True)
-class SyscallState:
+class SyscallState(NamedTuple):
     """/proc/PID/task/TID/syscall: what the thread is blocked in, if anything."""
 
     running: bool

@@ -20,10 +20,10 @@ unconditionally, so a SET must always be a read-modify-write of a GET.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Tuple
 
-from serrinj.kvm.api import KVMIO
+from serrinj.kvm.api import KVMIO, SIZEOF_KVM_VCPU_EVENTS
 from serrinj.kvm.ioctl import _IO, _IOR, _IOW, _IOWR
 
 if TYPE_CHECKING:
@@ -109,8 +109,7 @@ def mci_msr(bank: int, reg: str) -> int:
     return MSR_IA32_MC0_CTL + 4 * bank + index
 
 
-@dataclass(frozen=True)
-class Exception_:
+class Exception_(NamedTuple):
     """``struct kvm_vcpu_events.exception``."""
 
     injected: int = 0
@@ -120,8 +119,7 @@ class Exception_:
     error_code: int = 0
 
 
-@dataclass(frozen=True)
-class Interrupt:
+class Interrupt(NamedTuple):
     """``struct kvm_vcpu_events.interrupt``."""
 
     injected: int = 0
@@ -130,8 +128,7 @@ class Interrupt:
     shadow: int = 0
 
 
-@dataclass(frozen=True)
-class Nmi:
+class Nmi(NamedTuple):
     """``struct kvm_vcpu_events.nmi``."""
 
     injected: int = 0
@@ -140,8 +137,7 @@ class Nmi:
     pad: int = 0
 
 
-@dataclass(frozen=True)
-class Smi:
+class Smi(NamedTuple):
     """``struct kvm_vcpu_events.smi``."""
 
     smm: int = 0
@@ -150,29 +146,34 @@ class Smi:
     latched_init: int = 0
 
 
-@dataclass(frozen=True)
-class VcpuEvents:
-    """x86 ``struct kvm_vcpu_events``; ``pack(unpack(raw)) == raw`` for every input."""
+_EVENTS_FMT = struct.Struct("<4BI4B4BII4BB26sBQ")
 
-    exception: Exception_ = field(default_factory=Exception_)
-    interrupt: Interrupt = field(default_factory=Interrupt)
-    nmi: Nmi = field(default_factory=Nmi)
+
+class VcpuEvents(NamedTuple):
+    """x86 ``struct kvm_vcpu_events``; ``pack(unpack(raw)) == raw`` for every input.
+
+    This struct and its parts are named tuples, not dataclasses: they are read on
+    every command's start-up path, where a dataclass costs several times more to define.
+    """
+
+    exception: Exception_ = Exception_()
+    interrupt: Interrupt = Interrupt()
+    nmi: Nmi = Nmi()
     sipi_vector: int = 0
     flags: int = 0
-    smi: Smi = field(default_factory=Smi)
+    smi: Smi = Smi()
     triple_fault_pending: int = 0
     reserved: bytes = bytes(26)
     exception_has_payload: int = 0
     exception_payload: int = 0
 
-    _FMT = struct.Struct("<4BI4B4BII4BB26sBQ")
-    SIZE = 64
-
     @classmethod
     def unpack(cls, raw: bytes) -> VcpuEvents:
-        if len(raw) != cls.SIZE:
-            raise ValueError(f"x86 kvm_vcpu_events is {cls.SIZE} bytes, got {len(raw)}")
-        v = cls._FMT.unpack(raw)
+        if len(raw) != SIZEOF_KVM_VCPU_EVENTS:
+            raise ValueError(
+                f"x86 kvm_vcpu_events is {SIZEOF_KVM_VCPU_EVENTS} bytes, got {len(raw)}"
+            )
+        v = _EVENTS_FMT.unpack(raw)
         return cls(
             exception=Exception_(*v[0:5]),
             interrupt=Interrupt(*v[5:9]),
@@ -188,7 +189,7 @@ class VcpuEvents:
 
     def pack(self) -> bytes:
         e, i, n, s = self.exception, self.interrupt, self.nmi, self.smi
-        return self._FMT.pack(
+        return _EVENTS_FMT.pack(
             e.injected,
             e.nr,
             e.has_error_code,
@@ -216,20 +217,19 @@ class VcpuEvents:
 
     def with_nmi_pending(self) -> VcpuEvents:
         """This state plus a pending NMI (flags gain VALID_NMI_PENDING)."""
-        return replace(
-            self,
-            nmi=replace(self.nmi, pending=1),
+        return self._replace(
+            nmi=self.nmi._replace(pending=1),
             flags=self.flags | KVM_VCPUEVENT_VALID_NMI_PENDING,
         )
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "exception": vars(self.exception).copy(),
-            "interrupt": vars(self.interrupt).copy(),
-            "nmi": vars(self.nmi).copy(),
+            "exception": self.exception._asdict(),
+            "interrupt": self.interrupt._asdict(),
+            "nmi": self.nmi._asdict(),
             "sipi_vector": self.sipi_vector,
             "flags": self.flags,
-            "smi": vars(self.smi).copy(),
+            "smi": self.smi._asdict(),
             "triple_fault_pending": self.triple_fault_pending,
             "exception_has_payload": self.exception_has_payload,
             "exception_payload": self.exception_payload,

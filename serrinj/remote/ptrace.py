@@ -10,8 +10,7 @@ import enum
 import os
 import signal
 import time
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from serrinj import _native
 
@@ -50,8 +49,7 @@ class StopKind(enum.Enum):
     EXITED = "exited"  # the thread is gone
 
 
-@dataclass(frozen=True)
-class Stop:
+class Stop(NamedTuple):
     """A decoded ``waitpid`` status."""
 
     kind: StopKind

@@ -36,9 +36,8 @@ sigaltstack as it is.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from serrinj.remote.arch import Registers, to_signed
 
@@ -106,8 +105,7 @@ def x86_resume_registers(saved: Registers, syscall_entry: bool = False) -> Regis
     return saved
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     """A frame to write at ``base``: the borrowed stack pointer is ``sp``."""
 
     base: int
@@ -273,8 +271,7 @@ def sve_context_size(vq: int) -> int:
     return SVE_SIG_REGS_OFFSET + sve_regs_size(vq)
 
 
-@dataclass(frozen=True)
-class SveHeader:
+class SveHeader(NamedTuple):
     """struct user_sve_header, the first 16 bytes of NT_ARM_SVE / NT_ARM_SSVE."""
 
     size: int

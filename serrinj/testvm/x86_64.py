@@ -879,7 +879,7 @@ class X86Guest(GuestBase):
             ex.ioctl_buf(vcpu.fd, kx.KVM_X86_SET_MCE, mce.pack())
             return None
         if name == "events":
-            return vmm.events_reply(vm, vcpu, kx.VcpuEvents.SIZE, kx.VcpuEvents.unpack)
+            return vmm.events_reply(vm, vcpu, api.SIZEOF_KVM_VCPU_EVENTS, kx.VcpuEvents.unpack)
         if name == "heartbeat":
             ram = self.memory()
             addr = self._page(vm, vcpu) + LAYOUT["PC_HB_REQ"]
