@@ -421,7 +421,7 @@ def build_project(repo: str, out: str, pytest_args: Sequence[str] = ()) -> int:
         tree.add_bytes("init", fh.read(), mode=0o755)
     tree.add_bytes(
         "usr/bin/serrinj",
-        "#!/usr/bin/python3\nimport sys\nfrom serrinj.cli import main\nsys.exit(main())\n",
+        "#!/usr/bin/python3\nfrom serrinj.__main__ import main\nmain()\n",
         mode=0o755,
     )
     tree.add_bytes(

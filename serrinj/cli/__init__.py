@@ -895,15 +895,7 @@ def _run(argv: Optional[Sequence[str]]) -> int:
             ui.warn(problem)
 
 
-#: the youngest generation's collection threshold of the ``serrinj`` process: importing a
-#: command's modules allocates tens of thousands of objects, none of them garbage, and
-#: Python's default (700) collects them some 25 times (4-8 ms of a ~100 ms start-up)
-GC_THRESHOLD_YOUNG = 10_000
-
-
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """The ``serrinj`` console script."""
-    import gc
-
-    gc.set_threshold(GC_THRESHOLD_YOUNG, *gc.get_threshold()[1:])
+    """Run the command line and exit with its code (the console script,
+    :func:`serrinj.__main__.main`, sets the process up first)."""
     sys.exit(run(argv))

@@ -42,7 +42,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from serrinj import _native
 from serrinj.errors import InvalidInput, PermissionDenied, TargetGone, TargetNotFound
@@ -71,8 +71,7 @@ SOURCES: Tuple[str, ...] = ("syscall", "probe", "debugfs", "name", "single")
 _RANK = {source: i for i, source in enumerate(SOURCES)}
 
 
-@dataclass(frozen=True)
-class Thread:
+class Thread(NamedTuple):
     """A (non-kernel) thread of a VMM."""
 
     tid: int
@@ -88,8 +87,7 @@ class Thread:
     kvm_run_fd: Optional[int] = None
 
 
-@dataclass(frozen=True)
-class Evidence:
+class Evidence(NamedTuple):
     """One source's word on which thread runs a vCPU."""
 
     source: str
@@ -197,8 +195,7 @@ def qemu_name(argv: Sequence[str]) -> Optional[str]:
 LIBVIRT_RUN_DIRS: Tuple[str, ...] = ("/run/libvirt/qemu", "/var/run/libvirt/qemu")
 
 
-@dataclass(frozen=True)
-class HostPaths:
+class HostPaths(NamedTuple):
     """Where discovery reads this machine: procfs, KVM's debugfs, libvirt's pid files.
 
     Every reader of discovery takes one (``host``, this machine by default); the
@@ -664,8 +661,7 @@ def _comm(pid: int, host: HostPaths = HOST) -> str:
 
 
 # ---------------------------------------------------------------------- fds
-@dataclass(frozen=True)
-class FdOwner:
+class FdOwner(NamedTuple):
     """A process holding the same open vCPU file as an fd given by the user."""
 
     pid: int
