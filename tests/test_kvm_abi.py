@@ -218,7 +218,7 @@ def x86_layout_probes() -> List[Probe]:
     probes = layout_probes("kvm_vcpu_events", x86_64._EVENTS_FMT, X86_EVENTS_MEMBERS)
     probes += layout_probes(
         "kvm_x86_mce",
-        x86_64.Mce._FMT,
+        x86_64._MCE_FMT,
         ["status", "addr", "misc", "mcg_status", "bank", "pad1", "pad2"],
     )
     probes += layout_probes("kvm_regs", x86_64._REGS_FMT, list(x86_64.REGS_NAMES))

@@ -328,7 +328,7 @@ def test_predict_over_and_overflow() -> None:
 
 def test_predict_ucna() -> None:
     assert mce.is_ucna(UCNA)
-    assert not mce.is_ucna(dataclasses.replace(UCNA, mcg_status=MCG_STATUS_MCIP))
+    assert not mce.is_ucna(UCNA._replace(mcg_status=MCG_STATUS_MCIP))
     bad_ctl = dataclasses.replace(HEALTHY, mcg_ctl_all_ones=False, cr4_mce=False)
     e = mce.predict(UCNA, bank_count=10, state=bad_ctl)
     assert e.outcome == "logged" and not e.raises_mc  # the UCNA path skips those checks
@@ -560,7 +560,7 @@ def test_kvm_refuses_what_validate_refuses(make_vm: Callable[..., RealModeVm]) -
     assert vm.run() == f"report:{READY}"
     for bad in (
         Mce(status=SRAR.status & ~MCI_STATUS_VAL, bank=1),
-        dataclasses.replace(SRAR, bank=vm.banks),
+        SRAR._replace(bank=vm.banks),
     ):
         with pytest.raises(InvalidInput):
             mce.validate(bad, vm.banks)
@@ -568,7 +568,7 @@ def test_kvm_refuses_what_validate_refuses(make_vm: Callable[..., RealModeVm]) -
             vm.set_mce(bad)
         assert info.value.errno == errno.EINVAL
     # the highest bank is accepted
-    last = dataclasses.replace(CE, bank=vm.banks - 1)
+    last = CE._replace(bank=vm.banks - 1)
     assert mce.validate(last, vm.banks) is last
     inject_and_compare(vm, last)
 
@@ -600,7 +600,7 @@ def test_kvm_triple_fault_while_mcip(make_vm: Callable[..., RealModeVm]) -> None
     assert inject_and_compare(vm, SRAR).outcome == "machine-check"
     # the handler never clears MCG_STATUS.MCIP, so a second UC error is fatal
     assert vm.state(1).mcip is True
-    assert inject_and_compare(vm, dataclasses.replace(SRAR, bank=2)).outcome == "triple-fault"
+    assert inject_and_compare(vm, SRAR._replace(bank=2)).outcome == "triple-fault"
 
 
 @pytest.mark.kvm
@@ -629,7 +629,7 @@ def test_kvm_sets_over_on_a_second_corrected_error(make_vm: Callable[..., RealMo
     vm = make_vm()
     assert vm.run() == f"report:{READY}"
     inject_and_compare(vm, CE)
-    second = dataclasses.replace(CE, status=CE.status | 0x10000)
+    second = CE._replace(status=CE.status | 0x10000)
     effect = inject_and_compare(vm, second)
     assert effect.outcome == "logged"
     assert vm.bank_status(1) == second.status | MCI_STATUS_OVER

@@ -100,7 +100,7 @@ def test_inherited_fd_owner_found_with_kcmp(plain: TestVmProcess) -> None:
     code = (
         "import json, sys; from serrinj.target import attach as target\n"
         f"r = target.resolve_fd({fd})\n"
-        "print(json.dumps(r.__dict__))"
+        "print(json.dumps(r._asdict()))"
     )
     mark = vm.mark()
     vm.command({"cmd": "spawn", "argv": [sys.executable, "-c", code]})

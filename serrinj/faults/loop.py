@@ -121,7 +121,7 @@ class VcpuFault(Fault, Generic[V]):
     def inject_each(self, job: Job, out: List[Injection]) -> List[Injection]:
         wait, dry_run = job.wait, job.dry_run
         vm = target.ensure_mapped(job.tgt.vm, job.tgt.vcpu_ids)
-        tgt = replace(job.tgt, vm=vm)
+        tgt = job.tgt._replace(vm=vm)
         plan = self.plan(job.caps)
         # without readback, the thread is held only for what the checks need
         read_before = job.readback or dry_run or self.admit_reads

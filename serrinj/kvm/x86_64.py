@@ -20,7 +20,6 @@ unconditionally, so a SET must always be a read-modify-write of a GET.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Tuple
 
 from serrinj.kvm.api import KVMIO, SIZEOF_KVM_VCPU_EVENTS
@@ -236,8 +235,10 @@ class VcpuEvents(NamedTuple):
         }
 
 
-@dataclass(frozen=True)
-class Mce:
+_MCE_FMT = struct.Struct("<QQQQB7x24x")
+
+
+class Mce(NamedTuple):
     """``struct kvm_x86_mce``: the argument of KVM_X86_SET_MCE."""
 
     status: int
@@ -246,17 +247,14 @@ class Mce:
     misc: int = 0
     mcg_status: int = 0
 
-    _FMT = struct.Struct("<QQQQB7x24x")
-    SIZE = 64
-
     def pack(self) -> bytes:
-        return self._FMT.pack(self.status, self.addr, self.misc, self.mcg_status, self.bank)
+        return _MCE_FMT.pack(self.status, self.addr, self.misc, self.mcg_status, self.bank)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Mce:
-        if len(raw) != cls.SIZE:
-            raise ValueError(f"kvm_x86_mce is {cls.SIZE} bytes, got {len(raw)}")
-        status, addr, misc, mcg_status, bank = cls._FMT.unpack(raw)
+        if len(raw) != SIZEOF_KVM_X86_MCE:
+            raise ValueError(f"kvm_x86_mce is {SIZEOF_KVM_X86_MCE} bytes, got {len(raw)}")
+        status, addr, misc, mcg_status, bank = _MCE_FMT.unpack(raw)
         return cls(status=status, bank=bank, addr=addr, misc=misc, mcg_status=mcg_status)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence, cast
 
 from serrinj.codec.events import decode_events
 from serrinj.host import kvmcaps as host
@@ -69,8 +69,7 @@ class VcpuStatus:
         return out
 
 
-@dataclass(frozen=True)
-class StatusReport:
+class StatusReport(NamedTuple):
     """What ``status`` read: the host's capabilities, the VM, and each selected vCPU."""
 
     host: host.HostCaps

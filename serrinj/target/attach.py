@@ -23,8 +23,8 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import replace
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from serrinj import _native
 from serrinj.errors import (
@@ -50,8 +50,7 @@ from serrinj.vcpu.remote import RemoteExecutor
 VcpuSpec = Union[int, str, None]  # an id, "all", or None (= all when there is one, else error)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """A resolved VM plus the vCPU ids a command acts on."""
 
     vm: discover.Vm
@@ -323,8 +322,7 @@ def _helper_thread(
 
 
 # ---------------------------------------------------------------------- --fd
-@dataclass(frozen=True)
-class FdResolution:
+class FdResolution(NamedTuple):
     """What an ``--fd`` turned out to be."""
 
     vcpu_id: int
