@@ -200,9 +200,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         "notes": notes,
         "data": {
             "seconds": seconds,
-            "summary_ms": {
-                k: stats.summarize([x * 1000 for x in v]).as_dict() for k, v in seconds.items()
-            },
+            "summary_ms": stats.summaries_ms(seconds),
             "peak_rss_kb": rss,
             "host_processes": hosts,
             "vms_listed": listed,

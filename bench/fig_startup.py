@@ -198,9 +198,7 @@ def run(ctx: Context, progress: Callable[[str], None]) -> Dict[str, Any]:
         "notes": notes,
         "data": {
             "seconds": seconds,
-            "summary_ms": {
-                k: stats.summarize([x * 1000 for x in v]).as_dict() for k, v in seconds.items() if v
-            },
+            "summary_ms": stats.summaries_ms(seconds),
             "maxrss_kb": rss,
             "failed": failed,
             "ratio_status_over_imports": ratio.as_dict() if ratio else None,

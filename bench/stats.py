@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "Fit",
@@ -101,6 +101,12 @@ class Ratio:
 
     def as_dict(self) -> Dict[str, object]:
         return {"of_medians": self.of_medians, "pairs": self.pairs.as_dict()}
+
+
+def summaries_ms(seconds: Mapping[str, Sequence[float]]) -> Dict[str, Dict[str, float]]:
+    """Each non-empty series of seconds, summarised in milliseconds (a results file's
+    ``summary_ms``)."""
+    return {k: summarize([x * 1000 for x in v]).as_dict() for k, v in seconds.items() if v}
 
 
 def ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:

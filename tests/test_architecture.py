@@ -17,19 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "serrinj"
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
 
-_BELOW_VCPU = frozenset({"errors", "_native", "kvm", "host", "remote"})
+_BELOW_VCPU = frozenset({"errors", "_lazy", "_native", "kvm", "host", "remote"})
 
 #: layer -> the layers it may import (itself and the standard library always)
 ALLOWED: Dict[str, FrozenSet[str]] = {
     "errors": frozenset(),
-    "kvm": frozenset(),
+    "_lazy": frozenset(),
+    "kvm": frozenset({"_lazy"}),
     "_native": frozenset({"errors"}),
     "codec": frozenset({"errors", "kvm"}),
     "host": frozenset({"errors", "_native", "kvm"}),
     "remote": frozenset({"errors", "_native", "kvm", "host"}),
     "vcpu": _BELOW_VCPU,
     "target": _BELOW_VCPU | {"vcpu"},
-    "faults": frozenset({"errors", "kvm", "codec", "host", "remote", "vcpu", "target"}),
+    "faults": frozenset({"errors", "_lazy", "kvm", "codec", "host", "remote", "vcpu", "target"}),
     "testvm": frozenset({"errors", "_native", "kvm", "remote", "vcpu"}),
     "ops": _BELOW_VCPU | {"codec", "vcpu", "target", "faults", "testvm"},
     "campaign": _BELOW_VCPU | {"serrinj", "codec", "vcpu", "target", "faults", "ops"},

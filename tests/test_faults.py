@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Tuple
@@ -18,6 +17,7 @@ from typing import Iterator, Tuple
 import pytest
 
 from serrinj.remote import RemoteThread
+from tests.helpers.paused import paused_argv
 from tests.helpers.procs import Workload, wait_stopped
 
 pytestmark = pytest.mark.root
@@ -38,16 +38,7 @@ def _driver(w: Workload, phase: str, marker: Path) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "tests.helpers.paused_serrinj",
-            "--pause-at",
-            phase,
-            "--marker",
-            str(marker),
-            "--script",
-            str(ROOT / "tests/helpers/driver.py"),
-            "--",
+            *paused_argv(phase, marker, "--script", str(ROOT / "tests/helpers/driver.py")),
             str(w.pid),
             str(w.tid),
         ],

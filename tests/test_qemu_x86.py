@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
@@ -25,6 +24,7 @@ import pytest
 
 from serrinj.codec import mce
 from tests.helpers import serrinj_cli
+from tests.helpers.paused import paused_argv
 from tests.helpers.qemu import Qemu, build_firmware, show_observations
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kvm, pytest.mark.root]
@@ -101,21 +101,7 @@ def _thread_states(pid: int) -> Dict[int, str]:
     return out
 
 
-_STOPPED = ("t", "T")
-
-
-def _paused(phase: str, marker: Path) -> List[str]:
-    """The command line of serrinj held at ``phase`` (tests.helpers.paused_serrinj)."""
-    return [
-        sys.executable,
-        "-m",
-        "tests.helpers.paused_serrinj",
-        "--pause-at",
-        phase,
-        "--marker",
-        str(marker),
-        "--",
-    ]  # ptrace stop, job-control stop
+_STOPPED = ("t", "T")  # ptrace stop, job-control stop
 
 
 def _held_run(qemu: Qemu, vcpu: int, tmp: Path, *args: str) -> Tuple[int, int]:
@@ -128,7 +114,7 @@ def _held_run(qemu: Qemu, vcpu: int, tmp: Path, *args: str) -> Tuple[int, int]:
     marker = tmp / f"held-{vcpu}-{time.monotonic_ns()}"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [*_paused("borrowed", marker), *args],
+        [*paused_argv("borrowed", marker), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -229,7 +215,7 @@ def test_qemu_exiting_mid_injection_is_a_clear_error(qemu: Qemu, tmp_path: Path)
     marker = tmp_path / "pause"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [*_paused("borrowed", marker), "nmi", "--name", qemu.name, "--vcpu", "0"],
+        [*paused_argv("borrowed", marker), "nmi", "--name", qemu.name, "--vcpu", "0"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

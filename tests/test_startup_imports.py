@@ -78,6 +78,13 @@ def modules_of(argv: Sequence[str]) -> Tuple[str, FrozenSet[str]]:
     return res.stdout, frozenset(modules)
 
 
+def run_probe(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh Python; it must succeed."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+
+
 def loaded(modules: FrozenSet[str], names: FrozenSet[str]) -> Sequence[str]:
     """The ``names`` (packages with everything under them) that ``modules`` holds."""
     return sorted(m for m in modules for n in names if m == n or m.startswith(n + "."))
@@ -119,9 +126,7 @@ def test_fault_kinds_load_on_first_use() -> None:
         "from serrinj.faults import SError\n"
         "print(json.dumps([kinds, has, before, after, SError.kind]))\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
+    res = run_probe(probe)
     kinds, has, before, after, serror = json.loads(res.stdout)
     assert kinds == ["serror", "ext-dabt", "mce", "nmi"] and has
     # listing the kinds imports none of them; asking for the NMI imports the NMI alone
@@ -179,9 +184,7 @@ def test_the_script_collects_young_objects_less_often() -> None:
         "print(gc.get_threshold()[0], script.GC_THRESHOLD_YOUNG, len(seen),"
         " 'serrinj.cli' in sys.modules)\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
+    res = run_probe(probe)
     now, wanted, collections, loaded = res.stdout.split()[-4:]
     assert int(now) == int(wanted) >= 5000
     assert loaded == "True" and int(collections) <= 6, res.stdout
@@ -201,9 +204,7 @@ def test_difflib_only_for_a_suggestion() -> None:
         "except Exception as err:\n"
         "    print(err)\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
+    res = run_probe(probe)
     before, message = res.stdout.splitlines()[:2]
     assert before == "False"
     assert "did you mean 'uc'" in message

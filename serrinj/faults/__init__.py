@@ -19,8 +19,9 @@ the arm64 fault modules, their KVM tables or the syndrome codec. Iterating
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Dict, Iterator, Mapping, Tuple, Type
+from typing import TYPE_CHECKING, Mapping, Tuple, Type
+
+from serrinj._lazy import LazyMap, module_getattr
 
 if TYPE_CHECKING:
     from serrinj.faults.base import Fault
@@ -43,55 +44,11 @@ _NAMES: Mapping[str, Tuple[str, str]] = {
 }
 
 
-def _load(module: str, name: str) -> object:
-    return getattr(importlib.import_module(module), name)
-
-
-class _Kinds(Mapping[str, "Type[Fault]"]):
-    """A read-only mapping of kind name -> fault class that imports a kind's module
-    on first use."""
-
-    __slots__ = ("_cache",)
-
-    def __init__(self) -> None:
-        self._cache: Dict[str, Type[Fault]] = {}
-
-    def __getitem__(self, kind: str) -> Type[Fault]:
-        try:
-            return self._cache[kind]
-        except KeyError:
-            pass
-        module, name = _MODULES[kind]  # KeyError for a kind that does not exist
-        cls: Type[Fault] = _load(module, name)  # type: ignore[assignment]
-        self._cache[kind] = cls
-        return cls
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_MODULES)
-
-    def __len__(self) -> int:
-        return len(_MODULES)
-
-    def __contains__(self, kind: object) -> bool:
-        return kind in _MODULES
-
-    def __repr__(self) -> str:
-        return f"KINDS({list(_MODULES)})"
-
-
 #: every fault kind by its name
-KINDS: Mapping[str, Type[Fault]] = _Kinds()
+KINDS: Mapping[str, Type[Fault]] = LazyMap(_MODULES, "KINDS")
 
-
-def __getattr__(name: str) -> object:
-    """``faults.SError`` and the other classes, imported on first use."""
-    try:
-        module, attr = _NAMES[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = _load(module, attr)
-    globals()[name] = value
-    return value
+#: ``faults.SError`` and the other classes, imported on first use
+__getattr__ = module_getattr(__name__, globals(), _NAMES)
 
 
 __all__ = ["KINDS", "ExtDabt", "Fault", "MachineCheck", "Nmi", "SError"]

@@ -12,6 +12,7 @@ import struct
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
+from serrinj._lazy import module_getattr
 from serrinj.kvm.ioctl import _IO, _IOR, _IOW
 
 if TYPE_CHECKING:
@@ -24,14 +25,9 @@ if TYPE_CHECKING:
 _VMM_STRUCTS = ("ExitIo", "ExitMmio", "UserspaceMemoryRegion")
 
 
-def __getattr__(name: str) -> object:
-    if name not in _VMM_STRUCTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from serrinj.kvm import vmm_structs
-
-    value: object = getattr(vmm_structs, name)
-    globals()[name] = value
-    return value
+__getattr__ = module_getattr(
+    __name__, globals(), {n: ("serrinj.kvm.vmm_structs", n) for n in _VMM_STRUCTS}
+)
 
 
 KVMIO = 0xAE

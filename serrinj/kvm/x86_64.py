@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, NamedTuple, Tuple
 
+from serrinj._lazy import module_getattr
 from serrinj.kvm.api import KVMIO, SIZEOF_KVM_VCPU_EVENTS
 from serrinj.kvm.ioctl import _IO, _IOR, _IOW, _IOWR
 
@@ -30,16 +31,10 @@ if TYPE_CHECKING:
     from serrinj.kvm.vmm_structs import Segment as Segment
 
 
-def __getattr__(name: str) -> object:
-    """``Segment`` and ``CpuidEntry``, only the test VM's (:mod:`serrinj.kvm.vmm_structs`)."""
-    if name not in ("Segment", "CpuidEntry"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from serrinj.kvm import vmm_structs
-
-    value: object = getattr(vmm_structs, name)
-    globals()[name] = value
-    return value
-
+#: ``Segment`` and ``CpuidEntry``, only the test VM's (:mod:`serrinj.kvm.vmm_structs`)
+__getattr__ = module_getattr(
+    __name__, globals(), {n: ("serrinj.kvm.vmm_structs", n) for n in ("Segment", "CpuidEntry")}
+)
 
 SIZEOF_KVM_REGS = 144
 SIZEOF_KVM_SREGS = 312

@@ -9,9 +9,9 @@ is checked first. The injection itself, per vCPU, is the fault's own
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any, List, Optional, Union
 
+from serrinj._lazy import module_getattr
 from serrinj.errors import InvalidInput
 from serrinj.faults import KINDS, base
 from serrinj.faults.base import Delivery, Fault, Injection
@@ -34,29 +34,26 @@ if TYPE_CHECKING:
     MceRequest = MachineCheck
     NmiRequest = Nmi
 
+_SERROR = ("serrinj.faults.serror", "SError")
+_EXT_DABT = ("serrinj.faults.ext_dabt", "ExtDabt")
+_MCE = ("serrinj.faults.mce", "MachineCheck")
+_NMI = ("serrinj.faults.nmi", "Nmi")
 #: names imported on first use (a fault kind's module loads only when that kind is used)
-_LAZY = {
-    "SErrorRequest": ("serror", None),
-    "ExtDabtRequest": ("ext-dabt", None),
-    "MceRequest": ("mce", None),
-    "NmiRequest": ("nmi", None),
-    "SError": ("serror", None),
-    "ExtDabt": ("ext-dabt", None),
-    "MachineCheck": ("mce", None),
-    "Nmi": ("nmi", None),
-    "DEFAULT_MMIO_TIMEOUT_S": ("ext-dabt", "DEFAULT_MMIO_TIMEOUT_S"),
-}
-
-
-def __getattr__(name: str) -> object:
-    try:
-        kind, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    cls = KINDS[kind]
-    value: object = cls if attr is None else getattr(sys.modules[cls.__module__], attr)
-    globals()[name] = value
-    return value
+__getattr__ = module_getattr(
+    __name__,
+    globals(),
+    {
+        "SErrorRequest": _SERROR,
+        "ExtDabtRequest": _EXT_DABT,
+        "MceRequest": _MCE,
+        "NmiRequest": _NMI,
+        "SError": _SERROR,
+        "ExtDabt": _EXT_DABT,
+        "MachineCheck": _MCE,
+        "Nmi": _NMI,
+        "DEFAULT_MMIO_TIMEOUT_S": ("serrinj.faults.ext_dabt", "DEFAULT_MMIO_TIMEOUT_S"),
+    },
+)
 
 
 __all__ = [

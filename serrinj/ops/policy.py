@@ -63,6 +63,7 @@ from typing import (
     Union,
 )
 
+from serrinj._lazy import module_getattr
 from serrinj.errors import InvalidInput, PermissionDenied
 
 if TYPE_CHECKING:
@@ -100,14 +101,9 @@ Ident = Union[str, int]
 _MODEL = ("Decision", "Policy", "Request", "Rule", "Subject")
 
 
-def __getattr__(name: str) -> object:
-    if name not in _MODEL:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from serrinj.ops import policy_model
-
-    value: object = getattr(policy_model, name)
-    globals()[name] = value
-    return value
+__getattr__ = module_getattr(
+    __name__, globals(), {n: ("serrinj.ops.policy_model", n) for n in _MODEL}
+)
 
 
 def _problem(source: str, line: int, message: str) -> InvalidInput:

@@ -7,9 +7,9 @@ arch is opened, or ``vcpu.Arm64Vcpu`` / ``vcpu.X86Vcpu`` / ``CLASSES[arch]`` is 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Dict, Iterator, Mapping, Tuple, Type
+from typing import TYPE_CHECKING, Mapping, Tuple, Type
 
+from serrinj._lazy import LazyMap, module_getattr
 from serrinj.errors import Unsupported
 from serrinj.kvm.arch import Arch
 from serrinj.vcpu.base import Vcpu
@@ -26,40 +26,8 @@ _MODULES: Mapping[Arch, Tuple[str, str]] = {
 }
 
 
-def _load(module: str, name: str) -> Type[Vcpu]:
-    cls: Type[Vcpu] = getattr(importlib.import_module(module), name)
-    return cls
-
-
-class _Classes(Mapping[Arch, Type[Vcpu]]):
-    """A read-only mapping of arch -> vCPU class that imports an arch's module on first use."""
-
-    __slots__ = ("_cache",)
-
-    def __init__(self) -> None:
-        self._cache: Dict[Arch, Type[Vcpu]] = {}
-
-    def __getitem__(self, arch: Arch) -> Type[Vcpu]:
-        try:
-            return self._cache[arch]
-        except KeyError:
-            pass
-        cls = _load(*_MODULES[arch])
-        self._cache[arch] = cls
-        return cls
-
-    def __iter__(self) -> Iterator[Arch]:
-        return iter(_MODULES)
-
-    def __len__(self) -> int:
-        return len(_MODULES)
-
-    def __repr__(self) -> str:
-        return f"CLASSES({[a.value for a in _MODULES]})"
-
-
 #: the vCPU class of each VM arch
-CLASSES: Mapping[Arch, Type[Vcpu]] = _Classes()
+CLASSES: Mapping[Arch, Type[Vcpu]] = LazyMap(_MODULES, "CLASSES")
 
 
 def open_vcpu(executor: Executor, fd: int, vcpu_id: int, arch: str) -> Vcpu:
@@ -71,14 +39,10 @@ def open_vcpu(executor: Executor, fd: int, vcpu_id: int, arch: str) -> Vcpu:
     return cls(executor, fd, vcpu_id, arch)
 
 
-def __getattr__(name: str) -> object:
-    """``vcpu.Arm64Vcpu`` and ``vcpu.X86Vcpu``, imported on first use."""
-    for module, cls_name in _MODULES.values():
-        if cls_name == name:
-            value = _load(module, cls_name)
-            globals()[name] = value
-            return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``vcpu.Arm64Vcpu`` and ``vcpu.X86Vcpu``, imported on first use
+__getattr__ = module_getattr(
+    __name__, globals(), {name: (mod, name) for mod, name in _MODULES.values()}
+)
 
 
 __all__ = ["CLASSES", "Arm64Vcpu", "Vcpu", "X86Vcpu", "open_vcpu"]

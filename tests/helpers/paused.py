@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from tests.helpers.serrinj_cli import Result
 
@@ -23,6 +23,23 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 def env_with_tests(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """This environment, with the checkout on PYTHONPATH (``python -m tests.helpers...``)."""
     return {**os.environ, "PYTHONPATH": str(ROOT), **(extra or {})}
+
+
+def paused_argv(phase: str, marker: Path, *options: str) -> List[str]:
+    """The command line of the launcher ``tests.helpers.paused_serrinj`` holding the
+    engine at ``phase`` (``marker`` appears while it waits), with its other
+    ``options``, up to the ``--`` that the serrinj arguments follow."""
+    return [
+        sys.executable,
+        "-m",
+        "tests.helpers.paused_serrinj",
+        "--pause-at",
+        phase,
+        "--marker",
+        str(marker),
+        *options,
+        "--",
+    ]
 
 
 class Paused:
@@ -37,19 +54,7 @@ class Paused:
         self.marker = tmp / f"pause-{phase}-{time.monotonic_ns()}"
         self.argv = [str(a) for a in args]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.helpers.paused_serrinj",
-                "--pause-at",
-                phase,
-                "--marker",
-                str(self.marker),
-                "--skip",
-                str(skip),
-                "--",
-                *self.argv,
-            ],
+            [*paused_argv(phase, self.marker, "--skip", str(skip)), *self.argv],
             env=env_with_tests(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
